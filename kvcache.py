@@ -1,0 +1,497 @@
+"""The KV cache, and the selection policies that decide what each decode step attends to.
+
+The model (model.py) calls, in every layer,
+
+    out = cache.attend(layer, q, k, v, pos)
+        q:    [B, n_heads, T, head_dim]     post-RoPE queries of the T new tokens
+        k, v: [B, n_kv_heads, T, head_dim]  post-RoPE keys and values of the T new tokens
+        pos:  [T] int64                     their absolute positions
+        out:  [B, n_heads, T, head_dim]     attention output (before o_proj)
+
+and never needs to know which policy runs. The first call for a layer is the *prefill*:
+exact causal attention over the whole prompt, after which the policy builds its summary of
+the prompt's keys. Every later call is a *decode* step, where the policy picks which prompt
+tokens to read (PAPER_NOTES "The problem").
+
+Policies (PAPER_NOTES "ShadowKV, precisely" and "The paper's method"). Every one of them is a
+combination of three choices, and the names are presets of those choices:
+
+    name        landmarks (what selection scores)    keys attended         extra exact tokens
+    full        -- (no selection)                    exact                 --
+    oracle      every exact key (chunk 1)            exact                 --
+    mean        mean of each chunk of c exact keys   exact                 --
+    svd         every exact key (chunk 1)            rank-r SVD rebuild    --
+    shadowkv    mean of each chunk of 8 keys         rank-r SVD rebuild    outlier chunks
+    quantized   every key, quantized (2 bits)        exact                 --
+
+so `mean` isolates the landmark failure, `svd` isolates the low-rank failure, `shadowkv` has
+both, and `quantized` is the paper's fix: token-level landmarks made cheap by quantization.
+
+One budget accounting for all of them: `sink` first tokens and `local` last prompt tokens are
+always attended exactly, plus `round(budget * prompt_len)` selected tokens (and, for ShadowKV,
+its outlier chunks). Tokens generated after the prompt are always attended exactly.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+
+import torch
+
+import landmarks as lm
+from offload import OffloadStore
+
+POLICIES = ("full", "oracle", "mean", "svd", "shadowkv", "quantized")
+
+
+@dataclass
+class Policy:
+    """What a cache keeps and how it selects. Build one with `make_policy(name, ...)`.
+
+    budget:      selected prompt tokens as a share of the prompt (paper: 3.125%)
+    sink, local: first / last prompt tokens always attended exactly (paper: local window 64)
+    chunk_size:  tokens per landmark (ShadowKV: 8; the paper's fix: 1)
+    landmark_bits: None = landmarks kept exact, else a landmarks.parse_format spec ("2", "fp8", ...)
+    residual:    meta-chunk size m for residual landmark quantization (0 = off); the residual is
+                 quantized with `residual_bits`
+    rank:        None = exact keys; else rank of the SVD of the pre-RoPE keys, as an int or as a
+                 share (< 1) of kv_heads * head_dim (ShadowKV: 160 of 1024 = 0.15625)
+    outliers:    ShadowKV outlier chunks kept exact; None = ShadowKV's ratio, 48 chunks per 2048
+                 selected tokens, scaled to this budget
+    offload:     keep the prompt's K/V in CPU memory (offload.py); False keeps all on the device
+    track:       record selection statistics against the oracle (costs an exact scoring pass)
+    """
+
+    name: str = "full"
+    budget: float = 0.03125
+    sink: int = 4
+    local: int = 64
+    chunk_size: int = 1
+    landmark_bits: str | None = None
+    residual: int = 0
+    residual_bits: str = "1"
+    rank: float | None = None
+    outliers: int | None = 0
+    offload: bool = True
+    track: bool = False
+
+    def label(self):
+        """Short name for tables: 'shadowkv', 'mean c8', 'quantized 2b', 'svd r0.16'."""
+        if self.name == "mean":
+            return f"mean c{self.chunk_size}"
+        if self.name == "quantized":
+            res = f" res{self.residual}x{self.residual_bits}" if self.residual else ""
+            chunk = f" c{self.chunk_size}" if self.chunk_size != 1 else ""
+            return f"quantized {self.landmark_bits}b{chunk}{res}"
+        if self.name == "svd":
+            return f"svd r{self.rank:g}"
+        return self.name
+
+
+def make_policy(name, **overrides):
+    """The preset for `name` (see the module docstring), with any field overridden.
+
+    Raises a one-line ValueError for an unknown name or an out-of-range value.
+    """
+    presets = {
+        "full": dict(),
+        "oracle": dict(chunk_size=1),
+        "mean": dict(chunk_size=8),
+        "svd": dict(chunk_size=1, rank=0.15625),
+        "shadowkv": dict(chunk_size=8, rank=0.15625, outliers=None),
+        "quantized": dict(chunk_size=1, landmark_bits="2"),
+    }
+    if name not in presets:
+        raise ValueError(f"unknown method {name!r}: choose from {', '.join(POLICIES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # None = keep the preset
+    p = replace(Policy(name=name, **presets[name]), **overrides)
+    if not 0 < p.budget <= 1:
+        raise ValueError(f"budget {p.budget} is out of range: give a share of the prompt in (0, 1]")
+    if p.chunk_size < 1 or p.sink < 0 or p.local < 0:
+        raise ValueError("chunk_size must be >= 1 and sink, local >= 0")
+    if p.rank is not None and p.rank <= 0:
+        raise ValueError(f"rank {p.rank} must be > 0 (an int, or a share of the channels below 1)")
+    if p.landmark_bits is not None:
+        lm.parse_format(p.landmark_bits)  # raises on an unknown format
+        if p.residual:
+            lm.parse_format(p.residual_bits)
+    return p
+
+
+@dataclass
+class LayerState:
+    """What a sparse policy keeps for one layer after the prefill (batch of one)."""
+
+    fixed_k: torch.Tensor  # [H, F, d] exact keys always attended: sink, local, outliers
+    fixed_v: torch.Tensor  # [H, F, d]
+    fixed_pos: torch.Tensor  # [H, F] their positions
+    landmarks: object  # [H, N, d] tensor, or a landmarks.Quantized of it
+    masked: torch.Tensor | None  # [H, N] bool: chunks removed from selection (outliers)
+    u: torch.Tensor | None = None  # [M, r] low-rank factor of the middle's pre-RoPE keys (on device)
+    sv: torch.Tensor | None = None  # [r, H * d] S @ V^T
+    gen_k: list = field(default_factory=list)  # generated tokens' keys, each [H, t, d]
+    gen_v: list = field(default_factory=list)
+
+
+class KVCache:
+    """Every layer's keys and values, and attention over them under a selection policy.
+
+    Sparse policies hold a batch of one sequence (stack several with StackedCache).
+    """
+
+    def __init__(self, config, rope, policy=None, device="cpu"):
+        self.config = config
+        self.rope = rope
+        self.policy = policy or Policy("full")
+        self.device = torch.device(device)
+        self.store = OffloadStore(self.device, offload=self.policy.offload)
+        self.k = [None] * config.n_layers  # full attention: per layer [B, n_kv_heads, S, head_dim]
+        self.v = [None] * config.n_layers
+        self.layers = [None] * config.n_layers  # sparse policies: per layer a LayerState
+        self.prompt_len = 0
+        self.sparse = False  # becomes True once a sparse policy has built its summary
+        self.plan = None  # the budget split, set at the prefill (see budget_line)
+        self.stats = Stats(config.n_layers)
+        self.last_selected = [None] * config.n_layers  # per layer [H, S] positions, last decode step
+
+    # ---------------------------------------------------------------- bookkeeping
+    @property
+    def seq_len(self):
+        if self.sparse:
+            return self.prompt_len + sum(k.shape[1] for k in self.layers[0].gen_k)
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def budget_line(self):
+        """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
+        if self.plan is None:
+            return f"budget = all {self.prompt_len} tokens (full attention)"
+        p = self.plan
+        out = f" (+ {p['outlier_tokens']} outliers)" if p["outlier_tokens"] else ""
+        return (f"budget = {p['sink']} sink + {p['local']} local + {p['selected']} selected{out}"
+                f" of {self.prompt_len} tokens")
+
+    # ---------------------------------------------------------------- the model's entry point
+    def attend(self, layer, q, k, v, pos):
+        if self.sparse:
+            return self._decode(layer, q, k, v)
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v  # [B, n_kv_heads, T, head_dim]
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)  # [B, n_kv_heads, S, head_dim]
+            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+        out = full_attention(q, self.k[layer], self.v[layer])
+        if self.policy.name != "full" and layer == self.config.n_layers - 1 and self.k[0].shape[2] == k.shape[2]:
+            self.build()  # end of the prefill: the prompt is complete in every layer
+        return out
+
+    # ---------------------------------------------------------------- prefill: build the summary
+    @classmethod
+    def from_prefill(cls, cache, policy, row=0):
+        """A new cache with `policy`, built from the prompt K/V of an already prefilled cache.
+
+        Lets an evaluation prefill each prompt once and compare every policy on it.
+        """
+        new = cls(cache.config, cache.rope, policy, cache.device)
+        new.k = [k[row:row + 1] for k in cache.k]
+        new.v = [v[row:row + 1] for v in cache.v]
+        if policy.name != "full":
+            new.build()
+        return new
+
+    def plan_budget(self, T):
+        """Split a prompt of T tokens into sink | middle (N chunks of c) | local, and size the selection.
+
+        The middle's length is cut to a multiple of the chunk size; the remainder joins the local
+        window. Returns None when the selection would cover the whole middle anyway: such a prompt
+        is shorter than the budget and gets full attention.
+        """
+        p, c = self.policy, self.policy.chunk_size
+        sink = min(p.sink, T)
+        local = min(p.local, T - sink)
+        n_chunks = (T - sink - local) // c
+        local = T - sink - n_chunks * c
+        selected = max(c, round(p.budget * T) // c * c)
+        if p.outliers is None:  # ShadowKV: 48 outlier chunks per 2048 selected tokens
+            outliers = round(48 * selected / 2048)
+        else:
+            outliers = p.outliers
+        if selected + outliers * c > n_chunks * c:
+            return None
+        return dict(sink=sink, local=local, n_chunks=n_chunks, chunk=c, selected=selected,
+                    k_chunks=selected // c, outliers=outliers, outlier_tokens=outliers * c)
+
+    def build(self):
+        """Turn the exact prompt K/V (self.k, self.v) into the policy's summary, layer by layer."""
+        T = self.k[0].shape[2]
+        if self.k[0].shape[0] != 1:
+            raise ValueError(f"the {self.policy.name} policy holds one sequence; got a batch of {self.k[0].shape[0]}")
+        self.prompt_len = T
+        self.plan = self.plan_budget(T)
+        if self.plan is None:
+            warnings.warn(f"prompt of {T} tokens is shorter than the {self.policy.label()} budget: "
+                          "using full attention for it", stacklevel=2)
+            return
+        for layer in range(self.config.n_layers):
+            self.layers[layer] = self._build_layer(layer, self.k[layer][0], self.v[layer][0])
+            self.k[layer] = self.v[layer] = None  # the exact prompt K/V now live in the store
+        self.sparse = True
+
+    def _build_layer(self, layer, k, v):
+        """k, v: [H, T, d] exact post-RoPE prompt keys and values of one layer."""
+        p, plan = self.policy, self.plan
+        H, T, d = k.shape
+        c, s, N = plan["chunk"], plan["sink"], plan["n_chunks"]
+        M = N * c
+        mid = slice(s, s + M)
+        k_mid, v_mid = k[:, mid], v[:, mid]  # [H, M, d]
+
+        # Landmarks: the mean of each chunk of c keys (chunk 1: the keys themselves).
+        marks, min_cos = lm.chunk_landmarks(k_mid, c)  # [H, N, d], [H, N]
+        # ShadowKV outliers: the chunks whose mean represents its keys worst (lowest min cosine)
+        # are kept exact and removed from selection.
+        masked, out_tok = None, torch.empty(H, 0, dtype=torch.long, device=k.device)
+        if plan["outliers"]:
+            out_chunks = lm.select_topk(-min_cos, plan["outliers"])  # [H, n_out]
+            masked = torch.zeros(H, N, dtype=torch.bool, device=k.device)
+            masked.scatter_(1, out_chunks, True)
+            out_tok = (out_chunks[:, :, None] * c + torch.arange(c, device=k.device)).flatten(1)  # [H, n_out*c]
+        if p.landmark_bits is not None:
+            exact_marks = marks
+            if p.residual:
+                marks = lm.residual_quantize(marks, p.residual, p.landmark_bits, p.residual_bits)
+            else:
+                marks = lm.quantize(marks, lm.parse_format(p.landmark_bits))
+            err = (lm.dequantize(marks) - exact_marks.float()).pow(2).sum() / exact_marks.float().pow(2).sum()
+            self.stats.landmark_error[layer] = err.item()
+
+        # Exact tokens that stay on the device: sink, local window, outliers.
+        ar = torch.arange(T, device=k.device)
+        fixed_pos = torch.cat([ar[:s].expand(H, -1), out_tok + s, ar[s + M:].expand(H, -1)], dim=1)  # [H, F]
+        fixed_k = k.gather(1, fixed_pos[..., None].expand(-1, -1, d))  # [H, F, d]
+        fixed_v = v.gather(1, fixed_pos[..., None].expand(-1, -1, d))  # [H, F, d]
+
+        # The middle goes to the offload store; low-rank policies keep only U on the device.
+        u = sv = None
+        if p.rank is not None:
+            u, sv = low_rank_keys(self.rope.invert(k_mid, torch.arange(s, s + M, device=k.device)), p.rank)
+        else:
+            self.store.put(layer, "k", k_mid)
+        self.store.put(layer, "v", v_mid)
+        if p.track:
+            self.stats.exact_k[layer] = k_mid.clone()  # for recall / mass statistics only, not counted
+        return LayerState(fixed_k, fixed_v, fixed_pos, marks, masked, u, sv)
+
+    # ---------------------------------------------------------------- decode
+    def _decode(self, layer, q, k, v):
+        """One decode step of one layer: select, fetch, attend (PAPER_NOTES "ShadowKV, precisely")."""
+        st, plan, p = self.layers[layer], self.plan, self.policy
+        B, n_heads, Tq, d = q.shape
+        H = k.shape[1]
+        G = n_heads // H
+        s, c = plan["sink"], plan["chunk"]
+        st.gen_k.append(k[0])  # [H, Tq, d]
+        st.gen_v.append(v[0])
+        qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d] the query heads of each KV head's group
+
+        # 1. Score the landmarks, drop outlier chunks, keep the top-k chunks per KV head.
+        if isinstance(st.landmarks, torch.Tensor):
+            marks = st.landmarks
+        else:
+            marks = lm.dequantize(st.landmarks, dtype=q.dtype)
+        scores = lm.landmark_scores(qg, marks)  # [H, N]
+        if st.masked is not None:
+            scores = scores.masked_fill(st.masked, float("-inf"))
+        chunks = lm.select_topk(scores, plan["k_chunks"])  # [H, k_chunks]
+        idx = (chunks[:, :, None] * c + torch.arange(c, device=q.device)).flatten(1)  # [H, S] middle rows
+
+        # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
+        v_fetch = self.store.fetch(layer, "v", idx)
+        k_fetch = None if p.rank is not None else self.store.fetch(layer, "k", idx)
+
+        # 3. ... and meanwhile do the on-device work: rebuild low-rank keys, attend to exact tokens.
+        if p.rank is not None:
+            sel_k = rebuild_keys(st.u, st.sv, idx, H, d).to(q.dtype)  # [H, S, d] pre-RoPE
+            sel_k = self.rope.apply(sel_k.reshape(1, -1, d), (idx + s).flatten()).view(H, -1, d)  # post-RoPE
+        gen_k = torch.cat(st.gen_k, dim=1)  # [H, Tg, d]
+        gen_v = torch.cat(st.gen_v, dim=1)
+        qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
+        # generated tokens: query i of Tq sees generated keys up to Tg - Tq + i
+        Tg = gen_k.shape[1]
+        mask = torch.ones(Tq, Tg, dtype=torch.bool, device=q.device).tril(Tg - Tq).repeat(G, 1)  # [G*Tq, Tg]
+        fixed_mask = torch.ones(G * Tq, st.fixed_k.shape[1], dtype=torch.bool, device=q.device)
+        out_a, lse_a = attention_lse(qf, torch.cat([st.fixed_k, gen_k], 1), torch.cat([st.fixed_v, gen_v], 1),
+                                     torch.cat([fixed_mask, mask], 1))
+
+        # 4. Wait for the copy, attend to the selected tokens, merge the two softmaxes.
+        if k_fetch is not None:
+            sel_k = k_fetch.wait()  # [H, S, d]
+        sel_v = v_fetch.wait()  # [H, S, d]
+        out_b, lse_b = attention_lse(qf, sel_k, sel_v)
+        out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
+
+        self.last_selected[layer] = idx + s  # [H, S] absolute positions
+        if p.track:
+            self._track(layer, qg, idx, sel_k, st)
+        return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+    def _track(self, layer, qg, idx, sel_k, st):
+        """Selection recall against the oracle, attention mass captured, key rebuild error."""
+        H, G, Tq, d = qg.shape
+        s = self.plan["sink"]
+        k_mid = self.stats.exact_k[layer]  # [H, M, d]
+        exact = lm.landmark_scores(qg, k_mid)  # [H, M] the oracle's token scores
+        oracle = lm.select_topk(exact, self.plan["selected"])  # [H, S]
+        attended = idx
+        if st.masked is not None:  # ShadowKV also attends its outlier tokens exactly
+            out_pos = st.fixed_pos[:, s:s + self.plan["outlier_tokens"]] - s  # [H, n_out*c] middle rows
+            attended = torch.cat([idx, out_pos], dim=1)
+        hit = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, attended, True)  # [H, M]
+        recall = hit.gather(1, oracle).float().mean(1)  # [H]
+        # exact attention weights over the whole cache: prompt middle + fixed + generated
+        gen_k = torch.cat(st.gen_k, dim=1)
+        keys = torch.cat([k_mid, st.fixed_k, gen_k], dim=1).float()  # [H, M + F + Tg, d]
+        w = torch.softmax(qg.float() @ keys.transpose(1, 2)[:, None] / math.sqrt(d), dim=-1)  # [H, G, Tq, L]
+        if Tq > 1:  # later generated tokens are masked for earlier queries: keep it simple, use the last query
+            w = w[:, :, -1:]
+        M = k_mid.shape[1]
+        mass = w[..., :M].mul(hit[:, None, None].float()).sum(-1) + w[..., M:].sum(-1)  # [H, G, 1 or Tq]
+        key_err = None
+        if self.policy.rank is not None:
+            true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
+            key_err = ((sel_k.float() - true_k).pow(2).sum() / true_k.pow(2).sum()).item()
+        self.stats.add(layer, recall, mass.mean((1, 2)), key_err)
+
+    # ---------------------------------------------------------------- memory accounting
+    def memory(self):
+        """Bytes on the device and offloaded, from the real tensors (packed codes, not copies).
+
+        Counts the prompt's cache only (generated tokens are the same for every policy).
+        `full_bf16` is the size of the exact prompt K/V in bf16, the paper's reference.
+        """
+        cfg = self.config
+        T = self.prompt_len or (self.k[0].shape[2] if self.k[0] is not None else 0)
+        full_bf16 = T * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
+        if not self.sparse:
+            dev = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+            return dict(device=dev, offloaded=0, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1))
+        dev = 0
+        for st in self.layers:
+            marks = st.landmarks
+            dev += marks.numel() * marks.element_size() if isinstance(marks, torch.Tensor) else lm.nbytes(marks)
+            for t in (st.fixed_k, st.fixed_v, st.u, st.sv):
+                if t is not None:
+                    dev += t.numel() * t.element_size()
+        off = self.store.nbytes()
+        if not self.policy.offload:  # the "store" is on the device
+            dev, off = dev + off, 0
+        return dict(device=dev, offloaded=off, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1))
+
+
+class Stats:
+    """Per-layer running means of the selection statistics (PAPER_NOTES: recall against the oracle)."""
+
+    def __init__(self, n_layers):
+        self.recall = torch.zeros(n_layers)  # sum over steps of the mean over KV heads
+        self.mass = torch.zeros(n_layers)
+        self.key_err = torch.zeros(n_layers)
+        self.steps = torch.zeros(n_layers)
+        self.landmark_error = [None] * n_layers  # relative squared error of quantized landmarks
+        self.exact_k = [None] * n_layers
+
+    def add(self, layer, recall, mass, key_err):
+        self.recall[layer] += recall.mean().item()
+        self.mass[layer] += mass.mean().item()
+        self.key_err[layer] += key_err or 0.0
+        self.steps[layer] += 1
+
+    def summary(self):
+        n = self.steps.clamp(min=1)
+        errs = [e for e in self.landmark_error if e is not None]
+        return dict(
+            oracle_recall=(self.recall / n).mean().item(),
+            attention_mass=(self.mass / n).mean().item(),
+            key_error=(self.key_err / n).mean().item(),
+            landmark_error=sum(errs) / len(errs) if errs else 0.0,
+            recall_per_layer=(self.recall / n).tolist(),
+            mass_per_layer=(self.mass / n).tolist(),
+        )
+
+
+class StackedCache:
+    """Several caches behind one batch: row i of every call goes to caches[i].
+
+    Lets an evaluation decode all policies as one batch, reading the weights once per step.
+    """
+
+    def __init__(self, caches):
+        self.caches = caches
+
+    @property
+    def seq_len(self):
+        lens = {c.seq_len for c in self.caches}
+        if len(lens) != 1:
+            raise ValueError(f"stacked caches disagree on the sequence length: {sorted(lens)}")
+        return lens.pop()
+
+    def attend(self, layer, q, k, v, pos):
+        outs = [c.attend(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1], pos) for i, c in enumerate(self.caches)]
+        return torch.cat(outs, dim=0)  # [B, n_heads, T, head_dim]
+
+
+# -------------------------------------------------------------------- attention pieces
+def full_attention(q, k, v):
+    """Causal attention of T new queries over S cached keys (the last T of which are the new ones).
+
+    q: [B, n_heads, T, d]; k, v: [B, n_kv_heads, S, d]. Query head h reads KV head h // group
+    (grouped-query attention).
+    """
+    T, S = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)  # [B, n_heads, S, d]
+    v = v.repeat_interleave(group, dim=1)  # [B, n_heads, S, d]
+    if T == 1:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    # query i (absolute S - T + i) sees keys 0 .. S - T + i
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # [T, S]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attention_lse(q, k, v, mask=None):
+    """Softmax attention that also returns the log-sum-exp of the scores, so two parts merge exactly.
+
+    q: [H, Q, d]; k, v: [H, L, d]; mask: [Q, L] bool (True = may attend) or None.
+    returns out [H, Q, d] (float32), lse [H, Q].
+    """
+    s = q.float() @ k.float().transpose(1, 2) / math.sqrt(q.shape[-1])  # [H, Q, L]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [H, Q]
+    return torch.softmax(s, dim=-1) @ v.float(), lse
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint key sets: weight each part by its share of the softmax sum."""
+    w_a = torch.sigmoid(lse_a - lse_b)[..., None]  # = e^lse_a / (e^lse_a + e^lse_b)
+    return out_a * w_a + out_b * (1 - w_a)
+
+
+# -------------------------------------------------------------------- ShadowKV's low-rank keys
+def low_rank_keys(k_pre, rank):
+    """Rank-r SVD of the pre-RoPE keys of all KV heads together (ShadowKV).
+
+    k_pre: [H, M, d]. The heads are concatenated into one [M, H*d] matrix and share one basis.
+    rank: an int, or a share (< 1) of H*d (ShadowKV: 160 of 1024).
+    returns u [M, r] and sv = S V^T [r, H*d], with k_pre ~= (u @ sv) split back into heads.
+    """
+    H, M, d = k_pre.shape
+    r = round(rank * H * d) if rank < 1 else int(rank)
+    r = max(1, min(r, H * d, M))
+    mat = k_pre.transpose(0, 1).reshape(M, H * d).float()  # [M, H*d]
+    U, S, Vh = torch.linalg.svd(mat, full_matrices=False)  # [M, C], [C], [C, H*d]
+    return U[:, :r].to(k_pre.dtype), (S[:r, None] * Vh[:r]).to(k_pre.dtype)  # [M, r], [r, H*d]
+
+
+def rebuild_keys(u, sv, idx, H, d):
+    """Pre-RoPE keys of rows idx [H, S] of head h from the shared factors: u[idx] @ sv[:, head h]."""
+    sv_heads = sv.view(-1, H, d).transpose(0, 1)  # [H, r, d]
+    return u[idx] @ sv_heads  # [H, S, r] @ [H, r, d] -> [H, S, d]

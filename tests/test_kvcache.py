@@ -1,0 +1,200 @@
+"""Invariants of the selection policies (kvcache.py) and of offloading (offload.py)."""
+
+import warnings
+
+import pytest
+import torch
+
+import kvcache
+from kvcache import KVCache, StackedCache, make_policy
+from model import ModelConfig, Rope, Transformer
+
+
+def tiny_config(**kw):
+    base = dict(arch="LlamaForCausalLM", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                ffn_dim=96, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_positions=4096,
+                tie_embeddings=False, qkv_bias=False, qk_norm=False, bos_id=None, eos_ids=[])
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    prompt = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(1))  # [1, 160]
+    steps = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))  # [1, 12]
+    return model, prompt, steps
+
+
+@torch.inference_mode()
+def run(model, cache, prompt, steps):
+    """Prefill, then teacher-forced decode steps one token at a time; returns decode logits [n, vocab]."""
+    model(prompt, cache, last_only=True)
+    return torch.cat([model(steps[:, i:i + 1], cache)[0] for i in range(steps.shape[1])])  # [n, vocab]
+
+
+def whole_middle_budget(T, sink, local, chunk):
+    """The budget share that selects every middle token (no fallback to full attention)."""
+    return (T - sink - local) // chunk * chunk / T
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("oracle", {}), ("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=4)), ("mean", dict(chunk_size=8)),
+    ("quantized", dict(landmark_bits="2")), ("quantized", dict(landmark_bits="1", residual=4)),
+    ("svd", dict(rank=32)),  # full rank: 2 KV heads x 16 channels
+])
+def test_full_budget_equals_full_attention(tiny, name, kw):
+    model, prompt, steps = tiny
+    T, c = prompt.shape[1], kw.get("chunk_size", 1)
+    policy = make_policy(name, sink=4, local=16, budget=whole_middle_budget(T, 4, 16, c), **kw)
+    cache = KVCache(model.config, model.rope, policy)
+    got = run(model, cache, prompt, steps)
+    assert cache.sparse, "the sparse path must run, not the short-prompt fallback"
+    assert cache.plan["selected"] == cache.plan["n_chunks"] * c
+    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
+    assert (got - ref).abs().max() < 1e-5
+
+
+def test_sparse_budget_differs_from_full(tiny):
+    """The check above could pass by accident if selection were ignored: a small budget must change logits."""
+    model, prompt, steps = tiny
+    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
+    got = run(model, KVCache(model.config, model.rope, make_policy("oracle", budget=0.05, sink=2, local=4)),
+              prompt, steps)
+    assert (got - ref).abs().max() > 1e-3
+
+
+def test_oracle_recall_is_one_and_mean_chunk1_equals_oracle(tiny):
+    model, prompt, steps = tiny
+    caches = {}
+    for name, kw in [("oracle", {}), ("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=8))]:
+        cache = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, track=True, **kw))
+        caches[f"{name}{kw}"] = (run(model, cache, prompt, steps), cache)
+    (lo, co), (l1, c1), (_, c8) = caches.values()
+    assert co.stats.summary()["oracle_recall"] == 1.0
+    assert torch.equal(lo, l1)
+    for layer in range(model.config.n_layers):
+        assert torch.equal(co.last_selected[layer], c1.last_selected[layer])
+    assert c8.stats.summary()["oracle_recall"] < 1.0
+    # attention mass: the oracle's selection captures at least as much exact weight as chunk-8 means
+    assert co.stats.summary()["attention_mass"] >= c8.stats.summary()["attention_mass"] - 1e-6
+    assert 0 < c8.stats.summary()["attention_mass"] <= 1
+
+
+def test_svd_full_rank_rebuilds_exact_keys():
+    torch.manual_seed(0)
+    k = torch.randn(3, 50, 16)  # [H, M, d]
+    u, sv = kvcache.low_rank_keys(k, 48)
+    idx = torch.arange(50).expand(3, -1)
+    assert (kvcache.rebuild_keys(u, sv, idx, 3, 16) - k).abs().max() < 1e-4
+    u, sv = kvcache.low_rank_keys(k, 8)  # low rank: a real, bounded error
+    err = (kvcache.rebuild_keys(u, sv, idx, 3, 16) - k).norm() / k.norm()
+    assert 0.1 < err < 1
+
+
+def test_shadowkv_tracks_key_error_and_outliers(tiny):
+    model, prompt, steps = tiny
+    cache = KVCache(model.config, model.rope, make_policy("shadowkv", budget=0.1, sink=4, local=8, rank=4,
+                                                          outliers=2, track=True))
+    run(model, cache, prompt, steps)
+    s = cache.stats.summary()
+    assert s["key_error"] > 0.01
+    st = cache.layers[0]
+    assert st.masked.sum(1).tolist() == [2, 2]  # two outlier chunks per KV head, never selected
+    assert "+ 16 outliers" in cache.budget_line()
+    sel_chunks = (cache.last_selected[0] - 4) // 8  # [H, S]
+    for h in range(2):
+        assert not st.masked[h, sel_chunks[h]].any()
+
+
+def test_offloaded_path_equals_on_device(tiny):
+    model, prompt, steps = tiny
+    for name in ("quantized", "shadowkv"):
+        a = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=True))
+        b = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=False))
+        assert torch.equal(run(model, a, prompt, steps), run(model, b, prompt, steps))
+        assert a.store.bytes_moved > 0 and b.store.bytes_moved == 0
+        assert a.memory()["offloaded"] > 0 and b.memory()["offloaded"] == 0
+
+
+def test_bytes_moved_per_step(tiny):
+    model, prompt, steps = tiny
+    cache = KVCache(model.config, model.rope, make_policy("mean", chunk_size=4, budget=0.1, sink=4, local=8))
+    run(model, cache, prompt, steps[:, :1])
+    sel = cache.plan["selected"]  # 16 tokens, K and V, 2 KV heads x 16 channels, float32, 2 layers
+    assert cache.store.bytes_moved == 2 * 2 * sel * 2 * 16 * 4
+
+
+def test_short_prompt_falls_back_to_full_attention(tiny):
+    model, prompt, steps = tiny
+    short = prompt[:, :40]
+    cache = KVCache(model.config, model.rope, make_policy("quantized", budget=0.75, sink=4, local=16))
+    with pytest.warns(UserWarning, match="shorter than the"):
+        got = run(model, cache, short, steps)
+    assert not cache.sparse
+    assert torch.equal(got, run(model, KVCache(model.config, model.rope), short, steps))
+
+
+def test_stacked_cache_matches_separate_runs(tiny):
+    model, prompt, steps = tiny
+    policies = [make_policy("full"), make_policy("quantized", budget=0.1, sink=4, local=8),
+                make_policy("shadowkv", budget=0.1, sink=4, local=8)]
+    full = KVCache(model.config, model.rope)
+    with torch.inference_mode():
+        model(prompt, full, last_only=True)
+        stacked = StackedCache([KVCache.from_prefill(full, p) for p in policies])
+        batch = torch.cat([model(steps[:, i:i + 1].expand(3, -1), stacked)[:, 0] for i in range(steps.shape[1])]
+                          ).view(steps.shape[1], 3, -1)  # [n, 3, vocab]
+    for j, p in enumerate(policies):
+        alone = run(model, KVCache(model.config, model.rope, p), prompt, steps)
+        assert (batch[:, j] - alone).abs().max() < 1e-4
+
+
+def test_memory_accounting_llama8b_shapes():
+    """Llama-3.1-8B shapes (8 KV heads x 128 = 1024 channels), bf16: PAPER_NOTES "Memory accounting"."""
+    cfg = tiny_config(n_layers=1, n_heads=32, n_kv_heads=8, head_dim=128, rope_theta=500000.0)
+    rope, T = Rope(cfg), 4096
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 8, T, 128, generator=g).bfloat16()
+    full = KVCache(cfg, rope)
+    full.k, full.v = [k], [k.clone()]
+    frac = {}
+    for name, kw in [("shadowkv", dict(rank=160, outliers=0, sink=0, local=0)),
+                     ("quantized", dict(sink=0, local=0))]:
+        cache = KVCache.from_prefill(full, make_policy(name, **kw))
+        frac[name] = cache.memory()["device_fraction"]
+    # U (160 x 16 bits) + chunk-8 landmarks (16 C / 8 bits) over 32 C bits of bf16 KV = 14.06%,
+    # plus the shared S V^T [160, 1024], which a 4K prompt does not amortise yet
+    sv_share = 160 * 1024 * 16 / (T * 32 * 1024)
+    assert frac["shadowkv"] == pytest.approx((160 * 16 + 16 * 1024 / 8) / (32 * 1024) + sv_share, abs=0.002)
+    # 2 bits per value + one 16-bit scale per group of 128 = 6.64%
+    assert frac["quantized"] == pytest.approx((2 * 1024 + 16 * 8) / (32 * 1024), abs=0.002)
+    assert full.memory()["device_fraction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(name="nope"), "unknown method"), (dict(name="oracle", budget=0), "out of range"),
+    (dict(name="oracle", budget=1.5), "out of range"), (dict(name="quantized", landmark_bits="7"), ""),
+    (dict(name="mean", chunk_size=0), "chunk_size"),
+])
+def test_bad_policy_is_one_line_error(kw, match):
+    with pytest.raises(ValueError, match=match) as e:
+        make_policy(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_sparse_policy_rejects_batches(tiny):
+    model, prompt, _ = tiny
+    cache = KVCache(model.config, model.rope, make_policy("oracle", budget=0.1))
+    with pytest.raises(ValueError, match="one sequence"):
+        model(prompt.expand(2, -1), cache)
+
+
+def test_budget_line(tiny):
+    model, prompt, _ = tiny
+    cache = KVCache(model.config, model.rope, make_policy("quantized", budget=0.1, sink=4, local=8))
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error")
+        model(prompt, cache)
+    assert cache.budget_line() == "budget = 4 sink + 8 local + 16 selected of 160 tokens"

@@ -294,11 +294,7 @@ class KVCache:
         qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d] the query heads of each KV head's group
 
         # 1. Score the landmarks, drop outlier chunks, keep the top-k chunks per KV head.
-        if isinstance(st.landmarks, torch.Tensor):
-            marks = st.landmarks
-        else:
-            marks = lm.dequantize(st.landmarks, dtype=q.dtype)
-        scores = lm.landmark_scores(qg, marks)  # [H, N]
+        scores = lm.landmark_scores(qg, st.landmarks)  # [H, N]; quantized landmarks are scored as stored
         if st.masked is not None:
             scores = scores.masked_fill(st.masked, float("-inf"))
         chunks = lm.select_topk(scores, plan["k_chunks"])  # [H, k_chunks]

@@ -147,6 +147,8 @@ class KVCache:
         self.store = OffloadStore(self.device, offload=self.policy.offload)
         self.k = [None] * config.n_layers  # full attention: per layer [B, n_kv_heads, S, head_dim]
         self.v = [None] * config.n_layers
+        self.kbuf = [None] * config.n_layers  # the buffers self.k / self.v are views of (see append)
+        self.vbuf = [None] * config.n_layers
         self.layers = [None] * config.n_layers  # sparse policies: per layer a LayerState
         self.prompt_len = 0
         self.sparse = False  # becomes True once a sparse policy has built its summary
@@ -174,11 +176,8 @@ class KVCache:
     def attend(self, layer, q, k, v, pos):
         if self.sparse:
             return self._decode(layer, q, k, v)
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v  # [B, n_kv_heads, T, head_dim]
-        else:
-            self.k[layer] = torch.cat([self.k[layer], k], dim=2)  # [B, n_kv_heads, S, head_dim]
-            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+        self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
+        self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
         out = full_attention(q, self.k[layer], self.v[layer])
         if self.policy.name != "full" and layer == self.config.n_layers - 1 and self.k[0].shape[2] == k.shape[2]:
             self.build()  # end of the prefill: the prompt is complete in every layer
@@ -362,25 +361,28 @@ class KVCache:
         """Bytes on the device and offloaded, from the real tensors (packed codes, not copies).
 
         Counts the prompt's cache only (generated tokens are the same for every policy).
-        `full_bf16` is the size of the exact prompt K/V in bf16, the paper's reference.
+        `full_bf16` is the size of the exact prompt K/V in bf16, the paper's reference; the device
+        share splits into `summary_fraction` (landmarks, low-rank factors: what the paper's ~14% and
+        ~6.6% count) and `exact_fraction` (sink, local window and outlier tokens kept exact).
         """
         cfg = self.config
         T = self.prompt_len or (self.k[0].shape[2] if self.k[0] is not None else 0)
         full_bf16 = T * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
         if not self.sparse:
             dev = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-            return dict(device=dev, offloaded=0, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1))
-        dev = 0
+            return dict(device=dev, offloaded=0, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1),
+                        summary_fraction=0.0, exact_fraction=dev / max(full_bf16, 1))
+        summary = exact = 0  # landmarks + low-rank factors; exact sink/local/outlier tokens
         for st in self.layers:
             marks = st.landmarks
-            dev += marks.numel() * marks.element_size() if isinstance(marks, torch.Tensor) else lm.nbytes(marks)
-            for t in (st.fixed_k, st.fixed_v, st.u, st.sv):
-                if t is not None:
-                    dev += t.numel() * t.element_size()
-        off = self.store.nbytes()
+            summary += marks.numel() * marks.element_size() if isinstance(marks, torch.Tensor) else lm.nbytes(marks)
+            summary += sum(t.numel() * t.element_size() for t in (st.u, st.sv) if t is not None)
+            exact += sum(t.numel() * t.element_size() for t in (st.fixed_k, st.fixed_v))
+        dev, off = summary + exact, self.store.nbytes()
         if not self.policy.offload:  # the "store" is on the device
             dev, off = dev + off, 0
-        return dict(device=dev, offloaded=off, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1))
+        return dict(device=dev, offloaded=off, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1),
+                    summary_fraction=summary / max(full_bf16, 1), exact_fraction=exact / max(full_bf16, 1))
 
 
 class Stats:
@@ -435,6 +437,23 @@ class StackedCache:
 
 
 # -------------------------------------------------------------------- attention pieces
+def append(buf, cached, new):
+    """Write new [B, H, T, d] after cached [B, H, S, d] (or None); returns (buffer, view of S + T rows).
+
+    buf is this cache's own buffer (None at first), with spare rows behind the cached ones and grown
+    by a quarter when full, so a decode step writes one row instead of copying the whole cache (as
+    torch.cat would). A cache never writes into a buffer it does not own (from_prefill shares views).
+    """
+    if cached is None:
+        return None, new
+    S, T = cached.shape[2], new.shape[2]
+    if buf is None or buf.shape[2] < S + T:
+        buf = cached.new_empty(*cached.shape[:2], S + T + max(64, S // 4), cached.shape[3])  # [B, H, cap, d]
+        buf[:, :, :S] = cached
+    buf[:, :, S:S + T] = new
+    return buf, buf[:, :, :S + T]
+
+
 def full_attention(q, k, v):
     """Causal attention of T new queries over S cached keys (the last T of which are the new ones).
 

@@ -207,6 +207,11 @@ def _one_cpu_thread(device):
 
 def _nearest_rows(points: Tensor, grid_t: Tensor, bias: Tensor, out: Tensor, start: int, stop: int):
     """_nearest for rows start..stop, block by block: one addmm for the scores, then their argmax."""
+    with torch.inference_mode(out.is_inference()):  # a worker thread does not inherit the caller's mode
+        _nearest_block_rows(points, grid_t, bias, out, start, stop)
+
+
+def _nearest_block_rows(points: Tensor, grid_t: Tensor, bias: Tensor, out: Tensor, start: int, stop: int):
     block = torch.empty(min(NEAREST_CHUNK, stop - start), grid_t.shape[1], dtype=points.dtype,
                         device=points.device)  # [rows, n]
     for s in range(start, stop, NEAREST_CHUNK):

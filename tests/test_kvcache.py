@@ -198,3 +198,17 @@ def test_budget_line(tiny):
         warnings.simplefilter("error")
         model(prompt, cache)
     assert cache.budget_line() == "budget = 4 sink + 8 local + 16 selected of 160 tokens"
+
+
+def test_caches_sharing_a_prefill_do_not_write_into_each_other(tiny):
+    """from_prefill shares the prompt K/V as views; each cache must grow into its own buffer."""
+    model, prompt, steps = tiny
+    with torch.inference_mode():
+        a = KVCache(model.config, model.rope)
+        model(prompt, a, last_only=True)
+        b = KVCache.from_prefill(a, make_policy("full"))
+        for i in range(4):  # different tokens into the two caches, interleaved
+            model(steps[:, i:i + 1], a)
+            got_b = model(steps[:, 11 - i:12 - i], b)[0]
+    ref = run(model, KVCache(model.config, model.rope), prompt, steps.flip(1)[:, :4])
+    assert torch.equal(got_b, ref[-1:])

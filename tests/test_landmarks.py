@@ -408,3 +408,12 @@ def test_quantized_dot_residual_and_scores():
     rq = L.residual_quantize(x, 4, "2", "1")
     ref = L.landmark_scores(q, L.dequantize(rq))
     assert torch.allclose(L.landmark_scores(q, rq), ref, atol=1e-5)
+
+
+def test_quantize_inside_inference_mode_matches_outside():
+    """The nearest-point search runs in worker threads: they must follow the caller's inference mode."""
+    x = torch.randn(4, 9000, 64, generator=torch.Generator().manual_seed(5))  # enough rows for several threads
+    with torch.inference_mode():
+        a = L.quantize(x, "2")
+    b = L.quantize(x, "2")
+    assert torch.equal(a.codes, b.codes)

@@ -1,0 +1,116 @@
+"""Decode-step attention time per layer against prompt length, and the cost of building each cache.
+
+Part 1 (issue target: every sparse policy's decode step no slower than `full` from 16K tokens on):
+one layer with the default model's shapes (9 query heads, 3 KV heads x 64), random prompt K/V of
+4K, 16K and 64K tokens, and the median time of `cache.attend` for one decode step, per policy.
+
+Part 2 (issue target: 2-bit `quantized` build overhead at most 10% of the prefill forward): the
+default model prefills an 8K-token prompt once (timed), then every policy builds its summary from
+that prefill (`KVCache.from_prefill`: SVD, landmarks, quantization), timed, as a share of it.
+
+    python benchmarks/decode_speed.py [--lengths 4096 16384 65536] [--repeats 20] [--skip-build]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kvcache import KVCache, make_policy  # noqa: E402
+from model import ModelConfig, Rope, load_model  # noqa: E402
+
+POLICIES = [
+    ("full", {}),
+    ("oracle", {}),
+    ("mean", dict(chunk_size=8)),
+    ("svd", {}),
+    ("shadowkv", {}),
+    ("quantized", dict(landmark_bits="2")),
+    ("quantized", dict(landmark_bits="4")),
+]
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def decode_attention(lengths, repeats):
+    cfg = ModelConfig(arch="LlamaForCausalLM", vocab_size=49152, dim=576, n_layers=1, n_heads=9, n_kv_heads=3,
+                      head_dim=64, ffn_dim=1536, norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None,
+                      max_positions=1 << 20, tie_embeddings=True, qkv_bias=False, qk_norm=False, bos_id=1,
+                      eos_ids=[2])
+    rope = Rope(cfg)
+    print("## Decode-step attention time per layer (ms, median of", repeats, "steps)\n")
+    print("| policy | " + " | ".join(f"{T // 1024}K" for T in lengths) + " |")
+    print("|---|" + "---:|" * len(lengths))
+    rows = {}
+    for T in lengths:
+        g = torch.Generator().manual_seed(T)
+        k = torch.randn(1, 3, T, 64, generator=g) * torch.linspace(0.3, 3.0, 64)  # [1, H, T, d]
+        v = torch.randn(1, 3, T, 64, generator=g)  # [1, H, T, d]
+        full = KVCache(cfg, rope)
+        full.k, full.v = [k], [v]
+        q = torch.randn(1, 9, 1, 64, generator=g)  # [1, n_heads, 1, d]
+        k1, v1 = torch.randn(1, 3, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
+        pos = torch.tensor([T])
+        for name, kw in POLICIES:
+            cache = KVCache.from_prefill(full, make_policy(name, **kw))
+            label = "full" if name == "full" else cache.policy.label()
+            rows.setdefault(label, []).append(1e3 * median_time(lambda: cache.attend(0, q, k1, v1, pos), repeats))
+    for label, times in rows.items():
+        ratio = "" if label == "full" else " (" + ", ".join(f"{t / f:.2f}x" for t, f in zip(times, rows["full"])) + " of full)"
+        print(f"| {label} | " + " | ".join(f"{t:.2f}" for t in times) + f" |{ratio}")
+    print()
+
+
+@torch.inference_mode()
+def build_overhead(tokens):
+    model, tok = load_model()
+    ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    full = KVCache(model.config, model.rope)
+    t0 = time.perf_counter()
+    model(ids, full, last_only=True)
+    prefill = time.perf_counter() - t0
+    print(f"## Cache build time after an {tokens}-token prefill of the default model ({prefill:.2f} s)\n")
+    print("| policy | build (s) | share of the prefill forward |")
+    print("|---|---:|---:|")
+    for name, kw in POLICIES[1:]:
+        policy = make_policy(name, **kw)
+        KVCache.from_prefill(full, policy)  # warm-up (grids are fitted once and cached on disk)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            KVCache.from_prefill(full, policy)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        print(f"| {policy.label()} | {t:.3f} | {100 * t / prefill:.1f}% |", flush=True)
+    print()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--build-tokens", type=int, default=8000)
+    ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    decode_attention(args.lengths, args.repeats)
+    if not args.skip_build:
+        build_overhead(args.build_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -176,6 +176,8 @@ class KVCache:
     def attend(self, layer, q, k, v, pos):
         if self.sparse:
             return self._decode(layer, q, k, v)
+        if self.k[layer] is None and layer == 0:
+            self.prompt_len = k.shape[2]  # the first call is the prefill
         self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
         self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
         out = full_attention(q, self.k[layer], self.v[layer])
@@ -193,6 +195,7 @@ class KVCache:
         new = cls(cache.config, cache.rope, policy, cache.device)
         new.k = [k[row:row + 1] for k in cache.k]
         new.v = [v[row:row + 1] for v in cache.v]
+        new.prompt_len = cache.prompt_len
         if policy.name != "full":
             new.build()
         return new
@@ -330,26 +333,29 @@ class KVCache:
         return out.view(1, n_heads, Tq, d).to(q.dtype)
 
     def _track(self, layer, qg, idx, sel_k, st):
-        """Selection recall against the oracle, attention mass captured, key rebuild error."""
+        """Selection recall against the oracle, attention mass captured, key rebuild error.
+
+        One exact pass: the logits of the query against the exact middle keys give both the
+        oracle's selection (same rule, same budget) and, with the fixed and generated tokens, the
+        exact attention weights whose share on the attended tokens is the attention mass.
+        """
         H, G, Tq, d = qg.shape
         s = self.plan["sink"]
         k_mid = self.stats.exact_k[layer]  # [H, M, d]
-        exact = lm.landmark_scores(qg, k_mid)  # [H, M] the oracle's token scores
-        oracle = lm.select_topk(exact, self.plan["selected"])  # [H, S]
+        logits = lm.landmark_logits(qg, k_mid)  # [H, G, Tq, M]
+        oracle = lm.select_topk(lm.scores_from_logits(logits), self.plan["selected"])  # [H, S]
         attended = idx
         if st.masked is not None:  # ShadowKV also attends its outlier tokens exactly
             out_pos = st.fixed_pos[:, s:s + self.plan["outlier_tokens"]] - s  # [H, n_out*c] middle rows
             attended = torch.cat([idx, out_pos], dim=1)
-        hit = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, attended, True)  # [H, M]
+        hit = torch.zeros(k_mid.shape[:2], dtype=torch.bool, device=k_mid.device).scatter_(1, attended, True)  # [H, M]
         recall = hit.gather(1, oracle).float().mean(1)  # [H]
-        # exact attention weights over the whole cache: prompt middle + fixed + generated
-        gen_k = torch.cat(st.gen_k, dim=1)
-        keys = torch.cat([k_mid, st.fixed_k, gen_k], dim=1).float()  # [H, M + F + Tg, d]
-        w = torch.softmax(qg.float() @ keys.transpose(1, 2)[:, None] / math.sqrt(d), dim=-1)  # [H, G, Tq, L]
-        if Tq > 1:  # later generated tokens are masked for earlier queries: keep it simple, use the last query
-            w = w[:, :, -1:]
-        M = k_mid.shape[1]
-        mass = w[..., :M].mul(hit[:, None, None].float()).sum(-1) + w[..., M:].sum(-1)  # [H, G, 1 or Tq]
+        # exact attention weights of the last query position over prompt middle + fixed + generated
+        rest = torch.cat([st.fixed_k, *st.gen_k], dim=1)  # [H, F + Tg, d]
+        q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
+        logits_rest = lm.landmark_logits(q_last, rest)  # [H, G, 1, F + Tg]
+        lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
+        mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(-1)
         key_err = None
         if self.policy.rank is not None:
             true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
@@ -357,32 +363,39 @@ class KVCache:
         self.stats.add(layer, recall, mass.mean((1, 2)), key_err)
 
     # ---------------------------------------------------------------- memory accounting
-    def memory(self):
+    def memory(self, exact_bytes=2):
         """Bytes on the device and offloaded, from the real tensors (packed codes, not copies).
 
-        Counts the prompt's cache only (generated tokens are the same for every policy).
-        `full_bf16` is the size of the exact prompt K/V in bf16, the paper's reference; the device
-        share splits into `summary_fraction` (landmarks, low-rank factors: what the paper's ~14% and
-        ~6.6% count) and `exact_fraction` (sink, local window and outlier tokens kept exact).
+        Counts the prompt's cache only (generated tokens are the same for every policy). Exact
+        (unquantized) tensors count `exact_bytes` per value: 2 = bf16, the paper's accounting, in
+        whatever dtype this run computes; None = their real size. `full_bf16` is the exact prompt
+        K/V in bf16, the reference of every fraction; the device share splits into
+        `summary_fraction` (landmarks, low-rank factors: what the paper's ~14% and ~6.6% count)
+        and `exact_fraction` (sink, local window and outlier tokens kept exact).
         """
+        def size(t):
+            if t is None:
+                return 0
+            if isinstance(t, torch.Tensor):
+                return t.numel() * (exact_bytes or t.element_size())
+            return lm.nbytes(t)  # quantized: the packed codes and scales as stored
+
         cfg = self.config
-        T = self.prompt_len or (self.k[0].shape[2] if self.k[0] is not None else 0)
+        T = self.prompt_len or (0 if self.k[0] is None else self.k[0].shape[2])  # K/V set by hand: all prompt
         full_bf16 = T * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
         if not self.sparse:
-            dev = sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
-            return dict(device=dev, offloaded=0, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1),
-                        summary_fraction=0.0, exact_fraction=dev / max(full_bf16, 1))
-        summary = exact = 0  # landmarks + low-rank factors; exact sink/local/outlier tokens
-        for st in self.layers:
-            marks = st.landmarks
-            summary += marks.numel() * marks.element_size() if isinstance(marks, torch.Tensor) else lm.nbytes(marks)
-            summary += sum(t.numel() * t.element_size() for t in (st.u, st.sv) if t is not None)
-            exact += sum(t.numel() * t.element_size() for t in (st.fixed_k, st.fixed_v))
-        dev, off = summary + exact, self.store.nbytes()
-        if not self.policy.offload:  # the "store" is on the device
+            exact = sum(size(t[:, :, :T]) for t in self.k + self.v if t is not None)
+            summary, off = 0, 0
+        else:
+            summary = sum(size(st.landmarks) + size(st.u) + size(st.sv) for st in self.layers)
+            exact = sum(size(st.fixed_k) + size(st.fixed_v) for st in self.layers)
+            off = sum(size(t) for t in self.store.tensors.values())
+        dev = summary + exact
+        if self.sparse and not self.policy.offload:  # the "store" is on the device
             dev, off = dev + off, 0
-        return dict(device=dev, offloaded=off, full_bf16=full_bf16, device_fraction=dev / max(full_bf16, 1),
-                    summary_fraction=summary / max(full_bf16, 1), exact_fraction=exact / max(full_bf16, 1))
+        ref = max(full_bf16, 1)
+        return dict(device=dev, offloaded=off, full_bf16=full_bf16, device_fraction=dev / ref,
+                    summary_fraction=summary / ref, exact_fraction=exact / ref)
 
 
 class Stats:
@@ -458,17 +471,17 @@ def full_attention(q, k, v):
     """Causal attention of T new queries over S cached keys (the last T of which are the new ones).
 
     q: [B, n_heads, T, d]; k, v: [B, n_kv_heads, S, d]. Query head h reads KV head h // group
-    (grouped-query attention).
+    (grouped-query attention, without copying K/V per query head).
     """
     T, S = q.shape[2], k.shape[2]
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)  # [B, n_heads, S, d]
-    v = v.repeat_interleave(group, dim=1)  # [B, n_heads, S, d]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     if T == 1:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return sdpa(q, k, v, enable_gqa=True)
+    if T == S:
+        return sdpa(q, k, v, is_causal=True, enable_gqa=True)
     # query i (absolute S - T + i) sees keys 0 .. S - T + i
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # [T, S]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def attention_lse(q, k, v, mask=None):

@@ -687,11 +687,22 @@ def landmark_scores(q: Tensor, landmarks) -> Tensor:
     if shape[0] != H or shape[2] != d:
         raise ValueError(f"landmark_scores: landmarks {shape} do not match q {tuple(q.shape)} "
                          f"(need [H_kv={H}, N, d={d}])")
+    return scores_from_logits(landmark_logits(q, landmarks))
+
+
+def landmark_logits(q: Tensor, landmarks) -> Tensor:
+    """q.L / sqrt(d) for every query head, position and landmark: [H_kv, G, Tq, N] float32."""
+    H, G, Tq, d = q.shape
     if isinstance(landmarks, Tensor):
         logits = torch.einsum("hgtd,hnd->hgtn", q.float(), landmarks.float())  # [H, G, Tq, N]
     else:
         logits = quantized_dot(q.reshape(H, G * Tq, d), landmarks).view(H, G, Tq, -1)  # [H, G, Tq, N]
-    return (logits / math.sqrt(d)).softmax(dim=-1).sum(dim=2).amax(dim=1)  # [H, N]
+    return logits / math.sqrt(d)
+
+
+def scores_from_logits(logits: Tensor) -> Tensor:
+    """[H_kv, G, Tq, N] logits -> [H_kv, N]: softmax over N, sum over positions, max over the group."""
+    return logits.softmax(dim=-1).sum(dim=2).amax(dim=1)  # [H, N]
 
 
 def quantized_dot(q: Tensor, qx) -> Tensor:

@@ -1,0 +1,743 @@
+"""Reproduce the paper's comparisons: every KV selection policy against full attention, as tables and plots.
+
+    python evaluate.py                       # default model, 8 Text2JSON samples of ~2K tokens, 5 policies
+    python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
+    python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
+    python evaluate.py --task needle --tokens 4096      # or --task longproc (real data, ../shared/data)
+    python evaluate.py --model DIR --data text2json.jsonl --device cuda --dtype bfloat16 --n 500
+
+What it measures (PAPER_NOTES "The paper's method", "Benchmarks the paper uses"), per policy and
+configuration: the task score (Text2JSON: the paper's rule, plus field recall), fidelity to full
+attention (teacher-forced top-1 `agreement` and mean `kl`), selection quality against exact top-k
+(`oracle_recall`, `attention_mass`, also per layer), and memory (`device_kv_fraction` of a full bf16
+cache, `bytes_per_step` fetched from CPU memory).
+
+The decoding plan (why the default run fits in minutes on two CPU cores):
+  1. each prompt is prefilled ONCE, with full attention; the first new token comes from the prefill
+     logits, so it is exact for every policy;
+  2. every policy's cache is built from that prefill (`KVCache.from_prefill`);
+  3. all policies then decode together, as one batch (`StackedCache`): the weights are read once per
+     step for all of them. Row 0 is full attention (the reference output and logits); each sparse
+     configuration has a free-running row (its own greedy tokens: the task score) and a
+     teacher-forced row (fed the full row's tokens, so at every step it sees exactly the full row's
+     input: agreement, KL and the selection statistics). Rows leave the batch as they finish.
+
+Results folder (--out): samples.jsonl (one line per configuration and sample, with the prediction),
+summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
+Re-running with the same --out skips finished (configuration, sample) pairs; samples.jsonl is
+rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
+
+Several GPUs (e.g. the 500-sample Text2JSON set): split the samples with --shard i/n, one process per
+GPU, then merge the folders:
+
+    for i in 0 1 2 3 4 5 6 7; do
+      CUDA_VISIBLE_DEVICES=$i python evaluate.py --model DIR --data text2json.jsonl --n 500 \\
+          --device cuda --dtype bfloat16 --shard $i/8 --out results/t2j-$i &
+    done; wait
+    python evaluate.py merge results/t2j-* --out results/t2j
+
+Under torchrun (or a job array that sets RANK and WORLD_SIZE) --shard defaults to RANK/WORLD_SIZE and
+--device cuda means cuda:LOCAL_RANK:  torchrun --nproc-per-node 8 evaluate.py --device cuda ...
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from itertools import product
+from pathlib import Path
+
+import torch
+
+import tasks
+import text2json
+from kvcache import POLICIES, KVCache, StackedCache, make_policy
+from model import DTYPES, load_model, load_tokenizer
+
+DEFAULT_METHODS = "full,oracle,shadowkv,mean,quantized"
+DEFAULT_BUDGET = 0.03125  # PAPER_NOTES "The paper's method": 3.125% of the prompt
+N_NEEDLES = 11  # PAPER_NOTES "Benchmarks": NeedleBench v2 parallel retrieval, 11 needles
+MAX_NEW_CAP = 1024  # PAPER_NOTES "Benchmarks": Text2JSON decodes up to 1024 new tokens
+TASKS = ("text2json", "needle", "longproc")
+BITS = ("1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
+# summary.json: the configuration, then the metrics (every row has every key; None = not defined)
+CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual")
+METRICS = ("score", "text2json_score", "field_recall", "agreement", "kl", "oracle_recall", "attention_mass",
+           "device_kv_fraction", "bytes_per_step", "landmark_error", "key_error", "sparse_share")
+# run.json settings that must agree for a resumed (or merged) run: they change every result
+RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens")
+
+
+# ============================================================================ command line
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is a ValueError: main() prints it as one `error:` line."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def build_parser():
+    p = _Parser(prog="evaluate.py", description="Compare KV selection policies against full attention "
+                "(python evaluate.py merge DIR... --out DIR combines shard folders).")
+    p.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
+                   "default: SmolLM2-135M-Instruct")
+    p.add_argument("--task", default="text2json", choices=TASKS)
+    p.add_argument("--data", help="text2json: the released JSONL (default: generated samples); "
+                   "needle / longproc: the data folder (default: ../shared/data/...)")
+    p.add_argument("--n", type=int, default=8, help="number of samples (the first n of --data)")
+    p.add_argument("--tokens", type=int, default=2048, help="prompt length of generated samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(POLICIES)}")
+    p.add_argument("--budgets", default=str(DEFAULT_BUDGET), help="comma list of shares of the prompt in (0, 1]")
+    p.add_argument("--chunk-sizes", help="comma list; sweeps mean and quantized (default: their presets, 8 and 1)")
+    p.add_argument("--ranks", help="comma list of SVD ranks (int, or share of channels < 1); sweeps svd, shadowkv")
+    p.add_argument("--bits", help=f"comma list of landmark formats for quantized: {', '.join(BITS)} (default 2)")
+    p.add_argument("--residual", type=int, default=0, help="meta-chunk size of residual landmark quantization")
+    p.add_argument("--max-new-tokens", type=int, help="default: 1.3 x the longest gold answer, at most 1024")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--out", help="results folder (default: results/<task>, with a shard suffix)")
+    p.add_argument("--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)")
+    return p
+
+
+def parse_list(text, convert, what):
+    """'a,b,c' -> [convert(a), ...], with a one-line error naming the option."""
+    try:
+        items = [convert(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"bad {what} {text!r}: give a comma-separated list") from None
+    if not items:
+        raise ValueError(f"{what} is empty")
+    return items
+
+
+def parse_rank(text):
+    """An SVD rank: an int (160) or a share of the channels below 1 (0.15625, ShadowKV's 160/1024)."""
+    value = float(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def parse_shard(text):
+    """'i/n' -> (i, n) with 0 <= i < n; None -> RANK/WORLD_SIZE under torchrun, else (0, 1)."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"bad --shard {text!r}: write i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"bad --shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def configurations(args):
+    """Every policy configuration of the sweep (PAPER_NOTES: the ablations over budget, chunk size,
+    SVD rank and landmark precision). An axis applies to the policies it changes: chunk size to
+    `mean` and `quantized` (oracle and svd are token-level by definition, shadowkv is the fixed
+    baseline preset), rank to `svd` and `shadowkv`, bits and residual to `quantized`; `full` has one
+    configuration. make_policy raises a one-line ValueError on any bad value."""
+    methods = parse_list(args.methods, str, "--methods")
+    budgets = parse_list(args.budgets, float, "--budgets")
+    chunks = parse_list(args.chunk_sizes, int, "--chunk-sizes") if args.chunk_sizes else [None]
+    ranks = parse_list(args.ranks, parse_rank, "--ranks") if args.ranks else [None]
+    bits = parse_list(args.bits, str, "--bits") if args.bits else [None]
+    for b in bits:
+        if b is not None and b not in BITS:
+            raise ValueError(f"bad --bits {b!r}: choose from {', '.join(BITS)}")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"budget {b} is out of range: give a share of the prompt in (0, 1]")
+    if args.residual < 0:
+        raise ValueError(f"--residual {args.residual} must be >= 0 (0 = off)")
+    policies = {}
+    for method in methods:
+        if method not in POLICIES:
+            raise ValueError(f"unknown method {method!r}: choose from {', '.join(POLICIES)}")
+        if method == "full":
+            policies["full"] = make_policy("full", budget=1.0)
+            continue
+        axes = (budgets,
+                chunks if method in ("mean", "quantized") else [None],
+                ranks if method in ("svd", "shadowkv") else [None],
+                bits if method == "quantized" else [None])
+        for budget, chunk, rank, bit in product(*axes):
+            p = make_policy(method, budget=budget, chunk_size=chunk, rank=rank, landmark_bits=bit,
+                            residual=args.residual if method == "quantized" else None)
+            policies.setdefault(config_key(p), p)
+    return list(policies.values())
+
+
+def config_label(p):
+    """Policy.label(), plus the rank when a ShadowKV sweep changes it."""
+    label = p.label()
+    if p.name == "shadowkv" and p.rank != make_policy("shadowkv").rank:
+        label += f" r{p.rank:g}"
+    return label
+
+
+def config_key(p):
+    """The resume unit's configuration part: 'quantized 2b @0.03125' (full attention: 'full')."""
+    return "full" if p.name == "full" else f"{config_label(p)} @{p.budget:g}"
+
+
+def check_inputs(args):
+    """Every check that needs no model: runs before any loading or work (bad input -> ValueError)."""
+    if args.n < 1:
+        raise ValueError(f"--n {args.n} must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"unsupported --dtype {args.dtype!r}: use float32, bfloat16 or float16")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {args.device!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is available: use --device cpu")
+    if args.task == "text2json" and args.data is None and args.tokens < 256:
+        raise ValueError(f"--tokens {args.tokens} is too short for a Text2JSON prompt (use >= 256)")
+    if args.model is not None:
+        check_model_dir(Path(args.model))
+    check_data(args.task, args.data)
+    return configurations(args)
+
+
+def check_model_dir(path):
+    """A checkpoint folder must hold config.json, tokenizer.json and weights (model.py loads them)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    for name in ("config.json", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} not found: the model folder needs it")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def check_data(task, data):
+    """The data a task reads must exist (text2json without --data generates its samples)."""
+    if task == "text2json":
+        if data is not None and not Path(data).is_file():
+            raise FileNotFoundError(f"Text2JSON file not found: {data} (pass the path to the released JSONL)")
+        return
+    folder = Path(data) if data else (tasks.NEEDLE_DIR if task == "needle" else tasks.LONGPROC_DIR)
+    needed = ("needles.jsonl", "PaulGrahamEssays.jsonl") if task == "needle" else ("html_to_tsv_0.5k.json",
+                                                                                   "prompts.yaml")
+    for name in needed:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: point --data at your {task} data folder")
+
+
+# ============================================================================ samples
+
+def load_samples(args, tok):
+    """All samples of the run as dicts: `id`, `problem`, `gold` (the reference answer text), and what
+    the task's scorer needs. Sharding happens later, so every shard sees the same set."""
+    if args.task == "text2json":
+        if args.data:
+            rows = text2json.load(args.data)[:args.n]
+        else:
+            rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
+        return [dict(r, id=str(r.get("id", i)), gold=r["answer"]) for i, r in enumerate(rows)]
+    if args.task == "needle":
+        rows = tasks.needle_samples(args.data, N_NEEDLES, args.tokens, tok, seed=args.seed, n=args.n)
+        return [dict(r, id=str(i), gold="\n".join(f"{j}. {nd['gold_standard_answer']}"
+                                                  for j, nd in enumerate(r["needles"], 1)))
+                for i, r in enumerate(rows)]
+    rows = tasks.load_longproc(args.data)[:args.n]
+    return [dict(r, id=str(r["task_id"]), gold=r["gt"]) for r in rows]
+
+
+def auto_max_new_tokens(samples, tok):
+    """1.3 x the longest gold answer in tokens, at most 1024 (PAPER_NOTES "Benchmarks": the paper
+    decodes up to 1024 new tokens, its longest gold answer being ~905). On the default generated
+    samples (~2K tokens, 10 records) the longest gold is ~275 tokens: 357 new tokens."""
+    longest = max(len(tok.encode(s["gold"])) for s in samples)
+    return min(MAX_NEW_CAP, math.ceil(1.3 * longest))
+
+
+def score_sample(task, prediction, sample):
+    """The task's per-sample numbers, in [0, 1]: `score` (None = excluded from the mean) and, for
+    Text2JSON, `field_recall`. Text2JSON: the paper's rule (samples whose gold repeats a name are
+    excluded, rule 1); needle: share of needle keywords found; longproc: row-level F1."""
+    if task == "text2json":
+        if text2json.has_duplicate_names(sample["gold"]):
+            return dict(score=None, field_recall=None)
+        return dict(score=text2json.score(prediction, sample["gold"]),
+                    field_recall=text2json.field_recall(prediction, sample["gold"]))
+    if task == "needle":
+        return dict(score=tasks.score_needles(prediction, sample)["score"], field_recall=None)
+    return dict(score=tasks.score_tsv(prediction, sample["gold"])["f1"], field_recall=None)
+
+
+# ============================================================================ decoding
+
+@dataclass
+class Row:
+    """One row of the lockstep batch: full attention, or a policy's free-running / teacher-forced copy."""
+
+    kind: str  # "full", "free" or "forced"
+    policy: object
+    cache: KVCache
+    out: list = field(default_factory=list)  # generated token ids (free and full rows), stop token excluded
+    steps: int = 0  # decode steps taken (forward passes after the prefill)
+    matches: int = 0  # forced rows: steps whose argmax equals the full row's next token
+    kl: float = 0.0  # forced rows: sum over steps of KL(full || policy)
+    done: bool = False
+
+
+@torch.inference_mode()
+def decode_sample(model, ids, policies, max_new, stop_ids):
+    """Prefill `ids` once, then decode full attention and every policy as one batch (module docstring).
+
+    Returns (full row, {config key: (free row, forced row)}).
+    """
+    device = model.embed_tokens.weight.device
+    full = Row("full", make_policy("full"), KVCache(model.config, model.rope, device=device))
+    logits = model(torch.tensor([ids], device=device), full.cache, last_only=True)  # [1, 1, vocab]
+    first = int(logits[0, -1].argmax())
+    pairs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a prompt shorter than the budget: recorded as sparse=False
+        for p in policies:
+            pairs[config_key(p)] = (Row("free", p, KVCache.from_prefill(full.cache, p)),
+                                    Row("forced", p, KVCache.from_prefill(full.cache, replace(p, track=True))))
+    rows = [full] + [r for pair in pairs.values() for r in pair]
+    limit = min(max_new, model.config.max_positions - len(ids))  # positions left for new tokens
+    stop = set(stop_ids)
+    for r in rows:
+        r.out = [] if first in stop else [first]
+        r.done = first in stop or limit <= 1
+    active = [r for r in rows if not r.done]
+    while active:
+        # forced rows read the full row's last token; the full row is active (row 0) while they are
+        x = torch.tensor([[r.out[-1] if r.kind != "forced" else full.out[-1]] for r in active], device=device)  # [B, 1]
+        logits = model(x, StackedCache([r.cache for r in active]))[:, -1]  # [B, vocab]
+        logp = torch.log_softmax(logits, dim=-1)  # [B, vocab]
+        nxt = logits.argmax(dim=-1).tolist()
+        ref_logp, ref_next = logp[0], nxt[0]  # the full row's (used only while forced rows are active)
+        ref_p = ref_logp.exp()  # [vocab]
+        for i, r in enumerate(active):
+            r.steps += 1
+            if r.kind == "forced":
+                r.matches += nxt[i] == ref_next
+                r.kl += float((ref_p * (ref_logp - logp[i])).sum())  # KL(full || policy)
+            elif nxt[i] in stop:
+                r.done = True
+            else:
+                r.out.append(nxt[i])
+                r.done = len(r.out) >= limit
+        if full.done:  # the reference has ended: nothing left to teacher-force
+            for r in active:
+                r.done = r.done or r.kind == "forced"
+        active = [r for r in active if not r.done]
+    return full, pairs
+
+
+def full_record(full, tok):
+    """samples.jsonl fields of the full-attention row: the reference, so fidelity is exact by definition."""
+    return dict(prediction=tok.decode(full.out), new_tokens=len(full.out), steps=full.steps, sparse=False,
+                agreement=1.0, kl=0.0, oracle_recall=None, attention_mass=None, landmark_error=None,
+                key_error=None, recall_per_layer=None, mass_per_layer=None,
+                device_kv_fraction=full.cache.memory()["device_fraction"],
+                bytes_per_step=0.0)
+
+
+def policy_record(free, forced, tok):
+    """samples.jsonl fields of one policy: prediction from the free row, fidelity and selection
+    statistics from the teacher-forced row, memory and traffic from the free row's cache."""
+    stats = forced.cache.stats
+    tracked = forced.cache.sparse and float(stats.steps.sum()) > 0
+    s = stats.summary() if tracked else {}
+    return dict(
+        prediction=tok.decode(free.out), new_tokens=len(free.out), steps=forced.steps, sparse=free.cache.sparse,
+        agreement=forced.matches / forced.steps if forced.steps else None,
+        kl=forced.kl / forced.steps if forced.steps else None,
+        oracle_recall=s.get("oracle_recall"), attention_mass=s.get("attention_mass"),
+        landmark_error=s.get("landmark_error"), key_error=s.get("key_error"),
+        recall_per_layer=s.get("recall_per_layer"), mass_per_layer=s.get("mass_per_layer"),
+        device_kv_fraction=free.cache.memory()["device_fraction"],
+        bytes_per_step=free.cache.store.bytes_moved / free.steps if free.steps else None)
+
+
+def config_fields(p):
+    """The configuration columns of samples.jsonl and summary.json (None where an axis does not apply)."""
+    full = p.name == "full"
+    return dict(method=p.name, label=config_label(p), budget=None if full else p.budget,
+                chunk_size=None if full else p.chunk_size, rank=p.rank, bits=p.landmark_bits,
+                residual=p.residual or None)
+
+
+# ============================================================================ results folder
+
+def read_rows(out):
+    """The finished (configuration, sample) rows of a results folder ([] for a new folder)."""
+    path = Path(out) / "samples.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}): delete the line to redo it") from None
+    return rows
+
+
+def write_atomic(path, text):
+    """Write a file so that an interruption leaves the old or the new version, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_rows(out, rows):
+    write_atomic(Path(out) / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _mean_lists(lists):
+    """Element-wise mean of equal-length lists (per-layer statistics over samples); None if none."""
+    lists = [x for x in lists if x is not None]
+    return [sum(col) / len(col) for col in zip(*lists)] if lists else None
+
+
+def _order(row):
+    """Table order: policies as in kvcache.POLICIES, then budget, chunk size, rank, bits."""
+    bits = row["bits"]
+    return (POLICIES.index(row["method"]), row["budget"] or 0, row["chunk_size"] or 0, row["rank"] or 0,
+            -1 if bits is None else BITS.index(bits) if bits in BITS else len(BITS), row["residual"] or 0)
+
+
+def summarize(rows):
+    """One summary row per configuration: the means over its samples (scores x 100, as the paper),
+    keys in the order CONFIG_FIELDS, METRICS, then the per-layer statistics for the heatmap."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["key"], []).append(r)
+    summary = []
+    for key, rs in groups.items():
+        task, score, recall = rs[0]["task"], _mean(r["score"] for r in rs), _mean(r["field_recall"] for r in rs)
+        metrics = {m: _mean(r[m] for r in rs) for m in ("agreement", "kl", "oracle_recall", "attention_mass",
+                                                         "device_kv_fraction", "bytes_per_step", "landmark_error",
+                                                         "key_error")}
+        metrics.update(score=None if score is None else 100 * score,
+                       text2json_score=None if score is None or task != "text2json" else 100 * score,
+                       field_recall=None if recall is None else 100 * recall,
+                       sparse_share=None if rs[0]["method"] == "full" else _mean(float(r["sparse"]) for r in rs))
+        summary.append(dict(key=key, task=task, **{f: rs[0][f] for f in CONFIG_FIELDS}, n=len(rs),
+                            **{m: metrics[m] for m in METRICS},
+                            recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
+                            mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs)))
+    return sorted(summary, key=_order)
+
+
+def _fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def _bytes(x):
+    if x is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB"):
+        if x < 1024:
+            return f"{x:.0f} {unit}"
+        x /= 1024
+    return f"{x:.1f} GiB"
+
+
+def markdown_table(summary, task):
+    """The comparison table: the task score, fidelity, selection quality and memory of each configuration."""
+    score_name = {"text2json": "Text2JSON score", "needle": "needle score", "longproc": "F1"}[task]
+    t2j = task == "text2json"
+    head = ["policy", "budget", score_name] + (["field recall"] if t2j else []) + [
+        "agreement", "KL", "oracle recall", "attention mass", "device KV", "bytes/step", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        cells = [r["label"], "–" if r["budget"] is None else f"{100 * r['budget']:.3g}%", _fmt(r["score"], ".1f")]
+        cells += [_fmt(r["field_recall"], ".1f")] if t2j else []
+        cells += [_fmt(r["agreement"], ".3f"), _fmt(r["kl"], ".3f"), _fmt(r["oracle_recall"], ".3f"),
+                  _fmt(r["attention_mass"], ".3f"),
+                  "–" if r["device_kv_fraction"] is None else f"{100 * r['device_kv_fraction']:.1f}%",
+                  _bytes(r["bytes_per_step"]), str(r["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- plots
+
+def _pyplot():
+    """matplotlib, imported only when a plot is drawn, on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+PANELS = (("score", "task score"), ("agreement", "agreement with full"), ("oracle_recall", "oracle recall"))
+
+
+def _sweep_name(r, axis):
+    """Legend entry: the configuration without the swept axis."""
+    budget = f" @{100 * r['budget']:.3g}%" if r["budget"] is not None else ""
+    if axis == "budget":
+        return r["label"]
+    if axis == "chunk_size":
+        return r["method"] + (f" {r['bits']}b" if r["bits"] else "") + budget
+    if axis == "bits":
+        return f"quantized c{r['chunk_size']}" + budget
+    return r["method"] + budget  # rank
+
+
+def plot_sweep(summary, axis, methods, path, xlabel):
+    """Score, agreement and oracle recall against one sweep axis (PAPER_NOTES: the paper's ablations),
+    one line per configuration of the other axes. False (nothing drawn) when no configuration has
+    more than one value on the axis."""
+    groups = {}
+    for r in summary:
+        if r["method"] in methods and r[axis] is not None:
+            groups.setdefault(_sweep_name(r, axis), []).append(r)
+    groups = {k: v for k, v in groups.items() if len({r[axis] for r in v}) > 1}
+    if not groups:
+        if path.exists():
+            path.unlink()  # a plot left from an earlier, wider sweep would now be wrong
+        return False
+    plt = _pyplot()
+
+    categorical = axis == "bits"  # fp8 and nvfp4 are formats, not numbers: one tick per format
+    ticks = sorted({r["bits"] for rs in groups.values() for r in rs}, key=BITS.index) if categorical else None
+    full = next((r for r in summary if r["method"] == "full"), None)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.3 * len(PANELS), 3.6))
+    for ax, (metric, title) in zip(axes, PANELS):
+        for name, rs in groups.items():
+            rs = sorted(rs, key=lambda r: ticks.index(r[axis]) if categorical else r[axis])
+            xs = [ticks.index(r[axis]) if categorical else r[axis] for r in rs]
+            ys = [math.nan if r[metric] is None else r[metric] for r in rs]
+            ax.plot(xs, ys, marker="o", label=name)
+        if full is not None and full[metric] is not None:
+            ax.axhline(full[metric], color="gray", linestyle="--", label="full")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        if categorical:
+            ax.set_xticks(range(len(ticks)), ticks)
+        elif axis in ("budget", "chunk_size"):
+            ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_recall_heatmap(summary, path):
+    """Oracle recall per layer (policies x layers): where in the network the landmarks mislead."""
+    rows = [r for r in summary if r["recall_per_layer"] is not None]
+    if not rows:
+        if path.exists():
+            path.unlink()
+        return False
+    plt = _pyplot()
+
+    matrix = torch.tensor([r["recall_per_layer"] for r in rows])  # [configs, layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * matrix.shape[1] + 3), 0.4 * len(rows) + 1.5))
+    im = ax.imshow(matrix.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    ax.set_yticks(range(len(rows)), [r["key"] for r in rows])
+    ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 15)))
+    ax.set_xlabel("layer")
+    ax.set_title("oracle recall per layer")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_plots(out, summary):
+    """Every plot the sweep supports; returns one line per plot saying what was drawn or skipped."""
+    notes = []
+    for axis, methods, name, xlabel in (("budget", POLICIES, "vs_budget.png", "budget (share of the prompt)"),
+                                        ("chunk_size", ("mean", "quantized"), "vs_chunk_size.png", "chunk size"),
+                                        ("rank", ("svd", "shadowkv"), "vs_rank.png", "SVD rank"),
+                                        ("bits", ("quantized",), "vs_bits.png", "landmark bits")):
+        if plot_sweep(summary, axis, methods, out / name, xlabel):
+            notes.append(f"{name}: score / agreement / oracle recall against {xlabel}")
+        else:
+            notes.append(f"{name}: skipped, the sweep has one value of {axis} per configuration")
+    if plot_recall_heatmap(summary, out / "recall_per_layer.png"):
+        notes.append("recall_per_layer.png: oracle recall per layer (policies x layers)")
+    else:
+        notes.append("recall_per_layer.png: skipped, no sparse policy took a decode step")
+    return notes
+
+
+def write_summary(out, rows, run):
+    """Rebuild summary.json, summary.md and the plots from samples.jsonl (so a merge is a concatenation)."""
+    summary = summarize(rows)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    notes = make_plots(out, summary)
+    table = markdown_table(summary, run["task"])
+    dtype_note = (f"device KV counts the real tensors in {run['dtype']} against a bf16 cache of the prompt "
+                  "(full attention in float32 is 200%)")
+    md = (f"# KV selection policies against full attention\n\n`{run.get('command', '')}`\n\n"
+          f"task {run['task']}, model {run['model']}, {len({r['sample'] for r in rows})} samples, "
+          f"dtype {run['dtype']}, up to {run['max_new_tokens']} new tokens\n\n{table}\n\n"
+          + "".join(f"- {n}\n" for n in [dtype_note] + notes))
+    write_atomic(out / "summary.md", md)
+    return summary, table, notes
+
+
+# ============================================================================ the run
+
+def run_settings(args, max_new):
+    """The settings that every result of a results folder shares (run.json)."""
+    return dict(task=args.task, model=str(Path(args.model).resolve()) if args.model else "default",
+                data=str(Path(args.data).resolve()) if args.data else None, tokens=args.tokens, seed=args.seed,
+                dtype=args.dtype, max_new_tokens=max_new,
+                command="python evaluate.py " + " ".join(args.argv))
+
+
+def check_resume(out, run, adopt_max_new):
+    """A folder can only be continued with the settings it was made with. Without an explicit
+    --max-new-tokens the folder's own value is kept (the automatic one depends on --n)."""
+    path = out / "run.json"
+    if not path.is_file():
+        return run
+    old = json.loads(path.read_text())
+    if adopt_max_new:
+        run = dict(run, max_new_tokens=old["max_new_tokens"])
+    for f in RUN_FIELDS:
+        if old.get(f) != run[f]:
+            raise ValueError(f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}: "
+                             "use another --out or the same settings")
+    return run
+
+
+def progress(done, total, start, first):
+    """One line on stderr: a bar, samples done, elapsed time and the ETA from this run's pace."""
+    elapsed = time.time() - start
+    eta = elapsed / (done - first) * (total - done) if done > first else float("nan")
+    bar = "#" * round(20 * done / total) + "." * (20 - round(20 * done / total))
+    clock = lambda s: "?" if math.isnan(s) else f"{int(s) // 60}m{int(s) % 60:02d}s"
+    end = "\r" if sys.stderr.isatty() and done < total else "\n"
+    print(f"[{bar}] {done}/{total} samples  elapsed {clock(elapsed)}  ETA {clock(eta)}", end=end, file=sys.stderr,
+          flush=True)
+
+
+def evaluate_sample(model, tok, sample, policies, max_new, task, verbose):
+    """Decode one sample under every configuration still to do; returns its samples.jsonl rows."""
+    ids = tok.chat([{"role": "user", "content": sample["problem"]}])
+    if len(ids) >= model.config.max_positions:
+        print(f"warning: sample {sample['id']}: prompt of {len(ids)} tokens does not fit the model's "
+              f"{model.config.max_positions} positions: skipped", file=sys.stderr)
+        return []
+    sparse = [p for p in policies if p.name != "full"]
+    full, pairs = decode_sample(model, ids, sparse, max_new, tok.stop_ids)
+    records = [(p, full_record(full, tok) if p.name == "full" else policy_record(*pairs[config_key(p)], tok))
+               for p in policies]
+    if verbose:
+        for p in sparse:
+            print(f"{config_key(p)}: {pairs[config_key(p)][0].cache.budget_line()}")
+    rows = []
+    for p, rec in records:
+        prediction = rec.pop("prediction")
+        rows.append(dict(key=config_key(p), sample=sample["id"], task=task, **config_fields(p), prompt_tokens=len(ids),
+                         max_new_tokens=max_new, **score_sample(task, prediction, sample), **rec,
+                         prediction=prediction))
+    return rows
+
+
+def run(args):
+    policies = check_inputs(args)
+    shard, n_shards = parse_shard(args.shard)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    out = Path(args.out or f"results/{args.task}" + (f"-shard{shard}of{n_shards}" if n_shards > 1 else ""))
+
+    tok = load_tokenizer(args.model)
+    samples = load_samples(args, tok)
+    settings = check_resume(out, run_settings(args, args.max_new_tokens or auto_max_new_tokens(samples, tok)),
+                            adopt_max_new=args.max_new_tokens is None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+    max_new = settings["max_new_tokens"]
+
+    mine = samples[shard::n_shards]
+    rows = read_rows(out)
+    finished = {(r["key"], r["sample"]) for r in rows}
+    todo = [(s, [p for p in policies if (config_key(p), s["id"]) not in finished]) for s in mine]
+    todo = [(s, ps) for s, ps in todo if ps]
+    if len(todo) < len(mine):
+        print(f"skipped {len(mine) - len(todo)} of {len(mine)} samples: finished in {out}", file=sys.stderr)
+    if todo:
+        print(f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, on {device}",
+              file=sys.stderr)
+        model, tok = load_model(args.model, dtype=args.dtype, device=device)
+        start, first = time.time(), len(mine) - len(todo)
+        progress(first, len(mine), start, first)
+        for i, (sample, ps) in enumerate(todo):
+            rows += evaluate_sample(model, tok, sample, ps, max_new, args.task, verbose=i == 0)
+            write_rows(out, rows)  # after every sample: an interruption loses no finished sample
+            progress(first + i + 1, len(mine), start, first)
+    summary, table, notes = write_summary(out, rows, settings)
+    print(table)
+    files = ["samples.jsonl", "summary.json", "summary.md"] + [n.split(":")[0] for n in notes if "skipped" not in n]
+    print(f"results in {out}/: {', '.join(files)}")
+    return 0
+
+
+def merge(argv):
+    """python evaluate.py merge DIR... --out DIR: concatenate the shards' samples and rebuild the summary."""
+    p = _Parser(prog="evaluate.py merge", description="Combine the results folders of several shards.")
+    p.add_argument("dirs", nargs="+")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    runs, rows, seen = [], [], set()
+    for d in map(Path, args.dirs):
+        if not (d / "run.json").is_file() or not (d / "samples.jsonl").is_file():
+            raise FileNotFoundError(f"{d} is not a results folder (no run.json / samples.jsonl)")
+        runs.append(json.loads((d / "run.json").read_text()))
+        for f in RUN_FIELDS:
+            if runs[-1].get(f) != runs[0].get(f):
+                raise ValueError(f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with {runs[0].get(f)!r}")
+        for r in read_rows(d):
+            if (r["key"], r["sample"]) not in seen:
+                seen.add((r["key"], r["sample"]))
+                rows.append(r)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(runs[0], command=f"python evaluate.py merge {' '.join(args.dirs)} --out {args.out}")
+    write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+    write_rows(out, rows)
+    _, table, _ = write_summary(out, rows, settings)
+    print(table)
+    return 0
+
+
+def main(argv=None):
+    """Entry point; bad input is one `error: ...` line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["merge"]:
+            return merge(argv[1:])
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

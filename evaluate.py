@@ -588,8 +588,8 @@ def write_summary(out, rows, run):
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     notes = make_plots(out, summary)
     table = markdown_table(summary, run["task"])
-    dtype_note = (f"device KV counts the real tensors in {run['dtype']} against a bf16 cache of the prompt "
-                  "(full attention in float32 is 200%)")
+    dtype_note = ("device KV: bytes kept on the device over a full bf16 cache of the prompt; exact tensors count "
+                  "as bf16 whatever the run's dtype, quantized ones as their packed codes and scales")
     md = (f"# KV selection policies against full attention\n\n`{run.get('command', '')}`\n\n"
           f"task {run['task']}, model {run['model']}, {len({r['sample'] for r in rows})} samples, "
           f"dtype {run['dtype']}, up to {run['max_new_tokens']} new tokens\n\n{table}\n\n"

@@ -43,6 +43,7 @@ Under torchrun (or a job array that sets RANK and WORLD_SIZE) --shard defaults t
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -102,6 +103,8 @@ def build_parser():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--out", help="results folder (default: results/<task>, with a shard suffix)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="CPU only: samples decoded in parallel, one process and one thread each (default: 2)")
     p.add_argument("--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)")
     return p
 
@@ -658,6 +661,35 @@ def evaluate_sample(model, tok, sample, policies, max_new, task, verbose):
     return rows
 
 
+_WORKER = {}  # a worker process's model and tokenizer (inherited through fork, never pickled)
+
+
+def _init_worker(model, tok):
+    torch.set_num_threads(1)
+    _WORKER.update(model=model, tok=tok)
+
+
+def _work(job):
+    return evaluate_sample(_WORKER["model"], _WORKER["tok"], *job)
+
+
+def run_jobs(model, tok, jobs, workers):
+    """Yield each job's rows in order. Several CPU workers: one sample per process, one thread each.
+
+    A decode step of the batched rows is a few thousand small torch calls, bound by Python overhead
+    rather than arithmetic, so a second core does more as a second process on the next sample than as
+    a second thread in the same one (measured: 73 s per sample with 1 thread, 75 s with 2). Each
+    sample's numbers do not depend on which worker ran it.
+    """
+    if workers <= 1:
+        for job in jobs:
+            yield evaluate_sample(model, tok, *job)
+        return
+    ctx = multiprocessing.get_context("fork")  # the workers share the loaded weights copy-on-write
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model, tok)) as pool:
+        yield from pool.imap(_work, jobs)
+
+
 def run(args):
     policies = check_inputs(args)
     shard, n_shards = parse_shard(args.shard)
@@ -687,8 +719,10 @@ def run(args):
         model, tok = load_model(args.model, dtype=args.dtype, device=device)
         start, first = time.time(), len(mine) - len(todo)
         progress(first, len(mine), start, first)
-        for i, (sample, ps) in enumerate(todo):
-            rows += evaluate_sample(model, tok, sample, ps, max_new, args.task, verbose=i == 0)
+        jobs = [(sample, ps, max_new, args.task, i == 0) for i, (sample, ps) in enumerate(todo)]
+        workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
+        for i, sample_rows in enumerate(run_jobs(model, tok, jobs, workers)):
+            rows += sample_rows
             write_rows(out, rows)  # after every sample: an interruption loses no finished sample
             progress(first + i + 1, len(mine), start, first)
     summary, table, notes = write_summary(out, rows, settings)

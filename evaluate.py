@@ -385,14 +385,10 @@ def read_rows(out):
     path = Path(out) / "samples.jsonl"
     if not path.is_file():
         return []
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}): delete the line to redo it") from None
-    return rows
+    try:
+        return text2json.read_jsonl(path)
+    except ValueError as err:
+        raise ValueError(f"{err}: delete the line to redo it") from None
 
 
 def write_atomic(path, text):

@@ -21,24 +21,17 @@ import re
 import unicodedata
 from pathlib import Path
 
+from text2json import read_jsonl
+
 _SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 NEEDLE_DIR = _SHARED / "needlebench"            # a convenience default only
 LONGPROC_DIR = _SHARED / "longproc_html_to_tsv"  # a convenience default only
 
 
 def _read_jsonl(path):
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found (point the loader at your copy of the data)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return rows
+    return read_jsonl(path)
 
 
 # ----------------------------------------------------------------------------- multi-needle

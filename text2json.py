@@ -17,6 +17,7 @@ shown with a tiny model and short prompts.
 """
 
 import json
+import os
 import random
 
 APOSTROPHE = "\u2019"  # the typographic apostrophe, normalised to ' before scoring
@@ -24,18 +25,15 @@ APOSTROPHE = "\u2019"  # the typographic apostrophe, normalised to ' before scor
 
 # ----------------------------------------------------------------------------- loading
 
-def load(path):
-    """Read the released JSONL: one JSON object per line with `problem` and `answer`.
+def read_jsonl(path, check=None):
+    """The objects of a JSONL file, one per non-empty line.
 
-    Other fields are kept. A malformed line raises ValueError naming the file and line,
-    so a truncated download is caught here and not as a wrong score later.
+    A malformed line raises ValueError naming the file and line, and so does a line for which
+    check(obj) returns a complaint (a string). Shared by every loader of the project (tasks.py,
+    evaluate.py's results folders).
     """
-    samples = []
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Text2JSON file not found: {path} (pass the path to the released JSONL)")
-    with f:
+    rows = []
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -43,10 +41,23 @@ def load(path):
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or "problem" not in obj or "answer" not in obj:
-                raise ValueError(f"{path}:{lineno}: expected an object with 'problem' and 'answer' fields")
-            samples.append(obj)
-    return samples
+            complaint = check(obj) if check else None
+            if complaint:
+                raise ValueError(f"{path}:{lineno}: {complaint}")
+            rows.append(obj)
+    return rows
+
+
+def load(path):
+    """Read the released JSONL: one JSON object per line with `problem` and `answer`.
+
+    Other fields are kept. A malformed line raises ValueError naming the file and line,
+    so a truncated download is caught here and not as a wrong score later.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Text2JSON file not found: {path} (pass the path to the released JSONL)")
+    return read_jsonl(path, lambda obj: None if isinstance(obj, dict) and {"problem", "answer"} <= obj.keys()
+                      else "expected an object with 'problem' and 'answer' fields")
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -2,7 +2,6 @@
 formatting against golden ids, RoPE invariants, and the one-line errors."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

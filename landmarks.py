@@ -731,7 +731,11 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     offset = ((torch.arange(H, device=q.device)[:, None] * P + torch.arange(P, device=q.device)) * n).int()  # [H, P]
     rows = (codes.int() + offset[:, None, :]).view(H * N * G, P // G)  # [H*N*G, P/G]: one bag per group
     dots = F.embedding_bag(rows, table, mode="sum").view(H, N, G, Q)  # [H, N, G, Q] sums of table rows
-    dots = (dots * (qx.scales.float() / math.sqrt(g))[..., None]).sum(dim=2)  # [H, N, Q]
+    scale = qx.scales.float() / math.sqrt(g)  # [H, N, G]
+    if G == 1:
+        dots = dots[:, :, 0] * scale  # [H, N, Q]
+    else:
+        dots = (dots * scale[..., None]).sum(dim=2)  # [H, N, Q]
     return dots.transpose(1, 2)  # [H, Q, N]
 
 
@@ -752,9 +756,12 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
     H = scores.shape[0]
     if k == 0:
         return torch.empty(H, 0, dtype=torch.int64, device=scores.device)
-    kth = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]  # [H, 1] the k-th largest score
-    above = scores > kth  # [H, N]
+    top = torch.topk(scores, k, dim=1, sorted=True)  # values, indices [H, k]
+    kth = top.values[:, -1:]  # [H, 1] the k-th largest score
     ties = scores == kth  # [H, N]
+    if int(ties.sum()) == H:  # no score ties the k-th: the top k are the answer (the usual case)
+        return top.indices.sort(dim=1).values  # [H, k]
+    above = scores > kth  # [H, N]
     room = k - above.sum(dim=1, keepdim=True)  # [H, 1] places left for the tied scores
     keep = above | (ties & (ties.cumsum(dim=1) <= room))  # [H, N], exactly k per row
     return keep.nonzero()[:, 1].view(H, k)  # [H, k], ascending within each row

@@ -210,8 +210,9 @@ class KVCache:
         """Split a prompt of T tokens into sink | middle (N chunks of c) | local, and size the selection.
 
         The middle's length is cut to a multiple of the chunk size; the remainder joins the local
-        window. Returns None when the selection would cover the whole middle anyway: such a prompt
-        is shorter than the budget and gets full attention.
+        window. Returns None when the selection (plus any outlier chunks) needs more tokens than the
+        middle holds: such a prompt is shorter than the budget and gets full attention. (A selection
+        of exactly the whole middle still runs the sparse path; the invariant tests use that.)
         """
         p, c = self.policy, self.policy.chunk_size
         sink = min(p.sink, T)

@@ -727,9 +727,9 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     q_rot = _rotate(q.float().reshape(H, Q, G, g))  # [H, Q, G, g]: rotate each group of q
     table = q_rot.reshape(H, Q, P, fmt.d) @ grid.T  # [H, Q, P, n]: piece p of q . grid point j
     table = table.permute(0, 2, 3, 1).reshape(H * P * n, Q)  # [H*P*n, Q]: row (h, p, j)
-    codes = qx.codes if fmt.code_bits == 8 else unpack_bits(qx.codes, fmt.code_bits, P)  # [H, N, P]
+    codes = unpack_bits(qx.codes, fmt.code_bits, P)  # [H, N, P] int32
     offset = ((torch.arange(H, device=q.device)[:, None] * P + torch.arange(P, device=q.device)) * n).int()  # [H, P]
-    rows = (codes.int() + offset[:, None, :]).view(H * N * G, P // G)  # [H*N*G, P/G]: one bag per group
+    rows = (codes + offset[:, None, :]).view(H * N * G, P // G)  # [H*N*G, P/G]: one bag per group
     dots = F.embedding_bag(rows, table, mode="sum").view(H, N, G, Q)  # [H, N, G, Q] sums of table rows
     scale = qx.scales.float() / math.sqrt(g)  # [H, N, G]
     if G == 1:

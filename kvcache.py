@@ -287,7 +287,7 @@ class KVCache:
             self.store.put(layer, "k", k_mid)
         self.store.put(layer, "v", v_mid)
         if p.track:
-            self.stats.exact_k[layer] = k_mid.clone()  # for recall / mass statistics only, not counted
+            self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
         return LayerState(fixed_k, fixed_v, fixed_pos, marks, masked, u, sv)
 
     # ---------------------------------------------------------------- decode
@@ -310,8 +310,7 @@ class KVCache:
         idx = chunks if c == 1 else (chunks[:, :, None] * c + torch.arange(c, device=q.device)).flatten(1)  # [H, S]
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
-        v_fetch = self.store.fetch(layer, "v", idx)
-        k_fetch = None if p.rank is not None else self.store.fetch(layer, "k", idx)
+        fetch = self.store.fetch(layer, ("v",) if p.rank is not None else ("k", "v"), idx)
 
         # 3. ... and meanwhile do the on-device work: rebuild low-rank keys, attend to exact tokens.
         if p.rank is not None:
@@ -325,9 +324,10 @@ class KVCache:
         out_a, lse_a = attention_lse(qf, st.exact_k, st.exact_v, mask)
 
         # 4. Wait for the copy, attend to the selected tokens, merge the two softmaxes.
-        if k_fetch is not None:
-            sel_k = k_fetch.wait()  # [H, S, d]
-        sel_v = v_fetch.wait()  # [H, S, d]
+        if p.rank is not None:
+            (sel_v,) = fetch.wait()  # [H, S, d]
+        else:
+            sel_k, sel_v = fetch.wait()  # [H, S, d] each
         out_b, lse_b = attention_lse(qf, sel_k, sel_v)
         out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
 
@@ -493,17 +493,16 @@ def attention_lse(q, k, v, mask=None):
     q: [H, Q, d]; k, v: [H, L, d]; mask: [Q, L] bool (True = may attend) or None.
     returns out [H, Q, d] (float32), lse [H, Q].
     """
-    s = q.float() @ k.float().transpose(1, 2) / math.sqrt(q.shape[-1])  # [H, Q, L]
+    s = (q.float() / math.sqrt(q.shape[-1])) @ k.float().transpose(1, 2)  # [H, Q, L]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # [H, Q, 1]
-    return (s - lse).exp() @ v.float(), lse[..., 0]  # softmax = exp(s - lse)
+    return s.softmax(dim=-1) @ v.float(), s.logsumexp(dim=-1)  # [H, Q, d], [H, Q]
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
     """Combine attention over two disjoint key sets: weight each part by its share of the softmax sum."""
     w_a = torch.sigmoid(lse_a - lse_b)[..., None]  # = e^lse_a / (e^lse_a + e^lse_b)
-    return out_a * w_a + out_b * (1 - w_a)
+    return torch.lerp(out_b, out_a, w_a)  # out_a * w_a + out_b * (1 - w_a)
 
 
 # -------------------------------------------------------------------- ShadowKV's low-rank keys
@@ -519,10 +518,12 @@ def low_rank_keys(k_pre, rank):
     r = max(1, min(r, H * d, M))
     mat = k_pre.transpose(0, 1).reshape(M, H * d).float()  # [M, H*d]
     U, S, Vh = torch.linalg.svd(mat, full_matrices=False)  # [M, C], [C], [C, H*d]
-    return U[:, :r].to(k_pre.dtype), (S[:r, None] * Vh[:r]).to(k_pre.dtype)  # [M, r], [r, H*d]
+    # contiguous: LAPACK returns U column-major, and a decode step gathers rows of it
+    return U[:, :r].to(k_pre.dtype).contiguous(), (S[:r, None] * Vh[:r]).to(k_pre.dtype)  # [M, r], [r, H*d]
 
 
 def rebuild_keys(u, sv, idx, H, d):
     """Pre-RoPE keys of rows idx [H, S] of head h from the shared factors: u[idx] @ sv[:, head h]."""
     sv_heads = sv.view(-1, H, d).transpose(0, 1)  # [H, r, d]
-    return u[idx] @ sv_heads  # [H, S, r] @ [H, r, d] -> [H, S, d]
+    u_rows = u.index_select(0, idx.flatten()).view(*idx.shape, -1)  # [H, S, r]
+    return u_rows @ sv_heads  # [H, S, r] @ [H, r, d] -> [H, S, d]

@@ -178,6 +178,7 @@ def _grid_on(fmt, device) -> Tensor:
     return _DEVICE_GRIDS[key]
 
 
+SCORE_BLOCK = 16384  # landmarks per block of quantized_dot: int32 indices of [H, 16384, 32 pieces] stay ~6 MiB
 NEAREST_CHUNK = 2048  # pieces per block of the nearest-point search: a [2048, 256] float32 block = 2 MiB
 
 
@@ -689,16 +690,19 @@ def landmark_scores(q: Tensor, landmarks) -> Tensor:
 def landmark_logits(q: Tensor, landmarks) -> Tensor:
     """q.L / sqrt(d) for every query head, position and landmark: [H_kv, G, Tq, N] float32."""
     H, G, Tq, d = q.shape
+    q = q.float().reshape(H, G * Tq, d) / math.sqrt(d)  # [H, G*Tq, d]: scale the few queries, not the N logits
     if isinstance(landmarks, Tensor):  # a batched matmul reads the landmarks transposed, without a copy
-        logits = (q.float().reshape(H, G * Tq, d) @ landmarks.float().transpose(1, 2)).view(H, G, Tq, -1)
+        logits = q @ landmarks.float().transpose(1, 2)  # [H, G*Tq, N]
     else:
-        logits = quantized_dot(q.reshape(H, G * Tq, d), landmarks).view(H, G, Tq, -1)  # [H, G, Tq, N]
-    return logits / math.sqrt(d)
+        logits = quantized_dot(q, landmarks)  # [H, G*Tq, N]
+    return logits.view(H, G, Tq, -1)
 
 
 def scores_from_logits(logits: Tensor) -> Tensor:
     """[H_kv, G, Tq, N] logits -> [H_kv, N]: softmax over N, sum over positions, max over the group."""
-    return logits.softmax(dim=-1).sum(dim=2).amax(dim=1)  # [H, N]
+    probs = logits.softmax(dim=-1)  # [H, G, Tq, N]
+    per_head = probs[:, :, 0] if probs.shape[2] == 1 else probs.sum(dim=2)  # [H, G, N] (one position: no sum)
+    return per_head.amax(dim=1)  # [H, N]
 
 
 def quantized_dot(q: Tensor, qx) -> Tensor:
@@ -724,44 +728,51 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     N = qx.codes.shape[1]
     P, n, G = C // fmt.d, fmt.n, C // g  # pieces per row, grid points, scale groups per row
     grid = _grid_on(fmt, q.device)  # [n, d]
-    q_rot = _rotate(q.float().reshape(H, Q, G, g))  # [H, Q, G, g]: rotate each group of q
-    table = q_rot.reshape(H, Q, P, fmt.d) @ grid.T  # [H, Q, P, n]: piece p of q . grid point j
+    q_rot = _rotate(q.float().reshape(H, Q, G, g)) / math.sqrt(g)  # [H, Q, G, g]: rotate each group of q
+    table = q_rot.reshape(H, Q, P, fmt.d) @ grid.T  # [H, Q, P, n]: piece p of q . grid point j (/ sqrt(g))
     table = table.permute(0, 2, 3, 1).reshape(H * P * n, Q)  # [H*P*n, Q]: row (h, p, j)
-    codes = unpack_bits(qx.codes, fmt.code_bits, P)  # [H, N, P] int32
-    offset = ((torch.arange(H, device=q.device)[:, None] * P + torch.arange(P, device=q.device)) * n).int()  # [H, P]
-    rows = (codes + offset[:, None, :]).view(H * N * G, P // G)  # [H*N*G, P/G]: one bag per group
-    dots = F.embedding_bag(rows, table, mode="sum").view(H, N, G, Q)  # [H, N, G, Q] sums of table rows
-    scale = qx.scales.float() / math.sqrt(g)  # [H, N, G]
-    if G == 1:
-        dots = dots[:, :, 0] * scale  # [H, N, Q]
-    else:
-        dots = (dots * scale[..., None]).sum(dim=2)  # [H, N, Q]
-    return dots.transpose(1, 2)  # [H, Q, N]
+    offset = torch.arange(0, H * P * n, n, dtype=torch.int32, device=q.device).view(H, P)  # [H, P] first row of (h, p)
+    out = torch.empty(H, Q, N, device=q.device)  # [H, Q, N] float32
+    for a in range(0, N, SCORE_BLOCK):  # blocks of rows keep the int32 index temporaries small
+        b = min(a + SCORE_BLOCK, N)
+        # 8-bit codes (2- and 4-bit HIGGS) are read as stored: uint8 + int32 offset = int32 rows in one pass
+        codes = qx.codes[:, a:b, :P] if fmt.code_bits == 8 else unpack_bits(qx.codes[:, a:b], fmt.code_bits, P)  # [H, nb, P]
+        rows = (codes + offset[:, None, :]).view(-1, P // G)  # [H*nb*G, P/G] int32: one bag per scale group
+        dots = F.embedding_bag(rows, table, mode="sum").view(H, b - a, G, Q)  # [H, nb, G, Q] sums of table rows
+        scale = qx.scales[:, a:b, :, None]  # [H, nb, G, 1] float16
+        if G == 1:  # scale, and write [H, nb, Q] transposed into [H, Q, nb] in one pass (the softmax reads rows of N)
+            torch.mul(dots[:, :, 0].transpose(1, 2), scale[:, :, 0].transpose(1, 2), out=out[:, :, a:b])
+        else:
+            out[:, :, a:b] = (dots * scale).sum(dim=2).transpose(1, 2)
+    return out
 
 
 def select_topk(scores: Tensor, k: int) -> Tensor:
     """The k best indices per row of scores [H, N], sorted ascending; [H, k] int64.
 
-    Ties are deterministic: among equal scores the lower index wins. (Found without sorting all N
-    scores, which a decode step would pay at every layer: the k-th largest value is a threshold;
-    everything above it is in, and the ties at it are taken lowest index first.)
+    Ties are deterministic: among equal scores the lower index wins. (Found without sorting the N
+    scores, which a decode step would pay at every layer: the k-th largest value, found by a
+    selection pass, is a threshold; everything above it is in, the ties at it are taken lowest index
+    first, and reading the mask in order gives the indices already sorted.)
     """
     if scores.dim() != 2:
         raise ValueError(f"select_topk: expected scores [H, N], got shape {tuple(scores.shape)}")
     N = scores.shape[1]
     if not 0 <= k <= N:
         raise ValueError(f"select_topk: k={k} must be between 0 and the number of candidates N={N}")
-    if bool(torch.isnan(scores).any()):
-        raise ValueError("select_topk: scores contain nan")
     H = scores.shape[0]
     if k == 0:
         return torch.empty(H, 0, dtype=torch.int64, device=scores.device)
-    top = torch.topk(scores, k, dim=1, sorted=True)  # values, indices [H, k]
-    kth = top.values[:, -1:]  # [H, 1] the k-th largest score
-    ties = scores == kth  # [H, N]
-    if int(ties.sum()) == H:  # no score ties the k-th: the top k are the answer (the usual case)
-        return top.indices.sort(dim=1).values  # [H, k]
-    above = scores > kth  # [H, N]
-    room = k - above.sum(dim=1, keepdim=True)  # [H, 1] places left for the tied scores
-    keep = above | (ties & (ties.cumsum(dim=1) <= room))  # [H, N], exactly k per row
+    kth = scores.kthvalue(N - k + 1, dim=1, keepdim=True).values  # [H, 1] the k-th largest score
+    keep = scores >= kth  # [H, N]
+    counts = keep.sum(dim=1)  # [H] k, or more when scores tie the k-th (a nan is never kept)
+    has_nan = scores.isnan().any()
+    if bool((counts != k).any() | has_nan):  # the rare cases, behind one check (one GPU sync)
+        if bool(has_nan):
+            raise ValueError("select_topk: scores contain nan")
+        # ties at the k-th score: take them lowest index first
+        above = scores > kth  # [H, N]
+        ties = keep & ~above  # [H, N]
+        room = k - above.sum(dim=1, keepdim=True)  # [H, 1] places left for the tied scores
+        keep = above | (ties & (ties.cumsum(dim=1) <= room))  # [H, N], exactly k per row
     return keep.nonzero()[:, 1].view(H, k)  # [H, k], ascending within each row

@@ -243,7 +243,7 @@ class Rope:
     def _rotate(self, x, pos, sign):
         # x: [..., T, d]; pos: [T]. rotate_half(x) = (-x2, x1) = roll(x, d/2) * (-1.., +1..)
         cos, sin = self.tables(x.device, x.dtype)
-        cos, sin = cos[pos], sin[pos]  # [T, d]
+        cos, sin = cos.index_select(0, pos), sin.index_select(0, pos)  # [T, d]
         return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin, value=sign)
 
     def apply(self, x, pos):

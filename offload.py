@@ -37,51 +37,81 @@ class OffloadStore:
         self.bytes_moved = 0  # host -> device bytes, since the last reset
 
     def put(self, layer, name, x):
-        """Move x to its home (pinned host memory when the device is a GPU)."""
+        """Keep x [H, M, ...] at its home: pinned host memory when the device is a GPU. On a CPU it is
+        kept as given (copied only if its rows are not a table, see fetch): usually a view into the
+        prefill's K/V, which all the caches built from one prefill then share instead of copying."""
         x = x.to(self.home)
         if self.cuda:
             x = x.pin_memory()
+        if not _rows_are_a_table(x):
+            x = x.contiguous()
         self.tensors[(layer, name)] = x
 
     def get(self, layer, name):
         return self.tensors[(layer, name)]
 
-    def fetch(self, layer, name, idx):
-        """Start copying rows idx of tensor (layer, name) to the device; returns a Fetch.
+    def fetch(self, layer, names, idx):
+        """Start copying rows idx of the tensors `names` of `layer` to the device; returns a Fetch.
 
-        idx: [H, k] int64 row indices per head (on any device). The result, once waited for,
-        is [H, k, ...] on the device.
+        names: e.g. ("k", "v"), tensors stored with the same layout. idx: [H, k] int64 row indices
+        per head (on any device). Once waited for, each result is [H, k, ...] on the device.
         """
-        x = self.tensors[(layer, name)]  # [H, M, ...]
+        xs = [self.tensors[(layer, name)] for name in names]  # each [H, M, ...]
+        x = xs[0]
+        H, M = x.shape[:2]
         idx = idx.to(self.home)  # a GPU -> CPU copy of the indices: the one sync point per fetch
-        rows = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
-        if self.cuda:
-            staging = torch.empty(rows.shape, dtype=x.dtype, pin_memory=True)  # [H, k, ...]
-            torch.gather(x, 1, rows, out=staging)
-        else:
-            staging = torch.gather(x, 1, rows)  # [H, k, ...]
-        if self.offload:  # on a CPU-only machine: the bytes a GPU system would move
-            self.bytes_moved += staging.numel() * staging.element_size()
+        # Every row x[h, m] is a row of one 2-D table over x's memory: row h * per_head + m * per_row.
+        # (x contiguous: per_head = M, per_row = 1. A view into the prefill's [T, H, d]-ordered K/V:
+        # per_head = 1, per_row = H.) So one index_select reads the selected rows of all heads,
+        # several times faster on a CPU than torch.gather with the index expanded over the channels.
+        row = x[0, 0].numel()
+        per_head, per_row = x.stride(0) // row, x.stride(1) // row
+        heads = torch.arange(0, H * per_head, per_head, device=self.home)[:, None]  # [H, 1]
+        flat = torch.add(heads, idx, alpha=per_row).view(-1)  # [H*k] table rows
+        staging = []
+        for x in xs:
+            if x.stride() != xs[0].stride():
+                raise ValueError(f"fetch: {names} are stored with different layouts")
+            table = x.as_strided(((H - 1) * per_head + (M - 1) * per_row + 1, row), (row, 1))  # [R, row], no copy
+            if self.cuda:
+                rows = torch.empty(flat.shape[0], row, dtype=x.dtype, pin_memory=True)  # [H*k, row]
+                torch.index_select(table, 0, flat, out=rows)
+            else:
+                rows = table.index_select(0, flat)  # [H*k, row]
+            staging.append(rows.view(*idx.shape, *x.shape[2:]))  # [H, k, ...]
+            if self.offload:  # on a CPU-only machine: the bytes a GPU system would move
+                self.bytes_moved += rows.numel() * rows.element_size()
         ctx = torch.cuda.stream(self.stream) if self.cuda else nullcontext()
         with ctx:
-            out = staging.to(self.device, non_blocking=self.cuda)
+            outs = [t.to(self.device, non_blocking=self.cuda) for t in staging]
             event = torch.cuda.Event() if self.cuda else None
             if event is not None:
                 event.record(self.stream)
-        return Fetch(out, event, staging)
+        return Fetch(outs, event, staging)
 
     def nbytes(self):
         return sum(x.numel() * x.element_size() for x in self.tensors.values())
 
 
-class Fetch:
-    """A copy in flight. wait() makes the current stream wait for it and returns the tensor."""
+def _rows_are_a_table(x):
+    """Whether every row x[h, m] of x [H, M, ...] is contiguous and a whole number of rows from the
+    next head's and the next token's: true of contiguous tensors and of the slices of the prefill's
+    K/V (head-major or token-major) that the caches store."""
+    if x.numel() == 0:
+        return True
+    row = x[0, 0].numel()
+    return x[0, 0].is_contiguous() and x.stride(0) % row == 0 and x.stride(1) % row == 0
 
-    def __init__(self, out, event, staging):
-        self.out, self.event, self.staging = out, event, staging  # keep staging alive until the copy ends
+
+class Fetch:
+    """Copies in flight. wait() makes the current stream wait for them and returns the tensors."""
+
+    def __init__(self, outs, event, staging):
+        self.outs, self.event, self.staging = outs, event, staging  # keep staging alive until the copy ends
 
     def wait(self):
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
-            self.out.record_stream(torch.cuda.current_stream())
-        return self.out
+            for out in self.outs:
+                out.record_stream(torch.cuda.current_stream())
+        return self.outs

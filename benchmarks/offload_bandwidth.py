@@ -51,7 +51,7 @@ def main():
     idx = torch.stack([torch.randperm(T, generator=g)[:k].sort().values for _ in range(H)]).to(dev)  # [H, k]
     nbytes = H * k * d * 2
 
-    fetch = lambda: store.fetch(0, "v", idx).wait()
+    fetch = lambda: store.fetch(0, ("v",), idx).wait()
     t_fetch = cuda_time(fetch)
     src = torch.empty(H, k, d, dtype=torch.bfloat16, pin_memory=True)
     dst = torch.empty(H, k, d, dtype=torch.bfloat16, device=dev)
@@ -66,7 +66,7 @@ def main():
     t_work = cuda_time(work)
 
     def both():
-        f = store.fetch(0, "v", idx)  # gather on the CPU, copy on the side stream
+        f = store.fetch(0, ("v",), idx)  # gather on the CPU, copy on the side stream
         work()  # launched on the compute stream while the copy is in flight
         f.wait()
 

@@ -175,7 +175,7 @@ def test_memory_accounting_llama8b_shapes():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(name="nope"), "unknown method"), (dict(name="oracle", budget=0), "out of range"),
-    (dict(name="oracle", budget=1.5), "out of range"), (dict(name="quantized", landmark_bits="7"), ""),
+    (dict(name="oracle", budget=1.5), "out of range"), (dict(name="quantized", landmark_bits="7"), "unknown quantization format .7."),
     (dict(name="mean", chunk_size=0), "chunk_size"),
 ])
 def test_bad_policy_is_one_line_error(kw, match):

@@ -388,9 +388,28 @@ def test_select_topk_sorted_and_ties():
         L.select_topk(scores, 6)
 
 
+def test_select_topk_ties_in_one_row_and_nan():
+    """Ties at the k-th score in one row only; a nan anywhere is an error, not a silent selection."""
+    x = gaussian(3, 200, seed=4)
+    x[1, 150:] = x[1].max() + 1  # 50 equal best scores in row 1: take the first k of them
+    assert L.select_topk(x, 20)[1].tolist() == list(range(150, 170))
+    assert torch.equal(L.select_topk(x, 20)[[0, 2]], torch.topk(x[[0, 2]], 20).indices.sort(1).values)
+    for where in (0, 199):  # a nan ranked inside or outside the top k
+        y = x.clone()
+        y[2, where] = float("nan")
+        with pytest.raises(ValueError, match="nan"):
+            L.select_topk(y, 20)
+    y = torch.tensor([[float("nan"), 1.0, 1.0, 1.0, 0.0]])  # a nan next to ties that fill the k places
+    with pytest.raises(ValueError, match="nan"):
+        L.select_topk(y, 2)
+
+
 @pytest.mark.parametrize("spec", ["1", "2", "3", "4", "8", "int4", "nvfp4", "fp8", "2:g32"])
-def test_quantized_dot_equals_dot_with_dequantized(spec):
-    """The lookup-table scoring of HIGGS landmarks is the same number as scoring the dequantized copy."""
+@pytest.mark.parametrize("block", [L.SCORE_BLOCK, 16])
+def test_quantized_dot_equals_dot_with_dequantized(spec, block, monkeypatch):
+    """The lookup-table scoring of HIGGS landmarks is the same number as scoring the dequantized copy
+    (also when the rows are scored in several blocks, the last one partial)."""
+    monkeypatch.setattr(L, "SCORE_BLOCK", block)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 40, 64, generator=g) * torch.linspace(0.2, 3, 64)  # [H, N, C], uneven channels
     q = torch.randn(3, 5, 64, generator=g)  # [H, Q, C]

@@ -178,7 +178,7 @@ def _grid_on(fmt, device) -> Tensor:
     return _DEVICE_GRIDS[key]
 
 
-SCORE_BLOCK = 16384  # landmarks per block of quantized_dot: int32 indices of [H, 16384, 32 pieces] stay ~6 MiB
+SCORE_BLOCK = 16384  # landmarks per block of quantized_dot: bounds its int32 index temporary (16384 x pieces per head)
 NEAREST_CHUNK = 2048  # pieces per block of the nearest-point search: a [2048, 256] float32 block = 2 MiB
 
 

@@ -70,8 +70,8 @@ class OffloadStore:
         flat = torch.add(heads, idx, alpha=per_row).view(-1)  # [H*k] table rows
         staging = []
         for x in xs:
-            if x.stride() != xs[0].stride():
-                raise ValueError(f"fetch: {names} are stored with different layouts")
+            if x.shape != xs[0].shape or x.stride() != xs[0].stride():
+                raise ValueError(f"fetch: {names} are stored with different shapes or layouts")
             table = x.as_strided(((H - 1) * per_head + (M - 1) * per_row + 1, row), (row, 1))  # [R, row], no copy
             if self.cuda:
                 rows = torch.empty(flat.shape[0], row, dtype=x.dtype, pin_memory=True)  # [H*k, row]

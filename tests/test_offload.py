@@ -55,5 +55,5 @@ def test_fetch_keys_and_values_together():
     assert torch.equal(got_k, k[rows, idx]) and torch.equal(got_v, v[rows, idx])
     assert store.bytes_moved == 2 * 3 * 2 * 8 * 4
     store.put(0, "c", k.contiguous())  # a different layout cannot share the index
-    with pytest.raises(ValueError, match="different layouts"):
+    with pytest.raises(ValueError, match="different shapes or layouts"):
         store.fetch(0, ("k", "c"), idx)

@@ -735,9 +735,8 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     out = torch.empty(H, Q, N, device=q.device)  # [H, Q, N] float32
     for a in range(0, N, SCORE_BLOCK):  # blocks of rows keep the int32 index temporaries small
         b = min(a + SCORE_BLOCK, N)
-        # 8-bit codes (2- and 4-bit HIGGS) are read as stored: uint8 + int32 offset = int32 rows in one pass
-        codes = qx.codes[:, a:b, :P] if fmt.code_bits == 8 else unpack_bits(qx.codes[:, a:b], fmt.code_bits, P)  # [H, nb, P]
-        rows = (codes + offset[:, None, :]).view(-1, P // G)  # [H*nb*G, P/G] int32: one bag per scale group
+        codes = unpack_bits(qx.codes[:, a:b], fmt.code_bits, P)  # [H, nb, P] int32, a new tensor
+        rows = codes.add_(offset[:, None, :]).view(-1, P // G)  # [H*nb*G, P/G] table rows: one bag per scale group
         dots = F.embedding_bag(rows, table, mode="sum").view(H, b - a, G, Q)  # [H, nb, G, Q] sums of table rows
         scale = qx.scales[:, a:b, :, None]  # [H, nb, G, 1] float16
         if G == 1:  # scale, and write [H, nb, Q] transposed into [H, Q, nb] in one pass (the softmax reads rows of N)

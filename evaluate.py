@@ -66,7 +66,7 @@ MAX_NEW_CAP = 1024  # PAPER_NOTES "Benchmarks": Text2JSON decodes up to 1024 new
 TASKS = ("text2json", "needle", "longproc")
 BITS = ("1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
 # summary.json: the configuration, then the metrics (every row has every key; None = not defined)
-CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual")
+CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
 METRICS = ("score", "text2json_score", "field_recall", "agreement", "kl", "oracle_recall", "attention_mass",
            "device_kv_fraction", "bytes_per_step", "landmark_error", "key_error", "sparse_share")
 # run.json settings that must agree for a resumed (or merged) run: they change every result
@@ -99,6 +99,8 @@ def build_parser():
     p.add_argument("--ranks", help="comma list of SVD ranks (int, or share of channels < 1); sweeps svd, shadowkv")
     p.add_argument("--bits", help=f"comma list of landmark formats for quantized: {', '.join(BITS)} (default 2)")
     p.add_argument("--residual", type=int, default=0, help="meta-chunk size of residual landmark quantization")
+    p.add_argument("--kv-bits", help="quantize the offloaded K/V of every sparse policy with this format "
+                                     "(e.g. 4, int4; default: exact)")
     p.add_argument("--max-new-tokens", type=int, help="default: 1024/905 x the longest gold answer (the paper's ratio), at most 1024")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -144,8 +146,9 @@ def configurations(args):
     """Every policy configuration of the sweep (PAPER_NOTES: the ablations over budget, chunk size,
     SVD rank and landmark precision). An axis applies to the policies it changes: chunk size to
     `mean` and `quantized` (oracle and svd are token-level by definition, shadowkv is the fixed
-    baseline preset), rank to `svd` and `shadowkv`, bits and residual to `quantized`; `full` has one
-    configuration. make_policy raises a one-line ValueError on any bad value."""
+    baseline preset), rank to `svd` and `shadowkv`, bits and residual to `quantized`, and --kv-bits
+    (one format, not a sweep) to every sparse policy; `full` has one configuration. make_policy raises
+    a one-line ValueError on any bad value."""
     methods = parse_list(args.methods, str, "--methods")
     budgets = parse_list(args.budgets, float, "--budgets")
     chunks = parse_list(args.chunk_sizes, int, "--chunk-sizes") if args.chunk_sizes else [None]
@@ -172,7 +175,7 @@ def configurations(args):
                 bits if method == "quantized" else [None])
         for budget, chunk, rank, bit in product(*axes):
             p = make_policy(method, budget=budget, chunk_size=chunk, rank=rank, landmark_bits=bit,
-                            residual=args.residual if method == "quantized" else None)
+                            residual=args.residual if method == "quantized" else None, kv_bits=args.kv_bits)
             policies.setdefault(config_key(p), p)
     return list(policies.values())
 
@@ -375,7 +378,7 @@ def config_fields(p):
     full = p.name == "full"
     return dict(method=p.name, label=config_label(p), budget=None if full else p.budget,
                 chunk_size=None if full else p.chunk_size, rank=p.rank, bits=p.landmark_bits,
-                residual=p.residual or None)
+                residual=p.residual or None, kv_bits=p.kv_bits)
 
 
 # ============================================================================ results folder
@@ -436,7 +439,7 @@ def summarize(rows):
                        text2json_score=None if score is None or task != "text2json" else 100 * score,
                        field_recall=None if recall is None else 100 * recall,
                        sparse_share=None if rs[0]["method"] == "full" else _mean(float(r["sparse"]) for r in rs))
-        summary.append(dict(key=key, task=task, **{f: rs[0][f] for f in CONFIG_FIELDS}, n=len(rs),
+        summary.append(dict(key=key, task=task, **{f: rs[0].get(f) for f in CONFIG_FIELDS}, n=len(rs),
                             **{m: metrics[m] for m in METRICS},
                             recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
                             mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs)))

@@ -59,6 +59,8 @@ class Policy:
     outliers:    ShadowKV outlier chunks kept exact; None = ShadowKV's ratio, 48 chunks per 2048
                  selected tokens, scaled to this budget
     offload:     keep the prompt's K/V in CPU memory (offload.py); False keeps all on the device
+    kv_bits:     None = the offloaded K/V are kept exact; else a landmarks.parse_format spec ("4",
+                 "int4", ...): they are stored quantized, fetched packed, dequantized on the device
     track:       record selection statistics against the oracle (costs an exact scoring pass)
     """
 
@@ -73,20 +75,22 @@ class Policy:
     rank: float | None = None
     outliers: int | None = 0
     offload: bool = True
+    kv_bits: str | None = None
     track: bool = False
 
     def label(self):
-        """Short name for tables: 'shadowkv', 'mean c8', 'quantized 2b', 'svd r0.16'."""
+        """Short name for tables: 'shadowkv', 'mean c8', 'quantized 2b', 'svd r0.16', 'oracle kv4'."""
+        kv = f" kv{self.kv_bits}" if self.kv_bits else ""
         if self.name == "mean":
-            return f"mean c{self.chunk_size}"
+            return f"mean c{self.chunk_size}{kv}"
         if self.name == "quantized":
             res = f" res{self.residual}x{self.residual_bits}" if self.residual else ""
             chunk = f" c{self.chunk_size}" if self.chunk_size != 1 else ""
             bits = f"{self.landmark_bits}b" if str(self.landmark_bits).isdigit() else self.landmark_bits
-            return f"quantized {bits}{chunk}{res}"
+            return f"quantized {bits}{chunk}{res}{kv}"
         if self.name == "svd":
-            return f"svd r{self.rank:g}"
-        return self.name
+            return f"svd r{self.rank:g}{kv}"
+        return self.name + kv
 
 
 def make_policy(name, **overrides):
@@ -112,6 +116,10 @@ def make_policy(name, **overrides):
         raise ValueError("chunk_size must be >= 1 and sink, local >= 0")
     if p.rank is not None and p.rank <= 0:
         raise ValueError(f"rank {p.rank} must be > 0 (an int, or a share of the channels below 1)")
+    if p.kv_bits is not None:
+        if p.name == "full":
+            raise ValueError("kv_bits quantizes the offloaded K/V of a sparse policy; full attention has none")
+        lm.parse_format(p.kv_bits)  # raises on an unknown format
     if p.landmark_bits is not None:
         lm.parse_format(p.landmark_bits)  # raises on an unknown format
         if p.residual:
@@ -159,6 +167,7 @@ class KVCache:
         self.sparse = False  # becomes True once a sparse policy has built its summary
         self.plan = None  # the budget split, set at the prefill (see budget_line)
         self.stats = Stats(config.n_layers)
+        self.kv_format = None  # (format, channels, group) of the offloaded K/V when policy.kv_bits is set
         self.last_selected = [None] * config.n_layers  # per layer [H, S] positions, last decode step
 
     # ---------------------------------------------------------------- bookkeeping
@@ -284,11 +293,40 @@ class KVCache:
         if p.rank is not None:
             u, sv = low_rank_keys(self.rope.invert(k_mid, torch.arange(s, s + M, device=k.device)), p.rank)
         else:
-            self.store.put(layer, "k", k_mid)
-        self.store.put(layer, "v", v_mid)
+            self._offload(layer, "k", k_mid)
+        self._offload(layer, "v", v_mid)
         if p.track:
             self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
         return LayerState(fixed_k, fixed_v, fixed_pos, marks, masked, u, sv)
+
+    def _offload(self, layer, name, x):
+        """Put x [H, M, d] in the store: as it is, or quantized with policy.kv_bits, as the packed
+        tensors of a landmarks.Quantized ("k.codes", "k.scales", ...; each row packed on its own, so
+        the selected rows are fetched still packed: fewer bytes over PCIe)."""
+        if self.policy.kv_bits is None:
+            self.store.put(layer, name, x)
+            return
+        qx = lm.quantize(x, lm.parse_format(self.policy.kv_bits))
+        for part in ("codes", "scales", "zeros"):
+            if getattr(qx, part) is not None:
+                self.store.put(layer, f"{name}.{part}", getattr(qx, part))  # [H, M, ...]
+        self.kv_format = (qx.fmt, qx.channels, qx.group)
+
+    def _fetch(self, layer, names, idx):
+        """Start fetching rows idx [H, S] of the offloaded tensors `names`; returns a function that
+        waits for them and returns each as [H, S, d] (dequantized on the device if stored quantized)."""
+        if self.policy.kv_bits is None:
+            return self.store.fetch(layer, names, idx).wait
+        parts = [(n, part) for n in names for part in ("codes", "scales", "zeros")
+                 if (layer, f"{n}.{part}") in self.store.tensors]
+        fetch = self.store.fetch(layer, [f"{n}.{part}" for n, part in parts], idx)
+
+        def wait():
+            got = dict(zip(parts, fetch.wait()))  # (name, part) -> [H, S, ...] packed rows
+            fmt, channels, group = self.kv_format
+            return [lm.dequantize(lm.Quantized(got[n, "codes"], got.get((n, "scales")), got.get((n, "zeros")),
+                                               fmt, channels, group)) for n in names]  # each [H, S, d] float32
+        return wait
 
     # ---------------------------------------------------------------- decode
     def _decode(self, layer, q, k, v):
@@ -310,7 +348,7 @@ class KVCache:
         idx = chunks if c == 1 else (chunks[:, :, None] * c + torch.arange(c, device=q.device)).flatten(1)  # [H, S]
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
-        fetch = self.store.fetch(layer, ("v",) if p.rank is not None else ("k", "v"), idx)
+        wait = self._fetch(layer, ("v",) if p.rank is not None else ("k", "v"), idx)
 
         # 3. ... and meanwhile do the on-device work: rebuild low-rank keys, attend to exact tokens.
         if p.rank is not None:
@@ -325,9 +363,9 @@ class KVCache:
 
         # 4. Wait for the copy, attend to the selected tokens, merge the two softmaxes.
         if p.rank is not None:
-            (sel_v,) = fetch.wait()  # [H, S, d]
+            (sel_v,) = wait()  # [H, S, d]
         else:
-            sel_k, sel_v = fetch.wait()  # [H, S, d] each
+            sel_k, sel_v = wait()  # [H, S, d] each
         out_b, lse_b = attention_lse(qf, sel_k, sel_v)
         out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
 
@@ -392,7 +430,9 @@ class KVCache:
         else:
             summary = sum(size(st.landmarks) + size(st.u) + size(st.sv) for st in self.layers)
             exact = sum(size(st.exact_k[:, :st.n_fixed]) + size(st.exact_v[:, :st.n_fixed]) for st in self.layers)
-            off = sum(size(t) for t in self.store.tensors.values())
+            # parts of quantized K/V ("k.codes", ...) count as stored; exact ones at exact_bytes
+            off = sum(t.numel() * t.element_size() if "." in name else size(t)
+                      for (_, name), t in self.store.tensors.items())
         dev = summary + exact
         if self.sparse and not self.policy.offload:  # the "store" is on the device
             dev, off = dev + off, 0

@@ -53,25 +53,27 @@ class OffloadStore:
     def fetch(self, layer, names, idx):
         """Start copying rows idx of the tensors `names` of `layer` to the device; returns a Fetch.
 
-        names: e.g. ("k", "v"), tensors stored with the same layout. idx: [H, k] int64 row indices
-        per head (on any device). Once waited for, each result is [H, k, ...] on the device.
+        names: e.g. ("k", "v"), tensors [H, M, ...] with the same H and M. idx: [H, k] int64 row
+        indices per head (on any device). Once waited for, each result is [H, k, ...] on the device.
         """
         xs = [self.tensors[(layer, name)] for name in names]  # each [H, M, ...]
-        x = xs[0]
-        H, M = x.shape[:2]
+        H, M = xs[0].shape[:2]
         idx = idx.to(self.home)  # a GPU -> CPU copy of the indices: the one sync point per fetch
-        # Every row x[h, m] is a row of one 2-D table over x's memory: row h * per_head + m * per_row.
-        # (x contiguous: per_head = M, per_row = 1. A view into the prefill's [T, H, d]-ordered K/V:
-        # per_head = 1, per_row = H.) So one index_select reads the selected rows of all heads,
-        # several times faster on a CPU than torch.gather with the index expanded over the channels.
-        row = x[0, 0].numel()
-        per_head, per_row = x.stride(0) // row, x.stride(1) // row
-        heads = torch.arange(0, H * per_head, per_head, device=self.home)[:, None]  # [H, 1]
-        flat = torch.add(heads, idx, alpha=per_row).view(-1)  # [H*k] table rows
+        flats = {}  # table rows of idx, per stored layout (K and V of one prefill share theirs)
         staging = []
         for x in xs:
-            if x.shape != xs[0].shape or x.stride() != xs[0].stride():
-                raise ValueError(f"fetch: {names} are stored with different shapes or layouts")
+            if x.shape[:2] != (H, M):
+                raise ValueError(f"fetch: {names} do not all have [H, M] = [{H}, {M}] leading dims")
+            # Every row x[h, m] is a row of one 2-D table over x's memory: row h * per_head + m * per_row.
+            # (x contiguous: per_head = M, per_row = 1. A view into the prefill's [T, H, d]-ordered
+            # K/V: per_head = 1, per_row = H.) So one index_select reads the selected rows of all
+            # heads, several times faster on a CPU than torch.gather with the index expanded.
+            row = x[0, 0].numel()
+            per_head, per_row = x.stride(0) // row, x.stride(1) // row
+            if (per_head, per_row) not in flats:
+                heads = torch.arange(0, H * per_head, per_head, device=self.home)[:, None]  # [H, 1]
+                flats[per_head, per_row] = torch.add(heads, idx, alpha=per_row).view(-1)  # [H*k]
+            flat = flats[per_head, per_row]
             table = x.as_strided(((H - 1) * per_head + (M - 1) * per_row + 1, row), (row, 1))  # [R, row], no copy
             if self.cuda:
                 rows = torch.empty(flat.shape[0], row, dtype=x.dtype, pin_memory=True)  # [H*k, row]

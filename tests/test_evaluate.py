@@ -102,6 +102,20 @@ def test_files_and_schema(base, ckpt):
     assert all(f"| {r['label']} |" in table for r in summary)
 
 
+def test_kv_bits_run(base, ckpt, tmp_path, capsys, no_plots):
+    """--kv-bits: the same policies with their offloaded K/V quantized, as their own table rows."""
+    out = tmp_path / "kv4"
+    argv = ["--model", ckpt, "--n", 1, "--tokens", TOKENS, "--max-new-tokens", MAX_NEW,
+            "--methods", "full,oracle", "--kv-bits", "4", "--out", out]
+    assert run_main(argv, capsys)[0] == 0
+    by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert set(by) == {"full", "oracle kv4 @0.03125"} and by["oracle kv4 @0.03125"]["kv_bits"] == "4"
+    (row,) = [r for r in evaluate.read_rows(out) if r["method"] == "oracle"]
+    exact = rows_by_key(base)["oracle @0.03125", row["sample"]]  # the same sample, K/V offloaded exact
+    # per row of 16 channels: 4-bit codes (8 bytes) + a 16-bit scale instead of 16 float32 values (64 bytes)
+    assert exact["bytes_per_step"] / row["bytes_per_step"] == pytest.approx(64 / 10)
+
+
 @torch.inference_mode()
 def test_lockstep_decode_matches_one_policy_at_a_time(base, ckpt):
     """The batched plan (one prefill, all policies as one batch) against plain decoding of each policy
@@ -199,6 +213,7 @@ def test_shards_merge_to_the_unsharded_run(base, ckpt, tmp_path, capsys, no_plot
     ["--data", "MISSING/text2json.jsonl"],
     ["--model", "NOWEIGHTS"],
     ["--bits", "2,5"],
+    ["--kv-bits", "5"],
     ["--shard", "2/2"],
     ["--shard", "half"],
     ["--task", "nope"],

@@ -110,12 +110,34 @@ def test_shadowkv_tracks_key_error_and_outliers(tiny):
 
 def test_offloaded_path_equals_on_device(tiny):
     model, prompt, steps = tiny
-    for name in ("quantized", "shadowkv"):
-        a = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=True))
-        b = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=False))
+    for name, kw in (("quantized", {}), ("shadowkv", {}), ("oracle", dict(kv_bits="4"))):
+        a = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=True, **kw))
+        b = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=False, **kw))
         assert torch.equal(run(model, a, prompt, steps), run(model, b, prompt, steps))
         assert a.store.bytes_moved > 0 and b.store.bytes_moved == 0
         assert a.memory()["offloaded"] > 0 and b.memory()["offloaded"] == 0
+
+
+def test_offloaded_kv_quantized(tiny):
+    """kv_bits: the offloaded K/V are stored and fetched packed (bytes exact) and dequantized on the
+    device; the logit error against full attention falls as the bits rise."""
+    model, prompt, steps = tiny
+    T, n = prompt.shape[1], steps.shape[1]
+    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
+    row_bytes = {None: 16 * 4, "8": 16 + 2, "4": 8 + 2, "2": 4 + 2, "int4": 8 + 2 + 2}  # 16 channels per row
+    err = {}
+    for bits, per_row in row_bytes.items():
+        for name, kw, stored in (("oracle", {}, 2), ("svd", dict(rank=32), 1)):  # svd offloads only V
+            policy = make_policy(name, sink=4, local=16, budget=whole_middle_budget(T, 4, 16, 1), kv_bits=bits, **kw)
+            cache = KVCache(model.config, model.rope, policy)
+            got = run(model, cache, prompt, steps)
+            offloaded = 2 * stored * 2 * (T - 20) * per_row  # layers x (K, V) x KV heads x middle rows
+            assert cache.memory(exact_bytes=None)["offloaded"] == offloaded, (name, bits)
+            assert cache.store.bytes_moved == n * offloaded  # every middle row, at each of n steps
+            err[name, bits] = (got - ref).abs().max().item()
+    for name in ("oracle", "svd"):
+        assert err[name, None] < 1e-5 < err[name, "8"] < err[name, "4"] < err[name, "2"] < 0.05 * ref.abs().max()
+    assert make_policy("oracle", kv_bits="4").label() == "oracle kv4"
 
 
 def test_bytes_moved_per_step(tiny):
@@ -176,7 +198,8 @@ def test_memory_accounting_llama8b_shapes():
 @pytest.mark.parametrize("kw,match", [
     (dict(name="nope"), "unknown method"), (dict(name="oracle", budget=0), "out of range"),
     (dict(name="oracle", budget=1.5), "out of range"), (dict(name="quantized", landmark_bits="7"), "unknown quantization format .7."),
-    (dict(name="mean", chunk_size=0), "chunk_size"),
+    (dict(name="mean", chunk_size=0), "chunk_size"), (dict(name="full", kv_bits="4"), "full attention has none"),
+    (dict(name="oracle", kv_bits="3b"), "unknown quantization format"),
 ])
 def test_bad_policy_is_one_line_error(kw, match):
     with pytest.raises(ValueError, match=match) as e:

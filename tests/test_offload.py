@@ -54,6 +54,9 @@ def test_fetch_keys_and_values_together():
     rows = torch.arange(3)[:, None]
     assert torch.equal(got_k, k[rows, idx]) and torch.equal(got_v, v[rows, idx])
     assert store.bytes_moved == 2 * 3 * 2 * 8 * 4
-    store.put(0, "c", k.contiguous())  # a different layout cannot share the index
-    with pytest.raises(ValueError, match="different shapes or layouts"):
-        store.fetch(0, ("k", "c"), idx)
+    store.put(0, "c", k[:, :, :2].contiguous().to(torch.uint8))  # another layout and row size: own index
+    got_k, got_c = store.fetch(0, ("k", "c"), idx).wait()
+    assert torch.equal(got_k, k[rows, idx]) and torch.equal(got_c, store.get(0, "c")[rows, idx])
+    store.put(0, "short", k[:, :5])
+    with pytest.raises(ValueError, match="leading dims"):
+        store.fetch(0, ("k", "short"), idx)

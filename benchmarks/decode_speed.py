@@ -6,8 +6,8 @@ with its own random prompt K/V of 4K, 16K and 64K tokens; the time of `cache.att
 decode step (all layers in turn, as a model runs them), median over steps, per policy.
   - Several layers, not one: between two visits of a layer the others run, so its K/V are no longer
     in the CPU caches (8 layers of 16K tokens are 200 MB, the development machine's L3 32 MiB), while
-    the code of the ops stays warm, as in a real decode step. With one layer (`--layers 1`) the K/V
-    of up to ~16K tokens stay cached between steps and full attention looks faster than it is.
+    the code of the ops stays warm, as in a real decode step. (Timing one layer over and over, the
+    K/V of a 16K prompt, 25 MB, could stay in the L3 from one step to the next.)
   - Round robin: each repeat runs one decode step of every policy in turn, so a slow spell of the
     machine hits all policies alike and the ratios to `full` are measured side by side.
 
@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--build-tokens", type=int, default=8000)
     ap.add_argument("--skip-build", action="store_true")
-    ap.add_argument("--layers", type=int, default=8, help="layers per decode step (1: one layer, its K/V stay cached)")
+    ap.add_argument("--layers", type=int, default=8, help="layers per decode step, each with its own K/V")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

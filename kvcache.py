@@ -307,7 +307,7 @@ class KVCache:
             self.store.put(layer, name, x)
             return
         qx = lm.quantize(x, lm.parse_format(self.policy.kv_bits))
-        for part in ("codes", "scales", "zeros"):
+        for part in lm.TENSOR_FIELDS:
             if getattr(qx, part) is not None:
                 self.store.put(layer, f"{name}.{part}", getattr(qx, part))  # [H, M, ...]
         self.kv_format = (qx.fmt, qx.channels, qx.group)
@@ -317,7 +317,7 @@ class KVCache:
         waits for them and returns each as [H, S, d] (dequantized on the device if stored quantized)."""
         if self.policy.kv_bits is None:
             return self.store.fetch(layer, names, idx).wait
-        parts = [(n, part) for n in names for part in ("codes", "scales", "zeros")
+        parts = [(n, part) for n in names for part in lm.TENSOR_FIELDS
                  if (layer, f"{n}.{part}") in self.store.tensors]
         fetch = self.store.fetch(layer, [f"{n}.{part}" for n, part in parts], idx)
 

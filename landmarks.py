@@ -417,6 +417,9 @@ def bits_per_value(fmt, channels: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+TENSOR_FIELDS = ("codes", "scales", "zeros")  # the stored tensors of a Quantized (scales, zeros may be None)
+
+
 @dataclass
 class Quantized:
     """The stored form of a tensor [..., C]: the real packed tensors, nothing dequantized.

@@ -91,9 +91,6 @@ class OffloadStore:
                 event.record(self.stream)
         return Fetch(outs, event, staging)
 
-    def nbytes(self):
-        return sum(x.numel() * x.element_size() for x in self.tensors.values())
-
 
 def _rows_are_a_table(x):
     """Whether every row x[h, m] of x [H, M, ...] is contiguous and a whole number of rows from the

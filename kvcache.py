@@ -11,9 +11,9 @@ The model (model.py) calls, in every layer,
 and never needs to know which policy runs. The first call for a layer is the *prefill*:
 exact causal attention over the whole prompt, after which the policy builds its summary of
 the prompt's keys. Every later call is a *decode* step, where the policy picks which prompt
-tokens to read (PAPER_NOTES "The problem").
+tokens to read (PAPER.md "The problem").
 
-Policies (PAPER_NOTES "ShadowKV, precisely" and "The paper's method"). Every one of them is a
+Policies (PAPER.md "ShadowKV, precisely" and "The paper's method"). Every one of them is a
 combination of three choices, and the names are presets of those choices:
 
     name        landmarks (what selection scores)    keys attended         extra exact tokens
@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import landmarks as lm
+import quantize
 from offload import OffloadStore
 
 POLICIES = ("full", "oracle", "mean", "svd", "shadowkv", "quantized")
@@ -119,11 +120,11 @@ def make_policy(name, **overrides):
     if p.kv_bits is not None:
         if p.name == "full":
             raise ValueError("kv_bits quantizes the offloaded K/V of a sparse policy; full attention has none")
-        lm.parse_format(p.kv_bits)  # raises on an unknown format
+        quantize.parse_format(p.kv_bits)  # raises on an unknown format
     if p.landmark_bits is not None:
-        lm.parse_format(p.landmark_bits)  # raises on an unknown format
+        quantize.parse_format(p.landmark_bits)  # raises on an unknown format
         if p.residual:
-            lm.parse_format(p.residual_bits)
+            quantize.parse_format(p.residual_bits)
     return p
 
 
@@ -276,10 +277,10 @@ class KVCache:
         if p.landmark_bits is not None:
             exact_marks = marks
             if p.residual:
-                marks = lm.residual_quantize(marks, p.residual, p.landmark_bits, p.residual_bits)
+                marks = quantize.residual_quantize(marks, p.residual, p.landmark_bits, p.residual_bits)
             else:
-                marks = lm.quantize(marks, lm.parse_format(p.landmark_bits))
-            err = (lm.dequantize(marks) - exact_marks.float()).pow(2).sum() / exact_marks.float().pow(2).sum()
+                marks = quantize.quantize(marks, quantize.parse_format(p.landmark_bits))
+            err = (quantize.dequantize(marks) - exact_marks.float()).pow(2).sum() / exact_marks.float().pow(2).sum()
             self.stats.landmark_error[layer] = err.item()
 
         # Exact tokens that stay on the device: sink, local window, outliers.
@@ -306,8 +307,8 @@ class KVCache:
         if self.policy.kv_bits is None:
             self.store.put(layer, name, x)
             return
-        qx = lm.quantize(x, lm.parse_format(self.policy.kv_bits))
-        for part in lm.TENSOR_FIELDS:
+        qx = quantize.quantize(x, quantize.parse_format(self.policy.kv_bits))
+        for part in quantize.TENSOR_FIELDS:
             if getattr(qx, part) is not None:
                 self.store.put(layer, f"{name}.{part}", getattr(qx, part))  # [H, M, ...]
         self.kv_format = (qx.fmt, qx.channels, qx.group)
@@ -317,20 +318,20 @@ class KVCache:
         waits for them and returns each as [H, S, d] (dequantized on the device if stored quantized)."""
         if self.policy.kv_bits is None:
             return self.store.fetch(layer, names, idx).wait
-        parts = [(n, part) for n in names for part in lm.TENSOR_FIELDS
+        parts = [(n, part) for n in names for part in quantize.TENSOR_FIELDS
                  if (layer, f"{n}.{part}") in self.store.tensors]
         fetch = self.store.fetch(layer, [f"{n}.{part}" for n, part in parts], idx)
 
         def wait():
             got = dict(zip(parts, fetch.wait()))  # (name, part) -> [H, S, ...] packed rows
             fmt, channels, group = self.kv_format
-            return [lm.dequantize(lm.Quantized(got[n, "codes"], got.get((n, "scales")), got.get((n, "zeros")),
+            return [quantize.dequantize(quantize.Quantized(got[n, "codes"], got.get((n, "scales")), got.get((n, "zeros")),
                                                fmt, channels, group)) for n in names]  # each [H, S, d] float32
         return wait
 
     # ---------------------------------------------------------------- decode
     def _decode(self, layer, q, k, v):
-        """One decode step of one layer: select, fetch, attend (PAPER_NOTES "ShadowKV, precisely")."""
+        """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely")."""
         st, plan, p = self.layers[layer], self.plan, self.policy
         B, n_heads, Tq, d = q.shape
         H = k.shape[1]
@@ -419,7 +420,7 @@ class KVCache:
                 return 0
             if isinstance(t, torch.Tensor):
                 return t.numel() * (exact_bytes or t.element_size())
-            return lm.nbytes(t)  # quantized: the packed codes and scales as stored
+            return quantize.nbytes(t)  # quantized: the packed codes and scales as stored
 
         cfg = self.config
         T = self.prompt_len or (0 if self.k[0] is None else self.k[0].shape[2])  # K/V set by hand: all prompt
@@ -442,7 +443,7 @@ class KVCache:
 
 
 class Stats:
-    """Per-layer running means of the selection statistics (PAPER_NOTES: recall against the oracle)."""
+    """Per-layer running means of the selection statistics (PAPER.md: recall against the oracle)."""
 
     def __init__(self, n_layers):
         self.recall = torch.zeros(n_layers)  # sum over steps of the mean over KV heads

@@ -23,7 +23,6 @@ CLI: python model.py [--model DIR] --prompt "..." [--max-new-tokens N] [--dtype 
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import convert_gguf
+import kvcache
+from files import cache_dir
+
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -40,11 +43,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 # ----------------------------------------------------------------------------- default model
-
-def cache_dir():
-    """The project's cache folder: $KVOFFLOAD_CACHE, else ~/.cache/kvoffload."""
-    return Path(os.environ.get("KVOFFLOAD_CACHE") or Path.home() / ".cache" / "kvoffload")
-
 
 def default_model_path():
     """Where the default model lives once converted (it may not exist yet)."""
@@ -59,7 +57,6 @@ def default_model_dir():
     """
     path = default_model_path()
     if not path.is_dir():
-        import convert_gguf  # lazily: only needed once per machine
         convert_gguf.convert(convert_gguf.find_gguf(), path)
     return path
 
@@ -564,7 +561,6 @@ def generate(model, input_ids, max_new_tokens, stop_ids=(), cache=None):
     kvcache.KVCache) selects the attention policy; None = a new full-attention cache.
     A cache that already holds tokens is continued (input_ids follow them).
     """
-    import kvcache
 
     input_ids = list(input_ids)
     if not input_ids:

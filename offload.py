@@ -2,7 +2,7 @@
 
 Why: the KV cache of a long prompt does not fit in GPU memory (Llama-3.1-8B at 128K tokens:
 16 GiB in bf16), but a decode step only reads the few tokens the selection policy picked
-(PAPER_NOTES "The problem"). So the bulk of K/V lives in host memory and each decode step
+(PAPER.md "The problem"). So the bulk of K/V lives in host memory and each decode step
 copies just the selected rows over PCIe.
 
 On a CUDA device:
@@ -12,7 +12,7 @@ On a CUDA device:
   - the caller launches its on-device work (rebuilding low-rank keys, attention over the
     tokens that stay on the device) *before* waiting for the event, so copy and compute
     overlap. The next layer's fetch can only start once its selection is known, which
-    needs this layer's output: selection is redone at every layer (PAPER_NOTES, ShadowKV).
+    needs this layer's output: selection is redone at every layer (PAPER.md, ShadowKV).
 On a CPU the same code runs: no pinning, no stream, the gather is the fetch.
 
 The store counts the bytes it moves per decode step (the PCIe traffic a real system pays).

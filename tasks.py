@@ -21,9 +21,9 @@ import re
 import unicodedata
 from pathlib import Path
 
-from text2json import read_jsonl
+from files import data_dir, read_jsonl
 
-_SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+_SHARED = data_dir()
 NEEDLE_DIR = _SHARED / "needlebench"            # a convenience default only
 LONGPROC_DIR = _SHARED / "longproc_html_to_tsv"  # a convenience default only
 
@@ -119,7 +119,7 @@ def needle_samples(data_dir, n_needles, target_tokens, tokenizer, seed=0, n=1):
 
     Each prompt is a haystack of Paul Graham essays (shuffled per sample) cut at a sentence
     end to fit, with `n_needles` needles at evenly spaced depths and all their questions
-    asked at once after it (PAPER_NOTES: NeedleBench v2, parallel retrieval).
+    asked at once after it (PAPER.md: NeedleBench v2, parallel retrieval).
     Each sample: `problem`, `needles` (the needle records plus `depth` in percent and
     `position`, the needle's char offset in `problem`), `document_span` (char start, end
     of the document inside `problem`), `n_tokens`.

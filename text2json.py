@@ -20,33 +20,12 @@ import json
 import os
 import random
 
+from files import read_jsonl
+
 APOSTROPHE = "\u2019"  # the typographic apostrophe, normalised to ' before scoring
 
 
 # ----------------------------------------------------------------------------- loading
-
-def read_jsonl(path, check=None):
-    """The objects of a JSONL file, one per non-empty line.
-
-    A malformed line raises ValueError naming the file and line, and so does a line for which
-    check(obj) returns a complaint (a string). Shared by every loader of the project (tasks.py,
-    evaluate.py's results folders).
-    """
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            complaint = check(obj) if check else None
-            if complaint:
-                raise ValueError(f"{path}:{lineno}: {complaint}")
-            rows.append(obj)
-    return rows
-
 
 def load(path):
     """Read the released JSONL: one JSON object per line with `problem` and `answer`.
@@ -101,7 +80,7 @@ def _parse_prediction(prediction):
 
 
 def score(prediction, gold):
-    """The paper's per-sample Text2JSON score, in [0, 1] (PAPER_NOTES, "Score", rules 1-5).
+    """The paper's per-sample Text2JSON score, in [0, 1] (PAPER.md, "Score", rules 1-5).
 
     Gold records are keyed by name (’ -> ' on both sides). The prediction must hold exactly
     one `[`...`]` that parses as a JSON list, else 0. Each predicted object whose `name` is

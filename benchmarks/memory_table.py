@@ -1,4 +1,4 @@
-"""Device vs offloaded memory per policy, for Llama-3.1-8B shapes (PAPER_NOTES "Memory accounting").
+"""Device vs offloaded memory per policy, for Llama-3.1-8B shapes (PAPER.md "Memory accounting").
 
 Builds one layer's cache for every policy from random bf16 keys/values of a 32K-token prompt
 (8 KV heads x 128 channels = 1024, as in Llama-3.1-8B) and reads the bytes off the real tensors

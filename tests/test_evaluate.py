@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate
+import results
 import text2json
 from conftest import make_tiny_checkpoint
 from kvcache import KVCache, make_policy
@@ -58,11 +59,11 @@ def base(ckpt, tmp_path_factory):
 @pytest.fixture
 def no_plots(monkeypatch):
     """Plots are checked once (test_files_and_schema); elsewhere they only cost time."""
-    monkeypatch.setattr(evaluate, "make_plots", lambda out, summary: [])
+    monkeypatch.setattr(results, "make_plots", lambda out, summary: [])
 
 
 def rows_by_key(out):
-    return {(r["key"], r["sample"]): r for r in evaluate.read_rows(out)}
+    return {(r["key"], r["sample"]): r for r in results.read_rows(out)}
 
 
 def test_files_and_schema(base, ckpt):
@@ -76,11 +77,11 @@ def test_files_and_schema(base, ckpt):
     keys = [r["key"] for r in summary]
     # full 1, oracle 2 budgets, shadowkv 2, svd 2, mean 2 chunks x 2, quantized 2 chunks x 2 bits x 2
     assert len(keys) == len(set(keys)) == 1 + 2 + 2 + 2 + 4 + 8
-    rows = evaluate.read_rows(base)
+    rows = results.read_rows(base)
     assert len(rows) == len(keys) * N and len({(r["key"], r["sample"]) for r in rows}) == len(rows)
     n_layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
     for r in summary:
-        for f in evaluate.CONFIG_FIELDS + ISSUE_METRICS:
+        for f in results.CONFIG_FIELDS + ISSUE_METRICS:
             assert f in r, (r["key"], f)
         assert r["n"] == N and r["text2json_score"] == r["score"] and 0 <= r["score"] <= 100
         if r["method"] == "full":
@@ -110,7 +111,7 @@ def test_kv_bits_run(base, ckpt, tmp_path, capsys, no_plots):
     assert run_main(argv, capsys)[0] == 0
     by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
     assert set(by) == {"full", "oracle kv4 @0.03125"} and by["oracle kv4 @0.03125"]["kv_bits"] == "4"
-    (row,) = [r for r in evaluate.read_rows(out) if r["method"] == "oracle"]
+    (row,) = [r for r in results.read_rows(out) if r["method"] == "oracle"]
     exact = rows_by_key(base)["oracle @0.03125", row["sample"]]  # the same sample, K/V offloaded exact
     # per row of 16 channels: 4-bit codes (8 bytes) + a 16-bit scale instead of 16 float32 values (64 bytes)
     assert exact["bytes_per_step"] / row["bytes_per_step"] == pytest.approx(64 / 10)
@@ -166,8 +167,8 @@ def test_resume_skips_finished_work(base, ckpt, tmp_path, capsys, monkeypatch, n
     monkeypatch.setattr(evaluate, "load_model", real_load)
 
     # an interrupted run: sample 1 missing entirely, one configuration of sample 0 missing
-    kept = [r for r in evaluate.read_rows(out) if r["sample"] != "1" and (r["key"], r["sample"]) != (SVD_KEY, "0")]
-    evaluate.write_rows(out, kept)
+    kept = [r for r in results.read_rows(out) if r["sample"] != "1" and (r["key"], r["sample"]) != (SVD_KEY, "0")]
+    results.write_rows(out, kept)
     calls = []
     real = evaluate.evaluate_sample
     monkeypatch.setattr(evaluate, "evaluate_sample",
@@ -194,8 +195,8 @@ def test_shards_merge_to_the_unsharded_run(base, ckpt, tmp_path, capsys, no_plot
     for i in range(2):
         rc, _ = run_main(["--model", ckpt, *SWEEP, "--shard", f"{i}/2", "--out", tmp_path / f"s{i}"], capsys)
         assert rc == 0
-    assert {r["sample"] for r in evaluate.read_rows(tmp_path / "s0")} == {"0"}
-    assert {r["sample"] for r in evaluate.read_rows(tmp_path / "s1")} == {"1"}
+    assert {r["sample"] for r in results.read_rows(tmp_path / "s0")} == {"0"}
+    assert {r["sample"] for r in results.read_rows(tmp_path / "s1")} == {"1"}
     assert evaluate.main(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
     assert rows_by_key(tmp_path / "m") == rows_by_key(base)
     merged = json.loads((tmp_path / "m" / "summary.json").read_text())

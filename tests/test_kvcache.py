@@ -174,7 +174,7 @@ def test_stacked_cache_matches_separate_runs(tiny):
 
 
 def test_memory_accounting_llama8b_shapes():
-    """Llama-3.1-8B shapes (8 KV heads x 128 = 1024 channels), bf16: PAPER_NOTES "Memory accounting"."""
+    """Llama-3.1-8B shapes (8 KV heads x 128 = 1024 channels), bf16: PAPER.md "Memory accounting"."""
     cfg = tiny_config(n_layers=1, n_heads=32, n_kv_heads=8, head_dim=128, rope_theta=500000.0)
     rope, T = Rope(cfg), 4096
     g = torch.Generator().manual_seed(0)

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 import tasks
+from files import data_dir
 
-DATA = Path("/work/shared/data")
+DATA = data_dir()
 NEEDLES = DATA / "needlebench"
 LONGPROC = DATA / "longproc_html_to_tsv"
-needs_needles = pytest.mark.skipif(not NEEDLES.is_dir(), reason=f"{NEEDLES} not present")
-needs_longproc = pytest.mark.skipif(not LONGPROC.is_dir(), reason=f"{LONGPROC} not present")
+needs_needles = pytest.mark.skipif(not NEEDLES.is_dir(), reason=f"NeedleBench data not found at {NEEDLES} (set KVOFFLOAD_DATA)")
+needs_longproc = pytest.mark.skipif(not LONGPROC.is_dir(), reason=f"LongProc data not found at {LONGPROC} (set KVOFFLOAD_DATA)")
 
 
 class WordTokenizer:

@@ -3,7 +3,7 @@
 #
 # Every generated token attends to every prompt token, so a model keeps the keys and values (K/V)
 # of all past tokens: the **KV cache**. With long prompts it is larger than the model itself, and
-# reading it all at every decode step is what makes decoding slow (PAPER_NOTES, "The problem").
+# reading it all at every decode step is what makes decoding slow (PAPER.md, "The problem").
 # **KV offloading** keeps the full cache in CPU memory and, at each decode step and layer, brings
 # only a few selected prompt tokens to the GPU; a small *summary* of the keys stays on the GPU to
 # decide which ones.
@@ -122,7 +122,7 @@ plt.show()
 # %% [markdown]
 # ## 3. What each policy keeps on the device, and what a decode step moves
 #
-# The policies of `kvcache.py` (module docstring; PAPER_NOTES "ShadowKV, precisely" and "The paper's
+# The policies of `kvcache.py` (module docstring; PAPER.md "ShadowKV, precisely" and "The paper's
 # method") share one budget: 4 sink tokens and a 64-token local window are always attended exactly, plus
 # 3.125% of the prompt chosen at every decode step and layer. They differ in the *summary* kept on the
 # device to make that choice:
@@ -163,10 +163,10 @@ for name, summ, exact, dev, moved in rows:
 # %% [markdown]
 # Reading the table (shares of the full bf16 cache):
 # - **full** keeps everything on the device (16 GiB) and moves nothing;
-# - **ShadowKV** keeps about 14% (rank-160 factor U + 8-token chunk landmarks: PAPER_NOTES "Memory
+# - **ShadowKV** keeps about 14% (rank-160 factor U + 8-token chunk landmarks: PAPER.md "Memory
 #   accounting" gives ≈14%), plus its outlier chunks exact; it fetches only values, since keys are rebuilt;
 # - **quantized** (the paper's fix) keeps every key as a 2-bit landmark: 2 bits + a 16-bit scale per
-#   128 channels = 2.125 bits per key value, 6.6% of the cache (PAPER_NOTES: ≈6.6%);
+#   128 channels = 2.125 bits per key value, 6.6% of the cache (PAPER.md: ≈6.6%);
 # - **mean** chunk-8 landmarks in bf16 cost 1/8 of the keys = 6.25%, about the same as 2-bit token
 #   landmarks, which is the paper's point: at equal memory, token-level quantized landmarks beat chunk means
 #   (notebooks 3 and 4);

@@ -4,7 +4,7 @@
 # ShadowKV does not keep the prompt's keys at all. At prefill it takes the *pre-RoPE* keys of all KV
 # heads of a layer, a `[T, kv_heads x head_dim]` matrix, and keeps a rank-r SVD factorisation of it:
 # a `[T, r]` factor U on the GPU and `S V^T` (`[r, channels]`). At decode time the selected keys are
-# rebuilt from U, rotated to their positions, and attended (PAPER_NOTES "ShadowKV, precisely"; default
+# rebuilt from U, rotated to their positions, and attended (PAPER.md "ShadowKV, precisely"; default
 # r = 160 of 1024 channels, 15.6%). The paper's first finding is that this projection loses information
 # context-intensive tasks need.
 #

@@ -3,7 +3,7 @@
 #
 # To decide which prompt tokens to fetch, ShadowKV scores the query against *landmarks*: the prompt is
 # cut into chunks of 8 tokens and each chunk is summarised by the mean of its post-RoPE keys, per KV head.
-# The top-scoring chunks are fetched whole (PAPER_NOTES "ShadowKV, precisely"). The paper's second finding
+# The top-scoring chunks are fetched whole (PAPER.md "ShadowKV, precisely"). The paper's second finding
 # is that the mean of 8 keys is a poor stand-in for the keys inside it: a chunk that holds one token the
 # answer needs can score low, and then that token is never read.
 #

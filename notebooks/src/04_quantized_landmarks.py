@@ -4,7 +4,7 @@
 # Notebooks 2 and 3 showed the two failure modes of ShadowKV: low-rank keys and chunk-mean landmarks. The
 # paper's alternative is simpler: every prompt key is its own landmark (chunk size 1), there is no low-rank
 # projection, and the landmarks are **quantized to about 2 bits per value** so that the summary on the GPU
-# stays as small as ShadowKV's (PAPER_NOTES "The paper's method"). The quantizer is HIGGS: per group of
+# stays as small as ShadowKV's (PAPER.md "The paper's method"). The quantizer is HIGGS: per group of
 # channels, divide by the group's norm, rotate with a Walsh-Hadamard transform, and round each piece of d
 # values to the nearest point of a fixed grid fitted to a Gaussian.
 #
@@ -26,6 +26,7 @@ torch.set_num_threads(2)
 
 import lab
 import landmarks as lm
+import quantize
 import text2json
 from model import load_model
 from kvcache import KVCache, make_policy
@@ -53,7 +54,7 @@ fig, ax = plt.subplots(1, 3, figsize=(13, 3.2))
 ax[0].bar(range(g), x[100].numpy()); ax[0].set_title("one key, per channel"); ax[0].set_xlabel("channel")
 norm = x.norm(dim=1, keepdim=True).half().float()  # [M, 1] the stored fp16 scale of each group
 before = x / norm * math.sqrt(g)  # unit-variance scaling, not rotated
-rotated = lm.hadamard(x) / norm * math.sqrt(g)  # [M, 64] rotated: entries ≈ N(0, 1)
+rotated = quantize.hadamard(x) / norm * math.sqrt(g)  # [M, 64] rotated: entries ≈ N(0, 1)
 bins = torch.linspace(-4, 4, 81)
 ax[1].hist(before.flatten(), bins=bins, density=True, alpha=0.6, label="scaled")
 ax[1].hist(rotated.flatten(), bins=bins, density=True, alpha=0.6, label="scaled + Hadamard")
@@ -61,7 +62,7 @@ ax[1].plot(bins, torch.exp(-bins ** 2 / 2) / math.sqrt(2 * math.pi), "k", label=
 ax[1].set_ylim(0, 1); ax[1].legend(fontsize=8); ax[1].set_title("entries of all keys")
 kurt = lambda v: ((v - v.mean()) ** 4).mean() / v.var() ** 2
 print(f"kurtosis (3 for a Gaussian): scaled {kurt(before):.1f}, rotated {kurt(rotated):.1f}")
-grid4 = lm.fit_grid(256, 2)  # the 4-bit grid: 256 points in 2 dims = 8 bits per 2 values
+grid4 = quantize.fit_grid(256, 2)  # the 4-bit grid: 256 points in 2 dims = 8 bits per 2 values
 ax[2].scatter(rotated[:, :2].flatten()[::2], rotated[:, :2].flatten()[1::2], s=2, alpha=0.3, label="rotated pairs")
 ax[2].scatter(grid4[:, 0], grid4[:, 1], s=6, color="C3", label="4-bit grid (n=256, d=2)")
 ax[2].set_xlim(-4, 4); ax[2].set_ylim(-4, 4); ax[2].set_aspect("equal"); ax[2].legend(fontsize=7); ax[2].set_title("the grid")
@@ -75,19 +76,19 @@ plt.tight_layout(); plt.show()
 # the library's `quantize` / `dequantize`:
 
 # %%
-fmt = lm.parse_format("2")  # HIGGS, d=4, n=256
-grid = lm.fit_grid(fmt.n, fmt.d)  # [256, 4]
+fmt = quantize.parse_format("2")  # HIGGS, d=4, n=256
+grid = quantize.fit_grid(fmt.n, fmt.d)  # [256, 4]
 key = x[100]  # [64]
 scale = key.norm().half().float()
-pieces = (lm.hadamard(key) / scale * math.sqrt(g)).view(-1, fmt.d)  # [16, 4] ≈ N(0, I)
+pieces = (quantize.hadamard(key) / scale * math.sqrt(g)).view(-1, fmt.d)  # [16, 4] ≈ N(0, I)
 codes = torch.cdist(pieces, grid).argmin(dim=1)  # [16] one 8-bit code per piece
-by_hand = lm.hadamard(grid[codes].flatten() * scale / math.sqrt(g))  # rotate back (H is its own inverse)
-qx = lm.quantize(key[None], fmt)
-library = lm.dequantize(qx)[0]
+by_hand = quantize.hadamard(grid[codes].flatten() * scale / math.sqrt(g))  # rotate back (H is its own inverse)
+qx = quantize.quantize(key[None], fmt)
+library = quantize.dequantize(qx)[0]
 print("codes:", codes.tolist())
 print(f"by hand vs library: max difference {(by_hand - library).abs().max():.1e}")
-print(f"relative error {((library - key).norm() / key.norm()) ** 2:.3f}; stored {lm.nbytes(qx)} bytes for {g} values "
-      f"= {lm.bits_per_value(fmt, g)} bits per value (16 codes x 8 bits + one fp16 scale)")
+print(f"relative error {((library - key).norm() / key.norm()) ** 2:.3f}; stored {quantize.nbytes(qx)} bytes for {g} values "
+      f"= {quantize.bits_per_value(fmt, g)} bits per value (16 codes x 8 bits + one fp16 scale)")
 
 # %% [markdown]
 # ## 2. Recall against bits
@@ -113,7 +114,7 @@ formats = ["1", "2", "3", "4", "8", "int2", "int4", "fp8", "nvfp4"]
 bits, rec = {}, {}
 for spec in formats:
     cache = KVCache.from_prefill(prompt_only, make_policy("quantized", landmark_bits=spec))
-    bits[spec], rec[spec] = lm.bits_per_value(spec, cfg.head_dim), recall(cache)
+    bits[spec], rec[spec] = quantize.bits_per_value(spec, cfg.head_dim), recall(cache)
 mean8 = recall(KVCache.from_prefill(prompt_only, make_policy("mean")))
 for spec in formats:
     print(f"{spec:6s} {bits[spec]:5.2f} bits/value  recall {rec[spec]:.3f}")

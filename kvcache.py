@@ -10,26 +10,29 @@ The model (model.py) calls, in every layer,
 
 and never needs to know which policy runs. The first call for a layer is the *prefill*:
 exact causal attention over the whole prompt, after which the policy builds its summary of
-the prompt's keys. Every later call is a *decode* step, where the policy picks which prompt
-tokens to read (PAPER.md "The problem").
+the prompt's keys. Every later call is a *decode* step (`KVCache._decode`), the same for every
+policy (PAPER.md "ShadowKV, precisely"):
 
-Policies (PAPER.md "ShadowKV, precisely" and "The paper's method"). Every one of them is a
-combination of three choices, and the names are presets of those choices:
+    1. score the landmarks against the query, keep the top-k chunks per KV head   (landmarks.py)
+    2. start fetching the selected rows' values (and keys) from CPU memory        (offload.py)
+    3. meanwhile attend to the tokens kept exact on the device                     (ExactTokens)
+    4. get the selected keys (fetched, or rebuilt from low-rank factors), attend,  (OffloadedKeys,
+       and merge the two softmaxes                                                  LowRankKeys)
 
-    name        landmarks (what selection scores)    keys attended         extra exact tokens
-    full        -- (no selection)                    exact                 --
-    oracle      every exact key (chunk 1)            exact                 --
-    mean        mean of each chunk of c exact keys   exact                 --
-    svd         every exact key (chunk 1)            rank-r SVD rebuild    --
-    shadowkv    mean of each chunk of 8 keys         rank-r SVD rebuild    outlier chunks
-    quantized   every key, quantized (2 bits)        exact                 --
+A policy is three choices, and every name is a preset of them (PRESETS, the same table as the README):
 
-so `mean` isolates the landmark failure, `svd` isolates the low-rank failure, `shadowkv` has
-both, and `quantized` is the paper's fix: token-level landmarks made cheap by quantization.
+    name        landmarks (what selection scores)    keys attended           always exact
+    full        -- (no selection)                    exact, all              --
+    oracle      every exact key (chunk 1)            exact                   sink, local
+    mean        mean of each chunk of c exact keys   exact                   sink, local
+    svd         every exact key (chunk 1)            rank-r SVD rebuild      sink, local
+    shadowkv    mean of each chunk of 8 keys         rank-r SVD rebuild      sink, local, outlier chunks
+    quantized   every key, quantized (2 bits)        exact                   sink, local
+    quest       min / max of each chunk of 16 keys   exact                   sink, local
 
-One budget accounting for all of them: `sink` first tokens and `local` last prompt tokens are
-always attended exactly, plus `round(budget * prompt_len)` selected tokens (and, for ShadowKV,
-its outlier chunks). Tokens generated after the prompt are always attended exactly.
+so `mean` isolates the landmark failure, `svd` the low-rank failure, `shadowkv` has both, `quantized`
+is the paper's fix (token-level landmarks made cheap by quantization) and `quest` the canonical
+query-aware page-selection baseline. One budget accounting for all (`BudgetSplit`).
 """
 
 import math
@@ -38,52 +41,77 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import landmarks as lm
+import landmarks
 import quantize
 from offload import OffloadStore
 
-POLICIES = ("full", "oracle", "mean", "svd", "shadowkv", "quantized")
+# --------------------------------------------------------------------------------------- the presets
+# One line per policy: the three choices (landmarks, keys, always-exact tokens) and their parameters.
+# Every field not named keeps the Policy default below.
+PRESETS = {
+    "full": dict(landmarks=None),
+    "oracle": dict(landmarks="keys", chunk_size=1, keys="exact"),
+    "mean": dict(landmarks="mean", chunk_size=8, keys="exact"),
+    "svd": dict(landmarks="keys", chunk_size=1, keys="low_rank", rank=0.15625),
+    "shadowkv": dict(landmarks="mean", chunk_size=8, keys="low_rank", rank=0.15625, outliers="budget"),
+    "quantized": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2"),
+    "quest": dict(landmarks="quest", chunk_size=16, keys="exact"),
+}
+POLICIES = tuple(PRESETS)  # every generic test runs over this list
+KEY_SOURCES = ("exact", "low_rank")
 
 
 @dataclass
 class Policy:
     """What a cache keeps and how it selects. Build one with `make_policy(name, ...)`.
 
+    The three choices:
+    landmarks:   what selection scores: a kind of landmarks.LANDMARKS ("keys", "mean", "quantized",
+                 "quest"), None = no selection (full attention)
+    keys:        which keys attention reads: "exact" (offloaded with the values, fetched with them) or
+                 "low_rank" (ShadowKV: rank-r SVD factors of the pre-RoPE keys on the device, rebuilt
+                 and re-RoPE'd)
+    sink, local, outliers: the always-exact tokens: the first `sink` and last `local` prompt tokens
+                 (paper: local window 64), and ShadowKV's outlier chunks: an int count, or "budget" =
+                 ShadowKV's ratio of 48 chunks per 2048 selected tokens, scaled to this budget
+    Their parameters:
     budget:      selected prompt tokens as a share of the prompt (paper: 3.125%)
-    sink, local: first / last prompt tokens always attended exactly (paper: local window 64)
     chunk_size:  tokens per landmark (ShadowKV: 8; the paper's fix: 1)
-    landmark_bits: None = landmarks kept exact, else a landmarks.parse_format spec ("2", "fp8", ...)
-    residual:    meta-chunk size m for residual landmark quantization (0 = off); the residual is
+    landmark_bits: the quantize.parse_format spec of "quantized" landmarks ("2", "fp8", ...)
+    residual:    meta-chunk size m for residual landmark quantization (0 = off), the residual
                  quantized with `residual_bits`
-    rank:        None = exact keys; else rank of the SVD of the pre-RoPE keys, as an int or as a
-                 share (< 1) of kv_heads * head_dim (ShadowKV: 160 of 1024 = 0.15625)
-    outliers:    ShadowKV outlier chunks kept exact; None = ShadowKV's ratio, 48 chunks per 2048
-                 selected tokens, scaled to this budget
+    rank:        rank of "low_rank" keys, an int or a share (< 1) of kv_heads * head_dim
+                 (ShadowKV: 160 of 1024 = 0.15625)
+    score_rule:  landmarks.SCORE_RULES: "softmax_max" (ShadowKV's, the paper's as evaluated) or
+                 "mean_query" (the authors' fast path)
+    kv_bits:     None = the offloaded K/V are kept exact; else a quantize.parse_format spec ("4",
+                 "int4", ...): stored quantized, fetched packed, dequantized on the device
     offload:     keep the prompt's K/V in CPU memory (offload.py); False keeps all on the device
-    kv_bits:     None = the offloaded K/V are kept exact; else a landmarks.parse_format spec ("4",
-                 "int4", ...): they are stored quantized, fetched packed, dequantized on the device
     track:       record selection statistics against the oracle (costs an exact scoring pass)
     """
 
     name: str = "full"
-    budget: float = 0.03125
+    landmarks: str | None = None
+    keys: str = "exact"
     sink: int = 4
     local: int = 64
+    outliers: int | str = 0
+    budget: float = 0.03125
     chunk_size: int = 1
     landmark_bits: str | None = None
     residual: int = 0
     residual_bits: str = "1"
     rank: float | None = None
-    outliers: int | None = 0
-    offload: bool = True
+    score_rule: str = "softmax_max"
     kv_bits: str | None = None
+    offload: bool = True
     track: bool = False
 
-    def label(self):
+    def label(self) -> str:
         """Short name for tables: 'shadowkv', 'mean c8', 'quantized 2b', 'svd r0.16', 'oracle kv4'."""
         kv = f" kv{self.kv_bits}" if self.kv_bits else ""
-        if self.name == "mean":
-            return f"mean c{self.chunk_size}{kv}"
+        if self.name in ("mean", "quest"):
+            return f"{self.name} c{self.chunk_size}{kv}"
         if self.name == "quantized":
             res = f" res{self.residual}x{self.residual_bits}" if self.residual else ""
             chunk = f" c{self.chunk_size}" if self.chunk_size != 1 else ""
@@ -94,57 +122,205 @@ class Policy:
         return self.name + kv
 
 
-def make_policy(name, **overrides):
-    """The preset for `name` (see the module docstring), with any field overridden.
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def make_policy(name: str, **overrides) -> Policy:
+    """The preset for `name` (PRESETS), with any field overridden (None = keep the preset's value).
 
     Raises a one-line ValueError for an unknown name or an out-of-range value.
     """
-    presets = {
-        "full": dict(),
-        "oracle": dict(chunk_size=1),
-        "mean": dict(chunk_size=8),
-        "svd": dict(chunk_size=1, rank=0.15625),
-        "shadowkv": dict(chunk_size=8, rank=0.15625, outliers=None),
-        "quantized": dict(chunk_size=1, landmark_bits="2"),
-    }
-    if name not in presets:
+    if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}: choose from {', '.join(POLICIES)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}  # None = keep the preset
-    p = replace(Policy(name=name, **presets[name]), **overrides)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - set(Policy.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown policy field(s) {', '.join(sorted(unknown))}")
+    p = replace(Policy(name=name, **PRESETS[name]), **overrides)
     if not 0 < p.budget <= 1:
         raise ValueError(f"budget {p.budget} is out of range: give a share of the prompt in (0, 1]")
-    if p.chunk_size < 1 or p.sink < 0 or p.local < 0:
-        raise ValueError("chunk_size must be >= 1 and sink, local >= 0")
-    if p.rank is not None and p.rank <= 0:
-        raise ValueError(f"rank {p.rank} must be > 0 (an int, or a share of the channels below 1)")
+    if not _is_int(p.chunk_size) or p.chunk_size < 1:
+        raise ValueError(f"chunk_size {p.chunk_size!r} must be an int >= 1")
+    for field in ("sink", "local", "residual"):
+        if not _is_int(getattr(p, field)) or getattr(p, field) < 0:
+            raise ValueError(f"{field} {getattr(p, field)!r} must be an int >= 0")
+    if not (p.outliers == "budget" or _is_int(p.outliers) and p.outliers >= 0):
+        raise ValueError(f"outliers {p.outliers!r} must be an int >= 0 or 'budget'")
+    if p.outliers and p.landmarks != "mean":
+        raise ValueError("outlier chunks are ShadowKV's: they need chunk-mean landmarks (landmarks='mean')")
+    if p.landmarks is not None and p.landmarks not in landmarks.LANDMARKS:
+        raise ValueError(f"unknown landmarks {p.landmarks!r}: choose from {', '.join(landmarks.LANDMARKS)}")
+    if p.keys not in KEY_SOURCES:
+        raise ValueError(f"unknown keys {p.keys!r}: choose from {', '.join(KEY_SOURCES)}")
+    if p.score_rule not in landmarks.SCORE_RULES:
+        raise ValueError(f"unknown score_rule {p.score_rule!r}: choose from {', '.join(landmarks.SCORE_RULES)}")
+    if p.keys == "low_rank":
+        if p.rank is None or isinstance(p.rank, bool) or p.rank <= 0 or (p.rank >= 1 and p.rank != int(p.rank)):
+            raise ValueError(f"rank {p.rank!r} must be an int >= 1 or a share of the channels in (0, 1)")
     if p.kv_bits is not None:
-        if p.name == "full":
+        if p.landmarks is None:
             raise ValueError("kv_bits quantizes the offloaded K/V of a sparse policy; full attention has none")
         quantize.parse_format(p.kv_bits)  # raises on an unknown format
-    if p.landmark_bits is not None:
-        quantize.parse_format(p.landmark_bits)  # raises on an unknown format
+    if p.landmarks == "quantized":
+        if p.landmark_bits is None:
+            raise ValueError("quantized landmarks need landmark_bits (e.g. '2')")
+        quantize.parse_format(p.landmark_bits)
         if p.residual:
             quantize.parse_format(p.residual_bits)
     return p
+
+
+# --------------------------------------------------------------------------------------- the budget
+@dataclass(frozen=True)
+class BudgetSplit:
+    """How a prompt of `prompt_len` tokens is split: sink | middle (n_chunks chunks of `chunk`) | local.
+
+    The middle is what the landmarks summarise and the offload store holds; `selected` of its tokens
+    are read at each decode step, plus `outlier_chunks` chunks kept exact (ShadowKV).
+    """
+
+    prompt_len: int
+    sink: int
+    local: int
+    chunk: int
+    n_chunks: int
+    selected: int  # tokens read from the middle at each decode step (a multiple of chunk)
+    outlier_chunks: int = 0
+
+    @property
+    def k_chunks(self) -> int:
+        return self.selected // self.chunk
+
+    @property
+    def outlier_tokens(self) -> int:
+        return self.outlier_chunks * self.chunk
+
+    @property
+    def middle(self) -> slice:
+        return slice(self.sink, self.sink + self.n_chunks * self.chunk)
+
+    def line(self) -> str:
+        """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
+        out = f" (+ {self.outlier_tokens} outliers)" if self.outlier_chunks else ""
+        return (f"budget = {self.sink} sink + {self.local} local + {self.selected} selected{out}"
+                f" of {self.prompt_len} tokens")
+
+
+def split_budget(policy: Policy, T: int) -> BudgetSplit | None:
+    """Split a prompt of T tokens for `policy`, and size the selection.
+
+    The middle's length is cut to a multiple of the chunk size; the remainder joins the local
+    window. Returns None when the selection (plus any outlier chunks) needs more tokens than the
+    middle holds: such a prompt is shorter than the budget and gets full attention. (A selection
+    of exactly the whole middle still runs the sparse path; the invariant tests use that.)
+    """
+    c = policy.chunk_size
+    sink = min(policy.sink, T)
+    local = min(policy.local, T - sink)
+    n_chunks = (T - sink - local) // c
+    local = T - sink - n_chunks * c
+    selected = max(c, round(policy.budget * T) // c * c)
+    if policy.outliers == "budget":  # ShadowKV: 48 outlier chunks per 2048 selected tokens
+        outliers = round(48 * selected / 2048)
+    else:
+        outliers = policy.outliers
+    if selected + outliers * c > n_chunks * c:
+        return None
+    return BudgetSplit(T, sink, local, c, n_chunks, selected, outliers)
+
+
+# --------------------------------------------------------------------------------- the exact tokens
+@dataclass
+class ExactTokens:
+    """The tokens every decode step attends exactly, kept on the device: the prompt's sink, outlier
+    chunks and local window (`n_prompt` of them, per KV head), then every generated token."""
+
+    k: torch.Tensor  # [H, F + Tg, d] post-RoPE keys: sink, outliers, local, then generated
+    v: torch.Tensor  # [H, F + Tg, d]
+    prompt_pos: torch.Tensor  # [H, F] positions of the F prompt tokens among them
+    kbuf: torch.Tensor | None = None  # the buffers k / v grow in (see append)
+    vbuf: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, k, v, split: BudgetSplit, outlier_chunks) -> "ExactTokens":
+        """k, v: [H, T, d] exact prompt K/V; outlier_chunks: [H, n_out] middle chunk indices."""
+        H, T, d = k.shape
+        s, c = split.sink, split.chunk
+        ar = torch.arange(T, device=k.device)
+        out_tok = (outlier_chunks[:, :, None] * c + torch.arange(c, device=k.device)).flatten(1)  # [H, n_out*c]
+        pos = torch.cat([ar[:s].expand(H, -1), out_tok + s, ar[split.middle.stop:].expand(H, -1)], dim=1)  # [H, F]
+        rows = pos[..., None].expand(-1, -1, d)  # [H, F, d]
+        return cls(k.gather(1, rows), v.gather(1, rows), pos)
+
+    @property
+    def n_prompt(self) -> int:
+        return self.prompt_pos.shape[1]
+
+    def append(self, k, v):
+        """Add the new tokens' k, v [H, Tq, d]: generated tokens are always attended exactly."""
+        self.kbuf, self.k = append(self.kbuf, self.k, k)  # [H, F + Tg, d]
+        self.vbuf, self.v = append(self.vbuf, self.v, v)
+
+
+def outlier_chunks(marks, n_out: int) -> torch.Tensor:
+    """ShadowKV's outliers: the n_out chunks whose mean represents its keys worst (lowest minimum
+    cosine), per KV head; they are kept exact and removed from the landmarks. [H, n_out] int64."""
+    H = marks.min_cos.shape[0]
+    if n_out == 0:
+        return torch.empty(H, 0, dtype=torch.long, device=marks.min_cos.device)
+    chunks = landmarks.select_topk(-marks.min_cos, n_out)  # [H, n_out]
+    marks.removed = torch.zeros_like(marks.min_cos, dtype=torch.bool).scatter_(1, chunks, True)  # [H, N]
+    return chunks
+
+
+# ----------------------------------------------------------------------------------- the key sources
+@dataclass
+class OffloadedKeys:
+    """The exact keys, kept in the offload store beside the values and fetched with them."""
+
+    fetched = ("k", "v")  # what a decode step reads from the store
+
+    def device_bytes(self, exact_bytes) -> int:
+        return 0
+
+    def selected(self, got: dict, idx, split: BudgetSplit, rope, dtype) -> torch.Tensor:
+        return got["k"]  # [H, S, d] post-RoPE
+
+
+@dataclass
+class LowRankKeys:
+    """ShadowKV's keys (PAPER.md "ShadowKV, precisely"): the pre-RoPE keys of all KV heads as one
+    [M, H*d] matrix, factorised by SVD; U [M, r] and S V^T [r, H*d] stay on the device and the
+    selected keys are rebuilt from them and RoPE'd at their positions. Only the values are fetched."""
+
+    u: torch.Tensor  # [M, r]
+    sv: torch.Tensor  # [r, H * d]
+    fetched = ("v",)
+
+    @classmethod
+    def build(cls, k_mid, split: BudgetSplit, rope, rank) -> "LowRankKeys":
+        """k_mid: [H, M, d] post-RoPE middle keys; RoPE is undone before the SVD."""
+        pos = torch.arange(split.middle.start, split.middle.stop, device=k_mid.device)  # [M]
+        return cls(*low_rank_keys(rope.invert(k_mid, pos), rank))
+
+    def device_bytes(self, exact_bytes) -> int:
+        return sum(t.numel() * (exact_bytes or t.element_size()) for t in (self.u, self.sv))
+
+    def selected(self, got: dict, idx, split: BudgetSplit, rope, dtype) -> torch.Tensor:
+        H, S = idx.shape
+        d = self.sv.shape[1] // H
+        pre = rebuild_keys(self.u, self.sv, idx, H, d).to(dtype)  # [H, S, d] pre-RoPE
+        return rope.apply(pre.reshape(1, -1, d), (idx + split.sink).flatten()).view(H, S, d)  # post-RoPE
 
 
 @dataclass
 class LayerState:
     """What a sparse policy keeps for one layer after the prefill (batch of one)."""
 
-    exact_k: torch.Tensor  # [H, F + Tg, d] keys always attended: sink, local, outliers, then generated
-    exact_v: torch.Tensor  # [H, F + Tg, d]
-    fixed_pos: torch.Tensor  # [H, F] positions of the F prompt tokens among them
-    landmarks: object  # [H, N, d] tensor, or a landmarks.Quantized of it
-    masked: torch.Tensor | None  # [H, N] bool: chunks removed from selection (outliers)
-    u: torch.Tensor | None = None  # [M, r] low-rank factor of the middle's pre-RoPE keys (on device)
-    sv: torch.Tensor | None = None  # [r, H * d] S @ V^T
-    kbuf: torch.Tensor | None = None  # the buffers exact_k / exact_v grow in (see append)
-    vbuf: torch.Tensor | None = None
-
-    @property
-    def n_fixed(self):
-        return self.fixed_pos.shape[1]
+    marks: object  # a landmarks.LANDMARKS kind: [H, N] landmarks
+    keys: object  # OffloadedKeys or LowRankKeys
+    exact: ExactTokens
 
 
 class KVCache:
@@ -153,7 +329,7 @@ class KVCache:
     Sparse policies hold a batch of one sequence (stack several with StackedCache).
     """
 
-    def __init__(self, config, rope, policy=None, device="cpu"):
+    def __init__(self, config, rope, policy: Policy | None = None, device="cpu"):
         self.config = config
         self.rope = rope
         self.policy = policy or Policy("full")
@@ -166,27 +342,23 @@ class KVCache:
         self.layers = [None] * config.n_layers  # sparse policies: per layer a LayerState
         self.prompt_len = 0
         self.sparse = False  # becomes True once a sparse policy has built its summary
-        self.plan = None  # the budget split, set at the prefill (see budget_line)
+        self.split: BudgetSplit | None = None  # the budget split, set at the prefill
         self.stats = Stats(config.n_layers)
-        self.kv_format = None  # (format, channels, group) of the offloaded K/V when policy.kv_bits is set
         self.last_selected = [None] * config.n_layers  # per layer [H, S] positions, last decode step
 
     # ---------------------------------------------------------------- bookkeeping
     @property
-    def seq_len(self):
+    def seq_len(self) -> int:
         if self.sparse:
-            st = self.layers[0]
-            return self.prompt_len + st.exact_k.shape[1] - st.n_fixed
+            ex = self.layers[0].exact
+            return self.prompt_len + ex.k.shape[1] - ex.n_prompt
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
-    def budget_line(self):
+    def budget_line(self) -> str:
         """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
-        if self.plan is None:
+        if self.split is None:
             return f"budget = all {self.prompt_len} tokens (full attention)"
-        p = self.plan
-        out = f" (+ {p['outlier_tokens']} outliers)" if p["outlier_tokens"] else ""
-        return (f"budget = {p['sink']} sink + {p['local']} local + {p['selected']} selected{out}"
-                f" of {self.prompt_len} tokens")
+        return self.split.line()
 
     # ---------------------------------------------------------------- the model's entry point
     def attend(self, layer, q, k, v, pos):
@@ -197,47 +369,36 @@ class KVCache:
         self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
         self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
         out = full_attention(q, self.k[layer], self.v[layer])
-        if self.policy.name != "full" and layer == self.config.n_layers - 1 and self.k[0].shape[2] == k.shape[2]:
+        last_layer = layer == self.config.n_layers - 1
+        if self.policy.landmarks is not None and last_layer and self.k[0].shape[2] == k.shape[2]:
             self.build()  # end of the prefill: the prompt is complete in every layer
         return out
 
     # ---------------------------------------------------------------- prefill: build the summary
     @classmethod
-    def from_prefill(cls, cache, policy, row=0):
+    def from_kv(cls, config, rope, k: list, v: list, policy: Policy | None = None, device=None) -> "KVCache":
+        """A cache holding the prompt K/V given per layer ([1, n_kv_heads, T, head_dim] each, post-RoPE),
+        built for `policy`: the one way to make a cache from existing keys and values (an earlier
+        prefill, or synthetic K/V for a benchmark)."""
+        if len(k) != config.n_layers or len(v) != config.n_layers or any(t is None for t in k + v):
+            raise ValueError(f"from_kv: need K and V for all {config.n_layers} layers")
+        new = cls(config, rope, policy, device if device is not None else k[0].device)
+        new.k, new.v = list(k), list(v)
+        new.prompt_len = k[0].shape[2]
+        if new.policy.landmarks is not None:
+            new.build()
+        return new
+
+    @classmethod
+    def from_prefill(cls, cache: "KVCache", policy: Policy, row: int = 0) -> "KVCache":
         """A new cache with `policy`, built from the prompt K/V of an already prefilled cache.
 
         Lets an evaluation prefill each prompt once and compare every policy on it.
         """
-        new = cls(cache.config, cache.rope, policy, cache.device)
-        new.k = [k[row:row + 1] for k in cache.k]
-        new.v = [v[row:row + 1] for v in cache.v]
-        new.prompt_len = cache.prompt_len
-        if policy.name != "full":
-            new.build()
-        return new
-
-    def plan_budget(self, T):
-        """Split a prompt of T tokens into sink | middle (N chunks of c) | local, and size the selection.
-
-        The middle's length is cut to a multiple of the chunk size; the remainder joins the local
-        window. Returns None when the selection (plus any outlier chunks) needs more tokens than the
-        middle holds: such a prompt is shorter than the budget and gets full attention. (A selection
-        of exactly the whole middle still runs the sparse path; the invariant tests use that.)
-        """
-        p, c = self.policy, self.policy.chunk_size
-        sink = min(p.sink, T)
-        local = min(p.local, T - sink)
-        n_chunks = (T - sink - local) // c
-        local = T - sink - n_chunks * c
-        selected = max(c, round(p.budget * T) // c * c)
-        if p.outliers is None:  # ShadowKV: 48 outlier chunks per 2048 selected tokens
-            outliers = round(48 * selected / 2048)
-        else:
-            outliers = p.outliers
-        if selected + outliers * c > n_chunks * c:
-            return None
-        return dict(sink=sink, local=local, n_chunks=n_chunks, chunk=c, selected=selected,
-                    k_chunks=selected // c, outliers=outliers, outlier_tokens=outliers * c)
+        if cache.sparse or cache.k[0] is None:
+            raise ValueError("from_prefill: the cache holds no prompt K/V (prefill it with full attention first)")
+        return cls.from_kv(cache.config, cache.rope, [k[row:row + 1] for k in cache.k],
+                           [v[row:row + 1] for v in cache.v], policy, cache.device)
 
     def build(self):
         """Turn the exact prompt K/V (self.k, self.v) into the policy's summary, layer by layer."""
@@ -245,8 +406,8 @@ class KVCache:
         if self.k[0].shape[0] != 1:
             raise ValueError(f"the {self.policy.name} policy holds one sequence; got a batch of {self.k[0].shape[0]}")
         self.prompt_len = T
-        self.plan = self.plan_budget(T)
-        if self.plan is None:
+        self.split = split_budget(self.policy, T)
+        if self.split is None:
             warnings.warn(f"prompt of {T} tokens is shorter than the {self.policy.label()} budget: "
                           "using full attention for it", stacklevel=2)
             return
@@ -255,123 +416,76 @@ class KVCache:
             self.k[layer] = self.v[layer] = None  # the exact prompt K/V now live in the store
         self.sparse = True
 
-    def _build_layer(self, layer, k, v):
+    def _build_layer(self, layer, k, v) -> LayerState:
         """k, v: [H, T, d] exact post-RoPE prompt keys and values of one layer."""
-        p, plan = self.policy, self.plan
-        H, T, d = k.shape
-        c, s, N = plan["chunk"], plan["sink"], plan["n_chunks"]
-        M = N * c
-        mid = slice(s, s + M)
-        k_mid, v_mid = k[:, mid], v[:, mid]  # [H, M, d]
-
-        # Landmarks: the mean of each chunk of c keys (chunk 1: the keys themselves).
-        marks, min_cos = lm.chunk_landmarks(k_mid, c)  # [H, N, d], [H, N]
-        # ShadowKV outliers: the chunks whose mean represents its keys worst (lowest min cosine)
-        # are kept exact and removed from selection.
-        masked, out_tok = None, torch.empty(H, 0, dtype=torch.long, device=k.device)
-        if plan["outliers"]:
-            out_chunks = lm.select_topk(-min_cos, plan["outliers"])  # [H, n_out]
-            masked = torch.zeros(H, N, dtype=torch.bool, device=k.device)
-            masked.scatter_(1, out_chunks, True)
-            out_tok = (out_chunks[:, :, None] * c + torch.arange(c, device=k.device)).flatten(1)  # [H, n_out*c]
-        if p.landmark_bits is not None:
-            exact_marks = marks
-            if p.residual:
-                marks = quantize.residual_quantize(marks, p.residual, p.landmark_bits, p.residual_bits)
-            else:
-                marks = quantize.quantize(marks, quantize.parse_format(p.landmark_bits))
-            err = (quantize.dequantize(marks) - exact_marks.float()).pow(2).sum() / exact_marks.float().pow(2).sum()
-            self.stats.landmark_error[layer] = err.item()
-
-        # Exact tokens that stay on the device: sink, local window, outliers.
-        ar = torch.arange(T, device=k.device)
-        fixed_pos = torch.cat([ar[:s].expand(H, -1), out_tok + s, ar[s + M:].expand(H, -1)], dim=1)  # [H, F]
-        fixed_k = k.gather(1, fixed_pos[..., None].expand(-1, -1, d))  # [H, F, d]
-        fixed_v = v.gather(1, fixed_pos[..., None].expand(-1, -1, d))  # [H, F, d]
-
-        # The middle goes to the offload store; low-rank policies keep only U on the device.
-        u = sv = None
-        if p.rank is not None:
-            u, sv = low_rank_keys(self.rope.invert(k_mid, torch.arange(s, s + M, device=k.device)), p.rank)
+        p, split = self.policy, self.split
+        k_mid, v_mid = k[:, split.middle], v[:, split.middle]  # [H, M, d]
+        # 1. the landmarks, and (ShadowKV) the outlier chunks taken out of them
+        marks = landmarks.LANDMARKS[p.landmarks].build(k_mid, p)  # N landmarks per KV head
+        self.stats.landmark_error[layer] = marks.error
+        exact = ExactTokens.build(k, v, split, outlier_chunks(marks, split.outlier_chunks) if
+                                  split.outlier_chunks else torch.empty(k.shape[0], 0, dtype=torch.long,
+                                                                        device=k.device))
+        # 2. the middle goes to the offload store; low-rank keys keep only their factors on the device
+        if p.keys == "low_rank":
+            keys = LowRankKeys.build(k_mid, split, self.rope, p.rank)
         else:
+            keys = OffloadedKeys()
             self._offload(layer, "k", k_mid)
         self._offload(layer, "v", v_mid)
         if p.track:
             self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
-        return LayerState(fixed_k, fixed_v, fixed_pos, marks, masked, u, sv)
+        return LayerState(marks, keys, exact)
 
     def _offload(self, layer, name, x):
-        """Put x [H, M, d] in the store: as it is, or quantized with policy.kv_bits, as the packed
-        tensors of a landmarks.Quantized ("k.codes", "k.scales", ...; each row packed on its own, so
-        the selected rows are fetched still packed: fewer bytes over PCIe)."""
-        if self.policy.kv_bits is None:
-            self.store.put(layer, name, x)
-            return
-        qx = quantize.quantize(x, quantize.parse_format(self.policy.kv_bits))
-        for part in quantize.TENSOR_FIELDS:
-            if getattr(qx, part) is not None:
-                self.store.put(layer, f"{name}.{part}", getattr(qx, part))  # [H, M, ...]
-        self.kv_format = (qx.fmt, qx.channels, qx.group)
-
-    def _fetch(self, layer, names, idx):
-        """Start fetching rows idx [H, S] of the offloaded tensors `names`; returns a function that
-        waits for them and returns each as [H, S, d] (dequantized on the device if stored quantized)."""
-        if self.policy.kv_bits is None:
-            return self.store.fetch(layer, names, idx).wait
-        parts = [(n, part) for n in names for part in quantize.TENSOR_FIELDS
-                 if (layer, f"{n}.{part}") in self.store.tensors]
-        fetch = self.store.fetch(layer, [f"{n}.{part}" for n, part in parts], idx)
-
-        def wait():
-            got = dict(zip(parts, fetch.wait()))  # (name, part) -> [H, S, ...] packed rows
-            fmt, channels, group = self.kv_format
-            return [quantize.dequantize(quantize.Quantized(got[n, "codes"], got.get((n, "scales")), got.get((n, "zeros")),
-                                               fmt, channels, group)) for n in names]  # each [H, S, d] float32
-        return wait
+        """Put x [H, M, d] in the store: as it is, or quantized with policy.kv_bits (each row packed on
+        its own, so the selected rows are fetched still packed: fewer bytes over PCIe)."""
+        if self.policy.kv_bits is not None:
+            x = quantize.quantize(x, quantize.parse_format(self.policy.kv_bits))
+        self.store.put(layer, name, x)
 
     # ---------------------------------------------------------------- decode
+    def select(self, layer, qg) -> torch.Tensor:
+        """Step 1 of a decode step: the middle rows [H, S] (sorted, relative to the middle) that the
+        queries qg [H, G, Tq, d] read: the landmarks' top-k chunks per KV head, expanded to tokens."""
+        split = self.split
+        scores = landmarks.score(qg, self.layers[layer].marks, self.policy.score_rule)  # [H, N]
+        chunks = landmarks.select_topk(scores, split.k_chunks)  # [H, k_chunks]
+        if split.chunk == 1:
+            return chunks
+        return (chunks[:, :, None] * split.chunk + torch.arange(split.chunk, device=qg.device)).flatten(1)  # [H, S]
+
     def _decode(self, layer, q, k, v):
         """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely")."""
-        st, plan, p = self.layers[layer], self.plan, self.policy
+        st = self.layers[layer]
         B, n_heads, Tq, d = q.shape
         H = k.shape[1]
         G = n_heads // H
-        s, c = plan["sink"], plan["chunk"]
-        st.kbuf, st.exact_k = append(st.kbuf, st.exact_k, k[0])  # [H, F + Tg, d]
-        st.vbuf, st.exact_v = append(st.vbuf, st.exact_v, v[0])
+        st.exact.append(k[0], v[0])  # the new tokens are attended exactly from now on
         qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d] the query heads of each KV head's group
 
-        # 1. Score the landmarks, drop outlier chunks, keep the top-k chunks per KV head.
-        scores = lm.landmark_scores(qg, st.landmarks)  # [H, N]; quantized landmarks are scored as stored
-        if st.masked is not None:
-            scores = scores.masked_fill(st.masked, float("-inf"))
-        chunks = lm.select_topk(scores, plan["k_chunks"])  # [H, k_chunks]
-        idx = chunks if c == 1 else (chunks[:, :, None] * c + torch.arange(c, device=q.device)).flatten(1)  # [H, S]
+        # 1. Score the landmarks, keep the top-k chunks per KV head.
+        idx = self.select(layer, qg)  # [H, S] middle rows
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
-        wait = self._fetch(layer, ("v",) if p.rank is not None else ("k", "v"), idx)
+        fetch = self.store.fetch(layer, st.keys.fetched, idx)
 
-        # 3. ... and meanwhile do the on-device work: rebuild low-rank keys, attend to exact tokens.
-        if p.rank is not None:
-            sel_k = rebuild_keys(st.u, st.sv, idx, H, d).to(q.dtype)  # [H, S, d] pre-RoPE
-            sel_k = self.rope.apply(sel_k.reshape(1, -1, d), (idx + s).flatten()).view(H, -1, d)  # post-RoPE
+        # 3. ... and meanwhile attend to the exact tokens on the device.
         qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
         mask = None
         if Tq > 1:  # new token i of Tq sees the prompt and the generated tokens up to itself
-            L = st.exact_k.shape[1]
+            L = st.exact.k.shape[1]
             mask = torch.ones(Tq, L, dtype=torch.bool, device=q.device).tril(L - Tq).repeat(G, 1)  # [G*Tq, L]
-        out_a, lse_a = attention_lse(qf, st.exact_k, st.exact_v, mask)
+        out_a, lse_a = attention_lse(qf, st.exact.k, st.exact.v, mask)
 
-        # 4. Wait for the copy, attend to the selected tokens, merge the two softmaxes.
-        if p.rank is not None:
-            (sel_v,) = wait()  # [H, S, d]
-        else:
-            sel_k, sel_v = wait()  # [H, S, d] each
-        out_b, lse_b = attention_lse(qf, sel_k, sel_v)
+        # 4. The selected keys (fetched, or rebuilt), attention over them, the two softmaxes merged.
+        got = dict(zip(st.keys.fetched, fetch.wait()))  # name -> [H, S, d] (dequantized if stored packed)
+        sel_k = st.keys.selected(got, idx, self.split, self.rope, q.dtype)  # [H, S, d] post-RoPE
+        out_b, lse_b = attention_lse(qf, sel_k, got["v"])
         out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
 
-        self.last_selected[layer] = idx + s  # [H, S] absolute positions
-        if p.track:
+        self.last_selected[layer] = idx + self.split.sink  # [H, S] absolute positions
+        if self.policy.track:
             self._track(layer, qg, idx, sel_k, st)
         return out.view(1, n_heads, Tq, d).to(q.dtype)
 
@@ -379,33 +493,33 @@ class KVCache:
         """Selection recall against the oracle, attention mass captured, key rebuild error.
 
         One exact pass: the logits of the query against the exact middle keys give both the
-        oracle's selection (same rule, same budget) and, with the fixed and generated tokens, the
-        exact attention weights whose share on the attended tokens is the attention mass.
+        oracle's selection (same rule, same budget) and, with the exact tokens, the exact attention
+        weights whose share on the attended tokens is the attention mass.
         """
         H, G, Tq, d = qg.shape
-        s = self.plan["sink"]
+        split = self.split
         k_mid = self.stats.exact_k[layer]  # [H, M, d]
-        logits = lm.landmark_logits(qg, k_mid)  # [H, G, Tq, M]
-        oracle = lm.select_topk(lm.scores_from_logits(logits), self.plan["selected"])  # [H, S]
+        logits = landmarks.landmark_logits(qg, k_mid)  # [H, G, Tq, M]
+        oracle = landmarks.select_topk(landmarks.scores_from_logits(logits), split.selected)  # [H, S]
         attended = idx
-        if st.masked is not None:  # ShadowKV also attends its outlier tokens exactly
-            out_pos = st.fixed_pos[:, s:s + self.plan["outlier_tokens"]] - s  # [H, n_out*c] middle rows
+        if split.outlier_chunks:  # ShadowKV also attends its outlier tokens exactly
+            out_pos = st.exact.prompt_pos[:, split.sink:split.sink + split.outlier_tokens] - split.sink  # [H, n_out*c]
             attended = torch.cat([idx, out_pos], dim=1)
         hit = torch.zeros(k_mid.shape[:2], dtype=torch.bool, device=k_mid.device).scatter_(1, attended, True)  # [H, M]
         recall = hit.gather(1, oracle).float().mean(1)  # [H]
-        # exact attention weights of the last query position over prompt middle + fixed + generated
+        # exact attention weights of the last query position over prompt middle + exact tokens
         q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
-        logits_rest = lm.landmark_logits(q_last, st.exact_k)  # [H, G, 1, F + Tg]
+        logits_rest = landmarks.landmark_logits(q_last, st.exact.k)  # [H, G, 1, F + Tg]
         lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
         mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(-1)
         key_err = None
-        if self.policy.rank is not None:
+        if self.policy.keys == "low_rank":
             true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
             key_err = ((sel_k.float() - true_k).pow(2).sum() / true_k.pow(2).sum()).item()
         self.stats.add(layer, recall, mass.mean((1, 2)), key_err)
 
     # ---------------------------------------------------------------- memory accounting
-    def memory(self, exact_bytes=2):
+    def memory(self, exact_bytes=2) -> dict:
         """Bytes on the device and offloaded, from the real tensors (packed codes, not copies).
 
         Counts the prompt's cache only (generated tokens are the same for every policy). Exact
@@ -416,24 +530,21 @@ class KVCache:
         and `exact_fraction` (sink, local window and outlier tokens kept exact).
         """
         def size(t):
-            if t is None:
-                return 0
             if isinstance(t, torch.Tensor):
                 return t.numel() * (exact_bytes or t.element_size())
             return quantize.nbytes(t)  # quantized: the packed codes and scales as stored
 
         cfg = self.config
-        T = self.prompt_len or (0 if self.k[0] is None else self.k[0].shape[2])  # K/V set by hand: all prompt
+        T = self.prompt_len or (0 if self.k[0] is None else self.k[0].shape[2])
         full_bf16 = T * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
         if not self.sparse:
             exact = sum(size(t[:, :, :T]) for t in self.k + self.v if t is not None)
             summary, off = 0, 0
         else:
-            summary = sum(size(st.landmarks) + size(st.u) + size(st.sv) for st in self.layers)
-            exact = sum(size(st.exact_k[:, :st.n_fixed]) + size(st.exact_v[:, :st.n_fixed]) for st in self.layers)
-            # parts of quantized K/V ("k.codes", ...) count as stored; exact ones at exact_bytes
-            off = sum(t.numel() * t.element_size() if "." in name else size(t)
-                      for (_, name), t in self.store.tensors.items())
+            summary = sum(st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in self.layers)
+            exact = sum(size(st.exact.k[:, :st.exact.n_prompt]) + size(st.exact.v[:, :st.exact.n_prompt])
+                        for st in self.layers)
+            off = sum(size(t) for t in self.store.tensors.values())
         dev = summary + exact
         if self.sparse and not self.policy.offload:  # the "store" is on the device
             dev, off = dev + off, 0

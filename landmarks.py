@@ -1,18 +1,27 @@
 """Landmarks: how decode-time attention finds the prompt tokens that matter without reading all keys.
 
 A landmark is a small stand-in for one or more prompt keys, kept on the device and scored against the
-query at every decode step (PAPER.md "The problem"). ShadowKV takes the mean of the post-RoPE keys of
-each chunk of 8 tokens and flags the chunks whose keys disagree most with their mean as outliers
-(`chunk_landmarks`); the paper's fix keeps every key as its own landmark, quantized (quantize.py).
-The scoring rule (`landmark_scores`, `select_topk`) is ShadowKV's: softmax over landmarks, summed
-over query positions, max over the query heads of a GQA group.
+query at every decode step (PAPER.md "The problem"). Each kind below is one small dataclass that
+builds itself from a layer's exact post-RoPE prompt keys (`build`), gives the query's logit for every
+landmark (`logits`), and counts the bytes it keeps on the device (`nbytes`):
+
+    kind            one landmark per     stands for                             used by
+    TokenKeys       token                the exact key                          oracle, svd
+    ChunkMeans      chunk of c tokens    the mean of the chunk's keys           mean, shadowkv
+    QuantizedKeys   token (or chunk)     the key (or mean) quantized, ~2 bits   quantized, paper
+    QuestBounds     chunk of c tokens    the element-wise min and max of keys   quest
+
+`score` turns the logits into one score per landmark and KV head (ShadowKV's softmax / sum / max rule,
+or the authors' fast mean-query rule), and `select_topk` keeps the best ones.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+import quantize
 from quantize import quantized_dot
 
 # ---------------------------------------------------------------------------------------------------
@@ -40,26 +49,6 @@ def chunk_landmarks(k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
         return lm.to(k.dtype), torch.ones(H, T, device=k.device)
     cos = torch.nn.functional.cosine_similarity(kc, lm.unsqueeze(2), dim=-1, eps=1e-8)  # [H, N, chunk]
     return lm.to(k.dtype), cos.amin(dim=-1)
-
-
-def landmark_scores(q: Tensor, landmarks) -> Tensor:
-    """ShadowKV's chunk score (PAPER.md "ShadowKV, precisely"), per KV head.
-
-    q: [H_kv, G, Tq, d] queries of the G query heads of each KV head's GQA group; landmarks: [H_kv, N, d],
-    as a tensor or as the Quantized / ResidualQuantized form (scored without dequantizing, see
-    `quantized_dot`). For each query head and position: softmax over the N landmarks of q.L / sqrt(d);
-    sum over the Tq positions; max over the G heads, so a landmark that matters to any one head of the
-    group is kept (all heads of a group read the same selected keys). Returns [H_kv, N] float32.
-    """
-    shape = tuple(landmarks.shape)
-    if q.dim() != 4 or len(shape) != 3:
-        raise ValueError(f"landmark_scores: expected q [H_kv, G, Tq, d] and landmarks [H_kv, N, d], "
-                         f"got {tuple(q.shape)} and {shape}")
-    H, G, Tq, d = q.shape
-    if shape[0] != H or shape[2] != d:
-        raise ValueError(f"landmark_scores: landmarks {shape} do not match q {tuple(q.shape)} "
-                         f"(need [H_kv={H}, N, d={d}])")
-    return scores_from_logits(landmark_logits(q, landmarks))
 
 
 def landmark_logits(q: Tensor, landmarks) -> Tensor:
@@ -109,3 +98,160 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
         room = k - above.sum(dim=1, keepdim=True)  # [H, 1] places left for the tied scores
         keep = above | (ties & (ties.cumsum(dim=1) <= room))  # [H, N], exactly k per row
     return keep.nonzero()[:, 1].view(H, k)  # [H, k], ascending within each row
+
+
+# ---------------------------------------------------------------------------------------------------
+# The landmark kinds (one kind, one entry)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenKeys:
+    """Every exact prompt key is its own landmark: exact top-k selection, the oracle (PAPER.md "The
+    paper's method", oracle). The keys stay on the device in full precision, which no deployable
+    system would pay: it is the ceiling the other kinds are measured against."""
+
+    keys: Tensor  # [H, N, d] exact post-RoPE keys, N = M tokens
+    removed: Tensor | None = None  # [H, N] bool: landmarks taken out of selection (outliers)
+    error: float | None = None  # relative squared error of the landmarks (exact: none)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.keys.shape)  # [H, N, d]
+
+    @classmethod
+    def build(cls, k: Tensor, policy) -> "TokenKeys":
+        return cls(k)  # k: [H, M, d]
+
+    def logits(self, q: Tensor) -> Tensor:
+        return landmark_logits(q, self.keys)  # [H, G, Tq, N]
+
+    def nbytes(self, exact_bytes: int | None) -> int:
+        return self.keys.numel() * (exact_bytes or self.keys.element_size())
+
+
+@dataclass
+class ChunkMeans:
+    """ShadowKV's landmark: the mean post-RoPE key of each chunk of c tokens (PAPER.md "ShadowKV,
+    precisely"). `min_cos` [H, N] is the lowest cosine between a chunk's mean and its keys: the
+    chunks where it is lowest are the outliers ShadowKV keeps exact."""
+
+    means: Tensor  # [H, N, d]
+    min_cos: Tensor  # [H, N] float32
+    removed: Tensor | None = None
+    error: float | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.means.shape)  # [H, N, d]
+
+    @classmethod
+    def build(cls, k: Tensor, policy) -> "ChunkMeans":
+        return cls(*chunk_landmarks(k, policy.chunk_size))
+
+    def logits(self, q: Tensor) -> Tensor:
+        return landmark_logits(q, self.means)  # [H, G, Tq, N]
+
+    def nbytes(self, exact_bytes: int | None) -> int:
+        return self.means.numel() * (exact_bytes or self.means.element_size())
+
+
+@dataclass
+class QuantizedKeys:
+    """The paper's fix: token-level landmarks (chunk 1) quantized to ~2 bits per value (PAPER.md "The
+    paper's method"), scored as stored, without a dequantized copy (quantize.quantized_dot). With
+    chunk c > 1 the chunk means are quantized; with `policy.residual` = m, residual meta-chunks."""
+
+    codes: object  # quantize.Quantized or ResidualQuantized of shape [H, N, d]
+    removed: Tensor | None = None
+    error: float | None = None  # relative squared error of the dequantized landmarks
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.codes.shape)  # [H, N, d]
+
+    @classmethod
+    def build(cls, k: Tensor, policy) -> "QuantizedKeys":
+        exact, _ = chunk_landmarks(k, policy.chunk_size)  # [H, N, d]
+        if policy.residual:
+            codes = quantize.residual_quantize(exact, policy.residual, policy.landmark_bits, policy.residual_bits)
+        else:
+            codes = quantize.quantize(exact, quantize.parse_format(policy.landmark_bits))
+        exact = exact.float()
+        err = (quantize.dequantize(codes) - exact).pow(2).sum() / exact.pow(2).sum()
+        return cls(codes, error=err.item())
+
+    def logits(self, q: Tensor) -> Tensor:
+        return landmark_logits(q, self.codes)  # [H, G, Tq, N]
+
+    def nbytes(self, exact_bytes: int | None) -> int:
+        return quantize.nbytes(self.codes)  # the packed codes and scales, as stored
+
+
+@dataclass
+class QuestBounds:
+    """Quest (Tang et al. 2024, PAPER.md "Quest"): per chunk, the element-wise min and max of its keys.
+
+    For a query q, sum_d max(q_d * min_d, q_d * max_d) is the largest q . k any key of the chunk could
+    have, so a chunk holding one strong key scores high even when its mean does not (the failure of
+    ChunkMeans). With chunk 1, min = max = the key and the bound is q . k exactly: the oracle.
+    """
+
+    lo: Tensor  # [H, N, d] element-wise minimum of each chunk's keys
+    hi: Tensor  # [H, N, d] element-wise maximum
+    removed: Tensor | None = None
+    error: float | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.lo.shape)  # [H, N, d]
+
+    @classmethod
+    def build(cls, k: Tensor, policy) -> "QuestBounds":
+        H, M, d = k.shape
+        kc = k.reshape(H, M // policy.chunk_size, policy.chunk_size, d)  # [H, N, c, d]
+        return cls(kc.amin(dim=2), kc.amax(dim=2))
+
+    def logits(self, q: Tensor) -> Tensor:
+        H, G, Tq, d = q.shape
+        qs = q.float().reshape(H, G * Tq, d) / math.sqrt(d)  # [H, G*Tq, d]
+        # max(q*lo, q*hi) per channel = q*hi where q > 0, q*lo where q < 0: two matmuls
+        bound = qs.clamp(min=0) @ self.hi.float().transpose(1, 2) + qs.clamp(max=0) @ self.lo.float().transpose(1, 2)
+        return bound.view(H, G, Tq, -1)  # [H, G, Tq, N]
+
+    def nbytes(self, exact_bytes: int | None) -> int:
+        return 2 * self.lo.numel() * (exact_bytes or self.lo.element_size())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scoring rule
+# ---------------------------------------------------------------------------------------------------
+
+SCORE_RULES = ("softmax_max", "mean_query")
+
+
+def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
+    """One score per landmark and KV head: [H_kv, N] float32. q: [H_kv, G, Tq, d], the queries of the G
+    query heads of each KV head's GQA group.
+
+    "softmax_max" (ShadowKV's rule, and the paper's as evaluated: PAPER.md "ShadowKV, precisely"): per
+    query head and position, softmax over the N landmarks of q.L / sqrt(d); sum over the Tq positions;
+    max over the G heads, so a landmark that matters to any one head of the group is kept (all heads
+    of a group read the same selected keys). Landmarks in `marks.removed` are taken out before the
+    softmax. "mean_query" (the authors' fast GPU path, PAPER.md "The paper's method"): the dot
+    product of each landmark with the mean of the group's queries, no softmax, no scaling.
+    """
+    if rule == "mean_query":
+        qm = q.float().mean(dim=1, keepdim=True)  # [H, 1, Tq, d]
+        scores = marks.logits(qm).sum(dim=2)[:, 0] * math.sqrt(q.shape[-1])  # [H, N], the 1/sqrt(d) undone
+        if marks.removed is not None:
+            scores = scores.masked_fill(marks.removed, float("-inf"))
+        return scores
+    logits = marks.logits(q)  # [H, G, Tq, N]
+    scores = scores_from_logits(logits)  # [H, N]
+    if marks.removed is not None:
+        scores = scores.masked_fill(marks.removed, float("-inf"))
+    return scores
+
+
+LANDMARKS = {"keys": TokenKeys, "mean": ChunkMeans, "quantized": QuantizedKeys, "quest": QuestBounds}

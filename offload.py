@@ -15,12 +15,16 @@ On a CUDA device:
     needs this layer's output: selection is redone at every layer (PAPER.md, ShadowKV).
 On a CPU the same code runs: no pinning, no stream, the gather is the fetch.
 
-The store counts the bytes it moves per decode step (the PCIe traffic a real system pays).
+A stored tensor may be a quantize.Quantized (the paper keeps its K/V at 4 bits): its packed rows are
+fetched as they are, and dequantized on the device once they arrive. The store counts the bytes it
+moves per decode step (the PCIe traffic a real system pays).
 """
 
 from contextlib import nullcontext
 
 import torch
+
+import quantize
 
 
 class OffloadStore:
@@ -37,15 +41,18 @@ class OffloadStore:
         self.bytes_moved = 0  # host -> device bytes, since the last reset
 
     def put(self, layer, name, x):
-        """Keep x [H, M, ...] at its home: pinned host memory when the device is a GPU. On a CPU it is
-        kept as given (copied only if its rows are not a table, see fetch): usually a view into the
-        prefill's K/V, which all the caches built from one prefill then share instead of copying."""
+        """Keep x [H, M, ...] (a tensor, or a quantize.Quantized of one) at its home: pinned host memory
+        when the device is a GPU. On a CPU a tensor is kept as given (copied only if its rows are not a
+        table, see fetch): usually a view into the prefill's K/V, which all the caches built from one
+        prefill then share instead of copying."""
+        self.tensors[(layer, name)] = quantize.map_tensors(x, self._home) if isinstance(
+            x, quantize.Quantized) else self._home(x)
+
+    def _home(self, x):
         x = x.to(self.home)
         if self.cuda:
             x = x.pin_memory()
-        if not _rows_are_a_table(x):
-            x = x.contiguous()
-        self.tensors[(layer, name)] = x
+        return x if _rows_are_a_table(x) else x.contiguous()
 
     def get(self, layer, name):
         return self.tensors[(layer, name)]
@@ -54,9 +61,12 @@ class OffloadStore:
         """Start copying rows idx of the tensors `names` of `layer` to the device; returns a Fetch.
 
         names: e.g. ("k", "v"), tensors [H, M, ...] with the same H and M. idx: [H, k] int64 row
-        indices per head (on any device). Once waited for, each result is [H, k, ...] on the device.
+        indices per head (on any device). Once waited for, each result is [H, k, ...] on the device
+        (a quantized one dequantized there, [H, k, C] float32).
         """
-        xs = [self.tensors[(layer, name)] for name in names]  # each [H, M, ...]
+        stored = [self.tensors[(layer, name)] for name in names]
+        parts = [_parts(x) for x in stored]  # per name its tensors: one, or a Quantized's codes, scales, ...
+        xs = [t for ts in parts for t in ts]  # each [H, M, ...]
         H, M = xs[0].shape[:2]
         idx = idx.to(self.home)  # a GPU -> CPU copy of the indices: the one sync point per fetch
         flats = {}  # table rows of idx, per stored layout (K and V of one prefill share theirs)
@@ -89,7 +99,19 @@ class OffloadStore:
             event = torch.cuda.Event() if self.cuda else None
             if event is not None:
                 event.record(self.stream)
-        return Fetch(outs, event, staging)
+        rebuilt, i = [], 0
+        for x, ts in zip(stored, parts):  # regroup the fetched parts of each quantized tensor
+            got, i = outs[i:i + len(ts)], i + len(ts)
+            rebuilt.append(got[0] if isinstance(x, torch.Tensor) else
+                           quantize.map_tensors(x, lambda t, it=iter(got): next(it)))
+        return Fetch(rebuilt, event, staging)
+
+
+def _parts(x):
+    """The tensors a stored entry is made of: itself, or a Quantized's codes, scales and zeros."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [getattr(x, f) for f in ("codes", "scales", "zeros") if getattr(x, f) is not None]
 
 
 def _rows_are_a_table(x):
@@ -109,8 +131,10 @@ class Fetch:
         self.outs, self.event, self.staging = outs, event, staging  # keep staging alive until the copy ends
 
     def wait(self):
+        """The fetched rows, [H, k, ...] each; quantized entries dequantized on the device."""
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
             for out in self.outs:
-                out.record_stream(torch.cuda.current_stream())
-        return self.outs
+                for t in _parts(out):
+                    t.record_stream(torch.cuda.current_stream())
+        return [out if isinstance(out, torch.Tensor) else quantize.dequantize(out) for out in self.outs]

@@ -54,9 +54,9 @@ def decode_attention(lengths, repeats, layers):
     rows = {}
     for T in lengths:
         g = torch.Generator().manual_seed(T)
-        full = KVCache(cfg, rope)
-        full.k = [torch.randn(1, 3, T, 64, generator=g) * torch.linspace(0.3, 3.0, 64) for _ in range(layers)]  # [1, H, T, d]
-        full.v = [torch.randn(1, 3, T, 64, generator=g) for _ in range(layers)]  # [1, H, T, d]
+        ks = [torch.randn(1, 3, T, 64, generator=g) * torch.linspace(0.3, 3.0, 64) for _ in range(layers)]  # [1, H, T, d]
+        vs = [torch.randn(1, 3, T, 64, generator=g) for _ in range(layers)]  # [1, H, T, d]
+        full = KVCache.from_kv(cfg, rope, ks, vs)
         q = torch.randn(1, 9, 1, 64, generator=g)  # [1, n_heads, 1, d]
         k1, v1 = torch.randn(1, 3, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
         pos = torch.tensor([T])

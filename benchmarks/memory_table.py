@@ -49,8 +49,7 @@ def main():
     # keys with a few strong channels, like real keys; values plain Gaussian
     k = (torch.randn(1, 8, T, 128, generator=g) * torch.linspace(0.3, 3.0, 128)).bfloat16()  # [1, H, T, d]
     v = torch.randn(1, 8, T, 128, generator=g).bfloat16()  # [1, H, T, d]
-    full = KVCache(one_layer, Rope(one_layer))
-    full.k, full.v = [k], [v]
+    full = KVCache.from_kv(one_layer, Rope(one_layer), [k], [v])
     bf16_per_token = 2 * 8 * 128 * 2  # K and V, bf16, per token per layer
     print(f"Llama-3.1-8B shapes, {T} prompt tokens, {cfg.n_layers} layers; bf16 KV = "
           f"{bf16_per_token} B/token/layer, {bf16_per_token * T * cfg.n_layers / 2**30:.2f} GiB in all\n")

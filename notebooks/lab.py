@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import landmarks as lm  # noqa: E402
+import landmarks  # noqa: E402
 import text2json  # noqa: E402
 from kvcache import KVCache, StackedCache  # noqa: E402
 
@@ -134,11 +134,8 @@ def forced_queries(model, prompt_ids, answer_ids):
 
 def cut_prompt(full, prompt_len):
     """A full cache holding only the first prompt_len tokens of `full` (new lists, shared tensors)."""
-    cut = KVCache(full.config, full.rope)
-    cut.k = [k[:, :, :prompt_len] for k in full.k]
-    cut.v = [v[:, :, :prompt_len] for v in full.v]
-    cut.prompt_len = prompt_len
-    return cut
+    return KVCache.from_kv(full.config, full.rope, [k[:, :, :prompt_len] for k in full.k],
+                           [v[:, :, :prompt_len] for v in full.v])
 
 
 @torch.inference_mode()
@@ -165,38 +162,36 @@ def decode_policies(model, full, policies, steps, first=None, feed=None, track=F
 
 # ----------------------------------------------------------------------------- selection, replayed offline
 
-def step_scores(q, landmarks):
+def step_scores(q, marks):
     """The selection score of every landmark at every decode step, each step on its own.
 
-    q: [n_heads, A, d] queries of A decode steps (one layer); landmarks: [H, N, d], a tensor or the
-    quantized form a cache stores. The rule is kvcache's (lm.landmark_logits, lm.scores_from_logits:
-    softmax over landmarks, max over the query heads of a GQA group), applied to one query position at
-    a time so that A steps cost one call. Returns [A, H, N].
+    q: [n_heads, A, d] queries of A decode steps (one layer); marks: a landmark kind as a cache stores
+    it (landmarks.LANDMARKS), or an exact key tensor [H, N, d]. The rule is kvcache's softmax / max
+    (landmarks.scores_from_logits), applied to one query position at a time so that A steps cost one
+    call; removed landmarks (ShadowKV's outliers) score -inf. Returns [A, H, N].
     """
-    H = landmarks.shape[0]
+    marks = landmarks.TokenKeys(marks) if isinstance(marks, torch.Tensor) else marks
     n_heads, A, d = q.shape
-    logits = lm.landmark_logits(q.view(H, n_heads // H, A, d), landmarks)  # [H, G, A, N]
+    H = marks.shape[0]  # KV heads
+    logits = marks.logits(q.view(H, n_heads // H, A, d))  # [H, G, A, N]
     N = logits.shape[-1]
     per_step = logits.permute(2, 0, 1, 3).reshape(A * H, n_heads // H, 1, N)  # [A*H, G, 1, N]
-    return lm.scores_from_logits(per_step).view(A, H, N)
+    scores = landmarks.scores_from_logits(per_step).view(A, H, N)
+    return scores if marks.removed is None else scores.masked_fill(marks.removed, float("-inf"))
 
 
 def selected_positions(cache, layer, q):
     """Absolute prompt positions a sparse cache attends at each of A decode steps, for queries q [n_heads, A, d].
 
-    Replays step 1 of kvcache's decode (score the landmarks, drop outlier chunks, top-k chunks per KV
-    head, expand chunks to tokens) on the cache's own stored summary, and adds the tokens it keeps
-    exact (sink, local window, ShadowKV's outliers). Returns [A, H, S + F] int64.
+    Replays step 1 of kvcache's decode (KVCache.select: score the landmarks, top-k chunks per KV head,
+    expanded to tokens) on the cache's own stored summary, one step at a time, and adds the tokens it
+    keeps exact (sink, local window, ShadowKV's outliers). Returns [A, H, S + F] int64.
     """
-    st, plan = cache.layers[layer], cache.plan
-    scores = step_scores(q, st.landmarks)  # [A, H, N]
-    if st.masked is not None:
-        scores = scores.masked_fill(st.masked, float("-inf"))
-    A, H, N = scores.shape
-    chunks = lm.select_topk(scores.reshape(A * H, N), plan["k_chunks"]).view(A, H, -1)  # [A, H, k]
-    c = plan["chunk"]
-    idx = (chunks[..., None] * c + torch.arange(c)).flatten(2) + plan["sink"]  # [A, H, S] absolute
-    return torch.cat([idx, st.fixed_pos.expand(A, -1, -1)], dim=2)  # [A, H, S + F]
+    n_heads, A, d = q.shape
+    H = cache.config.n_kv_heads
+    idx = torch.stack([cache.select(layer, q[:, a:a + 1].reshape(H, n_heads // H, 1, d)) for a in range(A)])  # [A, H, S]
+    exact = cache.layers[layer].exact.prompt_pos  # [H, F]
+    return torch.cat([idx + cache.split.sink, exact.expand(A, -1, -1)], dim=2)  # [A, H, S + F]
 
 
 def oracle_positions(keys, q, k, sink=4, local=64):
@@ -208,7 +203,7 @@ def oracle_positions(keys, q, k, sink=4, local=64):
     T = keys.shape[1]
     scores = step_scores(q, keys[:, sink:T - local])  # [A, H, M]
     A, H, M = scores.shape
-    return lm.select_topk(scores.reshape(A * H, M), k).view(A, H, k) + sink
+    return landmarks.select_topk(scores.reshape(A * H, M), k).view(A, H, k) + sink
 
 
 def recall(attended, oracle, T):

@@ -51,7 +51,7 @@ def test_full_budget_equals_full_attention(tiny, name, kw):
     cache = KVCache(model.config, model.rope, policy)
     got = run(model, cache, prompt, steps)
     assert cache.sparse, "the sparse path must run, not the short-prompt fallback"
-    assert cache.plan["selected"] == cache.plan["n_chunks"] * c
+    assert cache.split.selected == cache.split.n_chunks * c
     ref = run(model, KVCache(model.config, model.rope), prompt, steps)
     assert (got - ref).abs().max() < 1e-5
 
@@ -100,12 +100,12 @@ def test_shadowkv_tracks_key_error_and_outliers(tiny):
     run(model, cache, prompt, steps)
     s = cache.stats.summary()
     assert s["key_error"] > 0.01
-    st = cache.layers[0]
-    assert st.masked.sum(1).tolist() == [2, 2]  # two outlier chunks per KV head, never selected
+    removed = cache.layers[0].marks.removed  # [H, N]
+    assert removed.sum(1).tolist() == [2, 2]  # two outlier chunks per KV head, never selected
     assert "+ 16 outliers" in cache.budget_line()
     sel_chunks = (cache.last_selected[0] - 4) // 8  # [H, S]
     for h in range(2):
-        assert not st.masked[h, sel_chunks[h]].any()
+        assert not removed[h, sel_chunks[h]].any()
 
 
 def test_offloaded_path_equals_on_device(tiny):
@@ -144,7 +144,7 @@ def test_bytes_moved_per_step(tiny):
     model, prompt, steps = tiny
     cache = KVCache(model.config, model.rope, make_policy("mean", chunk_size=4, budget=0.1, sink=4, local=8))
     run(model, cache, prompt, steps[:, :1])
-    sel = cache.plan["selected"]  # 16 tokens, K and V, 2 KV heads x 16 channels, float32, 2 layers
+    sel = cache.split.selected  # 16 tokens, K and V, 2 KV heads x 16 channels, float32, 2 layers
     assert cache.store.bytes_moved == 2 * 2 * sel * 2 * 16 * 4
 
 
@@ -179,8 +179,7 @@ def test_memory_accounting_llama8b_shapes():
     rope, T = Rope(cfg), 4096
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, 8, T, 128, generator=g).bfloat16()
-    full = KVCache(cfg, rope)
-    full.k, full.v = [k], [k.clone()]
+    full = KVCache.from_kv(cfg, rope, [k], [k.clone()])
     frac = {}
     for name, kw in [("shadowkv", dict(rank=160, outliers=0, sink=0, local=0)),
                      ("quantized", dict(sink=0, local=0))]:

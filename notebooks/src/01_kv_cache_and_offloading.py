@@ -95,12 +95,10 @@ one_layer = ModelConfig(**{**llama.__dict__, "n_layers": 1})
 def random_cache(n_tokens, seed=0):
     """A full one-layer cache of random bf16 K/V with Llama-3.1-8B's shapes (memory does not depend on values)."""
     g = torch.Generator().manual_seed(seed)
-    cache = KVCache(one_layer, Rope(one_layer))
     shape = (1, 8, n_tokens, 128)  # [1, kv_heads, T, head_dim]
-    cache.k = [torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g)]
-    cache.v = [torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g)]
-    cache.prompt_len = n_tokens
-    return cache
+    k = torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g)
+    v = torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g)
+    return KVCache.from_kv(one_layer, Rope(one_layer), [k], [v])
 
 
 T_LONG = 128 * 1024
@@ -188,11 +186,11 @@ first = int(logits.argmax())  # the prefill's prediction: exact for every policy
 caches, _ = lab.decode_policies(model, full, policies, steps=4, first=first)
 for p, cache in zip(policies, caches):
     m = cache.memory()
-    sel = cache.plan["selected"] if cache.plan else 0
+    sel = cache.split.selected if cache.split else 0
     per_step = cache.store.bytes_moved / 4
-    expected = sel * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (1 if p.rank else 2)  # V only when keys are rebuilt
+    expected = sel * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (1 if p.keys == "low_rank" else 2)  # V only when keys are rebuilt
     print(f"{p.label():15s} device {m['device_fraction']:6.1%} of bf16 KV, fetched {per_step / 1024:7.1f} KiB per step"
-          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.rank else 'K+V'}: {per_step == expected}")
+          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.keys == 'low_rank' else 'K+V'}: {per_step == expected}")
 
 # %% [markdown]
 # On a 1K-token prompt the fixed 68 sink + local tokens are 6% of the prompt, so every sparse policy's

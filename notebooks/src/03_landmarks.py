@@ -54,9 +54,9 @@ print(f"prompt {T} tokens, answer {A} tokens:", sample["answer"][:150], "...")
 mean8 = KVCache.from_prefill(prompt_only, make_policy("mean", chunk_size=8))
 layer, head, step, chunk = 14, 0, 20, 40
 q = queries[layer][head * (cfg.n_heads // cfg.n_kv_heads), step]  # [d] a query head of KV head `head`
-s0 = mean8.plan["sink"]
+s0 = mean8.split.sink
 tokens = keys[layer][head, s0 + 8 * chunk: s0 + 8 * chunk + 8]  # [8, d]
-print("q . landmark       =", (q @ mean8.layers[layer].landmarks[head, chunk]).item())
+print("q . landmark       =", (q @ mean8.layers[layer].marks.means[head, chunk]).item())
 print("mean of q . k_i    =", (tokens @ q).mean().item())
 print("max of q . k_i     =", (tokens @ q).max().item())
 
@@ -81,10 +81,10 @@ chunk_sizes = [1, 2, 4, 8, 16, 32]
 caches = {c: KVCache.from_prefill(prompt_only, make_policy("mean", chunk_size=c)) for c in chunk_sizes}
 corr = {}
 for c, cache in caches.items():
-    s, N = cache.plan["sink"], cache.plan["n_chunks"]
+    s, N = cache.split.sink, cache.split.n_chunks
     vals = []
     for layer in range(0, cfg.n_layers, 3):
-        mark = lab.step_scores(queries[layer], cache.layers[layer].landmarks)  # [A, H, N]
+        mark = lab.step_scores(queries[layer], cache.layers[layer].marks)  # [A, H, N]
         token = lab.step_scores(queries[layer], keys[layer][:, s:s + N * c])  # [A, H, N*c]
         vals.append(spearman(mark, token.view(A, -1, N, c).amax(-1)))
     corr[c] = sum(vals) / len(vals)
@@ -93,8 +93,8 @@ print("rank correlation, landmark score vs best token in the chunk:", {c: round(
 # %%
 c, layer = 8, 14
 cache = caches[c]
-s, N = cache.plan["sink"], cache.plan["n_chunks"]
-mark = lab.step_scores(queries[layer], cache.layers[layer].landmarks)  # [A, H, N]
+s, N = cache.split.sink, cache.split.n_chunks
+mark = lab.step_scores(queries[layer], cache.layers[layer].marks)  # [A, H, N]
 best = lab.step_scores(queries[layer], keys[layer][:, s:s + N * c]).view(A, -1, N, c).amax(-1)
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
 ax[0].scatter(best.flatten(), mark.flatten(), s=2, alpha=0.3)
@@ -115,7 +115,7 @@ plt.tight_layout(); plt.show()
 # `kvcache`'s decode on each cache's own stored landmarks, for every answer step at once.
 
 # %%
-k_oracle = KVCache.from_prefill(prompt_only, make_policy("oracle")).plan["selected"]
+k_oracle = KVCache.from_prefill(prompt_only, make_policy("oracle")).split.selected
 oracle = [lab.oracle_positions(keys[layer], queries[layer], k_oracle) for layer in range(cfg.n_layers)]  # [A, H, k]
 
 
@@ -149,7 +149,7 @@ print("recall by chunk size:", {c: round(rec[c].mean().item(), 3) for c in chunk
 
 # %%
 real, _ = lab.decode_policies(model, prompt_only, [make_policy("mean", chunk_size=8)], steps=1, feed=answer_ids)
-replay = lab.selected_positions(caches[8], 0, queries[0][:, :1])[0, :, :caches[8].plan["selected"]]  # [H, S]
+replay = lab.selected_positions(caches[8], 0, queries[0][:, :1])[0, :, :caches[8].split.selected]  # [H, S]
 print("layer 0, first answer step: same tokens selected:", torch.equal(real[0].last_selected[0].sort(-1).values, replay.sort(-1).values))
 
 # %% [markdown]
@@ -193,7 +193,7 @@ print(f"over those, (field, layer, KV head) cases where the oracle reads a token
 e = max(events, key=lambda e: e["score"])
 f, step, layer, head = e["fact"], e["step"], e["layer"], e["head"]
 lo, hi = f["prompt"]
-s0 = mean8.plan["sink"]
+s0 = mean8.split.sink
 show = lambda a, b: "|".join(tok.decode([t]) for t in prompt_ids[a:b])  # token boundaries as |
 print(f"writing {f['key']!r} of record {f['record'] + 1}: the next token is {tok.decode([answer_ids[step + 1]])!r} "
       f"(value {f['value']!r}); layer {layer}, KV head {head}")
@@ -201,8 +201,8 @@ print("answer so far: ...", tok.decode(answer_ids[max(0, step - 25):step + 1]))
 print("\nthe value's chunk(s) in the prompt, as the chunk-8 policy cut them:")
 for ch in sorted({(p - s0) // 8 for p in range(lo, hi)}):
     print(f"  chunk {ch:3d} (tokens {s0 + 8 * ch}-{s0 + 8 * ch + 7}): {show(s0 + 8 * ch, s0 + 8 * ch + 8)}")
-scores8 = lab.step_scores(queries[layer][:, step:step + 1], mean8.layers[layer].landmarks)[0, head]  # [N]
-picked = mean8.plan["k_chunks"]
+scores8 = lab.step_scores(queries[layer][:, step:step + 1], mean8.layers[layer].marks)[0, head]  # [N]
+picked = mean8.split.k_chunks
 order = scores8.argsort(descending=True)
 rank = (order == (lo - s0) // 8).nonzero().item() + 1
 print(f"\nthat chunk's landmark ranks {rank} of {len(order)}; the policy keeps the top {picked}:")

@@ -100,7 +100,7 @@ print(f"relative error {((library - key).norm() / key.norm()) ** 2:.3f}; stored 
 # per key value.
 
 # %%
-k_oracle = KVCache.from_prefill(prompt_only, make_policy("oracle")).plan["selected"]
+k_oracle = KVCache.from_prefill(prompt_only, make_policy("oracle")).split.selected
 oracle = [lab.oracle_positions(keys[layer], queries[layer], k_oracle) for layer in range(cfg.n_layers)]  # [A, H, k]
 
 

@@ -21,18 +21,22 @@ policy (PAPER.md "ShadowKV, precisely"):
 
 A policy is three choices, and every name is a preset of them (PRESETS, the same table as the README):
 
-    name        landmarks (what selection scores)    keys attended           always exact
-    full        -- (no selection)                    exact, all              --
-    oracle      every exact key (chunk 1)            exact                   sink, local
-    mean        mean of each chunk of c exact keys   exact                   sink, local
-    svd         every exact key (chunk 1)            rank-r SVD rebuild      sink, local
-    shadowkv    mean of each chunk of 8 keys         rank-r SVD rebuild      sink, local, outlier chunks
-    quantized   every key, quantized (2 bits)        exact                   sink, local
-    quest       min / max of each chunk of 16 keys   exact                   sink, local
+    name        landmarks (what selection scores)    keys attended                always exact
+    full        -- (no selection)                    exact, all                   --
+    oracle      every exact key (chunk 1)            exact                        local 64
+    mean        mean of each chunk of 8 exact keys   exact                        local 64
+    svd         every exact key (chunk 1)            rank-r SVD rebuild           local 64
+    shadowkv    mean of each chunk of 8 keys         rank-r SVD rebuild           local 32, 48 outlier chunks
+    quantized   every key, quantized (2 bits)        exact                        local 64
+    paper       every key, quantized (2 bits)        4-bit K/V (pre-RoPE keys)    local 64
+    paper_fast  every key, 2 bits, mean-query rule   fp8 K/V                      prefix, suffix 0.625%
+    quest       min / max of each chunk of 16 keys   exact                        local 64
 
 so `mean` isolates the landmark failure, `svd` the low-rank failure, `shadowkv` has both, `quantized`
-is the paper's fix (token-level landmarks made cheap by quantization) and `quest` the canonical
-query-aware page-selection baseline. One budget accounting for all (`BudgetSplit`).
+is the paper's fix (token-level landmarks made cheap by quantization) with exact K/V, `paper` the
+paper's full configuration as evaluated (its K/V stored 4-bit as well), `paper_fast` the authors'
+fast GPU path, and `quest` the canonical query-aware page-selection baseline. One budget accounting
+for all (`BudgetSplit`).
 """
 
 import math
@@ -48,14 +52,20 @@ from offload import OffloadStore
 # --------------------------------------------------------------------------------------- the presets
 # One line per policy: the three choices (landmarks, keys, always-exact tokens) and their parameters.
 # Every field not named keeps the Policy default below.
+# (PAPER.md "ShadowKV, precisely", "The paper's method", "Confirmed against the authors' code"; Quest:
+# PAPER.md "Quest".) No preset attends sink tokens: the first tokens compete through their landmarks.
 PRESETS = {
     "full": dict(landmarks=None),
-    "oracle": dict(landmarks="keys", chunk_size=1, keys="exact"),
-    "mean": dict(landmarks="mean", chunk_size=8, keys="exact"),
-    "svd": dict(landmarks="keys", chunk_size=1, keys="low_rank", rank=0.15625),
-    "shadowkv": dict(landmarks="mean", chunk_size=8, keys="low_rank", rank=0.15625, outliers="budget"),
-    "quantized": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2"),
-    "quest": dict(landmarks="quest", chunk_size=16, keys="exact"),
+    "oracle": dict(landmarks="keys", chunk_size=1, keys="exact", local=64),
+    "mean": dict(landmarks="mean", chunk_size=8, keys="exact", local=64),
+    "svd": dict(landmarks="keys", chunk_size=1, keys="low_rank", rank=0.15625, local=64),
+    "shadowkv": dict(landmarks="mean", chunk_size=8, keys="low_rank", rank=0.15625, local=32, outliers=48),
+    "quantized": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64),
+    "paper": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64,
+                  kv_bits="4", kv_group="token", kv_pre_rope=True),
+    "paper_fast": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", sink=0.00625,
+                       local=0.00625, budget=0.015625, score_rule="mean_query", kv_bits="fp8", min_prompt=512),
+    "quest": dict(landmarks="quest", chunk_size=16, keys="exact", local=64),
 }
 POLICIES = tuple(PRESETS)  # every generic test runs over this list
 KEY_SOURCES = ("exact", "low_rank")
@@ -72,8 +82,10 @@ class Policy:
                  "low_rank" (ShadowKV: rank-r SVD factors of the pre-RoPE keys on the device, rebuilt
                  and re-RoPE'd)
     sink, local, outliers: the always-exact tokens: the first `sink` and last `local` prompt tokens
-                 (paper: local window 64), and ShadowKV's outlier chunks: an int count, or "budget" =
-                 ShadowKV's ratio of 48 chunks per 2048 selected tokens, scaled to this budget
+                 (an int, or a share of the prompt below 1; paper: no sink, local window 64), and
+                 ShadowKV's outlier chunks: an int count (ShadowKV: 48), a share of the prompt's
+                 tokens below 1 (to scale the count to short prompts), or "budget" = 48 chunks per
+                 2048 selected tokens, scaled to this budget
     Their parameters:
     budget:      selected prompt tokens as a share of the prompt (paper: 3.125%)
     chunk_size:  tokens per landmark (ShadowKV: 8; the paper's fix: 1)
@@ -86,6 +98,10 @@ class Policy:
                  "mean_query" (the authors' fast path)
     kv_bits:     None = the offloaded K/V are kept exact; else a quantize.parse_format spec ("4",
                  "int4", ...): stored quantized, fetched packed, dequantized on the device
+    kv_group:    "head": each KV head's row of a token is quantized on its own; "token": all
+                 kv_heads * head_dim channels of a token form one row and one scale group (the paper)
+    kv_pre_rope: store the keys before RoPE (the paper: quantize pre-RoPE keys, RoPE the fetched rows)
+    min_prompt:  prompts shorter than this get full attention (the fast path: 512)
     offload:     keep the prompt's K/V in CPU memory (offload.py); False keeps all on the device
     track:       record selection statistics against the oracle (costs an exact scoring pass)
     """
@@ -93,9 +109,9 @@ class Policy:
     name: str = "full"
     landmarks: str | None = None
     keys: str = "exact"
-    sink: int = 4
-    local: int = 64
-    outliers: int | str = 0
+    sink: int | float = 0
+    local: int | float = 64
+    outliers: int | float | str = 0
     budget: float = 0.03125
     chunk_size: int = 1
     landmark_bits: str | None = None
@@ -104,6 +120,9 @@ class Policy:
     rank: float | None = None
     score_rule: str = "softmax_max"
     kv_bits: str | None = None
+    kv_group: str = "head"
+    kv_pre_rope: bool = False
+    min_prompt: int = 0
     offload: bool = True
     track: bool = False
 
@@ -119,6 +138,9 @@ class Policy:
             return f"quantized {bits}{chunk}{res}{kv}"
         if self.name == "svd":
             return f"svd r{self.rank:g}{kv}"
+        if self.name in ("paper", "paper_fast") and (self.kv_bits, self.kv_group) == (
+                PRESETS[self.name]["kv_bits"], PRESETS[self.name].get("kv_group", "head")):
+            return self.name  # its own K/V format is part of the name
         return self.name + kv
 
 
@@ -142,11 +164,18 @@ def make_policy(name: str, **overrides) -> Policy:
         raise ValueError(f"budget {p.budget} is out of range: give a share of the prompt in (0, 1]")
     if not _is_int(p.chunk_size) or p.chunk_size < 1:
         raise ValueError(f"chunk_size {p.chunk_size!r} must be an int >= 1")
-    for field in ("sink", "local", "residual"):
+    for field in ("residual", "min_prompt"):
         if not _is_int(getattr(p, field)) or getattr(p, field) < 0:
             raise ValueError(f"{field} {getattr(p, field)!r} must be an int >= 0")
-    if not (p.outliers == "budget" or _is_int(p.outliers) and p.outliers >= 0):
-        raise ValueError(f"outliers {p.outliers!r} must be an int >= 0 or 'budget'")
+    for field in ("sink", "local", "outliers"):
+        x = getattr(p, field)
+        if not (_is_int(x) and x >= 0 or isinstance(x, float) and 0 <= x < 1 or field == "outliers" and x == "budget"):
+            raise ValueError(f"{field} {x!r} must be an int >= 0 or a share of the prompt in [0, 1)"
+                             + (" or 'budget'" if field == "outliers" else ""))
+    if p.kv_group not in ("head", "token"):
+        raise ValueError(f"kv_group {p.kv_group!r} must be 'head' or 'token'")
+    if (p.kv_group == "token" or p.kv_pre_rope) and p.kv_bits is None:
+        raise ValueError("kv_group='token' and kv_pre_rope describe quantized K/V: give kv_bits too")
     if p.outliers and p.landmarks != "mean":
         raise ValueError("outlier chunks are ShadowKV's: they need chunk-mean landmarks (landmarks='mean')")
     if p.landmarks is not None and p.landmarks not in landmarks.LANDMARKS:
@@ -216,18 +245,27 @@ def split_budget(policy: Policy, T: int) -> BudgetSplit | None:
     of exactly the whole middle still runs the sparse path; the invariant tests use that.)
     """
     c = policy.chunk_size
-    sink = min(policy.sink, T)
-    local = min(policy.local, T - sink)
+    if T < policy.min_prompt:
+        return None
+    sink = min(_tokens(policy.sink, T), T)
+    local = min(_tokens(policy.local, T), T - sink)
     n_chunks = (T - sink - local) // c
     local = T - sink - n_chunks * c
-    selected = max(c, round(policy.budget * T) // c * c)
-    if policy.outliers == "budget":  # ShadowKV: 48 outlier chunks per 2048 selected tokens
+    selected = max(c, int(policy.budget * T) // c * c)  # the authors: int(0.03125 * T)
+    if policy.outliers == "budget":  # 48 outlier chunks per 2048 selected tokens (ShadowKV's fast class)
         outliers = round(48 * selected / 2048)
+    elif isinstance(policy.outliers, float):  # a share of the prompt's tokens, in whole chunks
+        outliers = round(policy.outliers * T / c)
     else:
         outliers = policy.outliers
     if selected + outliers * c > n_chunks * c:
         return None
     return BudgetSplit(T, sink, local, c, n_chunks, selected, outliers)
+
+
+def _tokens(count, T: int) -> int:
+    """A token count given as an int, or as a share (float < 1) of a prompt of T tokens."""
+    return round(count * T) if isinstance(count, float) else count
 
 
 # --------------------------------------------------------------------------------- the exact tokens
@@ -277,15 +315,21 @@ def outlier_chunks(marks, n_out: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- the key sources
 @dataclass
 class OffloadedKeys:
-    """The exact keys, kept in the offload store beside the values and fetched with them."""
+    """The keys, kept in the offload store beside the values and fetched with them: exact, or (the
+    paper's configuration) quantized before RoPE, with RoPE applied to the fetched rows."""
 
+    pre_rope: bool = False
     fetched = ("k", "v")  # what a decode step reads from the store
 
     def device_bytes(self, exact_bytes) -> int:
         return 0
 
     def selected(self, got: dict, idx, split: BudgetSplit, rope, dtype) -> torch.Tensor:
-        return got["k"]  # [H, S, d] post-RoPE
+        if not self.pre_rope:
+            return got["k"]  # [H, S, d] post-RoPE
+        H, S, d = got["k"].shape
+        pos = (idx + split.sink).flatten()  # [H*S] prompt positions
+        return rope.apply(got["k"].to(dtype).reshape(1, -1, d), pos).view(H, S, d)  # post-RoPE
 
 
 @dataclass
@@ -294,15 +338,16 @@ class LowRankKeys:
     [M, H*d] matrix, factorised by SVD; U [M, r] and S V^T [r, H*d] stay on the device and the
     selected keys are rebuilt from them and RoPE'd at their positions. Only the values are fetched."""
 
-    u: torch.Tensor  # [M, r]
+    u: torch.Tensor  # [T, r] one row per prompt token
     sv: torch.Tensor  # [r, H * d]
     fetched = ("v",)
 
     @classmethod
-    def build(cls, k_mid, split: BudgetSplit, rope, rank) -> "LowRankKeys":
-        """k_mid: [H, M, d] post-RoPE middle keys; RoPE is undone before the SVD."""
-        pos = torch.arange(split.middle.start, split.middle.stop, device=k_mid.device)  # [M]
-        return cls(*low_rank_keys(rope.invert(k_mid, pos), rank))
+    def build(cls, k, split: BudgetSplit, rope, rank) -> "LowRankKeys":
+        """k: [H, T, d] post-RoPE keys of the WHOLE prompt, as ShadowKV factorises them (the rows of
+        the sink and the local window are never rebuilt, but shape the basis); RoPE is undone first."""
+        pos = torch.arange(k.shape[1], device=k.device)  # [T]
+        return cls(*low_rank_keys(rope.invert(k, pos), rank))
 
     def device_bytes(self, exact_bytes) -> int:
         return sum(t.numel() * (exact_bytes or t.element_size()) for t in (self.u, self.sv))
@@ -310,8 +355,9 @@ class LowRankKeys:
     def selected(self, got: dict, idx, split: BudgetSplit, rope, dtype) -> torch.Tensor:
         H, S = idx.shape
         d = self.sv.shape[1] // H
-        pre = rebuild_keys(self.u, self.sv, idx, H, d).to(dtype)  # [H, S, d] pre-RoPE
-        return rope.apply(pre.reshape(1, -1, d), (idx + split.sink).flatten()).view(H, S, d)  # post-RoPE
+        pos = idx + split.sink  # [H, S] prompt positions of the selected middle rows
+        pre = rebuild_keys(self.u, self.sv, pos, H, d).to(dtype)  # [H, S, d] pre-RoPE
+        return rope.apply(pre.reshape(1, -1, d), pos.flatten()).view(H, S, d)  # post-RoPE
 
 
 @dataclass
@@ -428,10 +474,11 @@ class KVCache:
                                                                         device=k.device))
         # 2. the middle goes to the offload store; low-rank keys keep only their factors on the device
         if p.keys == "low_rank":
-            keys = LowRankKeys.build(k_mid, split, self.rope, p.rank)
+            keys = LowRankKeys.build(k, split, self.rope, p.rank)
         else:
-            keys = OffloadedKeys()
-            self._offload(layer, "k", k_mid)
+            keys = OffloadedKeys(pre_rope=p.kv_pre_rope)
+            pos = torch.arange(split.middle.start, split.middle.stop, device=k.device)  # [M]
+            self._offload(layer, "k", self.rope.invert(k_mid, pos) if p.kv_pre_rope else k_mid)
         self._offload(layer, "v", v_mid)
         if p.track:
             self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
@@ -439,10 +486,18 @@ class KVCache:
 
     def _offload(self, layer, name, x):
         """Put x [H, M, d] in the store: as it is, or quantized with policy.kv_bits (each row packed on
-        its own, so the selected rows are fetched still packed: fewer bytes over PCIe)."""
-        if self.policy.kv_bits is not None:
-            x = quantize.quantize(x, quantize.parse_format(self.policy.kv_bits))
-        self.store.put(layer, name, x)
+        its own, so the selected rows are fetched still packed: fewer bytes over PCIe). With
+        kv_group "token" a row is all H * d channels of a token, one scale group (the paper's K/V)."""
+        p = self.policy
+        if p.kv_bits is None:
+            self.store.put(layer, name, x)
+        elif p.kv_group == "head":
+            self.store.put(layer, name, quantize.quantize(x, quantize.parse_format(p.kv_bits)))
+        else:
+            H, M, d = x.shape
+            spec = p.kv_bits if ":" in p.kv_bits else f"{p.kv_bits}:g{H * d}"  # one group: the whole token
+            rows = x.transpose(0, 1).reshape(1, M, H * d)  # [1, M, H*d] token-major
+            self.store.put(layer, name, quantize.quantize(rows, quantize.parse_format(spec)))
 
     # ---------------------------------------------------------------- decode
     def select(self, layer, qg) -> torch.Tensor:
@@ -468,7 +523,8 @@ class KVCache:
         idx = self.select(layer, qg)  # [H, S] middle rows
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
-        fetch = self.store.fetch(layer, st.keys.fetched, idx)
+        token_rows = self.policy.kv_bits is not None and self.policy.kv_group == "token"
+        fetch = self.store.fetch(layer, st.keys.fetched, idx.reshape(1, -1) if token_rows else idx)
 
         # 3. ... and meanwhile attend to the exact tokens on the device.
         qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
@@ -479,7 +535,10 @@ class KVCache:
         out_a, lse_a = attention_lse(qf, st.exact.k, st.exact.v, mask)
 
         # 4. The selected keys (fetched, or rebuilt), attention over them, the two softmaxes merged.
-        got = dict(zip(st.keys.fetched, fetch.wait()))  # name -> [H, S, d] (dequantized if stored packed)
+        got = fetch.wait()  # per name [H, S, d] (dequantized if stored packed)
+        if token_rows:  # [1, H*S, H*d] whole tokens: keep head h's channels of the rows head h selected
+            got = [t.view(H, -1, H, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1) for t in got]  # [H, S, d]
+        got = dict(zip(st.keys.fetched, got))
         sel_k = st.keys.selected(got, idx, self.split, self.rope, q.dtype)  # [H, S, d] post-RoPE
         out_b, lse_b = attention_lse(qf, sel_k, got["v"])
         out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]

@@ -248,10 +248,9 @@ def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
             scores = scores.masked_fill(marks.removed, float("-inf"))
         return scores
     logits = marks.logits(q)  # [H, G, Tq, N]
-    scores = scores_from_logits(logits)  # [H, N]
-    if marks.removed is not None:
-        scores = scores.masked_fill(marks.removed, float("-inf"))
-    return scores
+    if marks.removed is not None:  # out before the softmax: they do not take a share of any head's sum
+        logits = logits.masked_fill(marks.removed[:, None, None], float("-inf"))
+    return scores_from_logits(logits)  # [H, N]
 
 
 LANDMARKS = {"keys": TokenKeys, "mean": ChunkMeans, "quantized": QuantizedKeys, "quest": QuestBounds}

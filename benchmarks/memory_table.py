@@ -36,6 +36,10 @@ POLICIES = [
     ("quantized", dict(landmark_bits="2", residual=4, residual_bits="1")),
     ("quantized", dict(landmark_bits="nvfp4")),
     ("quantized", dict(landmark_bits="fp8")),
+    ("paper", {}),  # 2-bit landmarks, K/V 4-bit HIGGS over all 1024 channels of a token, keys pre-RoPE
+    ("paper_fast", {}),
+    ("quest", dict(chunk_size=16)),
+    ("quest", dict(chunk_size=8)),
 ]
 
 

@@ -1,6 +1,7 @@
 """Invariants of the selection policies (kvcache.py) and of offloading (offload.py)."""
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,21 +40,139 @@ def whole_middle_budget(T, sink, local, chunk):
     return (T - sink - local) // chunk * chunk / T
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("oracle", {}), ("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=4)), ("mean", dict(chunk_size=8)),
-    ("quantized", dict(landmark_bits="2")), ("quantized", dict(landmark_bits="1", residual=4)),
-    ("svd", dict(rank=32)),  # full rank: 2 KV heads x 16 channels
-])
-def test_full_budget_equals_full_attention(tiny, name, kw):
+# Every sparse policy (kvcache.POLICIES), as it fits the tiny 160-token prompt: each generic test below runs
+# over this one list, so a new policy gets all of them by adding one line. The overrides make room: a
+# sink and a local window of 4 and 16 tokens, ShadowKV's 48 outlier chunks cut to 2.
+CASES = {
+    "oracle": {}, "mean": {}, "svd": {}, "shadowkv": dict(outliers=2), "quantized": {}, "paper": {},
+    "paper_fast": dict(min_prompt=0), "quest": {},
+}
+FIT = dict(sink=4, local=16)
+
+
+def test_every_policy_has_a_case():
+    assert set(CASES) == set(kvcache.POLICIES) - {"full"}
+
+
+def exact_policy(name, T):
+    """The case at full precision (exact K/V, full rank) with a budget that selects the whole middle, so
+    it must equal full attention while still running the sparse path."""
+    p = replace(make_policy(name, **FIT, **CASES[name]), kv_bits=None, kv_group="head", kv_pre_rope=False,
+                sink=4, local=16)
+    if p.keys == "low_rank":
+        p = replace(p, rank=32)  # full rank: 2 KV heads x 16 channels
+    n_out = p.outliers  # whole chunks, kept exact besides the selection
+    return replace(p, budget=(whole_middle_budget(T, 4, 16, p.chunk_size) * T - n_out * p.chunk_size + 0.5) / T)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_full_budget_equals_full_attention(tiny, name):
     model, prompt, steps = tiny
-    T, c = prompt.shape[1], kw.get("chunk_size", 1)
-    policy = make_policy(name, sink=4, local=16, budget=whole_middle_budget(T, 4, 16, c), **kw)
+    policy = exact_policy(name, prompt.shape[1])
     cache = KVCache(model.config, model.rope, policy)
     got = run(model, cache, prompt, steps)
     assert cache.sparse, "the sparse path must run, not the short-prompt fallback"
-    assert cache.split.selected == cache.split.n_chunks * c
+    assert cache.split.selected + cache.split.outlier_tokens == cache.split.n_chunks * policy.chunk_size
     ref = run(model, KVCache(model.config, model.rope), prompt, steps)
     assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name,kw", [("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=4)),
+                                     ("quantized", dict(landmark_bits="1", residual=4)), ("quest", dict(chunk_size=4))])
+def test_full_budget_equals_full_attention_variants(tiny, name, kw):
+    model, prompt, steps = tiny
+    T, c = prompt.shape[1], kw.get("chunk_size", 1)
+    cache = KVCache(model.config, model.rope, make_policy(name, budget=whole_middle_budget(T, 4, 16, c), **FIT, **kw))
+    got = run(model, cache, prompt, steps)
+    assert cache.sparse and cache.split.selected == cache.split.n_chunks * c
+    assert (got - run(model, KVCache(model.config, model.rope), prompt, steps)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_offloaded_path_equals_on_device_every_policy(tiny, name):
+    model, prompt, steps = tiny
+    a = KVCache(model.config, model.rope, make_policy(name, budget=0.1, **FIT, **CASES[name], offload=True))
+    b = KVCache(model.config, model.rope, make_policy(name, budget=0.1, **FIT, **CASES[name], offload=False))
+    assert torch.equal(run(model, a, prompt, steps), run(model, b, prompt, steps))
+    assert a.sparse and a.store.bytes_moved > 0 and b.store.bytes_moved == 0
+    assert a.memory()["offloaded"] > 0 and b.memory()["offloaded"] == 0
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_short_prompt_falls_back_every_policy(tiny, name):
+    model, prompt, steps = tiny
+    short = prompt[:, :40]
+    cache = KVCache(model.config, model.rope, make_policy(name, budget=1.0, **FIT, **CASES[name]))
+    with pytest.warns(UserWarning, match="shorter than the"):
+        got = run(model, cache, short, steps)
+    assert not cache.sparse
+    assert torch.equal(got, run(model, KVCache(model.config, model.rope), short, steps))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stacked_cache_matches_separate_run_every_policy(tiny, name):
+    model, prompt, steps = tiny
+    policies = [make_policy("full"), make_policy(name, budget=0.1, **FIT, **CASES[name])]
+    full = KVCache(model.config, model.rope)
+    with torch.inference_mode():
+        model(prompt, full, last_only=True)
+        stacked = StackedCache([KVCache.from_prefill(full, p) for p in policies])
+        batch = torch.cat([model(steps[:, i:i + 1].expand(2, -1), stacked)[:, 0] for i in range(steps.shape[1])]
+                          ).view(steps.shape[1], 2, -1)  # [n, 2, vocab]
+    for j, p in enumerate(policies):
+        alone = run(model, KVCache(model.config, model.rope, p), prompt, steps)
+        assert (batch[:, j] - alone).abs().max() < 1e-4
+
+
+def test_quest_chunk1_selects_the_oracle_tokens(tiny):
+    """With chunk 1 the min and max of a chunk are the key itself, so Quest's bound is q . k: the oracle."""
+    model, prompt, steps = tiny
+    caches = [KVCache(model.config, model.rope, make_policy(n, budget=0.1, chunk_size=1, **FIT)) for n in ("oracle", "quest")]
+    logits = [run(model, c, prompt, steps) for c in caches]
+    for layer in range(model.config.n_layers):
+        assert torch.equal(caches[0].last_selected[layer], caches[1].last_selected[layer])
+    assert (logits[0] - logits[1]).abs().max() < 1e-5
+
+
+def test_quest_bound_is_an_upper_bound():
+    import landmarks
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 32, 8, generator=g)  # [H, M, d]
+    q = torch.randn(2, 3, 1, 8, generator=g)  # [H, G, Tq, d]
+    bounds = landmarks.QuestBounds.build(k, make_policy("quest", chunk_size=4)).logits(q)  # [H, G, 1, 8]
+    exact = landmarks.landmark_logits(q, k).view(2, 3, 1, 8, 4).amax(-1)  # best q.k/sqrt(d) per chunk
+    assert (bounds >= exact - 1e-6).all() and (bounds > exact + 1e-3).any()
+
+
+def test_outliers_leave_before_the_softmax():
+    """A hand case where taking ShadowKV's outlier landmark out before or after the softmax picks a
+    different chunk. Head 0 likes the outlier (landmark 0) and then landmark 1; head 1 likes landmark 2.
+    Outlier inside head 0's softmax: landmark 1 gets ~0 there, and head 1's landmark 2 wins the max over
+    the group. Outlier out first (ShadowKV's accuracy class): landmark 1 takes 0.91 of head 0's softmax
+    and beats landmark 2's 0.86 from head 1."""
+    import landmarks
+    means = torch.tensor([[[20.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])  # [H=1, N=4, d=2]
+    removed = torch.tensor([[True, False, False, False]])  # [H, N] landmark 0 is the outlier
+    marks = landmarks.ChunkMeans(means, torch.ones(1, 4), removed=removed)
+    q = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.5]]]]) * 2 ** 0.5  # [H, G=2, Tq=1, d]; x sqrt(d) undoes the scaling
+    before = landmarks.score(q, marks)  # [1, 4]
+    inside = landmarks.scores_from_logits(landmarks.landmark_logits(q, means)).masked_fill(removed, float("-inf"))
+    assert int(before.argmax()) == 1 and int(inside.argmax()) == 2
+
+
+def test_paper_kv_pre_rope_token_group_round_trip(tiny):
+    """The paper's K/V: all kv_heads x head_dim channels of a token in one group, keys quantized before
+    RoPE. The error against full attention falls as the bits rise, and is small at the paper's 4 bits."""
+    model, prompt, steps = tiny
+    T = prompt.shape[1]
+    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
+    err = {}
+    for bits in ("2", "4", "8"):
+        policy = make_policy("paper", budget=whole_middle_budget(T, 4, 16, 1), **FIT, kv_bits=bits)
+        cache = KVCache(model.config, model.rope, policy)
+        err[bits] = (run(model, cache, prompt, steps) - ref).abs().max().item()
+        assert cache.store.get(0, "k").codes.shape[:2] == (1, T - 20)  # one row per token, all heads
+    assert err["8"] < err["4"] < err["2"] < 0.1 * ref.abs().max()
 
 
 def test_sparse_budget_differs_from_full(tiny):
@@ -108,16 +227,6 @@ def test_shadowkv_tracks_key_error_and_outliers(tiny):
         assert not removed[h, sel_chunks[h]].any()
 
 
-def test_offloaded_path_equals_on_device(tiny):
-    model, prompt, steps = tiny
-    for name, kw in (("quantized", {}), ("shadowkv", {}), ("oracle", dict(kv_bits="4"))):
-        a = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=True, **kw))
-        b = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, offload=False, **kw))
-        assert torch.equal(run(model, a, prompt, steps), run(model, b, prompt, steps))
-        assert a.store.bytes_moved > 0 and b.store.bytes_moved == 0
-        assert a.memory()["offloaded"] > 0 and b.memory()["offloaded"] == 0
-
-
 def test_offloaded_kv_quantized(tiny):
     """kv_bits: the offloaded K/V are stored and fetched packed (bytes exact) and dequantized on the
     device; the logit error against full attention falls as the bits rise."""
@@ -148,31 +257,6 @@ def test_bytes_moved_per_step(tiny):
     assert cache.store.bytes_moved == 2 * 2 * sel * 2 * 16 * 4
 
 
-def test_short_prompt_falls_back_to_full_attention(tiny):
-    model, prompt, steps = tiny
-    short = prompt[:, :40]
-    cache = KVCache(model.config, model.rope, make_policy("quantized", budget=0.75, sink=4, local=16))
-    with pytest.warns(UserWarning, match="shorter than the"):
-        got = run(model, cache, short, steps)
-    assert not cache.sparse
-    assert torch.equal(got, run(model, KVCache(model.config, model.rope), short, steps))
-
-
-def test_stacked_cache_matches_separate_runs(tiny):
-    model, prompt, steps = tiny
-    policies = [make_policy("full"), make_policy("quantized", budget=0.1, sink=4, local=8),
-                make_policy("shadowkv", budget=0.1, sink=4, local=8)]
-    full = KVCache(model.config, model.rope)
-    with torch.inference_mode():
-        model(prompt, full, last_only=True)
-        stacked = StackedCache([KVCache.from_prefill(full, p) for p in policies])
-        batch = torch.cat([model(steps[:, i:i + 1].expand(3, -1), stacked)[:, 0] for i in range(steps.shape[1])]
-                          ).view(steps.shape[1], 3, -1)  # [n, 3, vocab]
-    for j, p in enumerate(policies):
-        alone = run(model, KVCache(model.config, model.rope, p), prompt, steps)
-        assert (batch[:, j] - alone).abs().max() < 1e-4
-
-
 def test_memory_accounting_llama8b_shapes():
     """Llama-3.1-8B shapes (8 KV heads x 128 = 1024 channels), bf16: PAPER.md "Memory accounting"."""
     cfg = tiny_config(n_layers=1, n_heads=32, n_kv_heads=8, head_dim=128, rope_theta=500000.0)
@@ -199,11 +283,25 @@ def test_memory_accounting_llama8b_shapes():
     (dict(name="oracle", budget=1.5), "out of range"), (dict(name="quantized", landmark_bits="7"), "unknown quantization format .7."),
     (dict(name="mean", chunk_size=0), "chunk_size"), (dict(name="full", kv_bits="4"), "full attention has none"),
     (dict(name="oracle", kv_bits="3b"), "unknown quantization format"),
+    (dict(name="mean", chunk_size=2.5), "chunk_size 2.5 must be an int"),
+    (dict(name="quantized", residual=-3), "residual -3 must be an int >= 0"),
+    (dict(name="svd", rank=1.5), "rank 1.5 must be an int >= 1 or a share"),
+    (dict(name="oracle", sink=-1), "sink -1 must be an int >= 0 or a share"),
+    (dict(name="oracle", outliers=4), "outlier chunks are ShadowKV's"),
+    (dict(name="oracle", kv_group="token"), "give kv_bits too"),
+    (dict(name="oracle", score_rule="dot"), "unknown score_rule"),
+    (dict(name="oracle", colour=3), "unknown policy field"),
 ])
 def test_bad_policy_is_one_line_error(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         make_policy(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_from_prefill_needs_a_prefilled_cache(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="from_prefill: the cache holds no prompt K/V"):
+        KVCache.from_prefill(KVCache(model.config, model.rope), make_policy("oracle"))
 
 
 def test_sparse_policy_rejects_batches(tiny):

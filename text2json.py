@@ -138,8 +138,9 @@ def score(prediction, gold):
     Compared texts (`_text`): the typographic apostrophe is made plain on the *parsed* name and
     values (PAPER.md, "Confirmed against the authors' code"), so `\\u2019` escapes score like the
     character; values that are not strings compare as their JSON text, so 1999 matches "1999", 1.5
-    matches "1.5", true matches "true" (not "True"), and a list or object compares as its JSON text
-    (json.dumps: `["a", "b"]`), so it matches a gold holding the same list, never the string "a, b".
+    matches "1.5" (2.0 is "2.0", not "2"), true matches "true" (not "True"), an object compares as its
+    JSON text (json.dumps: `{"k": 1}`), and a predicted list value puts a second `[` in the answer, so
+    the format rule gives the whole answer 0. Items of the list that are not objects are extras.
     The paper's code crashes on such values; ours gives these defined results.
     Edge cases: an empty gold scores 1.0 for an empty list and 0 for any other answer (every object
     is an extra); a gold with duplicate names is scored with its first record per name (`aggregate`

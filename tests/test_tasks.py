@@ -271,6 +271,37 @@ def test_extract_tsv_fences():
     assert tasks.extract_tsv("```tsv\n\tx\n") == "x"
 
 
+def test_longproc_metrics_reach_the_summary_table():
+    """evaluate.score_sample -> samples.jsonl fields -> results.summarize -> the table's columns."""
+    import evaluate
+    import results
+    config = dict(key="full", task="longproc", method="full", label="full", budget=None, chunk_size=None,
+                  rank=None, bits=None, residual=None, kv_bits=None, sparse=False, agreement=1.0, kl=0.0,
+                  oracle_recall=None, attention_mass=None, device_kv_fraction=1.0, bytes_per_step=0.0, landmark_error=None,
+                  key_error=None, recall_per_layer=None, mass_per_layer=None)
+    preds = [GOLD, "Name\tCity\nRed Cafe\tLyon\nGreen Pub\tRome", "no table"]
+    rows = [dict(config, sample=str(i), **evaluate.score_sample("longproc", p, {"gold": GOLD}))
+            for i, p in enumerate(preds)]
+    (summary,) = results.summarize(rows)
+    assert summary["score"] == pytest.approx(100 * (1 + 0.5) / 3)  # F1
+    assert summary["precision"] == pytest.approx(100 * 1.5 / 3) and summary["recall"] == pytest.approx(50.0)
+    assert summary["extraction_rate"] == pytest.approx(200 / 3) and summary["field_recall"] is None
+    table = results.markdown_table([summary], "longproc")
+    assert "| F1 | precision | recall | extraction |" in table
+    assert "| full | – | 50.0 | 50.0 | 50.0 | 66.7 |" in table
+
+
+def test_auto_max_new_tokens_uses_the_task_limit():
+    import evaluate
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate.auto_max_new_tokens([], tok)
+    assert evaluate.auto_max_new_tokens([{"gold": "x" * 905, "new_cap": 9216}], tok) == 1024  # 1024/905 x
+    assert evaluate.auto_max_new_tokens([{"gold": "x" * 20000, "new_cap": 9216}], tok) == 9216  # LongProc 8k
+    assert evaluate.auto_max_new_tokens([{"gold": "x" * 20000, "new_cap": 1024}], tok) == 1024
+    assert tasks.LONGPROC_MAX_NEW == {"0.5k": 1024, "2k": 3072, "8k": 9216}
+
+
 # ----------------------------------------------------------------------------- LongProc data
 
 @needs_longproc

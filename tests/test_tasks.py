@@ -277,8 +277,8 @@ def test_longproc_metrics_reach_the_summary_table():
     import results
     config = dict(key="full", task="longproc", method="full", label="full", budget=None, chunk_size=None,
                   rank=None, bits=None, residual=None, kv_bits=None, sparse=False, agreement=1.0, kl=0.0,
-                  oracle_recall=None, attention_mass=None, device_kv_fraction=1.0, bytes_per_step=0.0, landmark_error=None,
-                  key_error=None, recall_per_layer=None, mass_per_layer=None)
+                  oracle_recall=None, attention_mass=None, device_kv_fraction=1.0, bytes_per_step=0.0,
+                  landmark_error=None, key_error=None, recall_per_layer=None, mass_per_layer=None)
     preds = [GOLD, "Name\tCity\nRed Cafe\tLyon\nGreen Pub\tRome", "no table"]
     rows = [dict(config, sample=str(i), **evaluate.score_sample("longproc", p, {"gold": GOLD}))
             for i, p in enumerate(preds)]

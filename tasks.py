@@ -163,7 +163,10 @@ def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_
         start = problem.index("<Document>\n") + len("<Document>\n")
         records, at = [], start
         for nd, d, o in zip(needles, depths, offsets):
-            at = problem.index("\n" + nd["needle"] + "\n", at) + 1
+            at = problem.find(nd["needle"], at)
+            if at == -1:
+                raise ValueError(f"needle {nd['arg2']!r} changed when the document was decoded: the tokenizer "
+                                 "does not give back the text it encoded")
             records.append(dict(nd, depth=d, token_offset=o, position=at))
         samples.append({"problem": problem, "needles": records, "n_tokens": len(tokenizer.encode(problem)),
                         "document_span": (start, start + len(document))})

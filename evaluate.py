@@ -93,7 +93,15 @@ def build_parser():
     p.add_argument("--data", help="text2json: the released JSONL (default: generated samples); "
                    "needle / longproc: the data folder (default: ../shared/data/...)")
     p.add_argument("--n", type=int, default=8, help="number of samples (the first n of --data)")
-    p.add_argument("--tokens", type=int, default=2048, help="prompt length of generated samples")
+    p.add_argument("--tokens", type=int, default=2048,
+                   help="prompt length in the model's tokens: text2json (generated samples) and needle: the "
+                        "length of the user turn built; longproc: a cap: the end of each HTML page is cut so "
+                        "the user turn fits (8k prompts are 11K-107K tokens of the default model; the rows "
+                        "listed in the cut part are missing from the prompt but stay in the gold table); "
+                        "text2json --data: unused")
+    p.add_argument("--group", default="8k", choices=tasks.LONGPROC_GROUPS,
+                   help="longproc: the output-length group (default 8k, the paper's; its prompts are huge, "
+                        "see --tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(POLICIES)}")
     p.add_argument("--budgets", default=str(DEFAULT_BUDGET), help="comma list of shares of the prompt in (0, 1]")
@@ -235,46 +243,67 @@ def check_data(task, data):
             raise FileNotFoundError(f"Text2JSON file not found: {data} (pass the path to the released JSONL)")
         return
     folder = Path(data) if data else (tasks.NEEDLE_DIR if task == "needle" else tasks.LONGPROC_DIR)
-    needed = ("needles.jsonl", "PaulGrahamEssays.jsonl") if task == "needle" else ("html_to_tsv_0.5k.json",
-                                                                                   "prompts.yaml")
+    needed = ("needles.jsonl", "PaulGrahamEssays.jsonl") if task == "needle" else ("prompts.yaml",)
     for name in needed:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: point --data at your {task} data folder")
+    if task == "longproc" and not any(folder.glob("html_to_tsv_*.json")):
+        raise FileNotFoundError(f"no html_to_tsv_<group>.json in {folder}: point --data at your LongProc "
+                                "folder")
 
 
 # ============================================================================ samples
 
 def load_samples(args, tok):
-    """All samples of the run as dicts: `id`, `problem`, `gold` (the reference answer text), and what
-    the task's scorer needs. Sharding happens later, so every shard sees the same set."""
+    """All samples of the run as dicts: `id`, `problem`, `gold` (the reference answer text), `new_cap`
+    (the paper's new-token limit for the task) and what the task's scorer needs. Sharding happens
+    later, so every shard sees the same set. Bad data fails here, before the model loads: the loaders
+    check every row (text2json.load, tasks.load_longproc), and ids must be distinct."""
     if args.task == "text2json":
         if args.data:
             rows = text2json.load(args.data)[:args.n]
         else:
             rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
-        return [dict(r, id=str(r.get("id", i)), gold=r["answer"]) for i, r in enumerate(rows)]
-    if args.task == "needle":
-        rows = tasks.needle_samples(args.data, N_NEEDLES, args.tokens, tok, seed=args.seed, n=args.n)
-        return [dict(r, id=str(i), gold="\n".join(f"{j}. {nd['gold_standard_answer']}"
-                                                  for j, nd in enumerate(r["needles"], 1)))
-                for i, r in enumerate(rows)]
-    rows = tasks.load_longproc(args.data)[:args.n]
-    return [dict(r, id=str(r["task_id"]), gold=r["gt"]) for r in rows]
+        samples = [dict(r, id=text2json.sample_id(r, i), gold=r["answer"], new_cap=MAX_NEW_CAP)
+                   for i, r in enumerate(rows)]
+    elif args.task == "needle":
+        rows = tasks.needle_samples(args.data, args.tokens, tok, seed=args.seed, n=args.n,
+                                    n_needles=N_NEEDLES)
+        samples = [dict(r, id=str(i), new_cap=MAX_NEW_CAP,
+                        gold="\n".join(f"{j}. {nd['gold_standard_answer']}"
+                                       for j, nd in enumerate(r["needles"], 1)))
+                   for i, r in enumerate(rows)]
+    else:
+        rows = tasks.load_longproc(args.data, args.group)[:args.n]
+        rows = [tasks.cut_page(r, args.tokens, tok) for r in rows]
+        samples = [dict(r, id=str(r["task_id"]), gold=r["gt"], new_cap=tasks.LONGPROC_MAX_NEW[args.group])
+                   for r in rows]
+    seen = set()
+    for s in samples:
+        if s["id"] in seen:
+            raise ValueError(f"duplicate sample id {s['id']!r} in the {args.task} data: "
+                             "every sample needs its own id")
+        seen.add(s["id"])
+    return samples
 
 
 def auto_max_new_tokens(samples, tok):
-    """The paper's headroom over the longest gold answer, at most 1024 new tokens (PAPER.md
-    "Benchmarks": the paper decodes up to 1024 new tokens, its longest gold answer being ~905, so
-    1024/905 = 1.13x). On the default generated samples (~2K tokens, 10 records) the longest gold is
-    274 tokens: 311 new tokens."""
+    """The paper's headroom over the longest gold answer, at most the task's limit (PAPER.md
+    "Benchmarks": Text2JSON decodes up to 1024 new tokens, its longest gold answer being ~905, so
+    1024/905 = 1.13x; needle: up to 1024; LongProc 8k: up to 9216, `tasks.LONGPROC_MAX_NEW`). On the
+    default generated samples (~2K tokens, 10 records) the longest gold is 274 tokens: 311 new tokens."""
+    if not samples:
+        raise ValueError("no samples to run: check --data and --n")
     longest = max(len(tok.encode(s["gold"])) for s in samples)
-    return min(MAX_NEW_CAP, math.ceil(longest * MAX_NEW_CAP / 905))
+    cap = max(s.get("new_cap", MAX_NEW_CAP) for s in samples)
+    return min(cap, math.ceil(longest * MAX_NEW_CAP / 905))
 
 
 def score_sample(task, prediction, sample):
     """The task's per-sample numbers, in [0, 1]: `score` (None = excluded from the mean) and, for
     Text2JSON, `field_recall`. Text2JSON: the paper's rule (samples whose gold repeats a name are
-    excluded, rule 1); needle: share of needle keywords found; longproc: row-level F1."""
+    excluded, rule 1); needle: share of needle keywords found (case-sensitive); longproc: row-level
+    F1, plus `precision`, `recall` and `extracted` (1 when a table could be read from the answer)."""
     if task == "text2json":
         if text2json.has_duplicate_names(sample["gold"]):
             return dict(score=None, field_recall=None)
@@ -282,7 +311,9 @@ def score_sample(task, prediction, sample):
                     field_recall=text2json.field_recall(prediction, sample["gold"]))
     if task == "needle":
         return dict(score=tasks.score_needles(prediction, sample)["score"], field_recall=None)
-    return dict(score=tasks.score_tsv(prediction, sample["gold"])["f1"], field_recall=None)
+    m = tasks.score_tsv(prediction, sample["gold"])
+    return dict(score=m["f1"], field_recall=None, precision=m["precision"], recall=m["recall"],
+                extracted=m["extracted"])
 
 
 # ============================================================================ decoding

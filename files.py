@@ -27,20 +27,25 @@ def read_jsonl(path, check=None) -> list:
     """The objects of a JSONL file, one per non-empty line.
 
     A malformed line raises ValueError naming the file and line, and so does a line for which
-    check(obj) returns a complaint (a string). Every JSONL reader of the project goes through it
+    check(obj) returns a complaint (a string); a file that is not UTF-8 text (a binary file given by
+    mistake) raises ValueError naming the file. Every JSONL reader of the project goes through it
     (Text2JSON, NeedleBench, results folders).
     """
-    rows = []
+    rows, lineno = [], 0
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            complaint = check(obj) if check else None
-            if complaint:
-                raise ValueError(f"{path}:{lineno}: {complaint}")
-            rows.append(obj)
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                complaint = check(obj) if check else None
+                if complaint:
+                    raise ValueError(f"{path}:{lineno}: {complaint}")
+                rows.append(obj)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text after line {lineno} (a binary file?): "
+                             "give a JSONL file, one JSON object per line") from None
     return rows

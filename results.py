@@ -19,8 +19,9 @@ from kvcache import POLICIES
 BITS = ("1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
 # summary.json: the configuration, then the metrics (every row has every key; None = not defined)
 CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
-METRICS = ("score", "text2json_score", "field_recall", "agreement", "kl", "oracle_recall", "attention_mass",
-           "device_kv_fraction", "bytes_per_step", "landmark_error", "key_error", "sparse_share")
+METRICS = ("score", "text2json_score", "field_recall", "precision", "recall", "extraction_rate", "agreement", "kl",
+           "oracle_recall", "attention_mass", "device_kv_fraction", "bytes_per_step", "landmark_error", "key_error",
+           "sparse_share")
 # run.json settings that must agree for a resumed (or merged) run: they change every result
 RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens")
 
@@ -83,6 +84,8 @@ def summarize(rows):
                        text2json_score=None if score is None or task != "text2json" else 100 * score,
                        field_recall=None if recall is None else 100 * recall,
                        sparse_share=None if rs[0]["method"] == "full" else _mean(float(r["sparse"]) for r in rs))
+        for m, k in (("precision", "precision"), ("recall", "recall"), ("extraction_rate", "extracted")):  # longproc
+            metrics[m] = None if _mean(r.get(k) for r in rs) is None else 100 * _mean(r.get(k) for r in rs)
         summary.append(dict(key=key, task=task, **{f: rs[0].get(f) for f in CONFIG_FIELDS}, n=len(rs),
                             **{m: metrics[m] for m in METRICS},
                             recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
@@ -107,13 +110,15 @@ def _bytes(x):
 def markdown_table(summary, task):
     """The comparison table: the task score, fidelity, selection quality and memory of each configuration."""
     score_name = {"text2json": "Text2JSON score", "needle": "needle score", "longproc": "F1"}[task]
-    t2j = task == "text2json"
-    head = ["policy", "budget", score_name] + (["field recall"] if t2j else []) + [
+    t2j, tsv = task == "text2json", task == "longproc"
+    head = ["policy", "budget", score_name] + (["field recall"] if t2j else []) + (
+        ["precision", "recall", "extraction"] if tsv else []) + [
         "agreement", "KL", "oracle recall", "attention mass", "device KV", "bytes/step", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         cells = [r["label"], "–" if r["budget"] is None else f"{100 * r['budget']:.3g}%", _fmt(r["score"], ".1f")]
         cells += [_fmt(r["field_recall"], ".1f")] if t2j else []
+        cells += [_fmt(r.get(m), ".1f") for m in ("precision", "recall", "extraction_rate")] if tsv else []
         cells += [_fmt(r["agreement"], ".3f"), _fmt(r["kl"], ".3f"), _fmt(r["oracle_recall"], ".3f"),
                   _fmt(r["attention_mass"], ".3f"),
                   "–" if r["device_kv_fraction"] is None else f"{100 * r['device_kv_fraction']:.1f}%",

@@ -27,48 +27,93 @@ APOSTROPHE = "\u2019"  # the typographic apostrophe, normalised to ' before scor
 
 # ----------------------------------------------------------------------------- loading
 
+def sample_id(row, index):
+    """A sample's id, as a string: its `id` field, else its position in the file (0, 1, ...)."""
+    return str(row.get("id", index))
+
+
 def load(path):
     """Read the released JSONL: one JSON object per line with `problem` and `answer`.
 
-    Other fields are kept. A malformed line raises ValueError naming the file and line,
-    so a truncated download is caught here and not as a wrong score later.
+    Other fields are kept. Every row is checked here, so a bad file fails before any model is
+    loaded, with a one-line ValueError naming the file, the line and the sample id: a line that is
+    not JSON, a `problem` that is not a non-empty string, an `answer` that is not a JSON string (the
+    released format; a list written inline is refused) or that does not hold a valid gold list (see
+    `gold_records`), two rows with the same id (`sample_id`), and a file with no rows at all.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Text2JSON file not found: {path} (pass the path to the released JSONL)")
-    return read_jsonl(path, lambda obj: None if isinstance(obj, dict) and {"problem", "answer"} <= obj.keys()
-                      else "expected an object with 'problem' and 'answer' fields")
+    seen = {}
+
+    def check(obj):
+        index = len(seen)
+        if not isinstance(obj, dict) or not {"problem", "answer"} <= obj.keys():
+            return "expected an object with 'problem' and 'answer' fields"
+        sid = sample_id(obj, index)
+        if sid in seen:
+            return f"duplicate sample id {sid!r} (also sample {seen[sid]}): give every row its own 'id'"
+        seen[sid] = index
+        if not isinstance(obj["problem"], str) or not obj["problem"].strip():
+            return f"sample {sid!r}: 'problem' must be a non-empty string, not {obj['problem']!r:.40}"
+        if not isinstance(obj["answer"], str):
+            return (f"sample {sid!r}: 'answer' must be a JSON string holding the gold list (the released "
+                    f"format), not a {type(obj['answer']).__name__}")
+        try:
+            gold_records(obj["answer"])
+        except ValueError as e:
+            return f"sample {sid!r}: {e}"
+        return None
+
+    rows = read_jsonl(path, check)
+    if not rows:
+        raise ValueError(f"{path} holds no samples (an empty Text2JSON file)")
+    return rows
 
 
 # ----------------------------------------------------------------------------- scoring
 
-def _gold_list(gold):
-    """The gold answer as a list of dicts, from the JSON string or the list itself."""
+def _text(value):
+    """A value as the string it is compared as: a string itself, anything else (number, boolean,
+    null, list, object) its compact JSON text (1999 -> "1999", 1.5 -> "1.5", true -> "true"), with the
+    typographic apostrophe made plain. Applied to *parsed* values, so an answer that writes the
+    apostrophe as the JSON escape \\u2019 compares like one that writes the character."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text.replace(APOSTROPHE, "'")
+
+
+def gold_records(gold):
+    """The gold answer as a list of dicts, from the JSON string or the list itself; every record has a
+    string `name` (typographic apostrophe made plain), the other values are kept as parsed.
+    A gold that is not a list of such objects is a ValueError (None included)."""
+    if gold is None:
+        raise ValueError("gold answer is None: give the sample's JSON answer")
     if isinstance(gold, str):
         try:
             gold = json.loads(gold)
         except json.JSONDecodeError as e:
             raise ValueError(f"gold answer is not valid JSON ({e.msg})") from None
-    if not isinstance(gold, list) or not all(isinstance(r, dict) and "name" in r for r in gold):
-        raise ValueError("gold answer must be a list of objects, each with a 'name' key")
-    return [{k: _norm(v) for k, v in r.items()} for r in gold]
-
-
-def _norm(value):
-    return value.replace(APOSTROPHE, "'") if isinstance(value, str) else value
+    if not isinstance(gold, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                             for r in gold):
+        raise ValueError("gold answer must be a JSON list of objects, each with a string 'name'")
+    return [dict(r, name=_text(r["name"])) for r in gold]
 
 
 def has_duplicate_names(gold):
     """True when two gold records share a name: such a sample cannot be keyed by name and
     is left out of the mean (paper's rule 1)."""
-    names = [r["name"] for r in _gold_list(gold)]
+    names = [r["name"] for r in gold_records(gold)]
     return len(set(names)) != len(names)
+
+
+def _check_prediction(prediction):
+    if prediction is not None and not isinstance(prediction, str):
+        raise ValueError(f"a prediction must be a string (or None), not a {type(prediction).__name__}")
 
 
 def _parse_prediction(prediction):
     """The predicted list, or None when the paper's format rule fails (rule 2): exactly one
-    `[` and one `]`, `[` first, and the text between them (inclusive) parses as JSON."""
-    prediction = prediction.replace(APOSTROPHE, "'")
-    if prediction.count("[") != 1 or prediction.count("]") != 1:
+    `[` and one `]` in the raw text, `[` first, and the text between them (inclusive) parses as JSON."""
+    if prediction is None or prediction.count("[") != 1 or prediction.count("]") != 1:
         return None
     start, end = prediction.index("["), prediction.index("]")
     if end < start:
@@ -80,29 +125,41 @@ def _parse_prediction(prediction):
 
 
 def score(prediction, gold):
-    """The paper's per-sample Text2JSON score, in [0, 1] (PAPER.md, "Score", rules 1-5).
+    """The paper's per-sample Text2JSON score, in [0, 1] (PAPER.md, "Benchmarks", rules 1-5).
 
-    Gold records are keyed by name (’ -> ' on both sides). The prediction must hold exactly
-    one `[`...`]` that parses as a JSON list, else 0. Each predicted object whose `name` is
-    missing, not a string or not among the gold names still unmatched is an "extra": it
-    adds 1 to the denominator and nothing to the sum. A matched object starts at 1, loses
-    0.5 per gold key that is missing or null and 0.25 per value that differs when both are
-    written as strings (so 1999 matches "1999"); its gold record is then used up, so a
-    repeated name is an extra. Score = sum / (gold records + extras).
-    A gold with duplicate names is scored with its first record per name; `aggregate`
-    leaves such samples out, as the paper does.
+    Gold records are keyed by name. The prediction must hold exactly one `[`...`]` (found in the raw
+    text) that parses as a JSON list, else 0. Each predicted item that is not an object, or whose
+    `name` is missing, not a string or not among the gold names still unmatched, is an "extra": it
+    adds 1 to the denominator and nothing to the sum. A matched object starts at 1, loses 0.5 per
+    gold key that is missing or null and 0.25 per value whose text differs from the gold's; its gold
+    record is then used up, so a repeated name is an extra. Score = sum / (gold records + extras).
+    Keys the gold does not have are ignored.
+
+    Compared texts (`_text`): the typographic apostrophe is made plain on the *parsed* name and
+    values (PAPER.md, "Confirmed against the authors' code"), so `\\u2019` escapes score like the
+    character; values that are not strings compare as their JSON text, so 1999 matches "1999", 1.5
+    matches "1.5" (2.0 is "2.0", not "2"), true matches "true" (not "True"), an object compares as its
+    JSON text (json.dumps: `{"k": 1}`), and a predicted list value puts a second `[` in the answer, so
+    the format rule gives the whole answer 0. Items of the list that are not objects are extras.
+    The paper's code crashes on such values; ours gives these defined results.
+    Edge cases: an empty gold scores 1.0 for an empty list and 0 for any other answer (every object
+    is an extra); a gold with duplicate names is scored with its first record per name (`aggregate`
+    leaves such samples out, as the paper does); a None prediction (no answer) scores 0; a None or
+    malformed gold is a ValueError.
     """
+    _check_prediction(prediction)
     remaining = {}
-    for r in _gold_list(gold):
+    for r in gold_records(gold):
         remaining.setdefault(r["name"], r)
     n_gold = len(remaining)
     pred = _parse_prediction(prediction)
-    if pred is None:
+    if pred is None or not isinstance(pred, list):
         return 0.0
     total, extras = 0.0, 0
     for obj in pred:
         name = obj.get("name") if isinstance(obj, dict) else None
-        if not isinstance(name, str) or name not in remaining:
+        name = _text(name) if isinstance(name, str) else None
+        if name is None or name not in remaining:
             extras += 1
             continue
         record = remaining.pop(name)
@@ -111,7 +168,7 @@ def score(prediction, gold):
             value = obj.get(key)
             if value is None:
                 s -= 0.5
-            elif str(value) != str(gold_value):
+            elif key != "name" and _text(value) != _text(gold_value):
                 s -= 0.25
         total += max(s, 0.0)  # never negative for 3-key records; guards odd gold files
     denom = n_gold + extras
@@ -136,17 +193,21 @@ def _objects(text):
 
 def field_recall(prediction, gold):
     """Lenient companion to `score`: the share of gold (name, key, value) triples, `name`
-    itself included, that some predicted object reproduces (same name, same value as a
-    string). Tolerates a truncated or badly bracketed list, so a small model that runs out
-    of tokens still gets credit for the records it wrote; never penalises extras."""
-    triples = {(r["name"], k, str(v)) for r in _gold_list(gold) for k, v in r.items()}
+    itself included, that some predicted object reproduces (same name, same value text, compared
+    as in `score`). Tolerates a truncated or badly bracketed list, so a small model that runs out
+    of tokens still gets credit for the records it wrote; never penalises extras. An empty gold
+    gives 1.0 (nothing to miss); a None prediction 0."""
+    _check_prediction(prediction)
+    triples = {(r["name"], k, _text(v)) for r in gold_records(gold) for k, v in r.items()}
+    if prediction is None:
+        return 0.0
     if not triples:
         return 1.0
     written = set()
-    for obj in _objects(prediction.replace(APOSTROPHE, "'")):
+    for obj in _objects(prediction):
         name = obj.get("name")
         if isinstance(name, str):
-            written.update((name, k, str(v)) for k, v in obj.items() if v is not None)
+            written.update((_text(name), k, _text(v)) for k, v in obj.items() if v is not None)
     return len(triples & written) / len(triples)
 
 

@@ -102,6 +102,67 @@ def test_typographic_apostrophe_is_normalised():
     assert score('[{"name": "X", "profession": "baker\'s aide", "city": "Cork"}]', gold_value) == 1.0
 
 
+def test_apostrophe_written_as_json_escape_scores_like_the_character():
+    gold = [{"name": "Liam O’Brien", "profession": "baker’s aide", "city": "Cork"},
+            {"name": "Ana D’Souza", "profession": "pilot", "city": "Oslo"}]
+    escaped = json.dumps(gold)  # ensure_ascii: every ’ written as \u2019
+    assert "\\u2019" in escaped and "’" not in escaped
+    assert score(escaped, gold) == 1.0  # the raw-text-only normalisation scored 1/3 here
+    assert score(escaped, escaped) == 1.0 and score(json.dumps(gold, ensure_ascii=False), escaped) == 1.0
+    assert field_recall(escaped, gold) == 1.0
+    # the [ ... ] slice is still taken from the raw text: an escaped bracket is not a bracket
+    city = json.dumps([dict(gold[0], city="Cork (1)"), gold[1]]).replace("(1)", r"\u005b1\u005d")
+    assert "[" not in city[1:-1]
+    assert score(city, gold) == pytest.approx((0.75 + 1) / 2)  # one list, and the city "Cork [1]" differs
+
+
+# (prediction objects, gold records, score): values that are not strings compare as their JSON text
+VALUE_TYPES = [
+    ([{"name": "N", "a": 1.5, "b": "x"}], [{"name": "N", "a": "1.5", "b": "x"}], 1.0),
+    ([{"name": "N", "a": 2.0, "b": "x"}], [{"name": "N", "a": "2", "b": "x"}], 0.75),   # 2.0 is "2.0"
+    ([{"name": "N", "a": True, "b": "x"}], [{"name": "N", "a": "true", "b": "x"}], 1.0),
+    ([{"name": "N", "a": True, "b": "x"}], [{"name": "N", "a": "True", "b": "x"}], 0.75),
+    ([{"name": "N", "a": False, "b": "x"}], [{"name": "N", "a": "x", "b": "x"}], 0.75),  # false is a value
+    # a list value writes a second "[": the format rule (exactly one) gives the whole answer 0
+    ([{"name": "N", "a": ["p", "q"], "b": "x"}], [{"name": "N", "a": '["p", "q"]', "b": "x"}], 0.0),
+    ([{"name": "N", "a": {"k": 1}, "b": "x"}], [{"name": "N", "a": {"k": 1}, "b": "x"}], 1.0),
+    ([{"name": "N", "a": {"k": 1}, "b": "x"}], [{"name": "N", "a": '{"k": 1}', "b": "x"}], 1.0),
+    ([{"name": "N", "a": {"k": 1}, "b": "x"}], [{"name": "N", "a": "k: 1", "b": "x"}], 0.75),
+    ([{"name": "N", "a": "p, q", "b": "x"}], [{"name": "N", "a": ["p", "q"], "b": "x"}], 0.75),  # gold list
+    ([{"name": "N", "a": "1999", "b": "x"}], [{"name": "N", "a": 1999, "b": "x"}], 1.0),  # gold int
+    ([{"name": "N", "a": {}, "b": None}], [{"name": "N", "a": "x", "b": "x"}], 0.25),  # {} differs, null -0.5
+    ([{"name": "N", "a": "x", "b": "x", "extra": 7}], [{"name": "N", "a": "x", "b": "x"}], 1.0),
+    (["N", 3, None, True, {"name": "N", "a": "x", "b": "x"}], [{"name": "N", "a": "x", "b": "x"}], 1 / 5),
+    ([{"name": {"n": "N"}, "a": "x", "b": "x"}], [{"name": "N", "a": "x", "b": "x"}], 0.0),  # not a name
+    ([], [], 1.0),                                   # empty gold, empty list: nothing to miss
+    ([{"name": "N", "a": "x", "b": "x"}], [], 0.0),  # empty gold: every object is an extra
+]
+
+
+@pytest.mark.parametrize("pred, gold, expected", VALUE_TYPES)
+def test_value_types_and_items_have_defined_scores(pred, gold, expected):
+    assert score(json.dumps(pred), gold) == pytest.approx(expected)
+    assert score(json.dumps(pred), json.dumps(gold)) == pytest.approx(expected)
+
+
+def test_empty_gold_text_without_a_list_scores_zero():
+    assert score("I found nothing.", []) == 0.0
+    assert field_recall("I found nothing.", []) == 1.0  # nothing to recall
+
+
+def test_none_prediction_scores_zero_and_none_gold_is_an_error():
+    for gold in (GOLD, dumps(GOLD), []):
+        assert score(None, gold) == 0.0 and field_recall(None, gold) == 0.0
+    assert aggregate([None], [GOLD])["score"] == 0.0
+    for fn in (score, field_recall):
+        with pytest.raises(ValueError, match="gold answer is None"):
+            fn("[]", None)
+        with pytest.raises(ValueError, match="prediction must be a string"):
+            fn(42, GOLD)
+    with pytest.raises(ValueError, match="gold answer is None"):
+        text2json.has_duplicate_names(None)
+
+
 def test_empty_prediction_list_scores_zero():
     assert score("[]", GOLD) == 0.0
 
@@ -129,10 +190,11 @@ def test_field_recall_credits_a_truncated_list():
 
 
 def test_bad_gold_is_a_clear_error():
-    with pytest.raises(ValueError, match="gold"):
+    with pytest.raises(ValueError, match="gold answer is not valid JSON"):
         score("[]", "not json")
-    with pytest.raises(ValueError, match="name"):
-        score("[]", [{"city": "Oslo"}])
+    for bad in ([{"city": "Oslo"}], [{"name": 3}], {"name": "x"}, ["x"]):
+        with pytest.raises(ValueError, match="gold answer must be a JSON list of objects"):
+            score("[]", bad)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -151,6 +213,58 @@ def test_load_keeps_fields_and_names_bad_lines(tmp_path):
         load(missing)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load(tmp_path / "nowhere.jsonl")
+
+
+def row(problem="p", answer=None, **extra):
+    return json.dumps({"problem": problem, "answer": dumps(GOLD) if answer is None else answer, **extra})
+
+
+# (file content, the error message's first words): every bad --data is refused at load time
+BAD_DATA = [
+    (row(answer=GOLD) + "\n", "t.jsonl:1: sample '0': 'answer' must be a JSON string"),
+    (row(problem=None) + "\n", "t.jsonl:1: sample '0': 'problem' must be a non-empty string"),
+    (row(problem="  ") + "\n", "t.jsonl:1: sample '0': 'problem' must be a non-empty string"),
+    (row(id=7) + "\n" + row(id=7) + "\n", "t.jsonl:2: duplicate sample id '7'"),
+    (row(id="1") + "\n" + row() + "\n", "t.jsonl:2: duplicate sample id '1'"),  # row 2's id is its index
+    ("", "t.jsonl holds no samples"),
+    ("\n\n", "t.jsonl holds no samples"),
+    (row() + "\n" + row(answer="[{broken") + "\n", "t.jsonl:2: sample '1': gold answer is not valid JSON"),
+    (row(answer='[{"city": "Oslo"}]', id="x9") + "\n",
+     "t.jsonl:1: sample 'x9': gold answer must be a JSON list of objects"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "t.jsonl: not UTF-8 text"),
+]
+
+
+class CharTokenizer:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize("content, message", BAD_DATA)
+def test_bad_data_is_one_line_error_at_load_time(tmp_path, monkeypatch, capsys, content, message):
+    import evaluate
+    path = tmp_path / "t.jsonl"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(ValueError) as e:
+        load(path)
+    assert str(e.value).startswith(f"{path.parent}/{message}") and "\n" not in str(e.value)
+    # the same through the command line: one error line, exit 2, before any model is loaded
+    monkeypatch.setattr(evaluate, "load_tokenizer", lambda path: CharTokenizer())
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = evaluate.main(["--data", str(path), "--n", "1", "--methods", "full", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {path.parent}/{message}") and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_load_ids_and_a_valid_file(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(row(id=5) + "\n" + row() + "\n" + row(id="a") + "\n")
+    rows = load(path)
+    assert [text2json.sample_id(r, i) for i, r in enumerate(rows)] == ["5", "1", "a"]
 
 
 # ----------------------------------------------------------------------------- generator

@@ -216,6 +216,7 @@ class BudgetSplit:
     n_chunks: int
     selected: int  # tokens read from the middle at each decode step (a multiple of chunk)
     outlier_chunks: int = 0
+    outliers_scaled: bool = False  # the outlier count was given as a share of the prompt
 
     @property
     def k_chunks(self) -> int:
@@ -231,7 +232,8 @@ class BudgetSplit:
 
     def line(self) -> str:
         """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
-        out = f" (+ {self.outlier_tokens} outliers)" if self.outlier_chunks else ""
+        scaled = ": ShadowKV's 48 chunks scaled to the prompt" if self.outliers_scaled else ""
+        out = f" (+ {self.outlier_tokens} outliers{scaled})" if self.outlier_chunks else ""
         return (f"budget = {self.sink} sink + {self.local} local + {self.selected} selected{out}"
                 f" of {self.prompt_len} tokens")
 
@@ -260,7 +262,7 @@ def split_budget(policy: Policy, T: int) -> BudgetSplit | None:
         outliers = policy.outliers
     if selected + outliers * c > n_chunks * c:
         return None
-    return BudgetSplit(T, sink, local, c, n_chunks, selected, outliers)
+    return BudgetSplit(T, sink, local, c, n_chunks, selected, outliers, isinstance(policy.outliers, float))
 
 
 def _tokens(count, T: int) -> int:
@@ -613,7 +615,7 @@ class KVCache:
 
 
 class Stats:
-    """Per-layer running means of the selection statistics (PAPER.md: recall against the oracle)."""
+    """Per-layer running means of the selection statistics (PAPER.md "The paper's method", the oracle)."""
 
     def __init__(self, n_layers):
         self.recall = torch.zeros(n_layers)  # sum over steps of the mean over KV heads

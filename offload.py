@@ -12,7 +12,7 @@ On a CUDA device:
   - the caller launches its on-device work (rebuilding low-rank keys, attention over the
     tokens that stay on the device) *before* waiting for the event, so copy and compute
     overlap. The next layer's fetch can only start once its selection is known, which
-    needs this layer's output: selection is redone at every layer (PAPER.md, ShadowKV).
+    needs this layer's output: selection is redone at every layer (PAPER.md "ShadowKV, precisely").
 On a CPU the same code runs: no pinning, no stream, the gather is the fetch.
 
 A stored tensor may be a quantize.Quantized (the paper keeps its K/V at 4 bits): its packed rows are

@@ -164,7 +164,7 @@ for name, summ, exact, dev, moved in rows:
 # - **ShadowKV** keeps about 14% (rank-160 factor U + 8-token chunk landmarks: PAPER.md "Memory
 #   accounting" gives ≈14%), plus its outlier chunks exact; it fetches only values, since keys are rebuilt;
 # - **quantized** (the paper's fix) keeps every key as a 2-bit landmark: 2 bits + a 16-bit scale per
-#   128 channels = 2.125 bits per key value, 6.6% of the cache (PAPER.md: ≈6.6%);
+#   128 channels = 2.125 bits per key value, 6.6% of the cache (PAPER.md "Memory accounting");
 # - **mean** chunk-8 landmarks in bf16 cost 1/8 of the keys = 6.25%, about the same as 2-bit token
 #   landmarks, which is the paper's point: at equal memory, token-level quantized landmarks beat chunk means
 #   (notebooks 3 and 4);

@@ -1,0 +1,62 @@
+"""The project's modules import each other as a chain: no cycle, every import at the top of its file."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = sorted(p.stem for p in REPO.glob("*.py"))  # the flat top-level modules
+
+
+def project_imports(path):
+    """(names of project modules imported at module level, imports found anywhere below module level)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    top, nested = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else [
+                (node.module or "").split(".")[0]]
+            ours = [n for n in names if n in MODULES]
+            if node in tree.body:
+                top.update(ours)
+            else:
+                nested.append((node.lineno, ", ".join(names)))
+    return top, nested
+
+
+GRAPH = {m: project_imports(REPO / f"{m}.py") for m in MODULES}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_import_is_at_the_top(module):
+    assert GRAPH[module][1] == [], f"{module}.py imports inside a function or block: {GRAPH[module][1]}"
+
+
+def test_import_graph_has_no_cycle():
+    graph = {m: GRAPH[m][0] for m in MODULES}
+    state = {}  # module -> "open" while on the DFS stack, "done" after
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            cycle = path[path.index(m):] + [m]
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+        if state.get(m) == "done":
+            return
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            visit(n, path + [m])
+        state[m] = "done"
+
+    for m in MODULES:
+        visit(m, [])
+    assert graph["files"] == set(), "files.py must import nothing of the project"
+    assert {"kvcache"} <= graph["model"] and {"landmarks", "quantize", "offload"} <= graph["kvcache"]
+
+
+def test_core_modules_import_in_a_fresh_interpreter():
+    run = subprocess.run([sys.executable, "-c", "import model, kvcache, landmarks, offload, quantize"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -11,7 +11,7 @@ import torch
 
 import kvcache
 import model
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4  # max-abs logit difference allowed against transformers, float32
@@ -42,8 +42,12 @@ def our_decode(m, prompt, steps):
 
 @pytest.mark.parametrize("arch,kw", [
     ("LlamaForCausalLM", dict(max_shard_size="60KB")),  # GQA + llama3 rope scaling, sharded
+    ("LlamaForCausalLM", dict(tokenizer=word_tokenizer(["a", "b"]))),  # a tokenizer with no chat format
     ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
     ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
+    ("Qwen3MoeForCausalLM", {}),  # 8 experts, 2 per token, renormalised top-k
+    ("Qwen3MoeForCausalLM", dict(norm_topk_prob=False, max_shard_size="60KB")),  # raw top-k probabilities, sharded
+    ("Qwen3MoeForCausalLM", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])),  # MoE: layer 1
 ])
 def test_parity_with_transformers(tmp_path, arch, kw):
     path, hf = make_tiny_checkpoint(arch, tmp_path / arch, **kw)
@@ -52,8 +56,13 @@ def test_parity_with_transformers(tmp_path, arch, kw):
     m, tok = model.load_model(path)
     c = m.config
     assert c.arch == arch and c.eos_ids == [257, 258]
-    assert c.qkv_bias == (arch == "Qwen2ForCausalLM") and c.qk_norm == (arch == "Qwen3ForCausalLM")
+    assert c.qkv_bias == (arch == "Qwen2ForCausalLM") and c.qk_norm == arch.startswith("Qwen3")
     assert (m.lm_head.weight is m.embed_tokens.weight) == (arch == "Qwen2ForCausalLM")
+    moe_layers = [i for i, layer in enumerate(m.layers) if isinstance(layer.mlp, model.MoE)]
+    assert moe_layers == [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+    if arch == "Qwen3MoeForCausalLM":
+        assert moe_layers == ([1] if "mlp_only_layers" in kw else list(range(c.n_layers)))
+        assert (c.n_experts, c.top_k, c.norm_topk_prob) == (8, 2, kw.get("norm_topk_prob", True))
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, c.vocab_size, (2, 48), generator=gen)  # [2, 48]

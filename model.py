@@ -636,6 +636,7 @@ class Tokenizer:
       in the checkpoint's template.
         <s>[INST] {user}[/INST] {assistant.strip()}</s>[INST] ...[/INST]
       an optional system message is put before the *last* user message, "{system}\\n\\n{user}".
+      (Older Mistral templates space [/INST] differently: a one-line warning says so.)
       Both [INST] formats need user and assistant in turn, and add nothing for the reply to come.
     template "plain" (base models, or a tokenizer with none of the above): the messages' contents
       joined by blank lines, encoded with the tokenizer's own special tokens (its BOS, if it adds
@@ -714,6 +715,10 @@ class Tokenizer:
                       file=sys.stderr)
                 self.warned = True
             return "\n\n".join(m["content"] for m in messages)
+        if fmt == "mistral" and " [/INST]" in self.source and not self.warned:
+            print(f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral v0.3's, "
+                  "which model.py writes: prompt ids may differ from the template's", file=sys.stderr)
+            self.warned = True
         if fmt in ("llama2", "mistral"):
             bos = self._token(self.config.bos_id if self.config else None, "<s>")
             eos = "</s>" if "</s>" in self.vocab else self._token((self.config.eos_ids or [None])[0], "</s>")

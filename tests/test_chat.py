@@ -68,12 +68,19 @@ def test_mistral_two_turns_match_golden_ids(tmp_path):
     assert tok.chat(TWO_TURNS[1:]) == MISTRAL_IDS_NO_SYSTEM
 
 
-def test_mistral_found_by_template_text_when_inst_is_not_a_token(tmp_path):
+def test_mistral_found_by_template_text_when_inst_is_not_a_token(tmp_path, capsys):
     """Mistral v0.1 / v0.2 tokenizers spell [INST] as text: the checkpoint's template names the format."""
     path, _ = checkpoint(tmp_path, "m01", sentencepiece_tokenizer(), "{{ '[INST] ' + message['content'] }}")
+    capsys.readouterr()
     tok = model.load_tokenizer(path)
     assert tok.template == "mistral"
     assert tok.format_chat(TWO_TURNS[1:2]) == "<s>[INST] What is the capital of France?[/INST]"
+    assert capsys.readouterr().err == ""
+    # v0.1's first template spaced "[/INST]" differently from v0.3's: said in one warning line
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '[INST] ' + c + ' [/INST]' }}"}))
+    model.load_tokenizer(path).chat(TWO_TURNS[1:2])
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the chat template in") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "llama2"])

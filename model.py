@@ -198,7 +198,9 @@ def _parse_config(path):
     n_heads = _int(c, file, "num_attention_heads")
     dim = _int(c, file, "hidden_size")
     max_positions = _int(c, file, "max_position_embeddings")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+    positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    for key in positive:
         if _int(c, file, key) < 1:
             raise ValueError(f"{file} field {key!r} must be at least 1, got {c[key]}: fix the file")
     # Sliding-window attention is not implemented: cap the context at the window, so a longer
@@ -716,8 +718,8 @@ class Tokenizer:
                 self.warned = True
             return "\n\n".join(m["content"] for m in messages)
         if fmt == "mistral" and " [/INST]" in self.source and not self.warned:
-            print(f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral v0.3's, "
-                  "which model.py writes: prompt ids may differ from the template's", file=sys.stderr)
+            print(f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral "
+                  "v0.3's, which model.py writes: prompt ids may differ from the template's", file=sys.stderr)
             self.warned = True
         if fmt in ("llama2", "mistral"):
             bos = self._token(self.config.bos_id if self.config else None, "<s>")

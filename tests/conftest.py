@@ -33,7 +33,8 @@ ARCH_EXTRAS = {
                              head_dim=32),  # explicit head_dim != hidden / heads, q/k norm implied
     # Qwen3-30B-A3B in miniature: Qwen3 attention, 8 experts of which 2 run per token, renormalised
     "Qwen3MoeForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0), head_dim=32,
-                                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+                                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=True),
 }
 SPECIAL_TOKENS = {
     "LlamaForCausalLM": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -63,7 +64,8 @@ def word_tokenizer(words):
     what a base model's or a home-made checkpoint's tokenizer may look like."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()  # joins words with spaces
     return tok
@@ -88,7 +90,8 @@ def sentencepiece_tokenizer(control_tokens=()):
     return tok
 
 
-def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=False, tokenizer=None, **overrides):
+def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=False, tokenizer=None,
+                         **overrides):
     """Save a tiny random `arch` model (a transformers class name) to path; returns (path, hf_model).
 
     Weights are redrawn with a seeded generator at a scale where logits are O(1) (the default

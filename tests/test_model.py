@@ -98,6 +98,21 @@ def test_moe_decode_step_runs_only_the_chosen_experts(tmp_path):
     assert len(keys) == len(set(keys)) and sum(n for _, n in calls) == 40 * 2 * m.config.n_layers
 
 
+def test_moe_config_as_the_hub_writes_it(tmp_path):
+    """Qwen3-30B-A3B's config.json says num_experts; transformers 5.24 writes num_local_experts."""
+    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
+    saved = model.load_config(path)
+    c = json.loads((path / "config.json").read_text())
+    c["num_experts"] = c.pop("num_local_experts")
+    (path / "config.json").write_text(json.dumps(c))
+    assert model.load_config(path) == saved and saved.n_experts == 8 and saved.moe_ffn_dim == 32
+    c["num_experts_per_tok"] = 9
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError) as e:
+        model.load_config(path)
+    assert "num_experts_per_tok must be between 1 and num_experts (8)" in one_line(e)
+
+
 def test_both_config_styles_load_the_same_model(tmp_path):
     """transformers 5 writes rope_parameters; hub checkpoints carry top-level rope_theta / rope_scaling."""
     new, hf = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "new")

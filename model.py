@@ -571,9 +571,8 @@ def load_model(path=None, dtype=torch.float32, device="cpu", chat_format=None):
     chat_format: None finds the checkpoint's chat format when a chat is first formatted;
     "plain" asks for no template (base models); or one of CHAT_FORMATS to force it.
     """
+    dtype, device = _dtype(dtype), _device(device)  # before the default model is fetched or converted
     path = default_model_dir() if path is None else _check_dir(path)
-    dtype = _dtype(dtype)
-    device = _device(device)
     config = load_config(path)
     tokenizer = load_tokenizer(path, config, chat_format)
     _weight_files(path)  # fail on missing weights before building anything

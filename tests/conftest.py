@@ -27,6 +27,8 @@ ARCH_EXTRAS = {
     "LlamaForCausalLM": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
                                                   low_freq_factor=1.0, high_freq_factor=4.0,
                                                   original_max_position_embeddings=64)),
+    "MistralForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+                               sliding_window=None),  # Mistral 7B v0.2 / v0.3: no sliding window
     "Qwen2ForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
                              tie_word_embeddings=True),  # q/k/v bias is implied by the architecture
     "Qwen3ForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
@@ -39,6 +41,7 @@ ARCH_EXTRAS = {
 SPECIAL_TOKENS = {
     "LlamaForCausalLM": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                          "<|eot_id|>"],
+    "MistralForCausalLM": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],  # v0.3's control tokens
     "Qwen2ForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "Qwen3ForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "Qwen3MoeForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],

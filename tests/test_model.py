@@ -43,6 +43,7 @@ def our_decode(m, prompt, steps):
 @pytest.mark.parametrize("arch,kw", [
     ("LlamaForCausalLM", dict(max_shard_size="60KB")),  # GQA + llama3 rope scaling, sharded
     ("LlamaForCausalLM", dict(tokenizer=word_tokenizer(["a", "b"]))),  # a tokenizer with no chat format
+    ("MistralForCausalLM", {}),  # the Llama block under Mistral's name
     ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
     ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
     ("Qwen3MoeForCausalLM", {}),  # 8 experts, 2 per token, renormalised top-k
@@ -111,6 +112,14 @@ def test_moe_config_as_the_hub_writes_it(tmp_path):
     with pytest.raises(ValueError) as e:
         model.load_config(path)
     assert "num_experts_per_tok must be between 1 and num_experts (8)" in one_line(e)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    """Sliding-window attention is not implemented: a Mistral with a window attends at most that far."""
+    path, _ = make_tiny_checkpoint("MistralForCausalLM", tmp_path / "m", sliding_window=512)
+    assert model.load_config(path).max_positions == 512
+    path, _ = make_tiny_checkpoint("MistralForCausalLM", tmp_path / "m2")  # sliding_window null
+    assert model.load_config(path).max_positions == 2048
 
 
 def test_both_config_styles_load_the_same_model(tmp_path):

@@ -383,6 +383,9 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Mixture-of-experts feed-forward of Qwen3-MoE: each token runs top_k of n_experts SwiGLU experts.
 
+    Qwen3-30B-A3B is one of the paper's four models (PAPER.md "Benchmarks"); only the feed-forward
+    differs from Qwen3, so its attention, and with it every KV-cache policy, is unchanged.
+
     The router (`gate`, a linear map to one logit per expert) gives softmax probabilities; a token
     keeps its top_k experts, with their probabilities renormalised to sum to 1 when the config's
     norm_topk_prob says so (Qwen3-30B-A3B: 8 of 128, renormalised; there is no shared expert). The
@@ -604,8 +607,8 @@ def _alternating(messages, fmt):
     for i, m in enumerate(rest):
         if m["role"] != ("user", "assistant")[i % 2]:
             raise ValueError(f"the {fmt} chat format needs an optional system message, then user and "
-                             "assistant "
-                             f"messages in turn; message {i + (system is not None)} has role {m['role']!r}")
+                             f"assistant messages in turn; message {i + (system is not None)} has role "
+                             f"{m['role']!r}")
     return system, rest
 
 

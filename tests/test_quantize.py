@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import files
 import quantize as Q
 
 HIGGS_SPECS = ["1", "2", "3", "4", "8"]
@@ -69,6 +70,7 @@ def test_hadamard_rejects_bad_sizes():
 
 def test_grid_disk_cache_reload_is_identical(tmp_path, monkeypatch):
     monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(Q, "GRID_SAMPLES", 4096)  # the cache is under test, not the fit: keep it quick
     monkeypatch.setattr(Q, "_GRIDS", {})
     g1 = Q.fit_grid(16, 2, seed=3)
     files = list((tmp_path / "grids").iterdir())
@@ -84,6 +86,7 @@ def test_grid_disk_cache_reload_is_identical(tmp_path, monkeypatch):
 
 def test_grid_damaged_cache_file_is_refitted(tmp_path, monkeypatch):
     monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(Q, "GRID_SAMPLES", 4096)  # the cache is under test, not the fit: keep it quick
     monkeypatch.setattr(Q, "_GRIDS", {})
     g1 = Q.fit_grid(8, 1)
     path = Q._grid_path(8, 1, 0)
@@ -105,6 +108,34 @@ def test_grid_quality_beats_scalar_lloyd_max(spec):
     x = gaussian(100_000, fmt.d, seed=9)
     mse = ((x - grid[Q._nearest(x, grid)]) ** 2).mean().item()
     assert mse < scalar[spec] * 1.02, (spec, mse)
+
+
+REFERENCE_GRIDS = files.data_dir() / "higgs_grids" / "eden_grids.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", list(Q.HIGGS_GRIDS))
+def test_grid_within_one_percent_of_the_papers(spec):
+    """Our fitted grid quantizes N(0, I) samples with at most 1% more squared error than the grid the
+    paper's code ships (PAPER.md "Confirmed against the authors' code"), both measured on the same 1M
+    seeded samples. The reference file is read here only, never shipped."""
+    if not REFERENCE_GRIDS.is_file():
+        pytest.skip(f"reference grids not found at {REFERENCE_GRIDS} (set KVOFFLOAD_DATA to the shared "
+                    "data folder)")
+    from safetensors.torch import load_file
+
+    d, n = Q.HIGGS_GRIDS[spec]
+    reference = load_file(REFERENCE_GRIDS)
+    if f"EDEN{d}-{n}" not in reference:
+        pytest.skip(f"the reference file has no EDEN{d}-{n} grid (the scalar grid is checked against "
+                    "Lloyd-Max in test_grid_quality_beats_scalar_lloyd_max)")
+    theirs = reference[f"EDEN{d}-{n}"]
+    ours = Q.fit_grid(n, d)
+    assert theirs.shape == ours.shape == (n, d)
+    x = gaussian(1 << 20, d, seed=2026)
+    mse = {name: ((x - g[Q._nearest(x, g)]) ** 2).mean().item()
+           for name, g in (("ours", ours), ("theirs", theirs))}
+    assert mse["ours"] <= 1.01 * mse["theirs"], (spec, mse)
 
 
 @pytest.mark.parametrize("n,d", [(256, 4), (64, 2), (256, 1), (256, 8)])
@@ -260,6 +291,74 @@ def test_nvfp4_roundtrip_error_and_exact_values():
     assert torch.equal(Q.dequantize(Q.quantize(exact, "nvfp4")), exact)
 
 
+def test_half_bit_format_and_its_cost():
+    """"0.5" is the paper's residual grid: 256 points in 16 dims, one byte per 16 values, plus the fp16
+    norm of each group: 0.5 + 16 / group bits per value."""
+    f = Q.parse_format("0.5")
+    assert (f.kind, f.d, f.n, f.bits, f.code_bits) == ("higgs", 16, 256, 0.5, 8)
+    assert Q.DEFAULT_RESIDUAL_BITS == "0.5"
+    assert Q.bits_per_value("0.5", 128) == 0.5 + 16 / 128
+    assert Q.bits_per_value("0.5", 64) == 0.5 + 16 / 64  # default group min(128, C)
+    assert Q.bits_per_value("0.5:gall", 1024) == 0.5 + 16 / 1024
+    x = gaussian(2, 8, 128)
+    q = Q.quantize(x, "0.5")
+    assert Q.nbytes(q) == 2 * 8 * (128 // 16 + 2) and q.codes.shape == (2, 8, 8)
+    # coarser than 1 bit, and still far better than nothing on Gaussian input (grid MSE ≈ 0.58 per dim)
+    err = rel_mse(x, Q.dequantize(q))
+    assert rel_mse(x, Q.dequantize(Q.quantize(x, "1"))) < err < 0.6, err
+
+
+def test_all_channel_group_parse_and_errors():
+    assert Q.parse_format("4:gall").group == Q.GROUP_ALL
+    assert Q.parse_format("int4:gall").group == Q.GROUP_ALL
+    assert Q.quantize(gaussian(2, 1024), "4:gall").group == 1024
+    assert Q.quantize(gaussian(2, 192), "4:gall").group == 192
+    assert Q.quantize(gaussian(2, 192), "4:g192").group == 192  # the whole row by its length
+    with pytest.raises(ValueError, match="gall"):  # a default group that is not a power of 2: say how to fix
+        Q.quantize(gaussian(2, 96), "2")
+    with pytest.raises(ValueError, match="power of 2"):  # not a power of 2 and not the whole row
+        Q.quantize(gaussian(2, 192), "4:g96")
+    with pytest.raises(ValueError, match="multiple of the grid dimension"):
+        Q.quantize(gaussian(2, 200), "0.5:gall")
+    with pytest.raises(ValueError, match="valid:"):
+        Q.parse_format("nvfp4:gall")
+
+
+def test_rotation_in_power_of_two_blocks_is_orthonormal_and_block_hadamard():
+    x = gaussian(5, 192, seed=3).double()
+    y = Q._rotate_group(x)
+    assert Q.rotation_block(192) == 64 and Q.rotation_block(1024) == 1024 and Q.rotation_block(6) == 2
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12)  # the one norm scale stays exact
+    assert torch.allclose(Q._rotate_group(y), x, atol=1e-12)  # its own inverse
+    block_diag = torch.block_diag(*[sylvester(64)] * 3)  # [192, 192]
+    assert torch.allclose(y, x @ block_diag, atol=1e-12)
+
+
+def test_all_channel_group_roundtrip_error_falls_as_bits_rise():
+    """The paper's K/V group: all kv_heads x head_dim channels of a token, here 3 x 64 = 192 (SmolLM2-135M),
+    not a power of 2, with heads of different scale."""
+    k = key_like(H=3, T=128, C=64).transpose(0, 1).reshape(128, 192)  # [T, kv_heads * head_dim]
+    specs = ["0.5", "1", "2", "3", "4", "8"]
+    errs = []
+    for spec in specs:
+        q = Q.quantize(k, spec + ":gall")
+        assert q.group == 192 and q.scales.shape == (128, 1)
+        errs.append(rel_mse(k, Q.dequantize(q)))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[specs.index("4")] < 0.02, errs  # 4-bit: about the grid's 0.008 per dim, key-like tails
+    gauss = gaussian(64, 192, seed=4)
+    assert rel_mse(gauss, Q.dequantize(Q.quantize(gauss, "4:gall"))) < 0.0085
+
+
+@pytest.mark.parametrize("spec,row_bytes", [("4:gall", 96 + 2), ("2:gall", 48 + 2), ("0.5:gall", 12 + 2),
+                                            ("8:gall", 192 + 2), ("int4:gall", 96 + 4), ("3:gall", 72 + 2)])
+def test_all_channel_group_nbytes_exact(spec, row_bytes):
+    x = gaussian(5, 7, 192)
+    q = Q.quantize(x, spec)
+    assert Q.nbytes(q) == 5 * 7 * row_bytes
+    assert Q.bits_per_value(spec, 192) == pytest.approx(8 * row_bytes / 192, rel=1e-12)
+
+
 def test_gathered_rows_dequantize_like_the_full_tensor():
     x = gaussian(3, 20, 64)
     idx = torch.tensor([0, 5, 19])
@@ -306,6 +405,28 @@ def test_residual_quantize_rejects_bad_input():
         Q.residual_quantize(torch.zeros(4, 64), 4, "4", "2")
     with pytest.raises(ValueError, match="meta_chunk"):
         Q.residual_quantize(torch.zeros(1, 4, 64), 0, "4", "2")
+    with pytest.raises(ValueError, match="repeat"):
+        Q.residual_quantize(torch.zeros(1, 4, 64), 3, "4", "2", last="mean")
+
+
+def test_meta_chunk_means_pad_by_repeating_the_last_row():
+    """T = 5, m = 3: the last run is rows 3, 4. The paper pads it to 3 rows with a copy of row 4:
+    (10 + 20 + 20) / 3, not (10 + 20) / 2."""
+    v = gaussian(16, seed=7)  # [C]
+    x = torch.tensor([1.0, 2, 3, 10, 20])[None, :, None] * v  # [1, 5, 16]: row t = value_t * v
+    padded = Q.meta_chunk_means(x, 3)
+    own = Q.meta_chunk_means(x, 3, last="own")
+    assert torch.allclose(padded, torch.tensor([2.0, 50 / 3])[None, :, None] * v)
+    assert torch.allclose(own, torch.tensor([2.0, 15.0])[None, :, None] * v)
+    full = x[:, :3]  # no short run: the two rules agree
+    assert torch.equal(Q.meta_chunk_means(full, 3), Q.meta_chunk_means(full, 3, last="own"))
+    # residual_quantize stores the padded mean (8-bit mean: error far below the 11% between the rules)
+    rq = Q.residual_quantize(x, 3, "8")
+    stored = Q.dequantize(rq.mean)
+    assert rel_mse(padded, stored) < 1e-3 < rel_mse(own, stored)
+    assert rq.resid.fmt.name == Q.DEFAULT_RESIDUAL_BITS  # the paper's 0.5-bit residual by default
+    stored_own = Q.dequantize(Q.residual_quantize(x, 3, "8", last="own").mean)
+    assert rel_mse(own, stored_own) < 1e-3 < rel_mse(padded, stored_own)
 
 
 @pytest.mark.parametrize("spec", ["1", "2", "3", "4", "8", "int4", "nvfp4", "fp8", "2:g32"])
@@ -324,9 +445,22 @@ def test_quantized_dot_equals_dot_with_dequantized(spec, block, monkeypatch):
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("spec", ["4:gall", "2:gall", "0.5:gall", "int4:gall"])
+def test_quantized_dot_all_channel_group_equals_dot_with_dequantized(spec):
+    """The lookup-table identity holds for the block-rotated all-channel group (192 = 3 x 64)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 50, 192, generator=g) * torch.linspace(0.2, 3, 192)  # [1, N, C]: one row per token
+    q = torch.randn(1, 4, 192, generator=g)  # [1, Q, C]
+    qx = Q.quantize(x, spec)
+    ref = torch.einsum("hqc,hnc->hqn", q, Q.dequantize(qx))
+    got = Q.quantized_dot(q, qx)
+    assert got.shape == (1, 4, 50)
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
 def test_quantize_inside_inference_mode_matches_outside():
     """The nearest-point search runs in worker threads: they must follow the caller's inference mode."""
-    x = torch.randn(4, 9000, 64, generator=torch.Generator().manual_seed(5))  # enough rows for several threads
+    x = torch.randn(4, 9000, 64, generator=torch.Generator().manual_seed(5))  # rows for several threads
     with torch.inference_mode():
         a = Q.quantize(x, "2")
     b = Q.quantize(x, "2")

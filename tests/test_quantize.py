@@ -362,7 +362,7 @@ def test_all_channel_group_nbytes_exact(spec, row_bytes):
 def test_gathered_rows_dequantize_like_the_full_tensor():
     x = gaussian(3, 20, 64)
     idx = torch.tensor([0, 5, 19])
-    for spec in ["2", "3", "int2", "nvfp4", "fp8"]:
+    for spec in ["2", "3", "int2", "nvfp4", "fp8", "0.5", "4:gall"]:
         q = Q.quantize(x, spec)
         sub = Q.map_tensors(q, lambda t: t[:, idx])
         assert torch.equal(Q.dequantize(sub), Q.dequantize(q)[:, idx]), spec
@@ -429,7 +429,7 @@ def test_meta_chunk_means_pad_by_repeating_the_last_row():
     assert rel_mse(own, stored_own) < 1e-3 < rel_mse(padded, stored_own)
 
 
-@pytest.mark.parametrize("spec", ["1", "2", "3", "4", "8", "int4", "nvfp4", "fp8", "2:g32"])
+@pytest.mark.parametrize("spec", ["0.5", "1", "2", "3", "4", "8", "int4", "nvfp4", "fp8", "2:g32", "4:gall"])
 @pytest.mark.parametrize("block", [Q.SCORE_BLOCK, 16])
 def test_quantized_dot_equals_dot_with_dequantized(spec, block, monkeypatch):
     """The lookup-table scoring of HIGGS landmarks is the same number as scoring the dequantized copy

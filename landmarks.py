@@ -241,6 +241,10 @@ def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
     softmax. "mean_query" (the authors' fast GPU path, PAPER.md "The paper's method"): the dot
     product of each landmark with the mean of the group's queries, no softmax, no scaling.
     """
+    H, N, d = marks.shape
+    if q.dim() != 4 or q.shape[0] != H or q.shape[3] != d:
+        raise ValueError(f"score: landmarks {marks.shape} do not match q {tuple(q.shape)} "
+                         f"(need q [H_kv={H}, G, Tq, d={d}])")
     if rule == "mean_query":
         qm = q.float().mean(dim=1, keepdim=True)  # [H, 1, Tq, d]
         scores = marks.logits(qm).sum(dim=2)[:, 0] * math.sqrt(q.shape[-1])  # [H, N], the 1/sqrt(d) undone

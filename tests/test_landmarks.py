@@ -45,7 +45,7 @@ def test_chunk_landmarks_means_and_errors():
         L.chunk_landmarks(k, 5)
 
 
-def test_landmark_scores_hand_computation():
+def test_score_hand_computation():
     # one KV head, G = 2 query heads, Tq = 2 positions, d = 4, N = 2 landmarks
     lm = torch.tensor([[[2.0, 0, 0, 0], [0, 2.0, 0, 0]]])  # [1, 2, 4]
     q = torch.tensor([[[[1.0, 0, 0, 0], [0, 0, 0, 0]],   # head 0: pos 0 likes landmark 0; pos 1 indifferent
@@ -55,16 +55,16 @@ def test_landmark_scores_hand_computation():
     head0 = [s(1, 0) + 0.5, s(0, 1) + 0.5]
     head1 = [2 * s(0, 3), 2 * s(3, 0)]
     expect = torch.tensor([[max(head0[0], head1[0]), max(head0[1], head1[1])]])
-    got = L.landmark_scores(q, lm)
+    got = L.score(q, L.TokenKeys(lm))
     assert got.dtype == torch.float32 and got.shape == (1, 2)
     assert torch.allclose(got, expect, atol=1e-6)
 
 
-def test_landmark_scores_gqa_max_and_reference():
+def test_score_gqa_max_and_reference():
     q = gaussian(3, 4, 5, 16, seed=1)
     lm = gaussian(3, 40, 16, seed=2)
-    per_head = torch.stack([L.landmark_scores(q[:, g:g + 1], lm) for g in range(4)])  # [4, 3, 40]
-    assert torch.allclose(L.landmark_scores(q, lm), per_head.amax(0))
+    per_head = torch.stack([L.score(q[:, g:g + 1], L.TokenKeys(lm)) for g in range(4)])  # [4, 3, 40]
+    assert torch.allclose(L.score(q, L.TokenKeys(lm)), per_head.amax(0))
     # explicit loops over heads and positions
     ref = torch.zeros(3, 40)
     for h in range(3):
@@ -73,9 +73,9 @@ def test_landmark_scores_gqa_max_and_reference():
             for t in range(5):
                 acc += torch.softmax(lm[h] @ q[h, g, t] / 4.0, dim=0)
             ref[h] = torch.maximum(ref[h], acc)
-    assert torch.allclose(L.landmark_scores(q, lm), ref, atol=1e-5)
+    assert torch.allclose(L.score(q, L.TokenKeys(lm)), ref, atol=1e-5)
     with pytest.raises(ValueError, match="do not match"):
-        L.landmark_scores(q, lm[:2])
+        L.score(q, L.TokenKeys(lm[:2]))
 
 
 def test_select_topk_sorted_and_ties():
@@ -115,5 +115,5 @@ def test_quantized_dot_residual_and_scores():
     x = torch.randn(2, 30, 64, generator=g)  # [H, N, C], N not a multiple of the meta-chunk
     q = torch.randn(2, 3, 2, 64, generator=g)  # [H, G, Tq, C]
     rq = Q.residual_quantize(x, 4, "2", "1")
-    ref = L.landmark_scores(q, Q.dequantize(rq))
-    assert torch.allclose(L.landmark_scores(q, rq), ref, atol=1e-5)
+    ref = L.score(q, L.TokenKeys(Q.dequantize(rq)))
+    assert torch.allclose(L.score(q, L.QuantizedKeys(rq)), ref, atol=1e-5)

@@ -34,12 +34,12 @@ RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_token
 
 
 LOCK_NAME = ".lock"  # in every results folder; holds the pid of its last writer
-_HELD = {}  # resolved folder -> file descriptor of this process's lock on it
+_HELD = {}  # file descriptor of one of this process's locks -> its folder
 
 
 def _close_held_in_child():
     """A forked worker must not keep its parent's locks: if the parent is killed, the folder is free."""
-    for fd in _HELD.values():
+    for fd in _HELD:
         os.close(fd)
     _HELD.clear()
 
@@ -60,40 +60,51 @@ def check_folder(out):
 
 
 @contextlib.contextmanager
-def locked(*folders):
-    """Be the only writer of these results folders (created if missing) while the block runs.
+def locked(out, reads=()):
+    """Be the only writer of the results folder `out` (created if missing) while the block runs, and
+    make sure that no run writes the folders `reads` meanwhile (merge's inputs; `out` may be one).
 
-    Non-blocking: a folder held by another process is a one-line ValueError naming the folder and
-    the holder's pid. The same folder named twice is locked once (merge into one of its inputs).
+    Non-blocking: a folder held by another process is a one-line ValueError naming it and the
+    holder's pid. Readers share their lock (two merges may read one folder) and need no write
+    access: a read-only folder, or one never run by this version (no lock file), is read unlocked.
     """
-    fds = []
+    out, held = Path(out), []
     try:
-        for out in map(Path, folders):
-            check_folder(out)
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                key = out.resolve()
-                if key in _HELD:
+        check_folder(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ValueError(f"cannot create the results folder {out}: {err.strerror}") from None
+        _take(fd, out, fcntl.LOCK_EX, held)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for d in map(Path, reads):
+            if d.resolve() != out.resolve() and (d / LOCK_NAME).is_file():
+                try:
+                    fd = os.open(d / LOCK_NAME, os.O_RDONLY)
+                except OSError:
                     continue
-                fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                raise ValueError(f"cannot create the results folder {out}: {err.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                holder = f" (pid {pid})" if pid.isdigit() else ""
-                raise ValueError(f"{out} is in use by another evaluate.py process{holder}: wait for it to "
-                                 "end, or give another --out") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            _HELD[key] = fd
-            fds.append(key)
+                _take(fd, d, fcntl.LOCK_SH, held)
         yield
     finally:
-        for key in fds:
-            os.close(_HELD.pop(key))  # closing the last descriptor releases the flock
+        for fd in held:
+            _HELD.pop(fd, None)
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _take(fd, folder, mode, held):
+    """flock(fd, mode) without waiting; held gets fd, or a ValueError says who holds the folder."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        holder = f" (pid {pid})" if pid.isdigit() else ""
+        raise ValueError(f"{folder} is in use by another evaluate.py process{holder}: wait for it to end, "
+                         "or give another --out") from None
+    _HELD[fd] = folder
+    held.append(fd)
 
 
 def token_span(sizes):
@@ -383,17 +394,17 @@ def merge(args):
     """`python evaluate.py merge DIR... --out DIR` (args.dirs, args.out): concatenate the shards'
     samples and rebuild the summary.
 
-    Nothing finished is lost: the target must be new, empty or one of the inputs; every folder is
-    locked while it runs (none may be written by a run meanwhile); and a (configuration, sample) found
-    in two inputs must be the same row in both (an identical copy, e.g. overlapping shards, is kept
-    once; differing values are an error naming the sample).
+    Nothing finished is lost: the target must be new, empty or one of the inputs; it is locked as a
+    run locks its folder, and the inputs are read under a shared lock (no run writes them meanwhile);
+    and a (configuration, sample) found in two inputs must be the same row in both (an identical copy,
+    e.g. overlapping shards, is kept once; differing values are an error naming the sample).
     """
     dirs, out = [Path(d) for d in args.dirs], Path(args.out)
     for d in dirs:
         if not (d / "run.json").is_file() or not (d / "samples.jsonl").is_file():
             raise FileNotFoundError(f"{d} is not a results folder (no run.json / samples.jsonl)")
     check_folder(out)
-    with locked(*dirs, out):
+    with locked(out, reads=dirs):
         if not is_empty(out) and out.resolve() not in {d.resolve() for d in dirs}:
             raise ValueError(f"{out} already holds results and is not one of the merged folders: "
                              "give a new or empty --out (or name it among the inputs)")

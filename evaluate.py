@@ -26,6 +26,11 @@ Results folder (--out): samples.jsonl (one line per configuration and sample, wi
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
 Re-running with the same --out skips finished (configuration, sample) pairs; samples.jsonl is
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
+Ctrl-C stops the run (exit code 130) and says how many samples are saved; the same command resumes.
+A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
+sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
+prompt runs it with full attention: summary.json counts both (`skipped`, `fell_back`) and summary.md
+says so under the table; a run in which no sample fits is an error.
 
 Several GPUs (e.g. the 500-sample Text2JSON set): split the samples with --shard i/n, one process per
 GPU, then merge the folders:
@@ -38,6 +43,8 @@ GPU, then merge the folders:
 
 Under torchrun (or a job array that sets RANK and WORLD_SIZE) --shard defaults to RANK/WORLD_SIZE and
 --device cuda means cuda:LOCAL_RANK:  torchrun --nproc-per-node 8 evaluate.py --device cuda ...
+Each rank then writes its own folder, --out (default results/<task>) plus -shard{RANK}of{WORLD_SIZE},
+so that one --out given to every rank is never shared:  merge DIR-shard*of8 --out DIR.
 """
 
 import argparse

@@ -26,6 +26,11 @@ Results folder (--out): samples.jsonl (one line per configuration and sample, wi
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
 Re-running with the same --out skips finished (configuration, sample) pairs; samples.jsonl is
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
+Ctrl-C stops the run (exit code 130) and says how many samples are saved; the same command resumes.
+A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
+sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
+prompt runs it with full attention: summary.json counts both (`skipped`, `fell_back`) and summary.md
+says so under the table; a run in which no sample fits is an error.
 
 Several GPUs (e.g. the 500-sample Text2JSON set): split the samples with --shard i/n, one process per
 GPU, then merge the folders:
@@ -38,6 +43,8 @@ GPU, then merge the folders:
 
 Under torchrun (or a job array that sets RANK and WORLD_SIZE) --shard defaults to RANK/WORLD_SIZE and
 --device cuda means cuda:LOCAL_RANK:  torchrun --nproc-per-node 8 evaluate.py --device cuda ...
+Each rank then writes its own folder, --out (default results/<task>) plus -shard{RANK}of{WORLD_SIZE},
+so that one --out given to every rank is never shared:  merge DIR-shard*of8 --out DIR.
 """
 
 import argparse
@@ -45,6 +52,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
@@ -58,11 +66,14 @@ import results
 import tasks
 import text2json
 from kvcache import POLICIES, KVCache, StackedCache, make_policy
-from model import DTYPES, load_model, load_tokenizer
+from model import DTYPES, default_model_dir, default_model_path, load_config, load_model, load_tokenizer
 from results import (
     BITS,
     check_resume,
+    locked,
+    token_span,
     read_rows,
+    skip_record,
     write_atomic,
     write_rows,
     write_summary,
@@ -114,28 +125,46 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, help="default: 1024/905 x the longest gold answer (the paper's ratio), at most 1024")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--out", help="results folder (default: results/<task>, with a shard suffix)")
+    p.add_argument("--out", help="results folder (default: results/<task>; a shard suffix is added when the "
+                   "shard comes from RANK/WORLD_SIZE or --out is not given); one run at a time per folder")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="CPU only: samples decoded in parallel, one process and one thread each (default: 2)")
     p.add_argument("--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)")
     return p
 
 
-def parse_list(text, convert, what):
-    """'a,b,c' -> [convert(a), ...], with a one-line error naming the option."""
-    try:
-        items = [convert(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"bad {what} {text!r}: give a comma-separated list") from None
+def parse_list(text, convert, what, hint="give a comma-separated list"):
+    """'a,b,c' -> [convert(a), ...], with a one-line error naming the option and the bad item."""
+    items = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            items.append(convert(x))
+        except ValueError:
+            raise ValueError(f"bad {what} value {x!r}: {hint}") from None
     if not items:
         raise ValueError(f"{what} is empty")
     return items
 
 
+RANK_HINT = "a rank is an int >= 1 or a share of the key channels in (0, 1)"
+
+
 def parse_rank(text):
-    """An SVD rank: an int (160) or a share of the channels below 1 (0.15625, ShadowKV's 160/1024)."""
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) else value
+    """An SVD rank: an int (160) or a share of the channels in (0, 1) (0.15625, ShadowKV's 160/1024).
+    Anything else (1.5, 0, 1.0, -3) is a ValueError: a fractional rank above 1 would silently run as
+    its integer part. Whether an int rank fits the model is checked once its config is read."""
+    try:
+        rank = int(text)
+    except ValueError:
+        share = float(text)  # not a number at all: a ValueError too
+        if not 0 < share < 1:
+            raise ValueError(RANK_HINT) from None
+        return share
+    if rank < 1:
+        raise ValueError(RANK_HINT)
+    return rank
 
 
 def parse_shard(text):
@@ -162,7 +191,7 @@ def configurations(args):
     methods = parse_list(args.methods, str, "--methods")
     budgets = parse_list(args.budgets, float, "--budgets")
     chunks = parse_list(args.chunk_sizes, int, "--chunk-sizes") if args.chunk_sizes else [None]
-    ranks = parse_list(args.ranks, parse_rank, "--ranks") if args.ranks else [None]
+    ranks = parse_list(args.ranks, parse_rank, "--ranks", RANK_HINT) if args.ranks else [None]
     bits = parse_list(args.bits, str, "--bits") if args.bits else [None]
     for b in bits:
         if b is not None and b not in BITS:
@@ -417,10 +446,14 @@ def config_fields(p):
 # ============================================================================ the run
 
 def run_settings(args, max_new):
-    """The settings that every result of a results folder shares (run.json)."""
-    return dict(task=args.task, model=str(Path(args.model).resolve()) if args.model else "default",
-                data=str(Path(args.data).resolve()) if args.data else None, tokens=args.tokens, seed=args.seed,
-                dtype=args.dtype, max_new_tokens=max_new,
+    """The settings that every result of a results folder shares (run.json), each in one spelling,
+    so that a resume compares meanings: `fp32` is float32, and the default model's own folder given
+    as --model is the default model."""
+    model = Path(args.model).resolve() if args.model else None
+    model = "default" if model in (None, default_model_path().resolve()) else str(model)
+    return dict(task=args.task, model=model, data=str(Path(args.data).resolve()) if args.data else None,
+                tokens=args.tokens, seed=args.seed,
+                dtype=str(DTYPES[args.dtype]).removeprefix("torch."), max_new_tokens=max_new,
                 command="python evaluate.py " + " ".join(args.argv))
 
 
@@ -462,6 +495,7 @@ _WORKER = {}  # a worker process's model and tokenizer (inherited through fork, 
 
 
 def _init_worker(model, tok):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent stops them
     torch.set_num_threads(1)
     _WORKER.update(model=model, tok=tok)
 
@@ -487,63 +521,174 @@ def run_jobs(model, tok, jobs, workers):
         yield from pool.imap(_work, jobs)
 
 
+def results_folder(args, shard, n_shards):
+    """--out, or results/<task>; with a -shard{i}of{n} suffix when the shard is not named on the
+    command line, so that the processes of one torchrun (RANK/WORLD_SIZE) never share a folder
+    even when they were all given the same --out. An explicit --shard writes --out as given (two
+    processes on one folder: the second is refused, see results.locked)."""
+    suffix = f"-shard{shard}of{n_shards}" if n_shards > 1 else ""
+    if args.out is None:
+        return Path(f"results/{args.task}{suffix}")
+    return Path(args.out + suffix if args.shard is None else args.out)
+
+
+def check_fit(args, policies, config):
+    """The checks that need the model's config, before any sample is made: an int SVD rank must not
+    exceed the key channels it factorizes (kv_heads x head_dim: kvcache.low_rank_keys would clamp
+    it, and report a larger cache than full attention), a share must keep at least one channel, and
+    a generated prompt of --tokens must fit the model's positions."""
+    channels = config.n_kv_heads * config.head_dim
+    for p in policies:
+        if p.rank is not None and p.rank >= 1 and p.rank > channels:
+            raise ValueError(f"--ranks {p.rank} is above the model's {channels} key channels (kv_heads "
+                             f"{config.n_kv_heads} x head_dim {config.head_dim}): give at most {channels} "
+                             "or a share below 1")
+        if p.rank is not None and p.rank < 1 and round(p.rank * channels) < 1:
+            raise ValueError(f"--ranks {p.rank:g} keeps none of the model's {channels} key channels: "
+                             f"give a share of at least {1 / channels:.3g}")
+    if uses_tokens(args) and args.tokens >= config.max_positions:
+        raise ValueError(f"--tokens {args.tokens} does not fit the model's {config.max_positions} positions: "
+                         "use a smaller --tokens (the chat template and the answer need room too)")
+
+
+def uses_tokens(args):
+    """Whether --tokens sets the prompt length (generated samples) or is ignored (files of fixed prompts)."""
+    return args.task == "needle" or (args.task == "text2json" and args.data is None)
+
+
+def too_long(samples, tok, max_positions):
+    """{sample id: prompt tokens} of the samples whose prompt (chat template included) does not fit
+    the model's positions: they get no result, and the summary says so."""
+    sizes = {s["id"]: len(tok.chat([{"role": "user", "content": s["problem"]}])) for s in samples}
+    return {i: n for i, n in sizes.items() if n >= max_positions}
+
+
+def no_fit_message(args, skipped, max_positions, max_new):
+    """Why a run with no sample that fits gives nothing, and what to change."""
+    sizes = skipped.values()
+    fit = max(256, args.tokens * (max_positions - max_new) // max(sizes) // 64 * 64)  # longest + answer fit
+    fix = f"use a smaller --tokens (about {fit})" if uses_tokens(args) else \
+        "use shorter samples or a model with more positions"
+    return (f"no sample fits the model: every prompt ({token_span(sizes)} tokens with the chat template) is "
+            f"at least its {max_positions} positions, so the run would give no result: {fix}")
+
+
+def interrupted(out, mine, policies, before):
+    """Ctrl-C: what is saved (samples.jsonl is rewritten atomically after every sample) and how to go on."""
+    keys = {config_key(p) for p in policies}
+    rows = read_rows(out)
+    done = {s["id"] for s in mine} & {r["sample"] for r in rows}
+    saved = sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # end the progress line
+    print(f"interrupted: {saved} of {len(mine)} samples are saved in {out} ({saved - before} by this run); "
+          "run the same command again to resume", file=sys.stderr)
+    return 130
+
+
 def run(args):
     policies = check_inputs(args)
     shard, n_shards = parse_shard(args.shard)
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    out = Path(args.out or f"results/{args.task}" + (f"-shard{shard}of{n_shards}" if n_shards > 1 else ""))
+    out = results_folder(args, shard, n_shards)
+    results.check_folder(out)
 
-    tok = load_tokenizer(args.model)
+    config = load_config(args.model or default_model_dir())
+    check_fit(args, policies, config)
+    tok = load_tokenizer(args.model, config)
     samples = load_samples(args, tok)
-    settings = check_resume(out, run_settings(args, args.max_new_tokens or auto_max_new_tokens(samples, tok)),
-                            adopt_max_new=args.max_new_tokens is None)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
-    max_new = settings["max_new_tokens"]
-
     mine = samples[shard::n_shards]
-    rows = read_rows(out)
-    finished = {(r["key"], r["sample"]) for r in rows}
-    todo = [(s, [p for p in policies if (config_key(p), s["id"]) not in finished]) for s in mine]
-    todo = [(s, ps) for s, ps in todo if ps]
-    if len(todo) < len(mine):
-        print(f"skipped {len(mine) - len(todo)} of {len(mine)} samples: finished in {out}", file=sys.stderr)
-    if todo:
-        print(f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, on {device}",
-              file=sys.stderr)
-        model, tok = load_model(args.model, dtype=args.dtype, device=device)
-        start, first = time.time(), len(mine) - len(todo)
-        progress(first, len(mine), start, first)
-        jobs = [(sample, ps, max_new, args.task, i == 0) for i, (sample, ps) in enumerate(todo)]
-        workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
-        for i, sample_rows in enumerate(run_jobs(model, tok, jobs, workers)):
-            rows += sample_rows
-            write_rows(out, rows)  # after every sample: an interruption loses no finished sample
-            progress(first + i + 1, len(mine), start, first)
-    summary, table, notes = write_summary(out, rows, settings)
+    if not mine:
+        raise ValueError(f"shard {shard}/{n_shards} has no sample: the run has {len(samples)} samples; "
+                         "raise --n or use fewer shards")
+    max_new = args.max_new_tokens or auto_max_new_tokens(samples, tok)
+    skipped = too_long(mine, tok, config.max_positions)
+    if len(skipped) == len(mine):
+        raise ValueError(no_fit_message(args, skipped, config.max_positions, max_new))
+    if skipped:
+        print(f"warning: skipping {len(skipped)} of {len(mine)} samples: their prompts "
+              f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
+              f"{config.max_positions} positions (the summary says so)", file=sys.stderr)
+
+    with locked(out):  # the only writer of `out` from here on; a second process is refused here
+        settings = check_resume(out, dict(run_settings(args, max_new), max_positions=config.max_positions,
+                                          skipped=skipped), adopt_max_new=args.max_new_tokens is None)
+        rows = read_rows(out)
+        settings["skipped"] = skip_record(settings["skipped"], rows)
+        write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+        max_new = settings["max_new_tokens"]
+
+        finished = {(r["key"], r["sample"]) for r in rows}
+        fits = [s for s in mine if s["id"] not in skipped]
+        todo = [(s, [p for p in policies if (config_key(p), s["id"]) not in finished]) for s in fits]
+        todo = [(s, ps) for s, ps in todo if ps]
+        before = len(fits) - len(todo)
+        if before:
+            print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
+        try:
+            if todo:
+                print(f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
+                      f"on {device}", file=sys.stderr)
+                model, tok = load_model(args.model, dtype=args.dtype, device=device)
+                start = time.time()
+                progress(before, len(fits), start, before)
+                jobs = [(sample, ps, max_new, args.task, i == 0) for i, (sample, ps) in enumerate(todo)]
+                workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
+                done = run_jobs(model, tok, jobs, workers)
+                try:
+                    for i, sample_rows in enumerate(done):
+                        rows += sample_rows
+                        write_rows(out, rows)  # after every sample: an interruption loses no finished sample
+                        progress(before + i + 1, len(fits), start, before)
+                finally:
+                    done.close()  # stops the worker pool now, also on Ctrl-C
+        except KeyboardInterrupt:
+            return interrupted(out, mine, policies, before)
+        if not rows:
+            raise ValueError(f"the run gave no result in {out}: every sample was skipped (see the warnings)")
+        _, table, notes = write_summary(out, rows, settings)
     print(table)
-    files = ["samples.jsonl", "summary.json", "summary.md"] + [n.split(":")[0] for n in notes if "skipped" not in n]
+    for note in notes:
+        if not note.split(":")[0].endswith(".png"):
+            print(f"note: {note}", file=sys.stderr)
+    files = ["samples.jsonl", "summary.json", "summary.md"] + sorted(f.name for f in out.glob("*.png"))
     print(f"results in {out}/: {', '.join(files)}")
     return 0
 
 
+def join_dash_values(argv):
+    """`--shard -1/2` -> `--shard=-1/2`: argparse reads a value that starts with '-' as an option
+    and says only "expected one argument"; joined, the value reaches the option's own check."""
+    joined = []
+    for a in argv:
+        after_option = joined and joined[-1].startswith("--") and "=" not in joined[-1]
+        if after_option and a[:1] == "-" and a[:2] != "--":
+            joined[-1] += "=" + a
+        else:
+            joined.append(a)
+    return joined
+
+
 def main(argv=None):
-    """Entry point; bad input is one `error: ...` line on stderr and exit code 2."""
+    """Entry point; bad input is one `error: ...` line on stderr and exit code 2, Ctrl-C exit code 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["merge"]:
             p = _Parser(prog="evaluate.py merge", description="Combine the results folders of several shards.")
             p.add_argument("dirs", nargs="+")
             p.add_argument("--out", required=True)
-            return results.merge(p.parse_args(argv[1:]))
-        args = build_parser().parse_args(argv)
+            return results.merge(p.parse_args(join_dash_values(argv[1:])))
+        args = build_parser().parse_args(join_dash_values(argv))
         args.argv = argv
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run's first sample or during a merge: nothing is half-written
+        print("interrupted before any result was written: run the same command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,8 +4,15 @@ A results folder holds run.json (the settings every result shares), samples.json
 configuration and sample), summary.json and summary.md (rebuilt from samples.jsonl, so a merge of
 shards is a concatenation) and PNG plots. Every file is written atomically: an interruption leaves
 the old version or the new one.
+
+A results folder has one writer at a time: `locked(out)` holds an exclusive flock on `out/.lock`
+for the whole run (or merge), and a second process on the same folder is refused at its start
+instead of overwriting the first one's samples. The kernel releases the lock when the process
+ends, however it ends (kill -9 included), so a crash never leaves a folder locked.
 """
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -26,7 +33,91 @@ METRICS = ("score", "text2json_score", "field_recall", "precision", "recall", "e
 RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens")
 
 
+LOCK_NAME = ".lock"  # in every results folder; holds the pid of its last writer
+_HELD = {}  # file descriptor of one of this process's locks -> its folder
+
+
+def _close_held_in_child():
+    """A forked worker must not keep its parent's locks: if the parent is killed, the folder is free."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 # ============================================================================ results folder
+
+def check_folder(out):
+    """A results folder path must not name a file (a one-line error instead of a traceback later)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a results folder: give --out a folder path")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{parent} is a file: --out {out} cannot be a folder inside it")
+
+
+@contextlib.contextmanager
+def locked(out, reads=()):
+    """Be the only writer of the results folder `out` (created if missing) while the block runs, and
+    make sure that no run writes the folders `reads` meanwhile (merge's inputs; `out` may be one).
+
+    Non-blocking: a folder held by another process is a one-line ValueError naming it and the
+    holder's pid. Readers share their lock (two merges may read one folder) and need no write
+    access: a read-only folder, or one never run by this version (no lock file), is read unlocked.
+    """
+    out, held = Path(out), []
+    try:
+        check_folder(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ValueError(f"cannot create the results folder {out}: {err.strerror}") from None
+        _take(fd, out, fcntl.LOCK_EX, held)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for d in map(Path, reads):
+            if d.resolve() != out.resolve() and (d / LOCK_NAME).is_file():
+                try:
+                    fd = os.open(d / LOCK_NAME, os.O_RDONLY)
+                except OSError:
+                    continue
+                _take(fd, d, fcntl.LOCK_SH, held)
+        yield
+    finally:
+        for fd in held:
+            _HELD.pop(fd, None)
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _take(fd, folder, mode, held):
+    """flock(fd, mode) without waiting; held gets fd, or a ValueError says who holds the folder."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        holder = f" (pid {pid})" if pid.isdigit() else ""
+        raise ValueError(f"{folder} is in use by another evaluate.py process{holder}: wait for it to end, "
+                         "or give another --out") from None
+    _HELD[fd] = folder
+    held.append(fd)
+
+
+def token_span(sizes):
+    """'4122' or '4122-4180': the prompt lengths of skipped samples, for one-line messages."""
+    lo, hi = min(sizes), max(sizes)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def is_empty(out):
+    """True for a missing folder or one holding nothing but its lock file (and leftover *.tmp)."""
+    out = Path(out)
+    return not out.exists() or all(p.name == LOCK_NAME or p.name.endswith(".tmp") for p in out.iterdir())
+
 
 def read_rows(out):
     """The finished (configuration, sample) rows of a results folder ([] for a new folder)."""
@@ -236,8 +327,9 @@ def make_plots(out, summary):
 def write_summary(out, rows, run):
     """Rebuild summary.json, summary.md and the plots from samples.jsonl (so a merge is a concatenation)."""
     summary = summarize(rows)
+    sample_notes = annotate(summary, rows, run)
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    notes = make_plots(out, summary)
+    notes = sample_notes + make_plots(out, summary)
     table = markdown_table(summary, run["task"])
     dtype_note = ("device KV: bytes kept on the device over a full bf16 cache of the prompt; exact tensors count "
                   "as bf16 whatever the run's dtype, quantized ones as their packed codes and scales")
@@ -251,9 +343,11 @@ def write_summary(out, rows, run):
 
 def check_resume(out, run, adopt_max_new):
     """A folder can only be continued with the settings it was made with. Without an explicit
-    --max-new-tokens the folder's own value is kept (the automatic one depends on --n)."""
+    --max-new-tokens the folder's own value is kept (the automatic one depends on --n). A folder
+    whose run left no sample (stopped before its first one) holds nothing to mix with: any settings
+    may start it again. The samples an earlier run skipped (`skipped`) carry over."""
     path = out / "run.json"
-    if not path.is_file():
+    if not path.is_file() or not read_rows(out):
         return run
     old = json.loads(path.read_text())
     if adopt_max_new:
@@ -262,29 +356,80 @@ def check_resume(out, run, adopt_max_new):
         if old.get(f) != run[f]:
             raise ValueError(f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}: "
                              "use another --out or the same settings")
-    return run
+    return dict(run, skipped=dict(old.get("skipped") or {}, **run.get("skipped", {})))
+
+
+def skip_record(skipped, rows):
+    """run.json's `skipped` ({sample id: prompt tokens}) without the samples that now have results."""
+    done = {r["sample"] for r in rows}
+    return {s: n for s, n in skipped.items() if s not in done}
+
+
+def annotate(summary, rows, run):
+    """Add to each summary row what its mean leaves out, and return the lines that say it under
+    the table: `skipped`, the run's samples with no result at all (their prompt does not fit the
+    model), and `fell_back`, the samples this configuration ran with full attention because the
+    prompt is shorter than its budget (kvcache: sink + local window + the selection)."""
+    skipped = run.get("skipped") or {}
+    for r in summary:
+        share = r.get("sparse_share")
+        r["skipped"] = len(skipped)
+        r["fell_back"] = None if r["method"] == "full" or share is None else round(r["n"] * (1 - share))
+    notes = []
+    if skipped:
+        ids = list(skipped)
+        total = len({r["sample"] for r in rows} | set(ids))
+        shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        notes.append(f"{len(ids)} of {total} samples skipped, no result in any configuration: their prompts "
+                     f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
+                     f"{run.get('max_positions')} positions (ids {shown})")
+    for r in summary:
+        if r["fell_back"]:
+            notes.append(f"{r['key']}: {r['fell_back']} of {r['n']} samples fell back to full attention "
+                         "(prompt shorter than the policy's budget: sink + local window + selection)")
+    return notes
 
 
 def merge(args):
     """`python evaluate.py merge DIR... --out DIR` (args.dirs, args.out): concatenate the shards'
-    samples and rebuild the summary."""
-    runs, rows, seen = [], [], set()
-    for d in map(Path, args.dirs):
+    samples and rebuild the summary.
+
+    Nothing finished is lost: the target must be new, empty or one of the inputs; it is locked as a
+    run locks its folder, and the inputs are read under a shared lock (no run writes them meanwhile);
+    and a (configuration, sample) found in two inputs must be the same row in both (an identical copy,
+    e.g. overlapping shards, is kept once; differing values are an error naming the sample).
+    """
+    dirs, out = [Path(d) for d in args.dirs], Path(args.out)
+    for d in dirs:
         if not (d / "run.json").is_file() or not (d / "samples.jsonl").is_file():
             raise FileNotFoundError(f"{d} is not a results folder (no run.json / samples.jsonl)")
-        runs.append(json.loads((d / "run.json").read_text()))
-        for f in RUN_FIELDS:
-            if runs[-1].get(f) != runs[0].get(f):
-                raise ValueError(f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with {runs[0].get(f)!r}")
-        for r in read_rows(d):
-            if (r["key"], r["sample"]) not in seen:
-                seen.add((r["key"], r["sample"]))
-                rows.append(r)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = dict(runs[0], command=f"python evaluate.py merge {' '.join(args.dirs)} --out {args.out}")
-    write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
-    write_rows(out, rows)
-    _, table, _ = write_summary(out, rows, settings)
+    check_folder(out)
+    with locked(out, reads=dirs):
+        if not is_empty(out) and out.resolve() not in {d.resolve() for d in dirs}:
+            raise ValueError(f"{out} already holds results and is not one of the merged folders: "
+                             "give a new or empty --out (or name it among the inputs)")
+        runs, rows, seen, skipped = [], [], {}, {}
+        for d in dirs:
+            runs.append(json.loads((d / "run.json").read_text()))
+            for f in RUN_FIELDS:
+                if runs[-1].get(f) != runs[0].get(f):
+                    raise ValueError(f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with "
+                                     f"{runs[0].get(f)!r}")
+            skipped.update(runs[-1].get("skipped") or {})
+            for r in read_rows(d):
+                k = (r["key"], r["sample"])
+                if k not in seen:
+                    seen[k] = (r, d)
+                    rows.append(r)
+                elif seen[k][0] != r:
+                    prev, where = seen[k]
+                    f = next(f for f in {**prev, **r} if prev.get(f) != r.get(f))
+                    raise ValueError(f"sample {r['sample']!r} of {r['key']!r} differs between {where} and "
+                                     f"{d} ({f}: {prev.get(f)!r} vs {r.get(f)!r}): merge only one of them")
+        settings = dict(runs[0], command=f"python evaluate.py merge {' '.join(args.dirs)} --out {args.out}",
+                        skipped=skip_record(skipped, rows))
+        write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+        write_rows(out, rows)
+        _, table, _ = write_summary(out, rows, settings)
     print(table)
     return 0

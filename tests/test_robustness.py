@@ -1,0 +1,311 @@
+"""evaluate.py never loses a finished result, never shows a traceback, and never accepts an input it
+then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, and the one-line
+errors (first words, exit code 2, no traceback), on a tiny random-weight model.
+
+Where signals and exit codes matter (Ctrl-C, two processes at once, a lock holder killed with -9)
+the CLI runs as a subprocess."""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import results
+from conftest import make_tiny_checkpoint
+from model import default_model_path
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# 2 samples of ~2.1K byte tokens, 4 new tokens: a few seconds per run
+QUICK = ["--n", "2", "--tokens", "2048", "--max-new-tokens", "4", "--methods", "full,oracle"]
+# at --tokens 4075 sample 0's prompt (4090 tokens) fits the 4096 positions, sample 1's (4172) does not
+LONG = ["--n", "2", "--tokens", "4075", "--max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As in test_evaluate: the tiny model gains nothing from threads on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama",
+                                   max_position_embeddings=4096)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(ckpt, tmp_path_factory):
+    """One finished run of QUICK; tests copy it."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert evaluate.main(["--model", str(ckpt), *QUICK, "--out", str(out)]) == 0
+    return out
+
+
+def run_main(argv, capsys):
+    rc = evaluate.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def cli(*argv, timeout=120):
+    """evaluate.py as a subprocess: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def one_line_error(rc, err, first_words):
+    assert rc == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + first_words), err
+
+
+def copy_with_rows(base, path, keep):
+    """A copy of the results folder `base` holding only its rows for which keep(row) is true."""
+    shutil.copytree(base, path)
+    results.write_rows(path, [r for r in results.read_rows(base) if keep(r)])
+    return path
+
+
+def hold_lock(folder):
+    """A separate process holding `folder`'s lock (as a running evaluate.py does), once it holds it."""
+    code = (f"import results, time\nwith results.locked({str(folder)!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+# ---------------------------------------------------------------------------- one-line errors
+
+@pytest.mark.parametrize("bad, first_words", [
+    (["--methods", "svd", "--ranks", "1.5"], "bad --ranks value '1.5': a rank is an int >= 1 or a share"),
+    (["--methods", "svd", "--ranks", "0"], "bad --ranks value '0': a rank is an int >= 1"),
+    (["--methods", "svd", "--ranks", "100000"], "--ranks 100000 is above the model's 32 key channels"),
+    (["--methods", "shadowkv", "--ranks", "0.001"], "--ranks 0.001 keeps none of the model's 32 key"),
+    (["--shard", "-1/2"], "bad --shard '-1/2': need 0 <= i < n"),
+    (["--n", "2", "--shard", "3/4"], "shard 3/4 has no sample: the run has 2 samples"),
+    (["--out", "FILE"], "FILE is a file, not a results folder"),
+    (["--out", "FILE/sub"], "FILE is a file: --out FILE/sub cannot be a folder inside it"),
+    (["--tokens", "100000"], "--tokens 100000 does not fit the model's 4096 positions"),
+    ([*LONG, "--shard", "1/2"], "no sample fits the model: every prompt (4172 tokens with the chat"),
+    (["merge", "BASE", "--out", "FILE"], "FILE is a file, not a results folder"),
+    (["merge", "BASE", "--out", "OTHER"], "OTHER already holds results and is not one of the merged folders"),
+])
+def test_one_line_errors(bad, first_words, ckpt, base, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder\n")
+    other = copy_with_rows(base, tmp_path / "other", lambda r: r["sample"] == "0")
+    before = (other / "samples.jsonl").read_bytes()
+    names = {"FILE": tmp_path / "file", "BASE": base, "OTHER": other}
+
+    def fill(text):  # the placeholders FILE, BASE, OTHER -> this test's paths
+        for name, path in names.items():
+            text = text.replace(name, str(path))
+        return text
+
+    argv, first_words = [fill(a) for a in bad], fill(first_words)
+    if argv[0] != "merge":
+        argv = ["--model", ckpt, *QUICK, "--out", tmp_path / "out", *argv]
+    rc, err = run_main(argv, capsys)
+    one_line_error(rc, err, first_words)
+    assert (other / "samples.jsonl").read_bytes() == before  # merge left the foreign folder alone
+
+
+def test_shard_value_with_a_dash_reaches_its_own_check_on_the_command_line(ckpt, tmp_path):
+    """argparse alone says "expected one argument" for `--shard -1/2`, before main() can help."""
+    rc, _, err = cli("--model", ckpt, "--shard", "-1/2", "--out", tmp_path / "out")
+    one_line_error(rc, err, "bad --shard '-1/2'")
+
+
+# ---------------------------------------------------------------------------- merge
+
+def test_merge_keeps_identical_duplicates_and_refuses_conflicting_ones(base, tmp_path, capsys):
+    a = copy_with_rows(base, tmp_path / "a", lambda r: True)  # both samples
+    b = copy_with_rows(base, tmp_path / "b", lambda r: r["sample"] == "1")  # sample 1 again, identical
+    rc, err = run_main(["merge", a, b, "--out", tmp_path / "m"], capsys)
+    assert rc == 0, err
+    assert results.read_rows(tmp_path / "m") == results.read_rows(base)
+
+    rows = results.read_rows(b)
+    rows[0] = dict(rows[0], kl=rows[0]["kl"] + 1e-6)  # same (configuration, sample), another value
+    results.write_rows(b, rows)
+    rc, err = run_main(["merge", a, b, "--out", tmp_path / "m2"], capsys)
+    one_line_error(rc, err, f"sample '1' of {rows[0]['key']!r} differs between {a} and {b} (kl:")
+    assert not (tmp_path / "m2" / "samples.jsonl").exists()
+
+
+def test_merge_into_one_of_its_inputs(base, tmp_path, capsys):
+    a = copy_with_rows(base, tmp_path / "a", lambda r: r["sample"] == "0")
+    b = copy_with_rows(base, tmp_path / "b", lambda r: r["sample"] == "1")
+    rc, err = run_main(["merge", a, b, "--out", a], capsys)
+    assert rc == 0, err
+    key = lambda r: (r["key"], r["sample"])
+    assert sorted(results.read_rows(a), key=key) == sorted(results.read_rows(base), key=key)
+
+
+# ---------------------------------------------------------------------------- one writer per folder
+
+@pytest.mark.slow
+def test_a_busy_folder_is_refused_until_its_holder_dies(base, ckpt, tmp_path, capsys):
+    out = copy_with_rows(base, tmp_path / "busy", lambda r: True)
+    holder = hold_lock(out)
+    try:
+        rc, err = run_main(["--model", ckpt, *QUICK, "--out", out], capsys)
+        one_line_error(rc, err, f"{out} is in use by another evaluate.py process (pid {holder.pid})")
+        rc, err = run_main(["merge", base, "--out", out], capsys)
+        one_line_error(rc, err, f"{out} is in use by another evaluate.py process (pid {holder.pid})")
+        rc, err = run_main(["merge", out, "--out", tmp_path / "merged"], capsys)  # a folder being written
+        one_line_error(rc, err, f"{out} is in use by another evaluate.py process (pid {holder.pid})")
+    finally:
+        holder.kill()  # -9: no clean-up runs, the kernel drops the lock
+        holder.wait()
+    rc, err = run_main(["--model", ckpt, *QUICK, "--out", out], capsys)
+    assert rc == 0 and "skipped 2 of 2 samples: finished" in err, err
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_folder_never_lose_a_sample(ckpt, tmp_path):
+    """Shards 0/2 and 1/2 started at once on one --out: either the second is refused at its start with
+    a clear message, or (the first already done) it adds its sample; a finished sample is never lost."""
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "evaluate.py", "--model", str(ckpt), *QUICK, "--workers", "1",
+                               "--shard", f"{i}/2", "--out", str(out)], cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    ends = [p.communicate(timeout=300) for p in procs]
+    ok = []
+    for i, (p, (_, err)) in enumerate(zip(procs, ends)):
+        assert "Traceback" not in err, err
+        if p.returncode == 0:
+            ok.append(str(i))
+        else:
+            one_line_error(p.returncode, err, f"{out} is in use by another evaluate.py process (pid ")
+    assert ok, "one of the two must have run"
+    saved = {(r["key"], r["sample"]) for r in results.read_rows(out)}
+    assert saved == {(k, s) for k in ("full", "oracle @0.03125") for s in ok}
+
+
+def test_torchrun_ranks_with_one_out_get_a_folder_each(ckpt, tmp_path, capsys, monkeypatch):
+    """RANK/WORLD_SIZE set (torchrun) and the same --out for every rank: each rank writes --out with its
+    shard suffix, so no rank's samples overwrite another's (merge the folders afterwards)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, err = run_main(["--model", ckpt, *QUICK, "--workers", "1", "--out", tmp_path / "t2j"], capsys)
+    assert rc == 0, err
+    assert not (tmp_path / "t2j").exists()
+    assert {r["sample"] for r in results.read_rows(tmp_path / "t2j-shard1of2")} == {"1"}
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_9_leaves_its_folder_free(ckpt, tmp_path):
+    """kill -9 of the parent while its two workers decode: the workers do not keep the folder locked
+    (they close the lock inherited through fork), so the next run takes over at once."""
+    out = tmp_path / "killed"
+    argv = [sys.executable, "evaluate.py", "--model", str(ckpt), "--n", "4", "--tokens", "2048",
+            "--max-new-tokens", "64", "--methods", "full,oracle", "--workers", "2", "--out", str(out)]
+    p = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "samples.jsonl").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run ended before the first sample was saved: make it longer"
+        p.kill()
+        p.wait()
+        rc, _, err = cli("--model", ckpt, "--n", "1", "--tokens", "2048", "--max-new-tokens", "64",
+                         "--methods", "full,oracle", "--out", out)
+        assert rc == 0 and "skipped 1 of 1 samples: finished" in err, err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # the orphaned workers
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+@pytest.mark.slow
+def test_ctrl_c_saves_finished_samples_and_a_rerun_resumes(ckpt, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) with two worker processes:
+    no traceback from the parent or any worker, exit code 130, what is saved and how to resume."""
+    out = tmp_path / "int"
+    argv = [sys.executable, "evaluate.py", "--model", str(ckpt), "--n", "4", "--tokens", "2048",
+            "--max-new-tokens", "64", "--methods", "full,oracle", "--workers", "2", "--out", str(out)]
+    p = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "samples.jsonl").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before the first sample was saved: make it longer"
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    saved = len({r["sample"] for r in results.read_rows(out)})
+    assert 1 <= saved < 4
+    assert last.startswith(f"interrupted: {saved} of 4 samples are saved in {out} ({saved} by this run); "
+                           "run the same command again to resume"), err
+
+    p = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"skipped {saved} of 4 samples: finished in {out}" in p.stderr
+    assert len({r["sample"] for r in results.read_rows(out)}) == 4
+
+
+# ---------------------------------------------------------------------------- said, not silent
+
+def test_skipped_and_fallen_back_samples_are_in_the_summary(ckpt, tmp_path, capsys):
+    """A prompt longer than the model's positions is skipped, a chunk longer than the prompt falls back
+    to full attention: both are counted in summary.json and said under the table of summary.md."""
+    out = tmp_path / "long"
+    argv = ["--model", ckpt, *LONG, "--methods", "full,mean", "--chunk-sizes", "8,4096", "--workers", "1",
+            "--out", out]
+    rc, err = run_main(argv, capsys)
+    assert rc == 0 and "warning: skipping 1 of 2 samples" in err, err
+    assert json.loads((out / "run.json").read_text())["skipped"] == {"1": 4172}
+    by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert {k: (r["skipped"], r["fell_back"]) for k, r in by.items()} == {
+        "full": (1, None), "mean c8 @0.03125": (1, 0), "mean c4096 @0.03125": (1, 1)}
+    md = (out / "summary.md").read_text()
+    table_end = md.index("\n\n", md.index("| policy"))
+    notes = md[table_end:]
+    assert ("- 1 of 2 samples skipped, no result in any configuration: their prompts (4172 tokens with the "
+            "chat template) do not fit the model's 4096 positions (ids 1)") in notes
+    assert "- mean c4096 @0.03125: 1 of 1 samples fell back to full attention" in notes
+    assert "mean c8 @0.03125: " not in notes
+
+    rc, err = run_main(argv, capsys)  # resumed: nothing to do, the notes stay
+    assert rc == 0 and "skipped 1 of 2 samples: finished" in err
+    assert (out / "summary.md").read_text() == md
+
+
+# ---------------------------------------------------------------------------- resume
+
+def test_resume_compares_meanings_not_spellings(base, ckpt, tmp_path, capsys, monkeypatch):
+    out = copy_with_rows(base, tmp_path / "r", lambda r: True)
+    rc, err = run_main(["--model", ckpt, *QUICK, "--dtype", "fp32", "--out", out], capsys)
+    assert rc == 0 and "skipped 2 of 2 samples: finished" in err, err
+    args = lambda model: Namespace(task="text2json", model=model, data=None, tokens=2048, seed=0,
+                                   dtype="fp32", argv=[])
+    assert evaluate.run_settings(args(None), 4) == evaluate.run_settings(args(str(default_model_path())), 4)
+    assert evaluate.run_settings(args(None), 4)["dtype"] == "float32"
+
+
+def test_a_folder_without_results_is_not_bound_to_its_settings(base, ckpt, tmp_path, capsys):
+    out = copy_with_rows(base, tmp_path / "empty", lambda r: False)  # run.json, no sample
+    rc, err = run_main(["--model", ckpt, *QUICK, "--seed", "1", "--workers", "1", "--out", out], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+    rc, err = run_main(["--model", ckpt, *QUICK, "--seed", "2", "--out", out], capsys)  # now it has results
+    one_line_error(rc, err, f"{out} holds results made with seed=1, not 2")

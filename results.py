@@ -22,7 +22,7 @@ CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "res
 METRICS = ("score", "text2json_score", "field_recall", "agreement", "kl", "oracle_recall", "attention_mass",
            "device_kv_fraction", "bytes_per_step", "landmark_error", "key_error", "sparse_share")
 # run.json settings that must agree for a resumed (or merged) run: they change every result
-RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens")
+RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens", "free_run")
 
 
 # ============================================================================ results folder

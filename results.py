@@ -19,9 +19,9 @@ from kvcache import POLICIES
 BITS = ("1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
 # summary.json: the configuration, then the metrics (every row has every key; None = not defined)
 CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
-METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "retention", "score", "text2json_score", "field_recall",
-           "agreement", "kl", "oracle_recall", "attention_mass", "device_kv_fraction", "bytes_per_step",
-           "landmark_error", "key_error", "sparse_share")
+METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "retention", "score", "text2json_score",
+           "field_recall", "agreement", "kl", "oracle_recall", "attention_mass", "device_kv_fraction",
+           "bytes_per_step", "landmark_error", "key_error", "sparse_share")
 # the metrics with a value per sample (samples.jsonl): each gets a bootstrap interval in the summary
 SAMPLE_METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "score", "field_recall", "agreement", "kl",
                   "oracle_recall", "attention_mass", "device_kv_fraction", "bytes_per_step", "landmark_error",
@@ -97,7 +97,8 @@ def resample_index(n, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
 def _per_sample(rs, samples, metric):
     """[n] float64 of one configuration's per-sample values in the order of `samples` (NaN = none)."""
     by = {r["sample"]: r.get(metric) for r in rs}
-    return torch.tensor([math.nan if by.get(s) is None else float(by[s]) for s in samples], dtype=torch.float64)
+    values = [math.nan if by.get(s) is None else float(by[s]) for s in samples]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _compare(values, ref, index):
@@ -159,7 +160,8 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
         oracle = next((o for o in summary if o["method"] == "oracle" and o["budget"] == s["budget"]
                        and o["kv_bits"] == s["kv_bits"]), None)
         for name, ref in (("vs_full", full), ("vs_oracle", oracle)):
-            s[name] = {m: None if ref is None or ref is s else _scaled(_compare(v, ref["values"][m], index), scale[m])
+            s[name] = {m: None if ref is None or ref is s else _scaled(_compare(v, ref["values"][m], index),
+                                                                       scale[m])
                        for m, v in s["values"].items()}
         s["retention"], s["ci"]["retention"] = None, None
         if full is not None and s["fact_accuracy"] is not None and full["fact_accuracy"]:
@@ -171,7 +173,8 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
     for s in summary:
         rs = groups[s["key"]]
         del s["values"]
-        s.update(depth_accuracy=_depth_accuracy(rs), recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
+        s.update(depth_accuracy=_depth_accuracy(rs),
+                 recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
                  mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs))
     return summary
 
@@ -218,7 +221,8 @@ def markdown_table(summary, task):
     facts = any(r["fact_accuracy"] is not None for r in summary)
     scored = any(r["score"] is not None for r in summary)
     head = ["policy", "budget"]
-    head += ["fact accuracy", "vs full", "vs oracle", "field accuracy", "fact NLL", "retention"] if facts else []
+    if facts:
+        head += ["fact accuracy", "vs full", "vs oracle", "field accuracy", "fact NLL", "retention"]
     head += ([score_name] + (["field recall"] if t2j else [])) if scored else []
     head += ["agreement", "KL", "oracle recall", "attention mass", "device KV", "bytes/step", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -282,7 +286,8 @@ def plot_sweep(summary, axis, methods, path, xlabel):
     categorical = axis == "bits"  # fp8 and nvfp4 are formats, not numbers: one tick per format
     ticks = sorted({r["bits"] for rs in groups.values() for r in rs}, key=BITS.index) if categorical else None
     full = next((r for r in summary if r["method"] == "full"), None)
-    panels = PANELS if any(r["fact_accuracy"] is not None for r in summary) else (("score", "task score"),) + PANELS[1:]
+    facts = any(r["fact_accuracy"] is not None for r in summary)
+    panels = PANELS if facts else (("score", "task score"),) + PANELS[1:]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6))
     for ax, (metric, title) in zip(axes, panels):
         for name, rs in groups.items():
@@ -382,18 +387,19 @@ def table_notes(summary, run):
     n = len({r["n"] for r in summary}) == 1 and summary[0]["n"]
     lines = []
     if any(r["fact_accuracy"] is not None for r in summary):
-        lines.append(f"[a, b]: 95% interval of a paired bootstrap over the {n or ''} samples ({BOOTSTRAP_RESAMPLES} "
-                     f"resamples, seed {BOOTSTRAP_SEED}); vs full / vs oracle: difference to full attention / to the "
-                     "oracle of the same budget, * where its interval excludes 0 (not noise). Fact accuracy: share "
-                     "of the gold answer's value tokens predicted top-1 with the gold answer so far as input.")
+        lines.append(f"[a, b]: 95% interval of a paired bootstrap over the {n or ''} samples "
+                     f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); vs full / vs oracle: "
+                     "difference to full attention / to the oracle of the same budget, * where its interval "
+                     "excludes 0 (not noise). Fact accuracy: share of the gold answer's value tokens "
+                     "predicted top-1 with the gold answer so far as input.")
     if run["task"] == "text2json" and all(r["score"] is None for r in summary):
-        lines.append("Free-running Text2JSON score: not decoded (add --free-run). On the default SmolLM2-135M it "
-                     "is 0.0 for every policy, full attention included (8 samples, every prediction checked): "
-                     "the model cannot write the JSON list on its own, so that score measures the model, not the "
-                     "KV policy; fact accuracy measures what the policy keeps.")
+        lines.append("Free-running Text2JSON score: not decoded (add --free-run). On the default "
+                     "SmolLM2-135M it is 0.0 for every policy, full attention included (8 samples, every "
+                     "prediction checked): the model cannot write the JSON list on its own, so that score measures the "
+                     "model, not the KV policy; fact accuracy measures what the policy keeps.")
     elif run["task"] == "text2json" and all(not r["score"] for r in summary):
-        lines.append("The Text2JSON score is 0 for every configuration, full attention included: this model does "
-                     "not write the JSON list on its own, so read the gold-forced fact accuracy instead.")
+        lines.append("The Text2JSON score is 0 for every configuration, full attention included: this "
+                     "model does not write the JSON list on its own; read the gold-forced fact accuracy.")
     return lines
 
 

@@ -241,14 +241,16 @@ def test_bad_input_is_one_line_before_any_work(bad, ckpt, tmp_path, capsys, monk
     assert not out.exists()
 
 
-# ============================================================================ gold-forced decoding, fact tokens,
-# bootstrap intervals, split invariance (issue 11; issue 15 "the same numbers however a run is split")
+# ============================================================================ gold-forced decoding
+# fact tokens, bootstrap intervals, split invariance (issue 11; issue 15 "the same numbers however a run
+# is split")
 
-GOLD_RUN = ["--n", "2", "--tokens", "2048", "--max-new-tokens", "40", "--methods", "full,oracle,mean,quantized"]
+GOLD_RUN = ["--n", "2", "--tokens", "2048", "--max-new-tokens", "40",
+            "--methods", "full,oracle,mean,quantized"]
 
 
 def gold_sample(tok, tokens=1024):
-    """A short generated Text2JSON sample: its prompt ids, gold ids and fact fields (text2json.fact_tokens)."""
+    """A short generated Text2JSON sample: prompt ids, gold ids and fact fields (text2json.fact_tokens)."""
     sample = text2json.generate(1, tokens, tok, seed=0, tokens_per_record=400)[0]
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     gold_ids, fields = text2json.fact_tokens(sample["answer"], tok)
@@ -328,12 +330,13 @@ def test_fact_tokens_real_tokenizer_golden():
     if not default_model_path().is_dir():
         pytest.skip("the default model is not converted yet (run python model.py once)")
     tok = load_tokenizer()
-    ids, fields = text2json.fact_tokens([{"name": "Zoë O'Brien", "city": "São Paulo 12", "x": "it’s"}], tok)
-    _, offsets = tok.encode_offsets(text2json.answer_text([{"name": "Zoë O'Brien", "city": "São Paulo 12",
-                                                            "x": "it’s"}]))
+    gold = [{"name": "Zoë O'Brien", "city": "São Paulo 12", "x": "it’s"}]
+    ids, fields = text2json.fact_tokens(gold, tok)
+    _, offsets = tok.encode_offsets(text2json.answer_text(gold))
     text = '[{"name": "Zoë O\'Brien", "city": "São Paulo 12", "x": "it’s"}]'
     pieces = [[text[a:b] for a, b in (offsets[t] for t in f["tokens"])] for f in fields]
-    assert pieces == [["Z", "o", "ë", " O", "'", "Brien"], ["S", "ão", " Paulo", " ", "1", "2"], ["it", "’", "s"]]
+    assert pieces == [["Z", "o", "ë", " O", "'", "Brien"], ["S", "ão", " Paulo", " ", "1", "2"],
+                      ["it", "’", "s"]]
     assert [f["tokens"] for f in fields] == [list(range(5, 11)), list(range(16, 22)), [27, 28, 29]]
 
 
@@ -350,8 +353,8 @@ def synthetic_rows(full, policy, name="mean"):
     for key, method, values in (("full", "full", full), (f"{name} @0.03125", name, policy)):
         for i, v in enumerate(values):
             rows.append(dict(key=key, sample=str(i), task="text2json", method=method, label=method,
-                             budget=None if method == "full" else 0.03125, chunk_size=None, rank=None, bits=None,
-                             residual=None, kv_bits=None, sparse=method != "full", fact_accuracy=v,
+                             budget=None if method == "full" else 0.03125, chunk_size=None, rank=None,
+                             bits=None, residual=None, kv_bits=None, sparse=method != "full", fact_accuracy=v,
                              recall_per_layer=None, mass_per_layer=None))
     return rows
 
@@ -426,7 +429,8 @@ def test_workers_1_equals_workers_2(gold_run, ckpt, tmp_path, no_plots):
     """One in-process worker, called with 2 torch threads, gives the bytes of two worker processes."""
     torch.set_num_threads(2)
     try:
-        assert evaluate.main(["--model", str(ckpt), *GOLD_RUN, "--workers", "1", "--out", str(tmp_path / "w1")]) == 0
+        argv = ["--model", str(ckpt), *GOLD_RUN, "--workers", "1", "--out", str(tmp_path / "w1")]
+        assert evaluate.main(argv) == 0
     finally:
         torch.set_num_threads(1)
     same_files(tmp_path / "w1", gold_run)
@@ -452,5 +456,6 @@ def test_shards_merged_equal_one_run(gold_run, ckpt, tmp_path, no_plots):
     for i in range(2):
         assert evaluate.main(["--model", str(ckpt), *GOLD_RUN, "--shard", f"{i}/2", "--workers", "1",
                               "--out", str(tmp_path / f"s{i}")]) == 0
-    assert evaluate.main(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    merged = ["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]
+    assert evaluate.main(merged) == 0
     same_files(tmp_path / "m", gold_run)

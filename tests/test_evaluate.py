@@ -282,11 +282,11 @@ def test_whole_prompt_budget_gets_full_fact_accuracy(ckpt):
     model, tok = load_model(ckpt)
     sample, ids, gold_ids, fields = gold_sample(tok)
     T = len(ids)
-    whole = make_policy("oracle", budget=(T - 4 - 64) / T)
+    whole = make_policy("oracle", sink=4, local=64, budget=(T - 4 - 64 + 0.25) / T)  # selects every middle token
     small = make_policy("mean", budget=0.03125)
     gold, _ = evaluate.decode_sample(model, ids, [whole, small], gold_ids, len(gold_ids), free=False)
     w, s = (gold[evaluate.config_key(p)] for p in (whole, small))
-    assert w.cache.sparse and w.cache.plan["selected"] == w.cache.plan["n_chunks"]
+    assert w.cache.sparse and f"4 sink + 64 local + {T - 68} selected of {T} tokens" in w.cache.budget_line()
     assert w.out == gold["full"].out and s.out != gold["full"].out
     depths = text2json.record_depths(sample["problem"], sample["answer"])
     full_facts, whole_facts = (evaluate.fact_record(r, gold_ids, fields, depths) for r in (gold["full"], w))

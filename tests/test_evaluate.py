@@ -407,6 +407,7 @@ def same_files(a, b):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_gold_run_records(gold_run):
     """The gold-forced fields are there, the fact metrics are in range, the table leads with them."""
     rows = results.read_rows(gold_run)
@@ -425,6 +426,7 @@ def test_gold_run_records(gold_run):
     assert (gold_run / "fact_vs_depth.png").is_file()
 
 
+@pytest.mark.slow
 def test_workers_1_equals_workers_2(gold_run, ckpt, tmp_path, no_plots):
     """One in-process worker, called with 2 torch threads, gives the bytes of two worker processes."""
     torch.set_num_threads(2)
@@ -436,6 +438,7 @@ def test_workers_1_equals_workers_2(gold_run, ckpt, tmp_path, no_plots):
     same_files(tmp_path / "w1", gold_run)
 
 
+@pytest.mark.slow
 def test_resumed_equals_uninterrupted(gold_run, ckpt, tmp_path, no_plots):
     """Interrupted after sample 0, then resumed: the same bytes. One configuration of a sample missing
     (decoded alone with its full-attention reference): the same numbers, in the same summary."""
@@ -452,6 +455,7 @@ def test_resumed_equals_uninterrupted(gold_run, ckpt, tmp_path, no_plots):
     assert lines(out) == lines(gold_run)  # the redone row comes last
 
 
+@pytest.mark.slow
 def test_shards_merged_equal_one_run(gold_run, ckpt, tmp_path, no_plots):
     for i in range(2):
         assert evaluate.main(["--model", str(ckpt), *GOLD_RUN, "--shard", f"{i}/2", "--workers", "1",

@@ -1,26 +1,38 @@
 """Reproduce the paper's comparisons: every KV selection policy against full attention, as tables and plots.
 
-    python evaluate.py                       # default model, 8 Text2JSON samples of ~2K tokens, 5 policies
+    python evaluate.py                       # default model, 10 Text2JSON samples of ~2K tokens, 5 policies
     python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
     python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
     python evaluate.py --task needle --tokens 4096      # or --task longproc (real data, ../shared/data)
     python evaluate.py --model DIR --data text2json.jsonl --device cuda --dtype bfloat16 --n 500
 
 What it measures (PAPER.md "The paper's method", "Benchmarks the paper uses"), per policy and
-configuration: the task score (Text2JSON: the paper's rule, plus field recall), fidelity to full
-attention (teacher-forced top-1 `agreement` and mean `kl`), selection quality against exact top-k
+configuration: the facts recovered (gold-forced `fact_accuracy`, `field_accuracy`, `fact_nll`,
+`retention` against full attention, and fact accuracy against the record's depth in the prompt),
+the task score (Text2JSON: the paper's rule, plus field recall; free-running), fidelity to full
+attention (gold-forced top-1 `agreement` and mean `kl`), selection quality against exact top-k
 (`oracle_recall`, `attention_mass`, also per layer), and memory (`device_kv_fraction` of a full bf16
 cache, `bytes_per_step` fetched from CPU memory).
 
-The decoding plan (why the default run fits in minutes on two CPU cores):
-  1. each prompt is prefilled ONCE, with full attention; the first new token comes from the prefill
-     logits, so it is exact for every policy;
-  2. every policy's cache is built from that prefill (`KVCache.from_prefill`);
-  3. all policies then decode together, as one batch (`StackedCache`): the weights are read once per
-     step for all of them. Row 0 is full attention (the reference output and logits); each sparse
-     configuration has a free-running row (its own greedy tokens: the task score) and a
-     teacher-forced row (fed the full row's tokens, so at every step it sees exactly the full row's
-     input: agreement, KL and the selection statistics). Rows leave the batch as they finish.
+The decoding plan (PAPER.md "Benchmarks": the task needs many facts from all over the prompt):
+  1. each prompt is prefilled ONCE, with full attention; every configuration's cache is built from
+     that prefill (`KVCache.from_prefill`), and the first answer token is predicted from the prefill
+     logits, so it is exact for every configuration;
+  2. gold-forced rows: full attention and every configuration are fed the gold answer (written as
+     the model is asked to write it, `text2json.answer_text`), one token per decode step, so every
+     policy selects at every step exactly as when writing that answer. At each step a row records
+     its top-1 token and the gold token's log-probability: `fact_accuracy` (the share of the answer's
+     fact tokens, the tokens of the field values, predicted top-1), `field_accuracy`, `fact_nll`; and,
+     against the full-attention row on the same path, `agreement` and `kl`, with the selection
+     statistics. A small model that cannot plan the whole list can still look up each fact when it
+     is shown the answer so far, which is what a sparse policy can take away;
+  3. free-running rows (--free-run; on by default except for Text2JSON on the embedded default
+     model, which writes no valid list with any policy, full attention included): every
+     configuration's own greedy answer, scored with the task's rule.
+  Every row runs as its own batch-of-one forward in one step loop, with DECODE_THREADS torch threads:
+  torch's CPU matmul rounds a row differently at another batch size or thread count, and this way a
+  sample's numbers are the same however a run is split (resumed, sharded, one or two workers). The
+  summary adds 95% intervals from a paired bootstrap over samples (results.bootstrap).
 
 Results folder (--out): samples.jsonl (one line per configuration and sample, with the prediction),
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
@@ -65,7 +77,8 @@ import torch
 import results
 import tasks
 import text2json
-from kvcache import POLICIES, KVCache, StackedCache, make_policy
+import kvcache
+from kvcache import POLICIES, KVCache, make_policy
 from model import DTYPES, default_model_dir, default_model_path, load_config, load_model, load_tokenizer
 from results import (
     BITS,
@@ -79,7 +92,9 @@ from results import (
     write_summary,
 )
 
-DEFAULT_METHODS = "full,oracle,shadowkv,mean,quantized"
+DEFAULT_METHODS = ",".join(("full", "oracle", "shadowkv", "mean", "quantized", "paper"))  # the default run's policies
+DEFAULT_N = 10  # samples of the default run: about 6 minutes of decoding on 2 idle cores, 2 workers
+DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
 N_NEEDLES = 11  # PAPER.md "Benchmarks": NeedleBench v2 parallel retrieval, 11 needles
 MAX_NEW_CAP = 1024  # PAPER.md "Benchmarks": Text2JSON decodes up to 1024 new tokens
@@ -103,7 +118,7 @@ def build_parser():
     p.add_argument("--task", default="text2json", choices=TASKS)
     p.add_argument("--data", help="text2json: the released JSONL (default: generated samples); "
                    "needle / longproc: the data folder (default: ../shared/data/...)")
-    p.add_argument("--n", type=int, default=8, help="number of samples (the first n of --data)")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help="number of samples (the first n of --data)")
     p.add_argument("--tokens", type=int, default=2048,
                    help="prompt length in the model's tokens: text2json (generated samples) and needle: the "
                         "length of the user turn built; longproc: a cap: the end of each HTML page is cut so "
@@ -121,7 +136,14 @@ def build_parser():
     p.add_argument("--bits", help=f"comma list of landmark formats for quantized: {', '.join(BITS)} (default 2)")
     p.add_argument("--residual", type=int, default=0, help="meta-chunk size of residual landmark quantization")
     p.add_argument("--kv-bits", help="quantize the offloaded K/V of every sparse policy with this format "
-                                     "(e.g. 4, int4; default: exact)")
+                                     "(e.g. 4, int4; default: each preset's: exact, paper 4-bit)")
+    p.add_argument("--score-rule", choices=("softmax_max", "mean_query"),
+                   help="selection score of every sparse policy (default: each preset's; softmax_max is "
+                        "ShadowKV's and the paper's as evaluated, mean_query the authors' fast path)")
+    p.add_argument("--outliers", help="ShadowKV's outlier chunks: an int, a share of the prompt below 1, or "
+                                      "'budget' (default: 48; on generated short Text2JSON prompts 1.9%% of the "
+                                      "prompt, ShadowKV's 384 tokens per 20.1K)")
+    p.add_argument("--no-chat", action="store_true", help="plain prompts, no chat template (base models)")
     p.add_argument("--max-new-tokens", type=int, help="default: 1024/905 x the longest gold answer (the paper's ratio), at most 1024")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -129,6 +151,9 @@ def build_parser():
                    "shard comes from RANK/WORLD_SIZE or --out is not given); one run at a time per folder")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="CPU only: samples decoded in parallel, one process and one thread each (default: 2)")
+    p.add_argument("--free-run", action=argparse.BooleanOptionalAction, default=None,
+                   help="also decode each configuration's own answer for the task score (default: on, except "
+                        "Text2JSON on the embedded default model)")
     p.add_argument("--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)")
     return p
 
@@ -196,11 +221,7 @@ def configurations(args):
     for b in bits:
         if b is not None and b not in BITS:
             raise ValueError(f"bad --bits {b!r}: choose from {', '.join(BITS)}")
-    for b in budgets:
-        if not 0 < b <= 1:
-            raise ValueError(f"budget {b} is out of range: give a share of the prompt in (0, 1]")
-    if args.residual < 0:
-        raise ValueError(f"--residual {args.residual} must be >= 0 (0 = off)")
+    outliers = shadowkv_outliers(args)
     policies = {}
     for method in methods:
         if method not in POLICIES:
@@ -209,14 +230,41 @@ def configurations(args):
             policies["full"] = make_policy("full", budget=1.0)
             continue
         axes = (budgets,
-                chunks if method in ("mean", "quantized") else [None],
+                chunks if method in ("mean", "quantized", "quest") else [None],
                 ranks if method in ("svd", "shadowkv") else [None],
                 bits if method == "quantized" else [None])
         for budget, chunk, rank, bit in product(*axes):
             p = make_policy(method, budget=budget, chunk_size=chunk, rank=rank, landmark_bits=bit,
-                            residual=args.residual if method == "quantized" else None, kv_bits=args.kv_bits)
+                            residual=args.residual or None if method == "quantized" else None,
+                            kv_bits=args.kv_bits, score_rule=args.score_rule,
+                            outliers=outliers if method == "shadowkv" else None)
             policies.setdefault(config_key(p), p)
     return list(policies.values())
+
+
+def shadowkv_outliers(args):
+    """ShadowKV's outlier chunks for this run: --outliers (an int count, a share of the prompt below 1,
+    or 'budget'); by default the preset's 48, except on the generated short Text2JSON prompts (no
+    --data, --tokens below the paper's mean prompt of 20.1K), where 48 chunks would keep 18% of a 2K
+    prompt exact: there ShadowKV's 384 tokens per 20.1K are scaled to the prompt (kvcache.OUTLIER_SHARE,
+    PAPER.md "What this project does differently, and why"). The budget line says which."""
+    if args.outliers is not None:
+        text = args.outliers.strip()
+        if text == "budget":
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1
+        if value >= 1 and value == int(value):
+            return int(value)
+        if 0 <= value < 1:
+            return value if value else 0
+        raise ValueError(f"bad --outliers {args.outliers!r}: an int count of chunks, a share of the prompt "
+                         "below 1, or 'budget'")
+    if args.task == "text2json" and args.data is None and args.tokens < 20100:
+        return kvcache.OUTLIER_SHARE
+    return None
 
 
 def config_label(p):
@@ -349,90 +397,124 @@ def score_sample(task, prediction, sample):
 
 @dataclass
 class Row:
-    """One row of the lockstep batch: full attention, or a policy's free-running / teacher-forced copy."""
+    """One row of the step loop: a configuration fed the gold answer, or fed its own greedy tokens."""
 
-    kind: str  # "full", "free" or "forced"
+    kind: str  # "gold" (fed the gold answer's tokens) or "free" (fed its own greedy tokens)
     policy: object
     cache: KVCache
-    out: list = field(default_factory=list)  # generated token ids (free and full rows), stop token excluded
+    out: list = field(default_factory=list)  # gold rows: top-1 at each answer position; free: generated ids
+    gold_logp: list = field(default_factory=list)  # gold rows: log-prob of the gold token, per position
     steps: int = 0  # decode steps taken (forward passes after the prefill)
-    matches: int = 0  # forced rows: steps whose argmax equals the full row's next token
-    kl: float = 0.0  # forced rows: sum over steps of KL(full || policy)
+    matches: int = 0  # gold rows: decode steps whose top-1 equals the full-attention gold row's
+    kl: float = 0.0  # gold rows: sum over decode steps of KL(full || this row)
     done: bool = False
 
 
 @torch.inference_mode()
-def decode_sample(model, ids, policies, max_new, stop_ids):
-    """Prefill `ids` once, then decode full attention and every policy as one batch (module docstring).
+def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=True):
+    """Prefill `ids` once, then decode every configuration from it (the module docstring's plan).
 
-    Returns (full row, {config key: (free row, forced row)}).
+    Gold rows, one per configuration and always one for full attention (the reference): position 0
+    is predicted from the prefill logits (exact for all), then each decode step feeds the next gold
+    token, one token per step, so a sparse policy selects at every step as it would when writing the
+    answer itself (the first max_new gold tokens). Free rows (free=True): each configuration's own
+    greedy answer, up to max_new tokens or a stop token. Every row is its own batch-of-one forward
+    (torch's CPU matmul rounds a row differently at other batch sizes), so a row's numbers do not
+    depend on which other rows run.
+
+    Returns (gold, free): {config key: Row}, both holding "full"; free is {} when free is False.
     """
     device = model.embed_tokens.weight.device
-    full = Row("full", make_policy("full"), KVCache(model.config, model.rope, device=device))
-    logits = model(torch.tensor([ids], device=device), full.cache, last_only=True)  # [1, 1, vocab]
-    first = int(logits[0, -1].argmax())
-    pairs = {}
+    prefill = KVCache(model.config, model.rope, device=device)
+    logits = model(torch.tensor([ids], device=device), prefill, last_only=True)[0, -1]  # [vocab]
+    first, logp0 = int(logits.argmax()), torch.log_softmax(logits, dim=-1)  # [vocab]
+    configs = {"full": make_policy("full")} | {config_key(p): p for p in policies}
+    n_gold = min(len(gold_ids), max_new, model.config.max_positions - len(ids) + 1)
+    gold_ids = list(gold_ids[:n_gold])
+    gold, rows = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a prompt shorter than the budget: recorded as sparse=False
-        for p in policies:
-            pairs[config_key(p)] = (Row("free", p, KVCache.from_prefill(full.cache, p)),
-                                    Row("forced", p, KVCache.from_prefill(full.cache, replace(p, track=True))))
-    rows = [full] + [r for pair in pairs.values() for r in pair]
+        for key, p in configs.items():
+            gold[key] = Row("gold", p, KVCache.from_prefill(prefill, replace(p, track=p.name != "full")))
+            if free:
+                rows[key] = Row("free", p, KVCache.from_prefill(prefill, p))
     limit = min(max_new, model.config.max_positions - len(ids))  # positions left for new tokens
     stop = set(stop_ids)
-    for r in rows:
+    for r in gold.values():
+        if n_gold:
+            r.out, r.gold_logp = [first], [float(logp0[gold_ids[0]])]
+        r.done = n_gold <= 1
+    for r in rows.values():
         r.out = [] if first in stop else [first]
         r.done = first in stop or limit <= 1
-    active = [r for r in rows if not r.done]
+    ref = gold["full"]  # first in the loop, so its step is done before the rows compared with it
+    active = [r for r in [*gold.values(), *rows.values()] if not r.done]
     while active:
-        # forced rows read the full row's last token; the full row is active (row 0) while they are
-        x = torch.tensor([[r.out[-1] if r.kind != "forced" else full.out[-1]] for r in active], device=device)  # [B, 1]
-        logits = model(x, StackedCache([r.cache for r in active]))[:, -1]  # [B, vocab]
-        logp = torch.log_softmax(logits, dim=-1)  # [B, vocab]
-        nxt = logits.argmax(dim=-1).tolist()
-        ref_logp, ref_next = logp[0], nxt[0]  # the full row's (used only while forced rows are active)
-        ref_p = ref_logp.exp()  # [vocab]
-        for i, r in enumerate(active):
+        for r in active:
+            x = gold_ids[r.steps] if r.kind == "gold" else r.out[-1]
+            logits = model(torch.tensor([[x]], device=device), r.cache)[0, -1]  # [vocab]
+            top = int(logits.argmax())
             r.steps += 1
-            if r.kind == "forced":
-                r.matches += nxt[i] == ref_next
-                r.kl += float((ref_p * (ref_logp - logp[i])).sum())  # KL(full || policy)
-            elif nxt[i] in stop:
-                r.done = True
-            else:
-                r.out.append(nxt[i])
-                r.done = len(r.out) >= limit
-        if full.done:  # the reference has ended: nothing left to teacher-force
-            for r in active:
-                r.done = r.done or r.kind == "forced"
+            if r.kind == "free":
+                if top not in stop:
+                    r.out.append(top)
+                r.done = top in stop or len(r.out) >= limit
+                continue
+            logp = torch.log_softmax(logits, dim=-1)  # [vocab]
+            if r is ref:
+                ref_logp, ref_top = logp, top
+            r.matches += top == ref_top
+            r.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())  # KL(full || this row)
+            r.out.append(top)
+            r.gold_logp.append(float(logp[gold_ids[r.steps]]))
+            r.done = r.steps + 1 >= n_gold
         active = [r for r in active if not r.done]
-    return full, pairs
+    return gold, rows
 
 
-def full_record(full, tok):
-    """samples.jsonl fields of the full-attention row: the reference, so fidelity is exact by definition."""
-    return dict(prediction=tok.decode(full.out), new_tokens=len(full.out), steps=full.steps, sparse=False,
-                agreement=1.0, kl=0.0, oracle_recall=None, attention_mass=None, landmark_error=None,
-                key_error=None, recall_per_layer=None, mass_per_layer=None,
-                device_kv_fraction=full.cache.memory()["device_fraction"],
-                bytes_per_step=0.0)
+def fact_record(row, gold_ids, fields, depths):
+    """samples.jsonl fact fields of one gold row (None when the task has no fact tokens).
+
+    fact_accuracy: share of the fact tokens (text2json.fact_tokens) predicted top-1; field_accuracy:
+    share of gold fields whose every token is; fact_nll: mean negative log-probability of the fact
+    tokens; per_record: per gold record its depth in the prompt (percent), fact tokens and hits.
+    A field cut off by the new-token limit is left out whole.
+    """
+    if fields is None:
+        return dict(fact_accuracy=None, field_accuracy=None, fact_nll=None, fact_tokens=None, per_record=None)
+    hit = [p == g for p, g in zip(row.out, gold_ids)]
+    fields = [f for f in fields if f["tokens"] and f["tokens"][-1] < len(hit)]
+    tokens = sorted({t for f in fields for t in f["tokens"]})
+    per_record = [dict(depth=d, tokens=0, hits=0) for d in depths]
+    for f in fields:
+        per_record[f["record"]]["tokens"] += len(f["tokens"])
+        per_record[f["record"]]["hits"] += sum(hit[t] for t in f["tokens"])
+    whole = [all(hit[t] for t in f["tokens"]) for f in fields]  # per field: every token predicted
+    return dict(fact_accuracy=sum(hit[t] for t in tokens) / len(tokens) if tokens else None,
+                field_accuracy=sum(whole) / len(whole) if whole else None,
+                fact_nll=-sum(row.gold_logp[t] for t in tokens) / len(tokens) if tokens else None,
+                fact_tokens=len(tokens), per_record=per_record)
 
 
-def policy_record(free, forced, tok):
-    """samples.jsonl fields of one policy: prediction from the free row, fidelity and selection
-    statistics from the teacher-forced row, memory and traffic from the free row's cache."""
-    stats = forced.cache.stats
-    tracked = forced.cache.sparse and float(stats.steps.sum()) > 0
+def policy_record(gold, free, tok):
+    """samples.jsonl fields of one configuration: fidelity to full attention and the selection statistics
+    on the gold path (the gold row), memory and traffic from the gold row's cache (the selection size,
+    so the bytes per step, do not depend on the tokens read), the prediction from the free row (None
+    without one). For full attention agreement is 1 and KL 0 by construction."""
+    stats = gold.cache.stats
+    tracked = gold.cache.sparse and float(stats.steps.sum()) > 0
     s = stats.summary() if tracked else {}
     return dict(
-        prediction=tok.decode(free.out), new_tokens=len(free.out), steps=forced.steps, sparse=free.cache.sparse,
-        agreement=forced.matches / forced.steps if forced.steps else None,
-        kl=forced.kl / forced.steps if forced.steps else None,
+        prediction=None if free is None else tok.decode(free.out),
+        new_tokens=None if free is None else len(free.out),
+        steps=gold.steps, sparse=gold.cache.sparse,
+        agreement=gold.matches / gold.steps if gold.steps else None,
+        kl=gold.kl / gold.steps if gold.steps else None,
         oracle_recall=s.get("oracle_recall"), attention_mass=s.get("attention_mass"),
         landmark_error=s.get("landmark_error"), key_error=s.get("key_error"),
         recall_per_layer=s.get("recall_per_layer"), mass_per_layer=s.get("mass_per_layer"),
-        device_kv_fraction=free.cache.memory()["device_fraction"],
-        bytes_per_step=free.cache.store.bytes_moved / free.steps if free.steps else None)
+        device_kv_fraction=gold.cache.memory()["device_fraction"],
+        bytes_per_step=gold.cache.store.bytes_moved / gold.steps if gold.steps else None)
 
 
 def config_fields(p):
@@ -454,6 +536,8 @@ def run_settings(args, max_new):
     return dict(task=args.task, model=model, data=str(Path(args.data).resolve()) if args.data else None,
                 tokens=args.tokens, seed=args.seed,
                 dtype=str(DTYPES[args.dtype]).removeprefix("torch."), max_new_tokens=max_new,
+                free_run=free_running(args), group=args.group if args.task == "longproc" else None,
+                outliers=shadowkv_outliers(args), score_rule=args.score_rule, chat=not args.no_chat,
                 command="python evaluate.py " + " ".join(args.argv))
 
 
@@ -468,27 +552,52 @@ def progress(done, total, start, first):
           flush=True)
 
 
-def evaluate_sample(model, tok, sample, policies, max_new, task, verbose):
-    """Decode one sample under every configuration still to do; returns its samples.jsonl rows."""
+def gold_tokens(task, sample, tok):
+    """(gold ids, fact fields, record depths) of a sample: for Text2JSON the answer as the model would
+    write it and its fact tokens (text2json.fact_tokens); for the other tasks the gold text, no facts."""
+    if task != "text2json":
+        return tok.encode(sample["gold"]), None, None
+    try:
+        ids, fields = text2json.fact_tokens(sample["gold"], tok)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"sample {sample['id']}: bad gold answer: {err}") from None
+    return ids, fields, text2json.record_depths(sample["problem"], sample["gold"])
+
+
+def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_run=True):
+    """Decode one sample under every configuration still to do; returns its samples.jsonl rows.
+    free_run=False skips the free rows: no prediction, no task score."""
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     if len(ids) >= model.config.max_positions:
         print(f"warning: sample {sample['id']}: prompt of {len(ids)} tokens does not fit the model's "
               f"{model.config.max_positions} positions: skipped", file=sys.stderr)
         return []
+    gold_ids, fields, depths = gold_tokens(task, sample, tok)
     sparse = [p for p in policies if p.name != "full"]
-    full, pairs = decode_sample(model, ids, sparse, max_new, tok.stop_ids)
-    records = [(p, full_record(full, tok) if p.name == "full" else policy_record(*pairs[config_key(p)], tok))
-               for p in policies]
+    gold, free = decode_sample(model, ids, sparse, gold_ids, max_new, tok.stop_ids, free=free_run)
     if verbose:
         for p in sparse:
-            print(f"{config_key(p)}: {pairs[config_key(p)][0].cache.budget_line()}")
+            print(f"{config_key(p)}: {gold[config_key(p)].cache.budget_line()}")
     rows = []
-    for p, rec in records:
+    for p in policies:
+        key = config_key(p)
+        rec = policy_record(gold[key], free.get(key), tok)
         prediction = rec.pop("prediction")
-        rows.append(dict(key=config_key(p), sample=sample["id"], task=task, **config_fields(p), prompt_tokens=len(ids),
-                         max_new_tokens=max_new, **score_sample(task, prediction, sample), **rec,
+        scores = score_sample(task, prediction, sample) if free_run else dict(score=None, field_recall=None)
+        rows.append(dict(key=key, sample=sample["id"], task=task, **config_fields(p), prompt_tokens=len(ids),
+                         max_new_tokens=max_new, gold_tokens=len(gold[key].out),
+                         **fact_record(gold[key], gold_ids, fields, depths), **scores, **rec,
                          prediction=prediction))
     return rows
+
+
+def free_running(args):
+    """Whether the run decodes free-running rows (the task score): --free-run / --no-free-run, else on
+    except for Text2JSON on the embedded default model, which cannot write the list on its own (its
+    score is 0 for every policy, full attention included: the gold-forced fact accuracy measures it)."""
+    if args.free_run is not None:
+        return args.free_run
+    return args.task != "text2json" or args.model is not None
 
 
 _WORKER = {}  # a worker process's model and tokenizer (inherited through fork, never pickled)
@@ -496,7 +605,7 @@ _WORKER = {}  # a worker process's model and tokenizer (inherited through fork, 
 
 def _init_worker(model, tok):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent stops them
-    torch.set_num_threads(1)
+    torch.set_num_threads(DECODE_THREADS)
     _WORKER.update(model=model, tok=tok)
 
 
@@ -505,16 +614,23 @@ def _work(job):
 
 
 def run_jobs(model, tok, jobs, workers):
-    """Yield each job's rows in order. Several CPU workers: one sample per process, one thread each.
+    """Yield each job's rows in order. Several CPU workers: one sample per process.
 
-    A decode step of the batched rows is a few thousand small torch calls, bound by Python overhead
-    rather than arithmetic, so a second core does more as a second process on the next sample than as
-    a second thread in the same one (measured: 73 s per sample with 1 thread, 75 s with 2). Each
-    sample's numbers do not depend on which worker ran it.
+    Every sample is computed with DECODE_THREADS torch threads, in a worker or in this process, so its
+    numbers do not depend on the worker count (torch's CPU kernels split a reduction differently with
+    another thread count). A decode step is a few thousand small torch calls, bound by Python
+    overhead and memory traffic rather than arithmetic, so a second core does more as a second process
+    on the next sample than as a second thread in the same one (measured: 73 s per sample with 1
+    thread, 75 s with 2).
     """
     if workers <= 1:
-        for job in jobs:
-            yield evaluate_sample(model, tok, *job)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(DECODE_THREADS)
+        try:
+            for job in jobs:
+                yield evaluate_sample(model, tok, *job)
+        finally:
+            torch.set_num_threads(threads)
         return
     ctx = multiprocessing.get_context("fork")  # the workers share the loaded weights copy-on-write
     with ctx.Pool(workers, initializer=_init_worker, initargs=(model, tok)) as pool:
@@ -597,7 +713,7 @@ def run(args):
 
     config = load_config(args.model or default_model_dir())
     check_fit(args, policies, config)
-    tok = load_tokenizer(args.model, config)
+    tok = load_tokenizer(args.model, config, chat_format="plain" if args.no_chat else None)
     samples = load_samples(args, tok)
     mine = samples[shard::n_shards]
     if not mine:
@@ -631,10 +747,12 @@ def run(args):
             if todo:
                 print(f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
                       f"on {device}", file=sys.stderr)
-                model, tok = load_model(args.model, dtype=args.dtype, device=device)
+                model, tok = load_model(args.model, dtype=args.dtype, device=device,
+                                        chat_format="plain" if args.no_chat else None)
                 start = time.time()
                 progress(before, len(fits), start, before)
-                jobs = [(sample, ps, max_new, args.task, i == 0) for i, (sample, ps) in enumerate(todo)]
+                jobs = [(sample, ps, max_new, args.task, i == 0, settings["free_run"])
+                        for i, (sample, ps) in enumerate(todo)]
                 workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
                 done = run_jobs(model, tok, jobs, workers)
                 try:

@@ -695,6 +695,12 @@ class Tokenizer:
         """Token ids of text, no BOS or other special tokens added."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text):
+        """(ids, offsets) of text: offsets[i] = (start, end) characters of token i in text (a
+        character split over two byte-level tokens gives both its span)."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def decode(self, ids):
         """Text of ids, special tokens skipped."""
         return self.tok.decode(list(ids), skip_special_tokens=True)

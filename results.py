@@ -19,18 +19,27 @@ import os
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from files import read_jsonl
 from kvcache import POLICIES
 
-BITS = ("1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
+BITS = ("0.5", "1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
 # summary.json: the configuration, then the metrics (every row has every key; None = not defined)
 CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
-METRICS = ("score", "text2json_score", "field_recall", "precision", "recall", "extraction_rate", "agreement", "kl",
-           "oracle_recall", "attention_mass", "device_kv_fraction", "bytes_per_step", "landmark_error", "key_error",
-           "sparse_share")
+METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "retention", "score", "text2json_score",
+           "field_recall", "precision", "recall", "extraction_rate", "agreement", "kl", "oracle_recall", "attention_mass", "device_kv_fraction",
+           "bytes_per_step", "landmark_error", "key_error", "sparse_share")
+# the metrics with a value per sample (samples.jsonl): each gets a bootstrap interval in the summary
+SAMPLE_METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "score", "field_recall", "agreement", "kl",
+                  "oracle_recall", "attention_mass", "device_kv_fraction", "bytes_per_step", "landmark_error",
+                  "key_error")
+BOOTSTRAP_RESAMPLES = 2000  # resamples of the paired bootstrap over samples
+BOOTSTRAP_SEED = 0
+DEPTH_BINS = 10  # fact accuracy against depth: 10 equal shares of the prompt
 # run.json settings that must agree for a resumed (or merged) run: they change every result
-RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens")
+RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens", "free_run", "group",
+              "outliers", "score_rule", "chat")
 
 
 LOCK_NAME = ".lock"  # in every results folder; holds the pid of its last writer
@@ -159,33 +168,132 @@ def _order(row):
             -1 if bits is None else BITS.index(bits) if bits in BITS else len(BITS), row["residual"] or 0)
 
 
-def summarize(rows):
+# ---------------------------------------------------------------------------- paired bootstrap
+
+def bootstrap_means(values, index):
+    """Means of `values` [n] (float64, NaN = sample missing) over each resample of `index` [R, n]."""
+    return values[index].nanmean(dim=1)  # [R]
+
+
+def interval(resampled):
+    """The 95% percentile interval [lo, hi] of resampled statistics [R] (NaN resamples ignored)."""
+    lo, hi = torch.nanquantile(resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return None if math.isnan(lo) else [lo, hi]
+
+
+def resample_index(n, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
+    """[resamples, n] sample indices drawn with replacement from a seeded generator: one matrix for
+    every configuration and metric of a summary, so each difference is paired (the same samples)."""
+    return torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _per_sample(rs, samples, metric):
+    """[n] float64 of one configuration's per-sample values in the order of `samples` (NaN = none)."""
+    by = {r["sample"]: r.get(metric) for r in rs}
+    values = [math.nan if by.get(s) is None else float(by[s]) for s in samples]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _compare(values, ref, index):
+    """[diff, lo, hi] of mean(values - ref) over the samples both have, or None."""
+    d = values - ref  # NaN where either lacks the sample
+    if bool(d.isnan().all()):
+        return None
+    ci = interval(bootstrap_means(d, index))
+    return [float(d.nanmean()), *ci] if ci else None
+
+
+def _depth_accuracy(rs):
+    """Fact accuracy per depth bin (DEPTH_BINS equal shares of the prompt), pooled over samples."""
+    hits, tokens = [0] * DEPTH_BINS, [0] * DEPTH_BINS
+    for r in rs:
+        for rec in r.get("per_record") or []:
+            if rec["depth"] is not None and rec["tokens"]:
+                b = min(int(rec["depth"] * DEPTH_BINS / 100), DEPTH_BINS - 1)
+                hits[b] += rec["hits"]
+                tokens[b] += rec["tokens"]
+    return [h / t if t else None for h, t in zip(hits, tokens)] if any(tokens) else None
+
+
+def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
     """One summary row per configuration: the means over its samples (scores x 100, as the paper),
-    keys in the order CONFIG_FIELDS, METRICS, then the per-layer statistics for the heatmap."""
+    keys in the order CONFIG_FIELDS, METRICS, then `ci` (95% interval per metric), `vs_full` and
+    `vs_oracle` ([difference, lo, hi] per metric against full attention and against the oracle of the
+    same budget and K/V format), `depth_accuracy` and the per-layer statistics for the heatmap.
+
+    The intervals come from one paired bootstrap over the samples (`resample_index`, seeded): every
+    configuration's means are taken over the same resampled samples, so a difference's interval
+    measures the difference, not the spread between samples that all policies share. `retention` is
+    fact_accuracy over full attention's, its interval the ratio of the resampled means. The rows are
+    read in a fixed order (sample, configuration), so the numbers do not depend on the order of
+    samples.jsonl (a merge, a resume)."""
+    rows = sorted(rows, key=lambda r: (r["sample"], r["key"]))
+    samples = sorted({r["sample"] for r in rows})
+    index = resample_index(len(samples), resamples, seed) if samples else None
     groups = {}
     for r in rows:
         groups.setdefault(r["key"], []).append(r)
     summary = []
     for key, rs in groups.items():
-        task, score, recall = rs[0]["task"], _mean(r["score"] for r in rs), _mean(r["field_recall"] for r in rs)
-        metrics = {m: _mean(r[m] for r in rs) for m in ("agreement", "kl", "oracle_recall", "attention_mass",
-                                                         "device_kv_fraction", "bytes_per_step", "landmark_error",
-                                                         "key_error")}
-        metrics.update(score=None if score is None else 100 * score,
-                       text2json_score=None if score is None or task != "text2json" else 100 * score,
-                       field_recall=None if recall is None else 100 * recall,
+        task = rs[0]["task"]
+        metrics = {m: _mean(r.get(m) for r in rs) for m in SAMPLE_METRICS}
+        for m in ("score", "field_recall"):  # scores x 100, as the paper
+            metrics[m] = None if metrics[m] is None else 100 * metrics[m]
+        metrics.update(text2json_score=metrics["score"] if task == "text2json" else None,
                        sparse_share=None if rs[0]["method"] == "full" else _mean(float(r["sparse"]) for r in rs))
         for m, k in (("precision", "precision"), ("recall", "recall"), ("extraction_rate", "extracted")):  # longproc
             metrics[m] = None if _mean(r.get(k) for r in rs) is None else 100 * _mean(r.get(k) for r in rs)
+        values = {m: _per_sample(rs, samples, m) for m in SAMPLE_METRICS}
         summary.append(dict(key=key, task=task, **{f: rs[0].get(f) for f in CONFIG_FIELDS}, n=len(rs),
-                            **{m: metrics[m] for m in METRICS},
-                            recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
-                            mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs)))
-    return sorted(summary, key=_order)
+                            **{m: metrics.get(m) for m in METRICS}, values=values))
+    summary.sort(key=_order)
+    full = next((s for s in summary if s["method"] == "full"), None)
+    for s in summary:
+        scale = {m: 100 if m in ("score", "field_recall") else 1 for m in SAMPLE_METRICS}
+        s["ci"] = {m: None if s[m] is None else _scaled(interval(bootstrap_means(v, index)), scale[m])
+                   for m, v in s["values"].items()}
+        oracle = next((o for o in summary if o["method"] == "oracle" and o["budget"] == s["budget"]
+                       and o["kv_bits"] == s["kv_bits"]), None)
+        for name, ref in (("vs_full", full), ("vs_oracle", oracle)):
+            s[name] = {m: None if ref is None or ref is s else _scaled(_compare(v, ref["values"][m], index),
+                                                                       scale[m])
+                       for m, v in s["values"].items()}
+        s["retention"], s["ci"]["retention"] = None, None
+        if full is not None and s["fact_accuracy"] is not None and full["fact_accuracy"]:
+            mine, ref = s["values"]["fact_accuracy"], full["values"]["fact_accuracy"]
+            both = ~(mine.isnan() | ref.isnan())  # the samples both have
+            mine, ref = mine.where(both, math.nan), ref.where(both, math.nan)
+            s["retention"] = float(mine.nanmean() / ref.nanmean())
+            s["ci"]["retention"] = interval(bootstrap_means(mine, index) / bootstrap_means(ref, index))
+    for s in summary:
+        rs = groups[s["key"]]
+        del s["values"]
+        s.update(depth_accuracy=_depth_accuracy(rs),
+                 recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
+                 mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs))
+    return summary
+
+
+def _scaled(triple, scale):
+    return None if triple is None else [scale * x for x in triple]
 
 
 def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
+
+
+def _with_ci(r, m, spec):
+    """'0.689 [0.650, 0.721]': the mean and its 95% bootstrap interval."""
+    ci = r["ci"].get(m)
+    return _fmt(r[m], spec) + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
+
+
+def _vs(r, name, m, spec):
+    """'-0.021 [-0.040, -0.002] *': a paired difference, * when its interval excludes 0 (not noise)."""
+    d = r[name].get(m)
+    if d is None:
+        return "–"
+    return f"{d[0]:+{spec}} [{d[1]:+{spec}}, {d[2]:+{spec}}]" + (" *" if d[1] > 0 or d[2] < 0 else "")
 
 
 def _bytes(x):
@@ -199,18 +307,31 @@ def _bytes(x):
 
 
 def markdown_table(summary, task):
-    """The comparison table: the task score, fidelity, selection quality and memory of each configuration."""
+    """The comparison table: facts recovered on the gold path (when the task has fact tokens), the
+    free-running task score (when it was decoded), fidelity, selection quality and memory of each
+    configuration. Fact accuracy, its differences to full and to the oracle, field accuracy,
+    agreement and KL carry their 95% interval."""
     score_name = {"text2json": "Text2JSON score", "needle": "needle score", "longproc": "F1"}[task]
     t2j, tsv = task == "text2json", task == "longproc"
-    head = ["policy", "budget", score_name] + (["field recall"] if t2j else []) + (
-        ["precision", "recall", "extraction"] if tsv else []) + [
-        "agreement", "KL", "oracle recall", "attention mass", "device KV", "bytes/step", "n"]
+    facts = any(r["fact_accuracy"] is not None for r in summary)
+    scored = any(r["score"] is not None for r in summary)
+    head = ["policy", "budget"]
+    if facts:
+        head += ["fact accuracy", "vs full", "vs oracle", "field accuracy", "fact NLL", "retention"]
+    head += ([score_name] + (["field recall"] if t2j else []) + (["precision", "recall", "extraction"]
+                                                             if tsv else [])) if scored else []
+    head += ["agreement", "KL", "oracle recall", "attention mass", "device KV", "bytes/step", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
-        cells = [r["label"], "–" if r["budget"] is None else f"{100 * r['budget']:.3g}%", _fmt(r["score"], ".1f")]
-        cells += [_fmt(r["field_recall"], ".1f")] if t2j else []
-        cells += [_fmt(r.get(m), ".1f") for m in ("precision", "recall", "extraction_rate")] if tsv else []
-        cells += [_fmt(r["agreement"], ".3f"), _fmt(r["kl"], ".3f"), _fmt(r["oracle_recall"], ".3f"),
+        cells = [r["label"], "–" if r["budget"] is None else f"{100 * r['budget']:.3g}%"]
+        if facts:
+            cells += [_with_ci(r, "fact_accuracy", ".3f"), _vs(r, "vs_full", "fact_accuracy", ".3f"),
+                      _vs(r, "vs_oracle", "fact_accuracy", ".3f"), _with_ci(r, "field_accuracy", ".3f"),
+                      _fmt(r["fact_nll"], ".3f"), _fmt(r["retention"], ".3f")]
+        if scored:
+            cells += [_fmt(r["score"], ".1f")] + ([_fmt(r["field_recall"], ".1f")] if t2j else [])
+            cells += [_fmt(r.get(m), ".1f") for m in ("precision", "recall", "extraction_rate")] if tsv else []
+        cells += [_with_ci(r, "agreement", ".3f"), _with_ci(r, "kl", ".3f"), _fmt(r["oracle_recall"], ".3f"),
                   _fmt(r["attention_mass"], ".3f"),
                   "–" if r["device_kv_fraction"] is None else f"{100 * r['device_kv_fraction']:.1f}%",
                   _bytes(r["bytes_per_step"]), str(r["n"])]
@@ -220,15 +341,10 @@ def markdown_table(summary, task):
 
 # ---------------------------------------------------------------------------- plots
 
-def _pyplot():
-    """matplotlib, imported only when a plot is drawn, on the file-only Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
-PANELS = (("score", "task score"), ("agreement", "agreement with full"), ("oracle_recall", "oracle recall"))
+PANELS = (("fact_accuracy", "fact accuracy (gold-forced)"), ("agreement", "agreement with full"),
+          ("oracle_recall", "oracle recall"))  # the first panel is the task score when there are no facts
 
 
 def _sweep_name(r, axis):
@@ -256,13 +372,15 @@ def plot_sweep(summary, axis, methods, path, xlabel):
         if path.exists():
             path.unlink()  # a plot left from an earlier, wider sweep would now be wrong
         return False
-    plt = _pyplot()
 
     categorical = axis == "bits"  # fp8 and nvfp4 are formats, not numbers: one tick per format
     ticks = sorted({r["bits"] for rs in groups.values() for r in rs}, key=BITS.index) if categorical else None
     full = next((r for r in summary if r["method"] == "full"), None)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.3 * len(PANELS), 3.6))
-    for ax, (metric, title) in zip(axes, PANELS):
+    facts = any(r["fact_accuracy"] is not None for r in summary)
+    panels = PANELS if facts else (("score", "task score"),) + PANELS[1:]
+    fig = Figure(figsize=(4.3 * len(panels), 3.6))  # no pyplot: files only, whatever the backend
+    axes = fig.subplots(1, len(panels))
+    for ax, (metric, title) in zip(axes, panels):
         for name, rs in groups.items():
             rs = sorted(rs, key=lambda r: ticks.index(r[axis]) if categorical else r[axis])
             xs = [ticks.index(r[axis]) if categorical else r[axis] for r in rs]
@@ -279,7 +397,31 @@ def plot_sweep(summary, axis, methods, path, xlabel):
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return True
+
+
+def plot_depth(summary, path):
+    """Fact accuracy against the depth of the record in the prompt, one line per configuration
+    (PAPER.md "The problem": whether a policy loses the facts of some part of the prompt)."""
+    rows = [r for r in summary if r["depth_accuracy"] is not None]
+    if not rows:
+        if path.exists():
+            path.unlink()
+        return False
+
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    centres = [100 * (i + 0.5) / DEPTH_BINS for i in range(DEPTH_BINS)]
+    for r in rows:
+        ys = [math.nan if y is None else y for y in r["depth_accuracy"]]
+        ax.plot(centres, ys, marker="o", label=r["key"], linestyle="--" if r["method"] == "full" else "-")
+    ax.set_xlabel("depth of the record in the prompt (%)")
+    ax.set_ylabel("fact accuracy (gold-forced)")
+    ax.set_xlim(0, 100)
+    ax.set_title("facts recovered against depth")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return True
 
 
@@ -290,10 +432,10 @@ def plot_recall_heatmap(summary, path):
         if path.exists():
             path.unlink()
         return False
-    plt = _pyplot()
 
     matrix = torch.tensor([r["recall_per_layer"] for r in rows])  # [configs, layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * matrix.shape[1] + 3), 0.4 * len(rows) + 1.5))
+    fig = Figure(figsize=(max(6.0, 0.25 * matrix.shape[1] + 3), 0.4 * len(rows) + 1.5))
+    ax = fig.subplots()
     im = ax.imshow(matrix.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
     ax.set_yticks(range(len(rows)), [r["key"] for r in rows])
     ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 15)))
@@ -302,7 +444,6 @@ def plot_recall_heatmap(summary, path):
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -314,9 +455,13 @@ def make_plots(out, summary):
                                         ("rank", ("svd", "shadowkv"), "vs_rank.png", "SVD rank"),
                                         ("bits", ("quantized",), "vs_bits.png", "landmark bits")):
         if plot_sweep(summary, axis, methods, out / name, xlabel):
-            notes.append(f"{name}: score / agreement / oracle recall against {xlabel}")
+            notes.append(f"{name}: fact accuracy or score / agreement / oracle recall against {xlabel}")
         else:
             notes.append(f"{name}: skipped, the sweep has one value of {axis} per configuration")
+    if plot_depth(summary, out / "fact_vs_depth.png"):
+        notes.append("fact_vs_depth.png: fact accuracy against the depth of the record in the prompt")
+    else:
+        notes.append("fact_vs_depth.png: skipped, the task has no fact tokens")
     if plot_recall_heatmap(summary, out / "recall_per_layer.png"):
         notes.append("recall_per_layer.png: oracle recall per layer (policies x layers)")
     else:
@@ -324,13 +469,36 @@ def make_plots(out, summary):
     return notes
 
 
+def table_notes(summary, run):
+    """The lines printed under the table: how to read the intervals, and what the free-running score
+    was when it is not a column (PAPER.md "Benchmarks": the paper's score needs the whole list)."""
+    n = len({r["n"] for r in summary}) == 1 and summary[0]["n"]
+    lines = []
+    if any(r["fact_accuracy"] is not None for r in summary):
+        lines.append(f"[a, b]: 95% interval of a paired bootstrap over the {n or ''} samples "
+                     f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); vs full / vs oracle: "
+                     "difference to full attention / to the oracle of the same budget, * where its interval "
+                     "excludes 0 (not noise). Fact accuracy: share of the gold answer's value tokens "
+                     "predicted top-1 with the gold answer so far as input.")
+    if run["task"] == "text2json" and all(r["score"] is None for r in summary):
+        lines.append("Free-running Text2JSON score: not decoded (add --free-run). On the default "
+                     "SmolLM2-135M it is 0.0 for every policy, full attention included (8 samples, every "
+                     "prediction checked): the model cannot write the JSON list on its own, so that score measures the "
+                     "model, not the KV policy; fact accuracy measures what the policy keeps.")
+    elif run["task"] == "text2json" and all(not r["score"] for r in summary):
+        lines.append("The Text2JSON score is 0 for every configuration, full attention included: this "
+                     "model does not write the JSON list on its own; read the gold-forced fact accuracy.")
+    return lines
+
+
 def write_summary(out, rows, run):
-    """Rebuild summary.json, summary.md and the plots from samples.jsonl (so a merge is a concatenation)."""
+    """Rebuild summary.json, summary.md and the plots from samples.jsonl (so a merge is a concatenation).
+    The returned table includes the lines under it (table_notes)."""
     summary = summarize(rows)
     sample_notes = annotate(summary, rows, run)
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     notes = sample_notes + make_plots(out, summary)
-    table = markdown_table(summary, run["task"])
+    table = "\n\n".join([markdown_table(summary, run["task"])] + table_notes(summary, run))
     dtype_note = ("device KV: bytes kept on the device over a full bf16 cache of the prompt; exact tensors count "
                   "as bf16 whatever the run's dtype, quantized ones as their packed codes and scales")
     md = (f"# KV selection policies against full attention\n\n`{run.get('command', '')}`\n\n"

@@ -237,6 +237,69 @@ def aggregate(predictions, golds):
     }
 
 
+# ---- fact tokens: which tokens of the gold answer carry a fact (evaluate.py's gold-forced decoding)
+
+def answer_text(gold):
+    """The gold answer as the model is asked to write it: the released format, one JSON list with one
+    object per record, on one line, with json.dumps' default separators (", " and ": ", the spacing of
+    the prompt's own example) and ensure_ascii=False (a model writes "é", not "\\u00e9"). A released
+    answer string is re-serialised this way, so every sample's answer has the same layout."""
+    return json.dumps(gold if isinstance(gold, list) else json.loads(gold), ensure_ascii=False)
+
+
+def value_spans(gold):
+    """(answer_text(gold), fields): fields is one dict per gold (record, key) with `record` (its index),
+    `key`, `value` and `span` = the (start, end) characters of the value in the text: inside the quotes
+    of a string value (the quotes, keys, commas and braces are not facts), the whole literal otherwise.
+
+    The text is built piece by piece exactly as json.dumps writes it, so the spans need no search."""
+    records = gold if isinstance(gold, list) else json.loads(gold)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError("gold answer must be a JSON list of objects")
+    text, fields = "[", []
+    for n, record in enumerate(records):
+        text += ", " * (n > 0) + "{"
+        for j, (key, value) in enumerate(record.items()):
+            text += ", " * (j > 0) + json.dumps(key, ensure_ascii=False) + ": "
+            literal = json.dumps(value, ensure_ascii=False)
+            quoted = isinstance(value, str)
+            fields.append(dict(record=n, key=key, value=value,
+                               span=(len(text) + quoted, len(text) + len(literal) - quoted)))
+            text += literal
+        text += "}"
+    text += "]"
+    assert text == answer_text(records)
+    return text, fields
+
+
+def fact_tokens(gold, tokenizer):
+    """Token ids of answer_text(gold) and, per gold field, the indices of the tokens that carry it.
+
+    A token carries a field when its character span (the tokenizer's offsets,
+    `tokenizer.encode_offsets`) overlaps the field's value span; a token that also holds the opening
+    quote still counts. Returns (ids, fields): fields as `value_spans`, plus `tokens` (a list of token
+    indices, empty for an empty value)."""
+    text, fields = value_spans(gold)
+    ids, offsets = tokenizer.encode_offsets(text)
+    for f in fields:
+        start, end = f["span"]
+        f["tokens"] = [t for t, (a, b) in enumerate(offsets) if a < end and b > start]
+    return ids, fields
+
+
+def record_depths(problem, gold):
+    """Where each gold record sits in the prompt, in percent (0 = the start of the text, 100 = its
+    end): the first mention of the record's name in `problem`, which in a generated sample is the
+    record's own sentence (names are unique and none is part of another). None for a name that is
+    not written in the prompt as it is in the answer."""
+    records = gold if isinstance(gold, list) else json.loads(gold)
+    depths = []
+    for r in records:
+        i = problem.find(str(r.get("name"))) if problem else -1
+        depths.append(None if i < 0 else 100 * i / len(problem))
+    return depths
+
+
 # ----------------------------------------------------------------------------- generator
 # Four domains like the released set's (product specs, professionals, organisations,
 # movie metadata). Each record has three short string fields, `name` first. A record is

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import evaluate  # noqa: E402
 import landmarks  # noqa: E402
 import text2json  # noqa: E402
 from kvcache import KVCache, StackedCache  # noqa: E402
@@ -83,6 +84,21 @@ def fact_spans(tok, sample, gold):
             facts.append(dict(record=n, key=key, value=value, answer=a_span, prompt=p_span))
             pos += len(value)
     return facts
+
+
+def gold_forced(model, tok, sample, policies):
+    """evaluate.py's gold-forced decoding of one sample (evaluate.decode_sample, not a copy of it).
+
+    Full attention and every policy are fed the gold answer one token per step. Returns (gold_ids,
+    fields, rows): fields as text2json.fact_tokens (each gold value and its token indices), rows
+    {policy label: evaluate.Row} whose `out` is the top-1 prediction at every answer position.
+    """
+    ids = tok.chat([{"role": "user", "content": sample["problem"]}])
+    gold_ids, fields = text2json.fact_tokens(sample["answer"], tok)
+    sparse = [p for p in policies if p.name != "full"]
+    gold, _ = evaluate.decode_sample(model, ids, sparse, gold_ids, len(gold_ids), free=False)
+    labels = {evaluate.config_key(p): p.label() for p in policies} | {"full": "full"}
+    return gold_ids, fields, {labels[key]: row for key, row in gold.items()}
 
 
 class QueryRecorder:

@@ -1,12 +1,12 @@
 """Reproduce the paper's comparisons: every KV selection policy against full attention, as tables and plots.
 
-    python evaluate.py                       # default model, 10 Text2JSON samples of ~2K tokens, 5 policies
+    python evaluate.py                       # default model, 10 Text2JSON samples of ~2K tokens, 6 policies
     python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
     python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
-    python evaluate.py --task needle --tokens 4096      # or --task longproc (real data, ../shared/data)
+    python evaluate.py --task needle --tokens 4096      # or --task longproc (real data: files.data_dir())
     python evaluate.py --model DIR --data text2json.jsonl --device cuda --dtype bfloat16 --n 500
 
-What it measures (PAPER.md "The paper's method", "Benchmarks the paper uses"), per policy and
+What it measures (PAPER.md "The paper's method", "Benchmarks"), per policy and
 configuration: the facts recovered (gold-forced `fact_accuracy`, `field_accuracy`, `fact_nll`,
 `retention` against full attention, and fact accuracy against the record's depth in the prompt),
 the task score (Text2JSON: the paper's rule, plus field recall; free-running), fidelity to full
@@ -117,7 +117,7 @@ def build_parser():
                    "default: SmolLM2-135M-Instruct")
     p.add_argument("--task", default="text2json", choices=TASKS)
     p.add_argument("--data", help="text2json: the released JSONL (default: generated samples); "
-                   "needle / longproc: the data folder (default: ../shared/data/...)")
+                   "needle / longproc: the data folder (default: files.data_dir(): $KVOFFLOAD_DATA, else shared/data beside the repository)")
     p.add_argument("--n", type=int, default=DEFAULT_N, help="number of samples (the first n of --data)")
     p.add_argument("--tokens", type=int, default=2048,
                    help="prompt length in the model's tokens: text2json (generated samples) and needle: the "
@@ -207,7 +207,7 @@ def parse_shard(text):
 
 
 def configurations(args):
-    """Every policy configuration of the sweep (PAPER.md: the ablations over budget, chunk size,
+    """Every policy configuration of the sweep (PAPER.md "The problem": the ablations over budget, chunk size,
     SVD rank and landmark precision). An axis applies to the policies it changes: chunk size to
     `mean` and `quantized` (oracle and svd are token-level by definition, shadowkv is the fixed
     baseline preset), rank to `svd` and `shadowkv`, bits and residual to `quantized`, and --kv-bits

@@ -360,7 +360,7 @@ def _sweep_name(r, axis):
 
 
 def plot_sweep(summary, axis, methods, path, xlabel):
-    """Score, agreement and oracle recall against one sweep axis (PAPER.md: the paper's ablations),
+    """Score, agreement and oracle recall against one sweep axis (PAPER.md "The problem": its ablations),
     one line per configuration of the other axes. False (nothing drawn) when no configuration has
     more than one value on the axis."""
     groups = {}

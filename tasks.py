@@ -202,7 +202,7 @@ def aggregate_needles(results):
 # ----------------------------------------------------------------------------- LongProc
 
 LONGPROC_GROUPS = ("0.5k", "2k", "8k")
-# new-token limits per output-length group: 8k is the paper's (PAPER.md, "Confirmed against the authors'
+# new-token limits per output-length group: 8k is the paper's (PAPER.md "Confirmed against the authors'
 # code"); 0.5k and 2k are LongProc's own settings (unconfirmed for the paper, which runs 8k only)
 LONGPROC_MAX_NEW = {"0.5k": 1024, "2k": 3072, "8k": 9216}
 

@@ -216,7 +216,7 @@ def test_nbytes_is_the_packed_size(spec, row_bytes):
 
 
 def test_two_bit_landmarks_are_6_6_percent_of_bf16_kv():
-    """PAPER.md memory accounting: 2-bit landmarks + fp16 scale per 128 channels vs 32 bits of K+V."""
+    """PAPER.md "Memory accounting": 2-bit landmarks + fp16 scale per 128 channels vs 32 bits of K+V."""
     assert abs(Q.bits_per_value("2", 1024) / 32 - 0.066) < 0.001
 
 

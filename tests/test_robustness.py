@@ -297,7 +297,8 @@ def test_resume_compares_meanings_not_spellings(base, ckpt, tmp_path, capsys, mo
     rc, err = run_main(["--model", ckpt, *QUICK, "--dtype", "fp32", "--out", out], capsys)
     assert rc == 0 and "skipped 2 of 2 samples: finished" in err, err
     args = lambda model: Namespace(task="text2json", model=model, data=None, tokens=2048, seed=0,
-                                   dtype="fp32", argv=[])
+                                   dtype="fp32", argv=[], free_run=None, group="8k", outliers=None,
+                                   score_rule=None, no_chat=False)
     assert evaluate.run_settings(args(None), 4) == evaluate.run_settings(args(str(default_model_path())), 4)
     assert evaluate.run_settings(args(None), 4)["dtype"] == "float32"
 

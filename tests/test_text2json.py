@@ -252,7 +252,7 @@ def test_bad_data_is_one_line_error_at_load_time(tmp_path, monkeypatch, capsys, 
         load(path)
     assert str(e.value).startswith(f"{path.parent}/{message}") and "\n" not in str(e.value)
     # the same through the command line: one error line, exit 2, before any model is loaded
-    monkeypatch.setattr(evaluate, "load_tokenizer", lambda path: CharTokenizer())
+    monkeypatch.setattr(evaluate, "load_tokenizer", lambda *a, **k: CharTokenizer())
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     rc = evaluate.main(["--data", str(path), "--n", "1", "--methods", "full", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

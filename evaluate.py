@@ -1,6 +1,6 @@
 """Reproduce the paper's comparisons: every KV selection policy against full attention, as tables and plots.
 
-    python evaluate.py                       # default model, 10 Text2JSON samples of ~2K tokens, 6 policies
+    python evaluate.py                       # default model, 8 Text2JSON samples of ~2K tokens, 6 policies
     python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
     python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
     python evaluate.py --task needle --tokens 4096      # or --task longproc (real data: files.data_dir())
@@ -29,9 +29,11 @@ The decoding plan (PAPER.md "Benchmarks": the task needs many facts from all ove
   3. free-running rows (--free-run; on by default except for Text2JSON on the embedded default
      model, which writes no valid list with any policy, full attention included): every
      configuration's own greedy answer, scored with the task's rule.
-  Every row runs as its own batch-of-one forward in one step loop, with DECODE_THREADS torch threads:
-  torch's CPU matmul rounds a row differently at another batch size or thread count, and this way a
-  sample's numbers are the same however a run is split (resumed, sharded, one or two workers). The
+  All rows decode in one step loop, in forwards of exactly ROWS_PER_FORWARD rows (padded with idle
+  rows), with DECODE_THREADS torch threads: torch's CPU matmul rounds a row differently at another
+  batch size or thread count (but not with other rows beside it), so with fixed shapes a sample's
+  numbers are the same however a run is split (resumed, sharded, one or two workers), and the
+  weights are still read once per step for up to ROWS_PER_FORWARD rows. The
   summary adds 95% intervals from a paired bootstrap over samples (results.bootstrap).
 
 Results folder (--out): samples.jsonl (one line per configuration and sample, with the prediction),
@@ -78,7 +80,7 @@ import results
 import tasks
 import text2json
 import kvcache
-from kvcache import POLICIES, KVCache, make_policy
+from kvcache import POLICIES, KVCache, StackedCache, make_policy
 from model import DTYPES, default_model_dir, default_model_path, load_config, load_model, load_tokenizer
 from results import (
     BITS,
@@ -93,8 +95,9 @@ from results import (
 )
 
 DEFAULT_METHODS = ",".join(("full", "oracle", "shadowkv", "mean", "quantized", "paper"))  # the default run's policies
-DEFAULT_N = 10  # samples of the default run: about 6 minutes of decoding on 2 idle cores, 2 workers
+DEFAULT_N = 8  # samples of the default run (timed from a fresh clone: see the README)
 DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
+ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded): the same shapes in every run
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
 N_NEEDLES = 11  # PAPER.md "Benchmarks": NeedleBench v2 parallel retrieval, 11 needles
 MAX_NEW_CAP = 1024  # PAPER.md "Benchmarks": Text2JSON decodes up to 1024 new tokens
@@ -410,6 +413,17 @@ class Row:
     done: bool = False
 
 
+class IdleRow:
+    """A padding row of a decode forward: it attends to nothing and keeps nothing (its logits are
+    dropped), so every forward has ROWS_PER_FORWARD rows whatever the number of configurations."""
+
+    def __init__(self, seq_len):
+        self.seq_len = seq_len
+
+    def attend(self, layer, q, k, v, pos):
+        return torch.zeros_like(q)  # [1, n_heads, T, head_dim]
+
+
 @torch.inference_mode()
 def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=True):
     """Prefill `ids` once, then decode every configuration from it (the module docstring's plan).
@@ -418,9 +432,10 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     is predicted from the prefill logits (exact for all), then each decode step feeds the next gold
     token, one token per step, so a sparse policy selects at every step as it would when writing the
     answer itself (the first max_new gold tokens). Free rows (free=True): each configuration's own
-    greedy answer, up to max_new tokens or a stop token. Every row is its own batch-of-one forward
-    (torch's CPU matmul rounds a row differently at other batch sizes), so a row's numbers do not
-    depend on which other rows run.
+    greedy answer, up to max_new tokens or a stop token. The rows go through the model in groups of
+    exactly ROWS_PER_FORWARD (the last one padded with IdleRow caches): torch's CPU matmul rounds a
+    row differently at another batch size, not beside other rows, so a row's numbers do not depend on
+    which other rows run (measured: a forward of batch 1 differs from batch 2-15, which agree).
 
     Returns (gold, free): {config key: Row}, both holding "full"; free is {} when free is False.
     """
@@ -450,24 +465,28 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     ref = gold["full"]  # first in the loop, so its step is done before the rows compared with it
     active = [r for r in [*gold.values(), *rows.values()] if not r.done]
     while active:
-        for r in active:
-            x = gold_ids[r.steps] if r.kind == "gold" else r.out[-1]
-            logits = model(torch.tensor([[x]], device=device), r.cache)[0, -1]  # [vocab]
-            top = int(logits.argmax())
-            r.steps += 1
-            if r.kind == "free":
-                if top not in stop:
-                    r.out.append(top)
-                r.done = top in stop or len(r.out) >= limit
-                continue
-            logp = torch.log_softmax(logits, dim=-1)  # [vocab]
-            if r is ref:
-                ref_logp, ref_top = logp, top
-            r.matches += top == ref_top
-            r.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())  # KL(full || this row)
-            r.out.append(top)
-            r.gold_logp.append(float(logp[gold_ids[r.steps]]))
-            r.done = r.steps + 1 >= n_gold
+        for i in range(0, len(active), ROWS_PER_FORWARD):
+            group = active[i:i + ROWS_PER_FORWARD]
+            pad = [IdleRow(group[0].cache.seq_len) for _ in range(ROWS_PER_FORWARD - len(group))]
+            x = [gold_ids[r.steps] if r.kind == "gold" else r.out[-1] for r in group] + [0] * len(pad)
+            stacked = StackedCache([r.cache for r in group] + pad)
+            logits = model(torch.tensor(x, device=device)[:, None], stacked)[:, -1]  # [ROWS_PER_FORWARD, vocab]
+            for r, row_logits in zip(group, logits):
+                top = int(row_logits.argmax())
+                r.steps += 1
+                if r.kind == "free":
+                    if top not in stop:
+                        r.out.append(top)
+                    r.done = top in stop or len(r.out) >= limit
+                    continue
+                logp = torch.log_softmax(row_logits, dim=-1)  # [vocab]
+                if r is ref:
+                    ref_logp, ref_top = logp, top
+                r.matches += top == ref_top
+                r.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())  # KL(full || this row)
+                r.out.append(top)
+                r.gold_logp.append(float(logp[gold_ids[r.steps]]))
+                r.done = r.steps + 1 >= n_gold
         active = [r for r in active if not r.done]
     return gold, rows
 

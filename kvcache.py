@@ -54,19 +54,21 @@ from offload import OffloadStore
 # Every field not named keeps the Policy default below.
 # (PAPER.md "ShadowKV, precisely", "The paper's method", "Confirmed against the authors' code"; Quest:
 # PAPER.md "Quest".) No preset attends sink tokens: the first tokens compete through their landmarks.
+# fmt: off
 PRESETS = {
-    "full": dict(landmarks=None),
-    "oracle": dict(landmarks="keys", chunk_size=1, keys="exact", local=64),
-    "mean": dict(landmarks="mean", chunk_size=8, keys="exact", local=64),
-    "svd": dict(landmarks="keys", chunk_size=1, keys="low_rank", rank=0.15625, local=64),
-    "shadowkv": dict(landmarks="mean", chunk_size=8, keys="low_rank", rank=0.15625, local=32, outliers=48),
-    "quantized": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64),
-    "paper": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64,
-                  kv_bits="4", kv_group="token", kv_pre_rope=True),
-    "paper_fast": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", sink=0.00625,
-                       local=0.00625, budget=0.015625, score_rule="mean_query", kv_bits="fp8", min_prompt=512),
-    "quest": dict(landmarks="quest", chunk_size=16, keys="exact", local=64),
+    "full":       dict(landmarks=None),
+    "oracle":     dict(landmarks="keys", chunk_size=1, keys="exact", local=64),
+    "mean":       dict(landmarks="mean", chunk_size=8, keys="exact", local=64),
+    "svd":        dict(landmarks="keys", chunk_size=1, keys="low_rank", rank=0.15625, local=64),
+    "shadowkv":   dict(landmarks="mean", chunk_size=8, keys="low_rank", rank=0.15625, local=32, outliers=48),
+    "quantized":  dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64),
+    "paper":      dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64,
+                       kv_bits="4", kv_group="token", kv_pre_rope=True),
+    "paper_fast": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=0.00625,
+                       sink=0.00625, budget=0.015625, score_rule="mean_query", kv_bits="fp8", min_prompt=512),
+    "quest":      dict(landmarks="quest", chunk_size=16, keys="exact", local=64),
 }
+# fmt: on
 POLICIES = tuple(PRESETS)  # every generic test runs over this list
 # ShadowKV's 48 outlier chunks (384 tokens) are sized for long prompts: at the mean Text2JSON prompt of
 # 20.1K tokens they are 1.9% of it (PAPER.md "Benchmarks"). On short prompts (the default run's ~2K
@@ -143,7 +145,9 @@ class Policy:
         if self.name == "svd":
             return f"svd r{self.rank:g}{kv}"
         if self.name in ("paper", "paper_fast") and (self.kv_bits, self.kv_group) == (
-                PRESETS[self.name]["kv_bits"], PRESETS[self.name].get("kv_group", "head")):
+            PRESETS[self.name]["kv_bits"],
+            PRESETS[self.name].get("kv_group", "head"),
+        ):
             return self.name  # its own K/V format is part of the name
         return self.name + kv
 
@@ -173,9 +177,18 @@ def make_policy(name: str, **overrides) -> Policy:
             raise ValueError(f"{field} {getattr(p, field)!r} must be an int >= 0")
     for field in ("sink", "local", "outliers"):
         x = getattr(p, field)
-        if not (_is_int(x) and x >= 0 or isinstance(x, float) and 0 <= x < 1 or field == "outliers" and x == "budget"):
-            raise ValueError(f"{field} {x!r} must be an int >= 0 or a share of the prompt in [0, 1)"
-                             + (" or 'budget'" if field == "outliers" else ""))
+        if not (
+            _is_int(x)
+            and x >= 0
+            or isinstance(x, float)
+            and 0 <= x < 1
+            or field == "outliers"
+            and x == "budget"
+        ):
+            raise ValueError(
+                f"{field} {x!r} must be an int >= 0 or a share of the prompt in [0, 1)"
+                + (" or 'budget'" if field == "outliers" else "")
+            )
     if p.kv_group not in ("head", "token"):
         raise ValueError(f"kv_group {p.kv_group!r} must be 'head' or 'token'")
     if (p.kv_group == "token" or p.kv_pre_rope) and p.kv_bits is None:
@@ -187,13 +200,22 @@ def make_policy(name: str, **overrides) -> Policy:
     if p.keys not in KEY_SOURCES:
         raise ValueError(f"unknown keys {p.keys!r}: choose from {', '.join(KEY_SOURCES)}")
     if p.score_rule not in landmarks.SCORE_RULES:
-        raise ValueError(f"unknown score_rule {p.score_rule!r}: choose from {', '.join(landmarks.SCORE_RULES)}")
+        raise ValueError(
+            f"unknown score_rule {p.score_rule!r}: choose from {', '.join(landmarks.SCORE_RULES)}"
+        )
     if p.keys == "low_rank":
-        if p.rank is None or isinstance(p.rank, bool) or p.rank <= 0 or (p.rank >= 1 and p.rank != int(p.rank)):
+        if (
+            p.rank is None
+            or isinstance(p.rank, bool)
+            or p.rank <= 0
+            or (p.rank >= 1 and p.rank != int(p.rank))
+        ):
             raise ValueError(f"rank {p.rank!r} must be an int >= 1 or a share of the channels in (0, 1)")
     if p.kv_bits is not None:
         if p.landmarks is None:
-            raise ValueError("kv_bits quantizes the offloaded K/V of a sparse policy; full attention has none")
+            raise ValueError(
+                "kv_bits quantizes the offloaded K/V of a sparse policy; full attention has none"
+            )
         quantize.parse_format(p.kv_bits)  # raises on an unknown format
     if p.landmarks == "quantized":
         if p.landmark_bits is None:
@@ -238,8 +260,10 @@ class BudgetSplit:
         """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
         scaled = ": ShadowKV's 48 chunks scaled to the prompt" if self.outliers_scaled else ""
         out = f" (+ {self.outlier_tokens} outliers{scaled})" if self.outlier_chunks else ""
-        return (f"budget = {self.sink} sink + {self.local} local + {self.selected} selected{out}"
-                f" of {self.prompt_len} tokens")
+        return (
+            f"budget = {self.sink} sink + {self.local} local + {self.selected} selected{out}"
+            f" of {self.prompt_len} tokens"
+        )
 
 
 def split_budget(policy: Policy, T: int) -> BudgetSplit | None:
@@ -292,8 +316,12 @@ class ExactTokens:
         H, T, d = k.shape
         s, c = split.sink, split.chunk
         ar = torch.arange(T, device=k.device)
-        out_tok = (outlier_chunks[:, :, None] * c + torch.arange(c, device=k.device)).flatten(1)  # [H, n_out*c]
-        pos = torch.cat([ar[:s].expand(H, -1), out_tok + s, ar[split.middle.stop:].expand(H, -1)], dim=1)  # [H, F]
+        out_tok = (outlier_chunks[:, :, None] * c + torch.arange(c, device=k.device)).flatten(
+            1
+        )  # [H, n_out*c]
+        pos = torch.cat(
+            [ar[:s].expand(H, -1), out_tok + s, ar[split.middle.stop :].expand(H, -1)], dim=1
+        )  # [H, F]
         rows = pos[..., None].expand(-1, -1, d)  # [H, F, d]
         return cls(k.gather(1, rows), v.gather(1, rows), pos)
 
@@ -448,20 +476,33 @@ class KVCache:
         Lets an evaluation prefill each prompt once and compare every policy on it.
         """
         if cache.sparse or cache.k[0] is None:
-            raise ValueError("from_prefill: the cache holds no prompt K/V (prefill it with full attention first)")
-        return cls.from_kv(cache.config, cache.rope, [k[row:row + 1] for k in cache.k],
-                           [v[row:row + 1] for v in cache.v], policy, cache.device)
+            raise ValueError(
+                "from_prefill: the cache holds no prompt K/V (prefill it with full attention first)"
+            )
+        return cls.from_kv(
+            cache.config,
+            cache.rope,
+            [k[row : row + 1] for k in cache.k],
+            [v[row : row + 1] for v in cache.v],
+            policy,
+            cache.device,
+        )
 
     def build(self):
         """Turn the exact prompt K/V (self.k, self.v) into the policy's summary, layer by layer."""
         T = self.k[0].shape[2]
         if self.k[0].shape[0] != 1:
-            raise ValueError(f"the {self.policy.name} policy holds one sequence; got a batch of {self.k[0].shape[0]}")
+            raise ValueError(
+                f"the {self.policy.name} policy holds one sequence; got a batch of {self.k[0].shape[0]}"
+            )
         self.prompt_len = T
         self.split = split_budget(self.policy, T)
         if self.split is None:
-            warnings.warn(f"prompt of {T} tokens is shorter than the {self.policy.label()} budget: "
-                          "using full attention for it", stacklevel=2)
+            warnings.warn(
+                f"prompt of {T} tokens is shorter than the {self.policy.label()} budget: "
+                "using full attention for it",
+                stacklevel=2,
+            )
             return
         for layer in range(self.config.n_layers):
             self.layers[layer] = self._build_layer(layer, self.k[layer][0], self.v[layer][0])
@@ -475,9 +516,14 @@ class KVCache:
         # 1. the landmarks, and (ShadowKV) the outlier chunks taken out of them
         marks = landmarks.LANDMARKS[p.landmarks].build(k_mid, p)  # N landmarks per KV head
         self.stats.landmark_error[layer] = marks.error
-        exact = ExactTokens.build(k, v, split, outlier_chunks(marks, split.outlier_chunks) if
-                                  split.outlier_chunks else torch.empty(k.shape[0], 0, dtype=torch.long,
-                                                                        device=k.device))
+        exact = ExactTokens.build(
+            k,
+            v,
+            split,
+            outlier_chunks(marks, split.outlier_chunks)
+            if split.outlier_chunks
+            else torch.empty(k.shape[0], 0, dtype=torch.long, device=k.device),
+        )
         # 2. the middle goes to the offload store; low-rank keys keep only their factors on the device
         if p.keys == "low_rank":
             keys = LowRankKeys.build(k, split, self.rope, p.rank)
@@ -514,7 +560,9 @@ class KVCache:
         chunks = landmarks.select_topk(scores, split.k_chunks)  # [H, k_chunks]
         if split.chunk == 1:
             return chunks
-        return (chunks[:, :, None] * split.chunk + torch.arange(split.chunk, device=qg.device)).flatten(1)  # [H, S]
+        return (chunks[:, :, None] * split.chunk + torch.arange(split.chunk, device=qg.device)).flatten(
+            1
+        )  # [H, S]
 
     def _decode(self, layer, q, k, v):
         """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely")."""
@@ -568,15 +616,21 @@ class KVCache:
         oracle = landmarks.select_topk(landmarks.scores_from_logits(logits), split.selected)  # [H, S]
         attended = idx
         if split.outlier_chunks:  # ShadowKV also attends its outlier tokens exactly
-            out_pos = st.exact.prompt_pos[:, split.sink:split.sink + split.outlier_tokens] - split.sink  # [H, n_out*c]
+            out_pos = (
+                st.exact.prompt_pos[:, split.sink : split.sink + split.outlier_tokens] - split.sink
+            )  # [H, n_out*c]
             attended = torch.cat([idx, out_pos], dim=1)
-        hit = torch.zeros(k_mid.shape[:2], dtype=torch.bool, device=k_mid.device).scatter_(1, attended, True)  # [H, M]
+        hit = torch.zeros(k_mid.shape[:2], dtype=torch.bool, device=k_mid.device).scatter_(
+            1, attended, True
+        )  # [H, M]
         recall = hit.gather(1, oracle).float().mean(1)  # [H]
         # exact attention weights of the last query position over prompt middle + exact tokens
         q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
         logits_rest = landmarks.landmark_logits(q_last, st.exact.k)  # [H, G, 1, F + Tg]
         lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
-        mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(-1)
+        mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(
+            -1
+        )
         key_err = None
         if self.policy.keys == "low_rank":
             true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
@@ -594,6 +648,7 @@ class KVCache:
         `summary_fraction` (landmarks, low-rank factors: what the paper's ~14% and ~6.6% count)
         and `exact_fraction` (sink, local window and outlier tokens kept exact).
         """
+
         def size(t):
             if isinstance(t, torch.Tensor):
                 return t.numel() * (exact_bytes or t.element_size())
@@ -606,16 +661,26 @@ class KVCache:
             exact = sum(size(t[:, :, :T]) for t in self.k + self.v if t is not None)
             summary, off = 0, 0
         else:
-            summary = sum(st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in self.layers)
-            exact = sum(size(st.exact.k[:, :st.exact.n_prompt]) + size(st.exact.v[:, :st.exact.n_prompt])
-                        for st in self.layers)
+            summary = sum(
+                st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in self.layers
+            )
+            exact = sum(
+                size(st.exact.k[:, : st.exact.n_prompt]) + size(st.exact.v[:, : st.exact.n_prompt])
+                for st in self.layers
+            )
             off = sum(size(t) for t in self.store.tensors.values())
         dev = summary + exact
         if self.sparse and not self.policy.offload:  # the "store" is on the device
             dev, off = dev + off, 0
         ref = max(full_bf16, 1)
-        return dict(device=dev, offloaded=off, full_bf16=full_bf16, device_fraction=dev / ref,
-                    summary_fraction=summary / ref, exact_fraction=exact / ref)
+        return dict(
+            device=dev,
+            offloaded=off,
+            full_bf16=full_bf16,
+            device_fraction=dev / ref,
+            summary_fraction=summary / ref,
+            exact_fraction=exact / ref,
+        )
 
 
 class Stats:
@@ -665,7 +730,9 @@ class StackedCache:
         return lens.pop()
 
     def attend(self, layer, q, k, v, pos):
-        outs = [c.attend(layer, q[i:i + 1], k[i:i + 1], v[i:i + 1], pos) for i, c in enumerate(self.caches)]
+        outs = [
+            c.attend(layer, q[i : i + 1], k[i : i + 1], v[i : i + 1], pos) for i, c in enumerate(self.caches)
+        ]
         return torch.cat(outs, dim=0)  # [B, n_heads, T, head_dim]
 
 
@@ -683,8 +750,8 @@ def append(buf, cached, new):
     if buf is None or buf.shape[-2] < S + T:
         buf = cached.new_empty(*cached.shape[:-2], S + T + max(64, S // 4), cached.shape[-1])  # [..., cap, d]
         buf[..., :S, :] = cached
-    buf[..., S:S + T, :] = new
-    return buf, buf[..., :S + T, :]
+    buf[..., S : S + T, :] = new
+    return buf, buf[..., : S + T, :]
 
 
 def full_attention(q, k, v):

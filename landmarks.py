@@ -41,8 +41,10 @@ def chunk_landmarks(k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"chunk_landmarks: expected keys [H, T, d], got shape {tuple(k.shape)}")
     H, T, d = k.shape
     if chunk < 1 or T % chunk:
-        raise ValueError(f"chunk_landmarks: T={T} tokens must be a positive multiple of chunk={chunk}; "
-                         "trim or pad the keys")
+        raise ValueError(
+            f"chunk_landmarks: T={T} tokens must be a positive multiple of chunk={chunk}; "
+            "trim or pad the keys"
+        )
     kc = k.float().reshape(H, T // chunk, chunk, d)  # [H, N, chunk, d]
     lm = kc.mean(dim=2)  # [H, N, d]
     if chunk == 1:
@@ -54,7 +56,9 @@ def chunk_landmarks(k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
 def landmark_logits(q: Tensor, landmarks) -> Tensor:
     """q.L / sqrt(d) for every query head, position and landmark: [H_kv, G, Tq, N] float32."""
     H, G, Tq, d = q.shape
-    q = q.float().reshape(H, G * Tq, d) / math.sqrt(d)  # [H, G*Tq, d]: scale the few queries, not the N logits
+    q = q.float().reshape(H, G * Tq, d) / math.sqrt(
+        d
+    )  # [H, G*Tq, d]: scale the few queries, not the N logits
     if isinstance(landmarks, Tensor):  # a batched matmul reads the landmarks transposed, without a copy
         logits = q @ landmarks.float().transpose(1, 2)  # [H, G*Tq, N]
     else:
@@ -174,7 +178,9 @@ class QuantizedKeys:
     def build(cls, k: Tensor, policy) -> "QuantizedKeys":
         exact, _ = chunk_landmarks(k, policy.chunk_size)  # [H, N, d]
         if policy.residual:
-            codes = quantize.residual_quantize(exact, policy.residual, policy.landmark_bits, policy.residual_bits)
+            codes = quantize.residual_quantize(
+                exact, policy.residual, policy.landmark_bits, policy.residual_bits
+            )
         else:
             codes = quantize.quantize(exact, quantize.parse_format(policy.landmark_bits))
         exact = exact.float()
@@ -216,7 +222,9 @@ class QuestBounds:
         H, G, Tq, d = q.shape
         qs = q.float().reshape(H, G * Tq, d) / math.sqrt(d)  # [H, G*Tq, d]
         # max(q*lo, q*hi) per channel = q*hi where q > 0, q*lo where q < 0: two matmuls
-        bound = qs.clamp(min=0) @ self.hi.float().transpose(1, 2) + qs.clamp(max=0) @ self.lo.float().transpose(1, 2)
+        bound = qs.clamp(min=0) @ self.hi.float().transpose(1, 2) + qs.clamp(
+            max=0
+        ) @ self.lo.float().transpose(1, 2)
         return bound.view(H, G, Tq, -1)  # [H, G, Tq, N]
 
     def nbytes(self, exact_bytes: int | None) -> int:
@@ -243,8 +251,10 @@ def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
     """
     H, N, d = marks.shape
     if q.dim() != 4 or q.shape[0] != H or q.shape[3] != d:
-        raise ValueError(f"score: landmarks {marks.shape} do not match q {tuple(q.shape)} "
-                         f"(need q [H_kv={H}, G, Tq, d={d}])")
+        raise ValueError(
+            f"score: landmarks {marks.shape} do not match q {tuple(q.shape)} "
+            f"(need q [H_kv={H}, G, Tq, d={d}])"
+        )
     if rule == "mean_query":
         qm = q.float().mean(dim=1, keepdim=True)  # [H, 1, Tq, d]
         scores = marks.logits(qm).sum(dim=2)[:, 0] * math.sqrt(q.shape[-1])  # [H, N], the 1/sqrt(d) undone

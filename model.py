@@ -45,14 +45,26 @@ import convert_gguf
 import kvcache
 from convert_gguf import default_model_path
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "Qwen3MoeForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 CHAT_FORMATS = ("llama3", "chatml", "mistral", "llama2", "plain")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 # ----------------------------------------------------------------------------- default model
+
 
 def default_model_dir():
     """Folder of the default model (SmolLM2-135M-Instruct), converted from its GGUF on first use.
@@ -67,6 +79,7 @@ def default_model_dir():
 
 
 # ----------------------------------------------------------------------------- config
+
 
 @dataclass
 class ModelConfig:
@@ -107,20 +120,25 @@ def _read_json(path):
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix or replace the file") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix or replace the file"
+        ) from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a UTF-8 text file: replace it with the model's JSON file") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object: "
-                         "replace it with the model's file")
+        raise ValueError(
+            f"{path} holds a JSON {type(obj).__name__}, not an object: replace it with the model's file"
+        )
     return obj
 
 
 def _check_dir(path):
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist: pass a folder holding "
-                                "config.json, model.safetensors and tokenizer.json")
+        raise FileNotFoundError(
+            f"model directory {path} does not exist: pass a folder holding "
+            "config.json, model.safetensors and tokenizer.json"
+        )
     return path
 
 
@@ -141,8 +159,9 @@ def _ids(c, key, file):
     value = c.get(key)
     values = value if isinstance(value, list) else [] if value is None else [value]
     if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise ValueError(f"{file} field {key!r} must be an integer or a list of integers, got {value!r}: "
-                         "fix the file")
+        raise ValueError(
+            f"{file} field {key!r} must be an integer or a list of integers, got {value!r}: fix the file"
+        )
     return values
 
 
@@ -156,27 +175,34 @@ def load_config(path):
     try:
         return _parse_config(path)
     except KeyError as e:
-        raise ValueError(f"{path / 'config.json'} lacks the field {e.args[0]!r}: is it a causal-LM config?") from None
+        raise ValueError(
+            f"{path / 'config.json'} lacks the field {e.args[0]!r}: is it a causal-LM config?"
+        ) from None
 
 
 def _parse_config(path):
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: "
-                                "the model folder needs its Hugging Face config.json")
+        raise FileNotFoundError(
+            f"{path / 'config.json'} not found: the model folder needs its Hugging Face config.json"
+        )
     c = _read_json(path / "config.json")
     archs = c.get("architectures") or [None]
     arch = archs[0]
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r} in {path / 'config.json'}: "
-                         f"supported are {', '.join(ARCHITECTURES)}")
+        raise ValueError(
+            f"unsupported architecture {arch!r} in {path / 'config.json'}: "
+            f"supported are {', '.join(ARCHITECTURES)}"
+        )
     if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} in {path / 'config.json'}: "
-                         "only silu is supported")
+        raise ValueError(
+            f"unsupported hidden_act {c['hidden_act']!r} in {path / 'config.json'}: only silu is supported"
+        )
 
     rope = c.get("rope_parameters") or {}  # transformers 5 style
     if not isinstance(rope, dict) or not isinstance(c.get("rope_scaling") or {}, dict):
-        raise ValueError(f"{path / 'config.json'}: rope_parameters and rope_scaling must be objects: "
-                         "fix the file")
+        raise ValueError(
+            f"{path / 'config.json'}: rope_parameters and rope_scaling must be objects: fix the file"
+        )
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or rope or None
     if scaling is not None:
@@ -184,17 +210,26 @@ def _parse_config(path):
         if kind == "default":
             scaling = None
         else:
-            scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}
+            scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "type")} | {
+                "rope_type": kind
+            }
         if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {kind!r} in {path / 'config.json'}: "
-                             "supported are llama3 and linear")
+            raise ValueError(
+                f"unsupported rope scaling type {kind!r} in {path / 'config.json'}: "
+                "supported are llama3 and linear"
+            )
 
     file = path / "config.json"
     n_heads = _int(c, file, "num_attention_heads")
     dim = _int(c, file, "hidden_size")
     max_positions = _int(c, file, "max_position_embeddings")
-    positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings")
+    positive = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    )
     for key in positive:
         if _int(c, file, key) < 1:
             raise ValueError(f"{file} field {key!r} must be at least 1, got {c[key]}: fix the file")
@@ -210,8 +245,9 @@ def _parse_config(path):
     attention_bias = bool(c.get("attention_bias", False))
     moe = arch == "Qwen3MoeForCausalLM"
     mlp_only = c.get("mlp_only_layers") or []
-    if moe and (not isinstance(mlp_only, list) or any(isinstance(i, bool) or not isinstance(i, int)
-                                                      for i in mlp_only)):
+    if moe and (
+        not isinstance(mlp_only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in mlp_only)
+    ):
         raise ValueError(f"{file} field 'mlp_only_layers' must be a list of layer numbers, got {mlp_only!r}")
     n_experts = _int(c, file, "num_experts", _int(c, file, "num_local_experts", 0)) if moe else 0
     if moe and not 1 <= _int(c, file, "num_experts_per_tok") <= n_experts:
@@ -250,6 +286,7 @@ def _parse_config(path):
 
 
 # ----------------------------------------------------------------------------- RoPE
+
 
 def _inv_freq(config):
     """Per-pair rotation frequencies [head_dim/2], with Llama 3.1's frequency-dependent scaling.
@@ -321,6 +358,7 @@ class Rope:
 
 # ----------------------------------------------------------------------------- the network
 
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 and cast back (as the reference models do)."""
 
@@ -356,7 +394,9 @@ class Attention(nn.Module):
         k = rope.apply(k.transpose(1, 2), pos)  # [B, n_kv_heads, T, hd]
         v = v.transpose(1, 2)  # [B, n_kv_heads, T, hd]
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [B, n_heads, T, hd]
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True
+            )  # [B, n_heads, T, hd]
         else:
             out = cache.attend(layer_idx, q, k, v, pos)  # [B, n_heads, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -450,13 +490,17 @@ class Transformer(nn.Module):
         last position (a 2048-token prefill would otherwise make a [2048, vocab] tensor).
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, T], got shape {tuple(input_ids.shape)}: "
-                             "use ids[None] for one sequence")
+            raise ValueError(
+                f"input_ids must be [batch, T], got shape {tuple(input_ids.shape)}: "
+                "use ids[None] for one sequence"
+            )
         B, T = input_ids.shape
         start = 0 if cache is None else cache.seq_len
         if start + T > self.config.max_positions:
-            raise ValueError(f"input of {start + T} tokens exceeds the model's {self.config.max_positions} "
-                             "positions: shorten the prompt")
+            raise ValueError(
+                f"input of {start + T} tokens exceeds the model's {self.config.max_positions} "
+                "positions: shorten the prompt"
+            )
         pos = torch.arange(start, start + T, device=input_ids.device)  # [T]
         x = self.embed_tokens(input_ids)  # [B, T, dim]
         for i, layer in enumerate(self.layers):
@@ -467,6 +511,7 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- weights
+
 
 def _dtype(dtype):
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
@@ -484,12 +529,15 @@ def _weight_files(path):
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
-        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or "
-                                "model.safetensors.index.json with its shards")
+        raise FileNotFoundError(
+            f"no weights in {path}: expected model.safetensors or "
+            "model.safetensors.index.json with its shards"
+        )
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"weight shard {f} listed in model.safetensors.index.json is missing: "
-                                    "re-download it")
+            raise FileNotFoundError(
+                f"weight shard {f} listed in model.safetensors.index.json is missing: re-download it"
+            )
         _open_safetensors(f).__exit__(None, None, None)  # reads the header only: a bad file fails here
     return files
 
@@ -524,25 +572,36 @@ def load_weights(model, path, dtype, device):
         with _open_safetensors(file) as f:
             for hf_name in f.keys():
                 name = hf_name.removeprefix("model.")
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.config.tie_embeddings):
+                if name.endswith("rotary_emb.inv_freq") or (
+                    name == "lm_head.weight" and model.config.tie_embeddings
+                ):
                     continue  # recomputed / tied below
                 if name not in params:
-                    raise ValueError(f"unexpected tensor {hf_name!r} in {file}: "
-                                     "the checkpoint does not match its config.json")
+                    raise ValueError(
+                        f"unexpected tensor {hf_name!r} in {file}: "
+                        "the checkpoint does not match its config.json"
+                    )
                 t = f.get_tensor(hf_name)
                 if t.shape != params[name].shape:
-                    raise ValueError(f"tensor {hf_name!r} in {file} has shape {tuple(t.shape)}, config.json implies "
-                                     f"{tuple(params[name].shape)}: the checkpoint does not match its config")
+                    raise ValueError(
+                        f"tensor {hf_name!r} in {file} has shape {tuple(t.shape)}, config.json implies "
+                        f"{tuple(params[name].shape)}: the checkpoint does not match its config"
+                    )
                 module_name, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(module_name), attr,
-                        nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+                setattr(
+                    model.get_submodule(module_name),
+                    attr,
+                    nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False),
+                )
                 loaded.add(name)
     if model.config.tie_embeddings or "lm_head.weight" not in loaded:
         model.lm_head.weight = model.embed_tokens.weight  # tied: one tensor, two uses
         loaded.add("lm_head.weight")
     missing = sorted(set(params) - loaded)
     if missing:
-        raise ValueError(f"tensor {missing[0]!r} (and {len(missing) - 1} more) missing from the weights in {path}")
+        raise ValueError(
+            f"tensor {missing[0]!r} (and {len(missing) - 1} more) missing from the weights in {path}"
+        )
 
 
 def _device(device):
@@ -553,11 +612,14 @@ def _device(device):
         raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine: "
-                             "use --device cpu")
+            raise ValueError(
+                f"device {device!r} asked for, but CUDA is not available on this machine: use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
+            raise ValueError(
+                f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
     elif dev.type != "cpu":
         raise ValueError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
     return dev
@@ -582,6 +644,7 @@ def load_model(path=None, dtype=torch.float32, device="cpu", chat_format=None):
 
 # ----------------------------------------------------------------------------- tokenizer
 
+
 def _chat_template_source(path):
     """The checkpoint's Jinja chat template (only read for facts like the default system prompt)."""
     if (path / "chat_template.jinja").is_file():
@@ -601,9 +664,11 @@ def _alternating(messages, fmt):
         system, rest = messages[0]["content"], messages[1:]
     for i, m in enumerate(rest):
         if m["role"] != ("user", "assistant")[i % 2]:
-            raise ValueError(f"the {fmt} chat format needs an optional system message, then user and "
-                             f"assistant messages in turn; message {i + (system is not None)} has role "
-                             f"{m['role']!r}")
+            raise ValueError(
+                f"the {fmt} chat format needs an optional system message, then user and "
+                f"assistant messages in turn; message {i + (system is not None)} has role "
+                f"{m['role']!r}"
+            )
     return system, rest
 
 
@@ -650,8 +715,10 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:  # the Rust library raises a plain Exception for bad JSON or an unknown model
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({reason}): "
-                             "copy the model's tokenizer.json again") from None
+            raise ValueError(
+                f"{path / 'tokenizer.json'} is not a valid tokenizer file ({reason}): "
+                "copy the model's tokenizer.json again"
+            ) from None
         self.path, self.config, self.asked = path, config, chat_format
         self.vocab = self.tok.get_vocab(with_added_tokens=True)
         self.warned = False
@@ -713,14 +780,19 @@ class Tokenizer:
         fmt = self.template
         if fmt == "plain":
             if self.asked is None and not self.warned:
-                print(f"warning: {self.path / 'tokenizer.json'} has no known chat format (Llama 3, "
-                      "ChatML, Mistral, Llama 2): using the plain prompt (--no-chat asks for it)",
-                      file=sys.stderr)
+                print(
+                    f"warning: {self.path / 'tokenizer.json'} has no known chat format (Llama 3, "
+                    "ChatML, Mistral, Llama 2): using the plain prompt (--no-chat asks for it)",
+                    file=sys.stderr,
+                )
                 self.warned = True
             return "\n\n".join(m["content"] for m in messages)
         if fmt == "mistral" and " [/INST]" in self.source and not self.warned:
-            print(f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral "
-                  "v0.3's, which model.py writes: prompt ids may differ from the template's", file=sys.stderr)
+            print(
+                f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral "
+                "v0.3's, which model.py writes: prompt ids may differ from the template's",
+                file=sys.stderr,
+            )
             self.warned = True
         if fmt in ("llama2", "mistral"):
             bos = self._token(self.config.bos_id if self.config else None, "<s>")
@@ -746,8 +818,10 @@ class Tokenizer:
                 system = ""
                 if messages and messages[0]["role"] == "system":
                     system, messages = messages[0]["content"].strip(), messages[1:]
-                text += ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                         f"Today Date: 26 Jul 2024\n\n{system}<|eot_id|>")
+                text += (
+                    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                    f"Today Date: 26 Jul 2024\n\n{system}<|eot_id|>"
+                )
             for m in messages:
                 text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
             if add_generation_prompt:
@@ -782,11 +856,14 @@ def load_tokenizer(path=None, config=None, chat_format=None):
     """
     path = default_model_dir() if path is None else _check_dir(path)
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: copy the model's tokenizer.json into the folder")
+        raise FileNotFoundError(
+            f"{path / 'tokenizer.json'} not found: copy the model's tokenizer.json into the folder"
+        )
     return Tokenizer(path, config if config is not None else load_config(path), chat_format)
 
 
 # ----------------------------------------------------------------------------- generation
+
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens, stop_ids=(), cache=None):
@@ -809,8 +886,10 @@ def generate(model, input_ids, max_new_tokens, stop_ids=(), cache=None):
         cache = kvcache.KVCache(model.config, model.rope, device=device)
     n = cache.seq_len + len(input_ids)  # positions used after the prefill
     if n > model.config.max_positions:
-        raise ValueError(f"input of {n} tokens exceeds the model's {model.config.max_positions} "
-                         "positions: shorten the prompt")
+        raise ValueError(
+            f"input of {n} tokens exceeds the model's {model.config.max_positions} "
+            "positions: shorten the prompt"
+        )
     stop = set(stop_ids)
     limit = min(max_new_tokens, model.config.max_positions - n + 1)  # the last token is not fed back
     x = torch.tensor([input_ids], device=device)  # [1, T]
@@ -833,18 +912,23 @@ def chat(model, tokenizer, prompt, max_new_tokens=256):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Chat with a Llama/Mistral/Qwen checkpoint (one turn, greedy).")
-    p.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
-                                   "default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--model",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer.json); "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--no-chat", action="store_true",
-                   help="no chat template: the prompt as plain text (base models)")
+    p.add_argument(
+        "--no-chat", action="store_true", help="no chat template: the prompt as plain text (base models)"
+    )
     args = p.parse_args(argv)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device,
-                                      chat_format="plain" if args.no_chat else None)
+        model, tokenizer = load_model(
+            args.model, dtype=args.dtype, device=args.device, chat_format="plain" if args.no_chat else None
+        )
         print(chat(model, tokenizer, args.prompt, args.max_new_tokens))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

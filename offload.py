@@ -45,8 +45,9 @@ class OffloadStore:
         when the device is a GPU. On a CPU a tensor is kept as given (copied only if its rows are not a
         table, see fetch): usually a view into the prefill's K/V, which all the caches built from one
         prefill then share instead of copying."""
-        self.tensors[(layer, name)] = quantize.map_tensors(x, self._home) if isinstance(
-            x, quantize.Quantized) else self._home(x)
+        self.tensors[(layer, name)] = (
+            quantize.map_tensors(x, self._home) if isinstance(x, quantize.Quantized) else self._home(x)
+        )
 
     def _home(self, x):
         x = x.to(self.home)
@@ -84,7 +85,9 @@ class OffloadStore:
                 heads = torch.arange(0, H * per_head, per_head, device=self.home)[:, None]  # [H, 1]
                 flats[per_head, per_row] = torch.add(heads, idx, alpha=per_row).view(-1)  # [H*k]
             flat = flats[per_head, per_row]
-            table = x.as_strided(((H - 1) * per_head + (M - 1) * per_row + 1, row), (row, 1))  # [R, row], no copy
+            table = x.as_strided(
+                ((H - 1) * per_head + (M - 1) * per_row + 1, row), (row, 1)
+            )  # [R, row], no copy
             if self.cuda:
                 rows = torch.empty(flat.shape[0], row, dtype=x.dtype, pin_memory=True)  # [H*k, row]
                 torch.index_select(table, 0, flat, out=rows)
@@ -101,9 +104,12 @@ class OffloadStore:
                 event.record(self.stream)
         rebuilt, i = [], 0
         for x, ts in zip(stored, parts):  # regroup the fetched parts of each quantized tensor
-            got, i = outs[i:i + len(ts)], i + len(ts)
-            rebuilt.append(got[0] if isinstance(x, torch.Tensor) else
-                           quantize.map_tensors(x, lambda t, it=iter(got): next(it)))
+            got, i = outs[i : i + len(ts)], i + len(ts)
+            rebuilt.append(
+                got[0]
+                if isinstance(x, torch.Tensor)
+                else quantize.map_tensors(x, lambda t, it=iter(got): next(it))
+            )
         return Fetch(rebuilt, event, staging)
 
 

@@ -251,8 +251,9 @@ def _nearest_rows(points: Tensor, grid_t: Tensor, bias: Tensor, out: Tensor, sta
 
 
 def _nearest_block_rows(points: Tensor, grid_t: Tensor, bias: Tensor, out: Tensor, start: int, stop: int):
-    block = torch.empty(min(NEAREST_CHUNK, stop - start), grid_t.shape[1], dtype=points.dtype,
-                        device=points.device)  # [rows, n]
+    block = torch.empty(
+        min(NEAREST_CHUNK, stop - start), grid_t.shape[1], dtype=points.dtype, device=points.device
+    )  # [rows, n]
     for s in range(start, stop, NEAREST_CHUNK):
         e = min(s + NEAREST_CHUNK, stop)
         scores = block[: e - s]  # [rows, n]: x.g - |g|^2 / 2
@@ -287,8 +288,10 @@ def _nearest(points: Tensor, grid: Tensor) -> Tensor:
         else:
             share = -(-P // workers)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                jobs = [pool.submit(_nearest_rows, points, grid_t, bias, out, s, min(s + share, P))
-                        for s in range(0, P, share)]
+                jobs = [
+                    pool.submit(_nearest_rows, points, grid_t, bias, out, s, min(s + share, P))
+                    for s in range(0, P, share)
+                ]
                 for job in jobs:
                     job.result()
     return out
@@ -373,9 +376,11 @@ GROUP_ALL = "all"  # QFormat.group for one scale group of the whole row (':gall'
 NVFP4_BLOCK = 16
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes NVFP4 can represent
 E4M3_MAX = 448.0
-VALID_SPECS = ("1, 2, 3, 4, 8 or 0.5 (HIGGS), int2, int4, int8, fp8, nvfp4; HIGGS/int take an optional "
-               "':g<group>' (channels per scale) or ':gall' (one scale for the whole row, e.g. all "
-               "kv_heads x head_dim channels of a token)")
+VALID_SPECS = (
+    "1, 2, 3, 4, 8 or 0.5 (HIGGS), int2, int4, int8, fp8, nvfp4; HIGGS/int take an optional "
+    "':g<group>' (channels per scale) or ':gall' (one scale for the whole row, e.g. all "
+    "kv_heads x head_dim channels of a token)"
+)
 
 
 @dataclass(frozen=True)
@@ -409,8 +414,9 @@ def parse_format(spec) -> QFormat:
         group = GROUP_ALL
     elif opt:
         if not (opt.startswith("g") and opt[1:].isdigit() and int(opt[1:]) > 0):
-            raise ValueError(f"unknown quantization format {spec!r} (option: ':g<group>' or ':gall'); "
-                             f"valid: {VALID_SPECS}")
+            raise ValueError(
+                f"unknown quantization format {spec!r} (option: ':g<group>' or ':gall'); valid: {VALID_SPECS}"
+            )
         group = int(opt[1:])
     if base in HIGGS_GRIDS:
         d, n = HIGGS_GRIDS[base]
@@ -442,19 +448,23 @@ def _resolve_group(fmt: QFormat, channels: int) -> int:
     else:
         group = fmt.group if fmt.group is not None else min(DEFAULT_GROUP, channels)
     if channels % group:
-        raise ValueError(f"format {fmt.name or fmt.kind}: {channels} channels are not a multiple of group "
-                         f"{group}")
+        raise ValueError(
+            f"format {fmt.name or fmt.kind}: {channels} channels are not a multiple of group {group}"
+        )
     if fmt.kind == "higgs":
         whole_row = fmt.group is not None and group == channels
         if group & (group - 1) and not whole_row:
             fit = channels & -channels  # the largest power of 2 dividing channels
             base = fmt.name.split(":")[0]
-            raise ValueError(f"format {fmt.name}: the HIGGS group ({group}) must be a power of 2 (the "
-                             f"Hadamard size) or the whole row; for {channels} channels use e.g. "
-                             f"'{base}:g{fit}' or '{base}:gall'")
+            raise ValueError(
+                f"format {fmt.name}: the HIGGS group ({group}) must be a power of 2 (the "
+                f"Hadamard size) or the whole row; for {channels} channels use e.g. "
+                f"'{base}:g{fit}' or '{base}:gall'"
+            )
         if group % fmt.d:
-            raise ValueError(f"format {fmt.name}: group {group} is not a multiple of the grid dimension "
-                             f"{fmt.d}")
+            raise ValueError(
+                f"format {fmt.name}: group {group} is not a multiple of the grid dimension {fmt.d}"
+            )
     return group
 
 
@@ -711,8 +721,9 @@ def meta_chunk_means(x: Tensor, meta_chunk: int, last: str = "repeat") -> Tensor
 
 
 @torch.no_grad()
-def residual_quantize(x: Tensor, meta_chunk: int, fmt_mean, fmt_resid=DEFAULT_RESIDUAL_BITS,
-                      last: str = "repeat") -> ResidualQuantized:
+def residual_quantize(
+    x: Tensor, meta_chunk: int, fmt_mean, fmt_resid=DEFAULT_RESIDUAL_BITS, last: str = "repeat"
+) -> ResidualQuantized:
     """Residual landmark quantization (PAPER.md "The paper's method", option).
 
     x: [H, T, C]. Neighbouring keys are similar, so the mean of each run of m = meta_chunk rows carries

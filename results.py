@@ -27,19 +27,61 @@ from kvcache import POLICIES
 BITS = ("0.5", "1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
 # summary.json: the configuration, then the metrics (every row has every key; None = not defined)
 CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
-METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "retention", "score", "text2json_score",
-           "field_recall", "precision", "recall", "extraction_rate", "agreement", "kl", "oracle_recall", "attention_mass", "device_kv_fraction",
-           "bytes_per_step", "landmark_error", "key_error", "sparse_share")
+METRICS = (
+    "fact_accuracy",
+    "field_accuracy",
+    "fact_nll",
+    "retention",
+    "score",
+    "text2json_score",
+    "field_recall",
+    "precision",
+    "recall",
+    "extraction_rate",
+    "agreement",
+    "kl",
+    "oracle_recall",
+    "attention_mass",
+    "device_kv_fraction",
+    "bytes_per_step",
+    "landmark_error",
+    "key_error",
+    "sparse_share",
+)
 # the metrics with a value per sample (samples.jsonl): each gets a bootstrap interval in the summary
-SAMPLE_METRICS = ("fact_accuracy", "field_accuracy", "fact_nll", "score", "field_recall", "agreement", "kl",
-                  "oracle_recall", "attention_mass", "device_kv_fraction", "bytes_per_step", "landmark_error",
-                  "key_error")
+SAMPLE_METRICS = (
+    "fact_accuracy",
+    "field_accuracy",
+    "fact_nll",
+    "score",
+    "field_recall",
+    "agreement",
+    "kl",
+    "oracle_recall",
+    "attention_mass",
+    "device_kv_fraction",
+    "bytes_per_step",
+    "landmark_error",
+    "key_error",
+)
 BOOTSTRAP_RESAMPLES = 2000  # resamples of the paired bootstrap over samples
 BOOTSTRAP_SEED = 0
 DEPTH_BINS = 10  # fact accuracy against depth: 10 equal shares of the prompt
 # run.json settings that must agree for a resumed (or merged) run: they change every result
-RUN_FIELDS = ("task", "model", "data", "tokens", "seed", "dtype", "max_new_tokens", "free_run", "group",
-              "outliers", "score_rule", "chat")
+RUN_FIELDS = (
+    "task",
+    "model",
+    "data",
+    "tokens",
+    "seed",
+    "dtype",
+    "max_new_tokens",
+    "free_run",
+    "group",
+    "outliers",
+    "score_rule",
+    "chat",
+)
 
 
 LOCK_NAME = ".lock"  # in every results folder; holds the pid of its last writer
@@ -57,6 +99,7 @@ os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 # ============================================================================ results folder
+
 
 def check_folder(out):
     """A results folder path must not name a file (a one-line error instead of a traceback later)."""
@@ -110,8 +153,10 @@ def _take(fd, folder, mode, held):
         pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
         holder = f" (pid {pid})" if pid.isdigit() else ""
-        raise ValueError(f"{folder} is in use by another evaluate.py process{holder}: wait for it to end, "
-                         "or give another --out") from None
+        raise ValueError(
+            f"{folder} is in use by another evaluate.py process{holder}: wait for it to end, "
+            "or give another --out"
+        ) from None
     _HELD[fd] = folder
     held.append(fd)
 
@@ -164,11 +209,18 @@ def _mean_lists(lists):
 def _order(row):
     """Table order: policies as in kvcache.POLICIES, then budget, chunk size, rank, bits."""
     bits = row["bits"]
-    return (POLICIES.index(row["method"]), row["budget"] or 0, row["chunk_size"] or 0, row["rank"] or 0,
-            -1 if bits is None else BITS.index(bits) if bits in BITS else len(BITS), row["residual"] or 0)
+    return (
+        POLICIES.index(row["method"]),
+        row["budget"] or 0,
+        row["chunk_size"] or 0,
+        row["rank"] or 0,
+        -1 if bits is None else BITS.index(bits) if bits in BITS else len(BITS),
+        row["residual"] or 0,
+    )
 
 
 # ---------------------------------------------------------------------------- paired bootstrap
+
 
 def bootstrap_means(values, index):
     """Means of `values` [n] (float64, NaN = sample missing) over each resample of `index` [R, n]."""
@@ -239,25 +291,50 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
         metrics = {m: _mean(r.get(m) for r in rs) for m in SAMPLE_METRICS}
         for m in ("score", "field_recall"):  # scores x 100, as the paper
             metrics[m] = None if metrics[m] is None else 100 * metrics[m]
-        metrics.update(text2json_score=metrics["score"] if task == "text2json" else None,
-                       sparse_share=None if rs[0]["method"] == "full" else _mean(float(r["sparse"]) for r in rs))
-        for m, k in (("precision", "precision"), ("recall", "recall"), ("extraction_rate", "extracted")):  # longproc
+        metrics.update(
+            text2json_score=metrics["score"] if task == "text2json" else None,
+            sparse_share=None if rs[0]["method"] == "full" else _mean(float(r["sparse"]) for r in rs),
+        )
+        for m, k in (
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("extraction_rate", "extracted"),
+        ):  # longproc
             metrics[m] = None if _mean(r.get(k) for r in rs) is None else 100 * _mean(r.get(k) for r in rs)
         values = {m: _per_sample(rs, samples, m) for m in SAMPLE_METRICS}
-        summary.append(dict(key=key, task=task, **{f: rs[0].get(f) for f in CONFIG_FIELDS}, n=len(rs),
-                            **{m: metrics.get(m) for m in METRICS}, values=values))
+        summary.append(
+            dict(
+                key=key,
+                task=task,
+                **{f: rs[0].get(f) for f in CONFIG_FIELDS},
+                n=len(rs),
+                **{m: metrics.get(m) for m in METRICS},
+                values=values,
+            )
+        )
     summary.sort(key=_order)
     full = next((s for s in summary if s["method"] == "full"), None)
     for s in summary:
         scale = {m: 100 if m in ("score", "field_recall") else 1 for m in SAMPLE_METRICS}
-        s["ci"] = {m: None if s[m] is None else _scaled(interval(bootstrap_means(v, index)), scale[m])
-                   for m, v in s["values"].items()}
-        oracle = next((o for o in summary if o["method"] == "oracle" and o["budget"] == s["budget"]
-                       and o["kv_bits"] == s["kv_bits"]), None)
+        s["ci"] = {
+            m: None if s[m] is None else _scaled(interval(bootstrap_means(v, index)), scale[m])
+            for m, v in s["values"].items()
+        }
+        oracle = next(
+            (
+                o
+                for o in summary
+                if o["method"] == "oracle" and o["budget"] == s["budget"] and o["kv_bits"] == s["kv_bits"]
+            ),
+            None,
+        )
         for name, ref in (("vs_full", full), ("vs_oracle", oracle)):
-            s[name] = {m: None if ref is None or ref is s else _scaled(_compare(v, ref["values"][m], index),
-                                                                       scale[m])
-                       for m, v in s["values"].items()}
+            s[name] = {
+                m: None
+                if ref is None or ref is s
+                else _scaled(_compare(v, ref["values"][m], index), scale[m])
+                for m, v in s["values"].items()
+            }
         s["retention"], s["ci"]["retention"] = None, None
         if full is not None and s["fact_accuracy"] is not None and full["fact_accuracy"]:
             mine, ref = s["values"]["fact_accuracy"], full["values"]["fact_accuracy"]
@@ -268,9 +345,11 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
     for s in summary:
         rs = groups[s["key"]]
         del s["values"]
-        s.update(depth_accuracy=_depth_accuracy(rs),
-                 recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
-                 mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs))
+        s.update(
+            depth_accuracy=_depth_accuracy(rs),
+            recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
+            mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs),
+        )
     return summary
 
 
@@ -318,23 +397,42 @@ def markdown_table(summary, task):
     head = ["policy", "budget"]
     if facts:
         head += ["fact accuracy", "vs full", "vs oracle", "field accuracy", "fact NLL", "retention"]
-    head += ([score_name] + (["field recall"] if t2j else []) + (["precision", "recall", "extraction"]
-                                                             if tsv else [])) if scored else []
+    head += (
+        (
+            [score_name]
+            + (["field recall"] if t2j else [])
+            + (["precision", "recall", "extraction"] if tsv else [])
+        )
+        if scored
+        else []
+    )
     head += ["agreement", "KL", "oracle recall", "attention mass", "device KV", "bytes/step", "n"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         cells = [r["label"], "–" if r["budget"] is None else f"{100 * r['budget']:.3g}%"]
         if facts:
-            cells += [_with_ci(r, "fact_accuracy", ".3f"), _vs(r, "vs_full", "fact_accuracy", ".3f"),
-                      _vs(r, "vs_oracle", "fact_accuracy", ".3f"), _with_ci(r, "field_accuracy", ".3f"),
-                      _fmt(r["fact_nll"], ".3f"), _fmt(r["retention"], ".3f")]
+            cells += [
+                _with_ci(r, "fact_accuracy", ".3f"),
+                _vs(r, "vs_full", "fact_accuracy", ".3f"),
+                _vs(r, "vs_oracle", "fact_accuracy", ".3f"),
+                _with_ci(r, "field_accuracy", ".3f"),
+                _fmt(r["fact_nll"], ".3f"),
+                _fmt(r["retention"], ".3f"),
+            ]
         if scored:
             cells += [_fmt(r["score"], ".1f")] + ([_fmt(r["field_recall"], ".1f")] if t2j else [])
-            cells += [_fmt(r.get(m), ".1f") for m in ("precision", "recall", "extraction_rate")] if tsv else []
-        cells += [_with_ci(r, "agreement", ".3f"), _with_ci(r, "kl", ".3f"), _fmt(r["oracle_recall"], ".3f"),
-                  _fmt(r["attention_mass"], ".3f"),
-                  "–" if r["device_kv_fraction"] is None else f"{100 * r['device_kv_fraction']:.1f}%",
-                  _bytes(r["bytes_per_step"]), str(r["n"])]
+            cells += (
+                [_fmt(r.get(m), ".1f") for m in ("precision", "recall", "extraction_rate")] if tsv else []
+            )
+        cells += [
+            _with_ci(r, "agreement", ".3f"),
+            _with_ci(r, "kl", ".3f"),
+            _fmt(r["oracle_recall"], ".3f"),
+            _fmt(r["attention_mass"], ".3f"),
+            "–" if r["device_kv_fraction"] is None else f"{100 * r['device_kv_fraction']:.1f}%",
+            _bytes(r["bytes_per_step"]),
+            str(r["n"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -342,9 +440,11 @@ def markdown_table(summary, task):
 # ---------------------------------------------------------------------------- plots
 
 
-
-PANELS = (("fact_accuracy", "fact accuracy (gold-forced)"), ("agreement", "agreement with full"),
-          ("oracle_recall", "oracle recall"))  # the first panel is the task score when there are no facts
+PANELS = (
+    ("fact_accuracy", "fact accuracy (gold-forced)"),
+    ("agreement", "agreement with full"),
+    ("oracle_recall", "oracle recall"),
+)  # the first panel is the task score when there are no facts
 
 
 def _sweep_name(r, axis):
@@ -450,10 +550,12 @@ def plot_recall_heatmap(summary, path):
 def make_plots(out, summary):
     """Every plot the sweep supports; returns one line per plot saying what was drawn or skipped."""
     notes = []
-    for axis, methods, name, xlabel in (("budget", POLICIES, "vs_budget.png", "budget (share of the prompt)"),
-                                        ("chunk_size", ("mean", "quantized"), "vs_chunk_size.png", "chunk size"),
-                                        ("rank", ("svd", "shadowkv"), "vs_rank.png", "SVD rank"),
-                                        ("bits", ("quantized",), "vs_bits.png", "landmark bits")):
+    for axis, methods, name, xlabel in (
+        ("budget", POLICIES, "vs_budget.png", "budget (share of the prompt)"),
+        ("chunk_size", ("mean", "quantized"), "vs_chunk_size.png", "chunk size"),
+        ("rank", ("svd", "shadowkv"), "vs_rank.png", "SVD rank"),
+        ("bits", ("quantized",), "vs_bits.png", "landmark bits"),
+    ):
         if plot_sweep(summary, axis, methods, out / name, xlabel):
             notes.append(f"{name}: fact accuracy or score / agreement / oracle recall against {xlabel}")
         else:
@@ -475,19 +577,25 @@ def table_notes(summary, run):
     n = len({r["n"] for r in summary}) == 1 and summary[0]["n"]
     lines = []
     if any(r["fact_accuracy"] is not None for r in summary):
-        lines.append(f"[a, b]: 95% interval of a paired bootstrap over the {n or ''} samples "
-                     f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); vs full / vs oracle: "
-                     "difference to full attention / to the oracle of the same budget, * where its interval "
-                     "excludes 0 (not noise). Fact accuracy: share of the gold answer's value tokens "
-                     "predicted top-1 with the gold answer so far as input.")
+        lines.append(
+            f"[a, b]: 95% interval of a paired bootstrap over the {n or ''} samples "
+            f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); vs full / vs oracle: "
+            "difference to full attention / to the oracle of the same budget, * where its interval "
+            "excludes 0 (not noise). Fact accuracy: share of the gold answer's value tokens "
+            "predicted top-1 with the gold answer so far as input."
+        )
     if run["task"] == "text2json" and all(r["score"] is None for r in summary):
-        lines.append("Free-running Text2JSON score: not decoded (add --free-run). On the default "
-                     "SmolLM2-135M it is 0.0 for every policy, full attention included (8 samples, every "
-                     "prediction checked): the model cannot write the JSON list on its own, so that score measures the "
-                     "model, not the KV policy; fact accuracy measures what the policy keeps.")
+        lines.append(
+            "Free-running Text2JSON score: not decoded (add --free-run). On the default "
+            "SmolLM2-135M it is 0.0 for every policy, full attention included (8 samples, every "
+            "prediction checked): the model cannot write the JSON list on its own, so that score measures the "
+            "model, not the KV policy; fact accuracy measures what the policy keeps."
+        )
     elif run["task"] == "text2json" and all(not r["score"] for r in summary):
-        lines.append("The Text2JSON score is 0 for every configuration, full attention included: this "
-                     "model does not write the JSON list on its own; read the gold-forced fact accuracy.")
+        lines.append(
+            "The Text2JSON score is 0 for every configuration, full attention included: this "
+            "model does not write the JSON list on its own; read the gold-forced fact accuracy."
+        )
     return lines
 
 
@@ -499,12 +607,16 @@ def write_summary(out, rows, run):
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     notes = sample_notes + make_plots(out, summary)
     table = "\n\n".join([markdown_table(summary, run["task"])] + table_notes(summary, run))
-    dtype_note = ("device KV: bytes kept on the device over a full bf16 cache of the prompt; exact tensors count "
-                  "as bf16 whatever the run's dtype, quantized ones as their packed codes and scales")
-    md = (f"# KV selection policies against full attention\n\n`{run.get('command', '')}`\n\n"
-          f"task {run['task']}, model {run['model']}, {len({r['sample'] for r in rows})} samples, "
-          f"dtype {run['dtype']}, up to {run['max_new_tokens']} new tokens\n\n{table}\n\n"
-          + "".join(f"- {n}\n" for n in [dtype_note] + notes))
+    dtype_note = (
+        "device KV: bytes kept on the device over a full bf16 cache of the prompt; exact tensors count "
+        "as bf16 whatever the run's dtype, quantized ones as their packed codes and scales"
+    )
+    md = (
+        f"# KV selection policies against full attention\n\n`{run.get('command', '')}`\n\n"
+        f"task {run['task']}, model {run['model']}, {len({r['sample'] for r in rows})} samples, "
+        f"dtype {run['dtype']}, up to {run['max_new_tokens']} new tokens\n\n{table}\n\n"
+        + "".join(f"- {n}\n" for n in [dtype_note] + notes)
+    )
     write_atomic(out / "summary.md", md)
     return summary, table, notes
 
@@ -522,8 +634,10 @@ def check_resume(out, run, adopt_max_new):
         run = dict(run, max_new_tokens=old["max_new_tokens"])
     for f in RUN_FIELDS:
         if old.get(f) != run[f]:
-            raise ValueError(f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}: "
-                             "use another --out or the same settings")
+            raise ValueError(
+                f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}: "
+                "use another --out or the same settings"
+            )
     return dict(run, skipped=dict(old.get("skipped") or {}, **run.get("skipped", {})))
 
 
@@ -548,13 +662,17 @@ def annotate(summary, rows, run):
         ids = list(skipped)
         total = len({r["sample"] for r in rows} | set(ids))
         shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
-        notes.append(f"{len(ids)} of {total} samples skipped, no result in any configuration: their prompts "
-                     f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
-                     f"{run.get('max_positions')} positions (ids {shown})")
+        notes.append(
+            f"{len(ids)} of {total} samples skipped, no result in any configuration: their prompts "
+            f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
+            f"{run.get('max_positions')} positions (ids {shown})"
+        )
     for r in summary:
         if r["fell_back"]:
-            notes.append(f"{r['key']}: {r['fell_back']} of {r['n']} samples fell back to full attention "
-                         "(prompt shorter than the policy's budget: sink + local window + selection)")
+            notes.append(
+                f"{r['key']}: {r['fell_back']} of {r['n']} samples fell back to full attention "
+                "(prompt shorter than the policy's budget: sink + local window + selection)"
+            )
     return notes
 
 
@@ -574,15 +692,18 @@ def merge(args):
     check_folder(out)
     with locked(out, reads=dirs):
         if not is_empty(out) and out.resolve() not in {d.resolve() for d in dirs}:
-            raise ValueError(f"{out} already holds results and is not one of the merged folders: "
-                             "give a new or empty --out (or name it among the inputs)")
+            raise ValueError(
+                f"{out} already holds results and is not one of the merged folders: "
+                "give a new or empty --out (or name it among the inputs)"
+            )
         runs, rows, seen, skipped = [], [], {}, {}
         for d in dirs:
             runs.append(json.loads((d / "run.json").read_text()))
             for f in RUN_FIELDS:
                 if runs[-1].get(f) != runs[0].get(f):
-                    raise ValueError(f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with "
-                                     f"{runs[0].get(f)!r}")
+                    raise ValueError(
+                        f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with {runs[0].get(f)!r}"
+                    )
             skipped.update(runs[-1].get("skipped") or {})
             for r in read_rows(d):
                 k = (r["key"], r["sample"])
@@ -592,10 +713,15 @@ def merge(args):
                 elif seen[k][0] != r:
                     prev, where = seen[k]
                     f = next(f for f in {**prev, **r} if prev.get(f) != r.get(f))
-                    raise ValueError(f"sample {r['sample']!r} of {r['key']!r} differs between {where} and "
-                                     f"{d} ({f}: {prev.get(f)!r} vs {r.get(f)!r}): merge only one of them")
-        settings = dict(runs[0], command=f"python evaluate.py merge {' '.join(args.dirs)} --out {args.out}",
-                        skipped=skip_record(skipped, rows))
+                    raise ValueError(
+                        f"sample {r['sample']!r} of {r['key']!r} differs between {where} and "
+                        f"{d} ({f}: {prev.get(f)!r} vs {r.get(f)!r}): merge only one of them"
+                    )
+        settings = dict(
+            runs[0],
+            command=f"python evaluate.py merge {' '.join(args.dirs)} --out {args.out}",
+            skipped=skip_record(skipped, rows),
+        )
         write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
         write_rows(out, rows)
         _, table, _ = write_summary(out, rows, settings)

@@ -24,7 +24,7 @@ from pathlib import Path
 from files import data_dir, read_jsonl
 
 _SHARED = data_dir()
-NEEDLE_DIR = _SHARED / "needlebench"            # a convenience default only
+NEEDLE_DIR = _SHARED / "needlebench"  # a convenience default only
 LONGPROC_DIR = _SHARED / "longproc_html_to_tsv"  # a convenience default only
 
 N_NEEDLES = 11  # PAPER.md "Benchmarks": NeedleBench v2 parallel retrieval, 11 needles at depths 0-100%
@@ -38,6 +38,7 @@ def _read_jsonl(path):
 
 
 # ----------------------------------------------------------------------------- multi-needle
+
 
 def load_needles(data_dir=NEEDLE_DIR, language="English"):
     """The needles of one language from `needles.jsonl`, in file order (fields `needle`,
@@ -79,7 +80,7 @@ def needle_depths(n_needles):
 def _question(needle):
     """The question part of a needle's `retrieval_question` (it goes on with an answer format)."""
     q = needle["retrieval_question"]
-    return q[:q.index("?") + 1] if "?" in q else q
+    return q[: q.index("?") + 1] if "?" in q else q
 
 
 def _answer_format(needle):
@@ -93,11 +94,13 @@ def needle_prompt(document, needles):
     question at once, then the answer format they ask for."""
     questions = " ".join(f"{i}. {_question(nd)}" for i, nd in enumerate(needles, 1))
     formats = "; ".join(f for f in map(_answer_format, needles) if f)
-    return ("Below is a long document between <Document> tags. Read all of it, then answer the questions "
-            "that follow from what it says.\n\n"
-            f"<Document>\n{document}\n</Document>\n\n"
-            f"Using only the document above, answer these {len(needles)} questions: {questions}\n"
-            f"Reply in this format: '{formats}'")
+    return (
+        "Below is a long document between <Document> tags. Read all of it, then answer the questions "
+        "that follow from what it says.\n\n"
+        f"<Document>\n{document}\n</Document>\n\n"
+        f"Using only the document above, answer these {len(needles)} questions: {questions}\n"
+        f"Reply in this format: '{formats}'"
+    )
 
 
 def insert_needles(haystack, needle_ids, depths):
@@ -147,16 +150,19 @@ def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_
         buffer = len(tokenizer.encode(needle_prompt("", needles))) if length_buffer is None else length_buffer
         hay_len = target_tokens - buffer - sum(map(len, needle_ids))
         if hay_len < 10 * n_needles:
-            raise ValueError(f"target_tokens={target_tokens} is too short for {n_needles} needles and their "
-                             f"questions ({buffer} + {sum(map(len, needle_ids))} tokens before any haystack)")
+            raise ValueError(
+                f"target_tokens={target_tokens} is too short for {n_needles} needles and their "
+                f"questions ({buffer} + {sum(map(len, needle_ids))} tokens before any haystack)"
+            )
         haystack = []
         for text in order:
             haystack += tokenizer.encode(text)
             if len(haystack) >= hay_len:
                 break
         else:
-            raise ValueError(f"target_tokens={target_tokens} is longer than the whole haystack "
-                             f"({len(haystack)} tokens)")
+            raise ValueError(
+                f"target_tokens={target_tokens} is longer than the whole haystack ({len(haystack)} tokens)"
+            )
         tokens, offsets = insert_needles(haystack[:hay_len], needle_ids, depths)
         document = tokenizer.decode(tokens)
         problem = needle_prompt(document, needles)
@@ -165,11 +171,19 @@ def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_
         for nd, d, o in zip(needles, depths, offsets):
             at = problem.find(nd["needle"], at)
             if at == -1:
-                raise ValueError(f"needle {nd['arg2']!r} changed when the document was decoded: the tokenizer "
-                                 "does not give back the text it encoded")
+                raise ValueError(
+                    f"needle {nd['arg2']!r} changed when the document was decoded: the tokenizer "
+                    "does not give back the text it encoded"
+                )
             records.append(dict(nd, depth=d, token_offset=o, position=at))
-        samples.append({"problem": problem, "needles": records, "n_tokens": len(tokenizer.encode(problem)),
-                        "document_span": (start, start + len(document))})
+        samples.append(
+            {
+                "problem": problem,
+                "needles": records,
+                "n_tokens": len(tokenizer.encode(problem)),
+                "document_span": (start, start + len(document)),
+            }
+        )
     return samples
 
 
@@ -183,9 +197,11 @@ def score_needles(prediction, sample):
     if prediction is not None and not isinstance(prediction, str):
         raise ValueError(f"a prediction must be a string (or None), not a {type(prediction).__name__}")
     found = [prediction is not None and nd["arg2"] in prediction for nd in sample["needles"]]
-    return {"score": sum(found) / len(found),
-            "per_depth": {nd["depth"]: float(f) for nd, f in zip(sample["needles"], found)},
-            "found": found}
+    return {
+        "score": sum(found) / len(found),
+        "per_depth": {nd["depth"]: float(f) for nd, f in zip(sample["needles"], found)},
+        "found": found,
+    }
 
 
 def aggregate_needles(results):
@@ -194,9 +210,11 @@ def aggregate_needles(results):
     for r in results:
         for d, v in r["per_depth"].items():
             per_depth.setdefault(d, []).append(v)
-    return {"score": 100.0 * sum(r["score"] for r in results) / len(results),
-            "per_depth": {d: 100.0 * sum(v) / len(v) for d, v in sorted(per_depth.items())},
-            "n": len(results)}
+    return {
+        "score": 100.0 * sum(r["score"] for r in results) / len(results),
+        "per_depth": {d: 100.0 * sum(v) / len(v) for d, v in sorted(per_depth.items())},
+        "n": len(results),
+    }
 
 
 # ----------------------------------------------------------------------------- LongProc
@@ -218,8 +236,8 @@ def read_prompts_yaml(path):
 
     def close():
         if key is not None and style is not None:
-            indent = min((len(l) - len(l.lstrip(" ")) for l in block if l.strip()), default=0)
-            text = "\n".join(l[indent:] for l in block).rstrip("\n")
+            indent = min((len(ln) - len(ln.lstrip(" ")) for ln in block if ln.strip()), default=0)
+            text = "\n".join(ln[indent:] for ln in block).rstrip("\n")
             out[key] = text if style == "|-" else text + "\n"
 
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -267,13 +285,18 @@ def load_longproc(data_dir=LONGPROC_DIR, group="8k"):
         if not html_path.is_file():
             raise FileNotFoundError(f"{html_path} not found (task {t['task_id']})")
         if read_table(t["gt"]) is None:
-            raise ValueError(f"{tasks_path}: task {t['task_id']}: the gold table cannot be read "
-                             "(it needs a header and at least one row of the header's width)")
+            raise ValueError(
+                f"{tasks_path}: task {t['task_id']}: the gold table cannot be read "
+                "(it needs a header and at least one row of the header's width)"
+            )
         html = html_path.read_text(encoding="utf-8")
-        problem = template.format(html_str=html, task_topic=t["task_topic"],
-                                  task_description=t["task_description"],
-                                  filtering_instruction=t["filtering_instruction"],
-                                  tsv_header=t["tsv_header"])
+        problem = template.format(
+            html_str=html,
+            task_topic=t["task_topic"],
+            task_description=t["task_description"],
+            filtering_instruction=t["filtering_instruction"],
+            tsv_header=t["tsv_header"],
+        )
         out.append(dict(t, problem=problem, html=html))
     if not out:
         raise ValueError(f"{tasks_path} holds no tasks")
@@ -291,13 +314,15 @@ def cut_page(task, max_tokens, tokenizer):
         n = len(tokenizer.encode(html))
         return dict(task, page_tokens=n, page_tokens_kept=n)
     at = problem.index(html)
-    before, after = problem[:at], problem[at + len(html):]
+    before, after = problem[:at], problem[at + len(html) :]
     ids = tokenizer.encode(html)
     keep = max_tokens - len(tokenizer.encode(before)) - len(tokenizer.encode(after))
     for _ in range(8):  # the joins may tokenize a little differently: shrink until it fits
         if keep <= 0:
-            raise ValueError(f"--tokens {max_tokens} leaves no room for the page of task {task['task_id']}: "
-                             "its instructions alone are longer")
+            raise ValueError(
+                f"--tokens {max_tokens} leaves no room for the page of task {task['task_id']}: "
+                "its instructions alone are longer"
+            )
         text = before + tokenizer.decode(ids[:keep]) + after
         over = len(tokenizer.encode(text)) - max_tokens
         if over <= 0:
@@ -314,7 +339,7 @@ def extract_tsv(answer):
     if start == -1:
         return answer.strip()
     end = answer.rfind("```")
-    body = answer[start + 6:end] if end >= start + 6 else answer[start + 6:]
+    body = answer[start + 6 : end] if end >= start + 6 else answer[start + 6 :]
     return body.strip()
 
 
@@ -346,8 +371,9 @@ def read_table(text):
     if not rows or len(set(header)) != len(header):
         return None
     width = len(header)
-    return header, [tuple(map(normalize_cell, r)) if len(r) == width else (normalize_cell("N/A"),) * width
-                    for r in rows]
+    return header, [
+        tuple(map(normalize_cell, r)) if len(r) == width else (normalize_cell("N/A"),) * width for r in rows
+    ]
 
 
 def score_tsv(prediction, gold):
@@ -384,5 +410,10 @@ def aggregate_tsv(results):
     """Means of `score_tsv` results as percentages: `precision`, `recall`, `f1` and
     `extraction_rate` (the share of answers a table was extracted from), and `n`."""
     mean = lambda key: 100.0 * sum(r[key] for r in results) / len(results)
-    return {"precision": mean("precision"), "recall": mean("recall"), "f1": mean("f1"),
-            "extraction_rate": mean("extracted"), "n": len(results)}
+    return {
+        "precision": mean("precision"),
+        "recall": mean("recall"),
+        "f1": mean("f1"),
+        "extraction_rate": mean("extracted"),
+        "n": len(results),
+    }

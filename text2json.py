@@ -27,6 +27,7 @@ APOSTROPHE = "\u2019"  # the typographic apostrophe, normalised to ' before scor
 
 # ----------------------------------------------------------------------------- loading
 
+
 def sample_id(row, index):
     """A sample's id, as a string: its `id` field, else its position in the file (0, 1, ...)."""
     return str(row.get("id", index))
@@ -56,8 +57,10 @@ def load(path):
         if not isinstance(obj["problem"], str) or not obj["problem"].strip():
             return f"sample {sid!r}: 'problem' must be a non-empty string, not {obj['problem']!r:.40}"
         if not isinstance(obj["answer"], str):
-            return (f"sample {sid!r}: 'answer' must be a JSON string holding the gold list (the released "
-                    f"format), not a {type(obj['answer']).__name__}")
+            return (
+                f"sample {sid!r}: 'answer' must be a JSON string holding the gold list (the released "
+                f"format), not a {type(obj['answer']).__name__}"
+            )
         try:
             gold_records(obj["answer"])
         except ValueError as e:
@@ -71,6 +74,7 @@ def load(path):
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 def _text(value):
     """A value as the string it is compared as: a string itself, anything else (number, boolean,
@@ -92,8 +96,9 @@ def gold_records(gold):
             gold = json.loads(gold)
         except json.JSONDecodeError as e:
             raise ValueError(f"gold answer is not valid JSON ({e.msg})") from None
-    if not isinstance(gold, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                             for r in gold):
+    if not isinstance(gold, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("name"), str) for r in gold
+    ):
         raise ValueError("gold answer must be a JSON list of objects, each with a string 'name'")
     return [dict(r, name=_text(r["name"])) for r in gold]
 
@@ -119,7 +124,7 @@ def _parse_prediction(prediction):
     if end < start:
         return None
     try:
-        return json.loads(prediction[start:end + 1])
+        return json.loads(prediction[start : end + 1])
     except json.JSONDecodeError:
         return None
 
@@ -239,6 +244,7 @@ def aggregate(predictions, golds):
 
 # ---- fact tokens: which tokens of the gold answer carry a fact (evaluate.py's gold-forced decoding)
 
+
 def answer_text(gold):
     """The gold answer as the model is asked to write it: the released format, one JSON list with one
     object per record, on one line, with json.dumps' default separators (", " and ": ", the spacing of
@@ -263,8 +269,14 @@ def value_spans(gold):
             text += ", " * (j > 0) + json.dumps(key, ensure_ascii=False) + ": "
             literal = json.dumps(value, ensure_ascii=False)
             quoted = isinstance(value, str)
-            fields.append(dict(record=n, key=key, value=value,
-                               span=(len(text) + quoted, len(text) + len(literal) - quoted)))
+            fields.append(
+                dict(
+                    record=n,
+                    key=key,
+                    value=value,
+                    span=(len(text) + quoted, len(text) + len(literal) - quoted),
+                )
+            )
             text += literal
         text += "}"
     text += "]"
@@ -306,44 +318,68 @@ def record_depths(problem, gold):
 # stated in one sentence of prose; "mentions" name an entity of the same kind without its
 # two fields, so they are *not* records and must not be extracted.
 
-_FIRST = ("Anna Mark Lena Omar Priya Tomas Grace Victor Hana Diego Clara Felix Maya Ivan Nora "
-          "Pablo Sofia Lucas Amara Jonas Elena Kofi Ingrid Rafael Yuki Marta Samuel Leila Hugo "
-          "Zara Emil Rosa Dmitri Alma Bruno Nadia Oscar Irene Tariq Vera").split()
-_LAST = ("Kowal Brandt Okafor Lindqvist Moreau Tanaka Alvarez Novak Haddad Petrov Sato Fischer "
-         "Mensah Rossi Dubois Nakamura Jensen Castillo Varga Ibrahim Keller Laurent Horvat "
-         "Silva Quinn Adeyemi Berg Costa Yilmaz Schultz Ortega Wojcik Farah Lund Mercer Ito "
-         "Baptiste Novacek Rahman Dalton").split()
-_CITIES = ("Lisbon Oslo Denver Nairobi Kyoto Porto Dublin Seville Krakow Montreal Austin "
-           "Bergen Lyon Tampere Perth Valencia Graz Leeds Cork Bilbao Turin Ghent Malmo "
-           "Quito Hobart Leipzig Geneva Tallinn Boise Halifax").split()
-_PROFESSIONS = ("nurse;architect;carpenter;data analyst;pharmacist;civil engineer;librarian;"
-                "pilot;baker;veterinarian;journalist;dentist;plumber;electrician;photographer;"
-                "chef;translator;accountant;geologist;firefighter;tax lawyer;school teacher;"
-                "software developer;marine biologist;optician;tailor;florist;surveyor;"
-                "economist;physiotherapist").split(";")
-_BRANDS = ("Zentra Novik Lumra Corvo Altair Brisa Kelvo Strato Orbix Pelican Vanta Quorra "
-           "Helio Tundra Maxim Ferro Nimbus Osprey Radix Solvo").split()
-_CATEGORIES = ("wireless speaker;desk lamp;electric kettle;rice cooker;smartwatch;tablet;"
-               "coffee grinder;air purifier;hair dryer;blender;laptop;drone;e-reader;"
-               "robot vacuum;space heater;toaster;webcam;gaming mouse;power bank;monitor").split(";")
-_ORG_STEMS = ("Veltrix Oranda Kestrel Marlow Tessera Brightwater Halcyon Norfield Quantis "
-              "Redwyn Solaris Thornbury Ulmara Vireo Westmark Yarrow Zephra Aldon Corvane "
-              "Dunmore Ferrosa Galvant Ironvale Juniper Kalmar Lumen Meridian Northgate Oakhurst "
-              "Pinecrest Quillon Ravenna Stonebridge Trivane Umbra Valora Wexford Ashcombe Beacon "
-              "Cresta").split()
-_ORG_SUFFIXES = "Group;Holdings;Partners;Labs;Corporation;Industries;Collective;Systems;Works;Alliance".split(";")
+_FIRST = (
+    "Anna Mark Lena Omar Priya Tomas Grace Victor Hana Diego Clara Felix Maya Ivan Nora "
+    "Pablo Sofia Lucas Amara Jonas Elena Kofi Ingrid Rafael Yuki Marta Samuel Leila Hugo "
+    "Zara Emil Rosa Dmitri Alma Bruno Nadia Oscar Irene Tariq Vera"
+).split()
+_LAST = (
+    "Kowal Brandt Okafor Lindqvist Moreau Tanaka Alvarez Novak Haddad Petrov Sato Fischer "
+    "Mensah Rossi Dubois Nakamura Jensen Castillo Varga Ibrahim Keller Laurent Horvat "
+    "Silva Quinn Adeyemi Berg Costa Yilmaz Schultz Ortega Wojcik Farah Lund Mercer Ito "
+    "Baptiste Novacek Rahman Dalton"
+).split()
+_CITIES = (
+    "Lisbon Oslo Denver Nairobi Kyoto Porto Dublin Seville Krakow Montreal Austin "
+    "Bergen Lyon Tampere Perth Valencia Graz Leeds Cork Bilbao Turin Ghent Malmo "
+    "Quito Hobart Leipzig Geneva Tallinn Boise Halifax"
+).split()
+_PROFESSIONS = (
+    "nurse;architect;carpenter;data analyst;pharmacist;civil engineer;librarian;"
+    "pilot;baker;veterinarian;journalist;dentist;plumber;electrician;photographer;"
+    "chef;translator;accountant;geologist;firefighter;tax lawyer;school teacher;"
+    "software developer;marine biologist;optician;tailor;florist;surveyor;"
+    "economist;physiotherapist"
+).split(";")
+_BRANDS = (
+    "Zentra Novik Lumra Corvo Altair Brisa Kelvo Strato Orbix Pelican Vanta Quorra "
+    "Helio Tundra Maxim Ferro Nimbus Osprey Radix Solvo"
+).split()
+_CATEGORIES = (
+    "wireless speaker;desk lamp;electric kettle;rice cooker;smartwatch;tablet;"
+    "coffee grinder;air purifier;hair dryer;blender;laptop;drone;e-reader;"
+    "robot vacuum;space heater;toaster;webcam;gaming mouse;power bank;monitor"
+).split(";")
+_ORG_STEMS = (
+    "Veltrix Oranda Kestrel Marlow Tessera Brightwater Halcyon Norfield Quantis "
+    "Redwyn Solaris Thornbury Ulmara Vireo Westmark Yarrow Zephra Aldon Corvane "
+    "Dunmore Ferrosa Galvant Ironvale Juniper Kalmar Lumen Meridian Northgate Oakhurst "
+    "Pinecrest Quillon Ravenna Stonebridge Trivane Umbra Valora Wexford Ashcombe Beacon "
+    "Cresta"
+).split()
+_ORG_SUFFIXES = "Group;Holdings;Partners;Labs;Corporation;Industries;Collective;Systems;Works;Alliance".split(
+    ";"
+)
 _ORG_QUALIFIERS = ("", "", "", "", "", "North ", "Global ", "United ", "Pacific ", "Atlantic ")
-_INDUSTRIES = ("shipping;solar energy;banking;biotech;retail;insurance;steel;telecoms;"
-               "textiles;logistics;aerospace;publishing;agriculture;mining;software;"
-               "pharmaceuticals;tourism;construction;food processing;robotics").split(";")
-_ADJECTIVES = ("Silent Crimson Hidden Frozen Golden Broken Distant Hollow Wandering Burning "
-               "Forgotten Last Velvet Scarlet Quiet Restless Bitter Endless Paper Iron Emerald "
-               "Lonely Midnight Northern Painted Sleeping Stolen Crooked Winter Electric").split()
-_NOUNS = ("Harbor Garden Mirror Orchard Lantern Compass Bridge Letter Tide Meadow Signal "
-          "Station Island Voyage Summer Canyon Promise Window Frontier Shadow Kingdom Orchid "
-          "Highway Whisper Engine Lighthouse Carnival Passage Horizon Raven").split()
-_GENRES = ("comedy;thriller;documentary;western;science fiction film;drama;horror film;"
-           "musical;animated film;romance;war film;crime drama;fantasy film;mystery;biopic").split(";")
+_INDUSTRIES = (
+    "shipping;solar energy;banking;biotech;retail;insurance;steel;telecoms;"
+    "textiles;logistics;aerospace;publishing;agriculture;mining;software;"
+    "pharmaceuticals;tourism;construction;food processing;robotics"
+).split(";")
+_ADJECTIVES = (
+    "Silent Crimson Hidden Frozen Golden Broken Distant Hollow Wandering Burning "
+    "Forgotten Last Velvet Scarlet Quiet Restless Bitter Endless Paper Iron Emerald "
+    "Lonely Midnight Northern Painted Sleeping Stolen Crooked Winter Electric"
+).split()
+_NOUNS = (
+    "Harbor Garden Mirror Orchard Lantern Compass Bridge Letter Tide Meadow Signal "
+    "Station Island Voyage Summer Canyon Promise Window Frontier Shadow Kingdom Orchid "
+    "Highway Whisper Engine Lighthouse Carnival Passage Horizon Raven"
+).split()
+_GENRES = (
+    "comedy;thriller;documentary;western;science fiction film;drama;horror film;"
+    "musical;animated film;romance;war film;crime drama;fantasy film;mystery;biopic"
+).split(";")
 
 
 def _a(word):
@@ -362,7 +398,8 @@ def _weight(rng):
 # record templates (all three fields), mention templates (name only: not a record)
 DOMAINS = {
     "people": dict(
-        keys=("name", "profession", "city"), what="person",
+        keys=("name", "profession", "city"),
+        what="person",
         fields="their profession and the city where they work",
         draw_name=_person,
         draw=lambda rng: {"profession": rng.choice(_PROFESSIONS), "city": rng.choice(_CITIES)},
@@ -378,9 +415,11 @@ DOMAINS = {
             "{name} declined to answer any questions about the plans.",
             "Someone said that {name} enjoys long walks on weekends.",
             "Nobody has heard from {name} since the spring.",
-        ]),
+        ],
+    ),
     "products": dict(
-        keys=("name", "category", "weight"), what="product",
+        keys=("name", "category", "weight"),
+        what="product",
         fields="its category and its weight",
         draw_name=lambda rng: f"{rng.choice(_BRANDS)} {rng.choice('KMRTVX')}{rng.randrange(10, 100)}",
         draw=lambda rng: {"category": rng.choice(_CATEGORIES), "weight": _weight(rng)},
@@ -395,11 +434,15 @@ DOMAINS = {
             "The {name} was sold out in most stores last month.",
             "A reviewer promised to test the {name} sometime next year.",
             "The box of the {name} was lost during the move.",
-        ]),
+        ],
+    ),
     "organisations": dict(
-        keys=("name", "industry", "headquarters"), what="organisation",
+        keys=("name", "industry", "headquarters"),
+        what="organisation",
         fields="its industry and the city of its headquarters",
-        draw_name=lambda rng: f"{rng.choice(_ORG_STEMS)} {rng.choice(_ORG_QUALIFIERS)}{rng.choice(_ORG_SUFFIXES)}",
+        draw_name=lambda rng: (
+            f"{rng.choice(_ORG_STEMS)} {rng.choice(_ORG_QUALIFIERS)}{rng.choice(_ORG_SUFFIXES)}"
+        ),
         draw=lambda rng: {"industry": rng.choice(_INDUSTRIES), "headquarters": rng.choice(_CITIES)},
         records=[
             "{name} is {a_industry} company headquartered in {headquarters}.",
@@ -412,9 +455,11 @@ DOMAINS = {
             "A spokesperson for {name} declined to comment.",
             "{name} changed its logo twice in one year.",
             "Several former employees of {name} met for dinner.",
-        ]),
+        ],
+    ),
     "films": dict(
-        keys=("name", "director", "genre"), what="film",
+        keys=("name", "director", "genre"),
+        what="film",
         fields="its director and its genre",
         draw_name=lambda rng: f"The {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}",
         draw=lambda rng: {"director": _person(rng), "genre": rng.choice(_GENRES)},
@@ -429,7 +474,8 @@ DOMAINS = {
             "Tickets for {name} sold out within an hour.",
             "A poster of {name} hangs in the hallway.",
             "The soundtrack of {name} is hard to find today.",
-        ]),
+        ],
+    ),
 }
 
 # Neutral sentences that state nothing about any record: the haystack around the records.
@@ -493,8 +539,10 @@ def _draw_records(domain, n_records, n_mentions, rng):
         if not any(name in other or other in name for other in names):
             names.append(name)
         elif tries > 50 * (n_records + n_mentions):
-            raise ValueError(f"cannot draw {n_records + n_mentions} distinct {domain} names; "
-                             f"use a shorter target_tokens or a larger tokens_per_record")
+            raise ValueError(
+                f"cannot draw {n_records + n_mentions} distinct {domain} names; "
+                f"use a shorter target_tokens or a larger tokens_per_record"
+            )
     records = [{"name": nm, **spec["draw"](rng)} for nm in names[:n_records]]
     return records, names[n_records:]
 
@@ -513,9 +561,9 @@ def _prompt(domain, text):
         f"A {what} that is mentioned without {spec['fields']} is not a record: leave it out.\n\n"
         f"Text:\n{text}\n\n"
         f"List every {what} record from the text above, in the order they appear, as a JSON "
-        f"list with one object per record. Each object has exactly the keys \"{k1}\", \"{k2}\" "
-        f"and \"{k3}\", with string values copied from the text, like this: "
-        f"[{{\"{k1}\": \"...\", \"{k2}\": \"...\", \"{k3}\": \"...\"}}]. "
+        f'list with one object per record. Each object has exactly the keys "{k1}", "{k2}" '
+        f'and "{k3}", with string values copied from the text, like this: '
+        f'[{{"{k1}": "...", "{k2}": "...", "{k3}": "..."}}]. '
         f"Answer with only the JSON list."
     )
 
@@ -533,7 +581,7 @@ def _build(domain, entity_sentences, fillers, k, para_sizes):
     paragraphs, i, p = [], 0, 0
     while i < len(seq):
         size = para_sizes[p % len(para_sizes)]
-        paragraphs.append(" ".join(seq[i:i + size]))
+        paragraphs.append(" ".join(seq[i : i + size]))
         i, p = i + size, p + 1
     return _prompt(domain, "\n\n".join(paragraphs))
 
@@ -577,8 +625,10 @@ def generate(n, target_tokens, tokenizer, seed=0, tokens_per_record=200, domains
         # filler sentence, repeat. Tokenizer-agnostic, a handful of full encodes.
         base = count(_build(domain, entity_sentences, [], 0, para_sizes))
         if base > 0.9 * target_tokens:
-            raise ValueError(f"target_tokens={target_tokens} leaves no room for filler; "
-                             f"raise it or raise tokens_per_record")
+            raise ValueError(
+                f"target_tokens={target_tokens} leaves no room for filler; "
+                f"raise it or raise tokens_per_record"
+            )
         fillers.extend(next(stream) for _ in range(64))
         per_filler = (count(" ".join(fillers)) + 1) / len(fillers)
         k = max(0, round((target_tokens - base) / per_filler))
@@ -593,7 +643,14 @@ def generate(n, target_tokens, tokenizer, seed=0, tokens_per_record=200, domains
             k = max(0, k + round((target_tokens - n_tokens) / per_filler))
         if abs(n_tokens - target_tokens) > 0.1 * target_tokens:
             raise ValueError(f"could not fit a {target_tokens}-token prompt (got {n_tokens})")
-        samples.append({"problem": prompt, "answer": json.dumps(answer, ensure_ascii=False),
-                        "domain": domain, "n_records": n_records, "n_tokens": n_tokens,
-                        "non_records": mentions})
+        samples.append(
+            {
+                "problem": prompt,
+                "answer": json.dumps(answer, ensure_ascii=False),
+                "domain": domain,
+                "n_records": n_records,
+                "n_tokens": n_tokens,
+                "non_records": mentions,
+            }
+        )
     return samples

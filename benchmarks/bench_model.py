@@ -63,17 +63,20 @@ def main():
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else model.default_model_dir()
     ours, tok = model.load_model(path, dtype=args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=model._dtype(args.dtype),
-                                                           attn_implementation="sdpa").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=model._dtype(args.dtype), attn_implementation="sdpa"
+    ).eval()
     # a deterministic prompt of real text, tiled to the wanted length
     text = " ".join(f"Record {i}: the city of Lyon lies on the Rhone, item {i * 7 % 13}." for i in range(400))
-    ids = (tok.encode(text) * 4)[:args.prompt_len]
+    ids = (tok.encode(text) * 4)[: args.prompt_len]
     if len(ids) < args.prompt_len:
         sys.exit(f"error: built only {len(ids)} prompt tokens")
     prompt = torch.tensor([ids])  # [1, prompt_len]
 
-    print(f"{path.name}: prefill {args.prompt_len} tokens + decode {args.new_tokens}, {args.dtype}, "
-          f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(
+        f"{path.name}: prefill {args.prompt_len} tokens + decode {args.new_tokens}, {args.dtype}, "
+        f"{args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     run_ours(ours, prompt[:, :64], 4), run_hf(hf, prompt[:, :64], 4)  # warm-up
     times = {"model.py": [], "transformers": []}
     for r in range(args.repeats):  # alternate, so machine noise hits both alike
@@ -90,9 +93,13 @@ def main():
         pre = statistics.median(r[0] for r in rows)
         dec = statistics.median(r[1] for r in rows)
         rate[name] = (args.prompt_len / pre, (args.new_tokens - 1) / dec)
-        print(f"{name:12s} prefill {rate[name][0]:8.1f} tok/s   decode {rate[name][1]:6.2f} tok/s   (medians)")
-    print(f"model.py / transformers: prefill {rate['model.py'][0] / rate['transformers'][0]:.2f}x   "
-          f"decode {rate['model.py'][1] / rate['transformers'][1]:.2f}x")
+        print(
+            f"{name:12s} prefill {rate[name][0]:8.1f} tok/s   decode {rate[name][1]:6.2f} tok/s   (medians)"
+        )
+    print(
+        f"model.py / transformers: prefill {rate['model.py'][0] / rate['transformers'][0]:.2f}x   "
+        f"decode {rate['model.py'][1] / rate['transformers'][1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -43,18 +43,37 @@ POLICIES = [
 
 @torch.inference_mode()
 def decode_attention(lengths, repeats, layers):
-    cfg = ModelConfig(arch="LlamaForCausalLM", vocab_size=49152, dim=576, n_layers=layers, n_heads=9, n_kv_heads=3,
-                      head_dim=64, ffn_dim=1536, norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None,
-                      max_positions=1 << 20, tie_embeddings=True, qkv_bias=False, qk_norm=False, bos_id=1,
-                      eos_ids=[2])
+    cfg = ModelConfig(
+        arch="LlamaForCausalLM",
+        vocab_size=49152,
+        dim=576,
+        n_layers=layers,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        ffn_dim=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        rope_scaling=None,
+        max_positions=1 << 20,
+        tie_embeddings=True,
+        qkv_bias=False,
+        qk_norm=False,
+        bos_id=1,
+        eos_ids=[2],
+    )
     rope = Rope(cfg)
-    print(f"## Decode-step attention time per layer (ms; {layers} layers, median of {repeats} steps, round robin)\n")
+    print(
+        f"## Decode-step attention time per layer (ms; {layers} layers, median of {repeats} steps, round robin)\n"
+    )
     print("| policy | " + " | ".join(f"{T // 1024}K" for T in lengths) + " |")
     print("|---|" + "---:|" * len(lengths))
     rows = {}
     for T in lengths:
         g = torch.Generator().manual_seed(T)
-        ks = [torch.randn(1, 3, T, 64, generator=g) * torch.linspace(0.3, 3.0, 64) for _ in range(layers)]  # [1, H, T, d]
+        ks = [
+            torch.randn(1, 3, T, 64, generator=g) * torch.linspace(0.3, 3.0, 64) for _ in range(layers)
+        ]  # [1, H, T, d]
         vs = [torch.randn(1, 3, T, 64, generator=g) for _ in range(layers)]  # [1, H, T, d]
         full = KVCache.from_kv(cfg, rope, ks, vs)
         q = torch.randn(1, 9, 1, 64, generator=g)  # [1, n_heads, 1, d]
@@ -76,7 +95,11 @@ def decode_attention(lengths, repeats, layers):
             rows.setdefault(label, []).append(1e3 * statistics.median(ts))
         del caches, full
     for label, times in rows.items():
-        ratio = "" if label == "full" else " (" + ", ".join(f"{t / f:.2f}x" for t, f in zip(times, rows["full"])) + " of full)"
+        ratio = (
+            ""
+            if label == "full"
+            else " (" + ", ".join(f"{t / f:.2f}x" for t, f in zip(times, rows["full"])) + " of full)"
+        )
         print(f"| {label} | " + " | ".join(f"{t:.2f}" for t in times) + f" |{ratio}")
     print()
 

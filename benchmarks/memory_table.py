@@ -19,10 +19,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvcache import KVCache, make_policy  # noqa: E402
 from model import ModelConfig, Rope  # noqa: E402
 
-LLAMA_8B = ModelConfig(arch="LlamaForCausalLM", vocab_size=128256, dim=4096, n_layers=32, n_heads=32,
-                       n_kv_heads=8, head_dim=128, ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling=None, max_positions=131072, tie_embeddings=False, qkv_bias=False,
-                       qk_norm=False, bos_id=128000, eos_ids=[128001])
+LLAMA_8B = ModelConfig(
+    arch="LlamaForCausalLM",
+    vocab_size=128256,
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=128,
+    ffn_dim=14336,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=None,
+    max_positions=131072,
+    tie_embeddings=False,
+    qkv_bias=False,
+    qk_norm=False,
+    bos_id=128000,
+    eos_ids=[128001],
+)
 
 POLICIES = [
     ("full", {}),
@@ -55,22 +70,31 @@ def main():
     v = torch.randn(1, 8, T, 128, generator=g).bfloat16()  # [1, H, T, d]
     full = KVCache.from_kv(one_layer, Rope(one_layer), [k], [v])
     bf16_per_token = 2 * 8 * 128 * 2  # K and V, bf16, per token per layer
-    print(f"Llama-3.1-8B shapes, {T} prompt tokens, {cfg.n_layers} layers; bf16 KV = "
-          f"{bf16_per_token} B/token/layer, {bf16_per_token * T * cfg.n_layers / 2**30:.2f} GiB in all\n")
-    print("| policy | budget | device B/token/layer | offloaded B/token/layer | device share of bf16 KV "
-          "| of which landmarks + factors | of which exact tokens | device GiB (32 layers) | offloaded GiB |")
+    print(
+        f"Llama-3.1-8B shapes, {T} prompt tokens, {cfg.n_layers} layers; bf16 KV = "
+        f"{bf16_per_token} B/token/layer, {bf16_per_token * T * cfg.n_layers / 2**30:.2f} GiB in all\n"
+    )
+    print(
+        "| policy | budget | device B/token/layer | offloaded B/token/layer | device share of bf16 KV "
+        "| of which landmarks + factors | of which exact tokens | device GiB (32 layers) | offloaded GiB |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, kw in POLICIES:
         cache = full if name == "full" else KVCache.from_prefill(full, make_policy(name, **kw))
         m = cache.memory()
         label = "full" if name == "full" else cache.policy.label()
         budget = "all" if name == "full" else cache.budget_line().split(" = ")[1].split(" of ")[0]
-        print(f"| {label} | {budget} | {m['device'] / T:.1f} | {m['offloaded'] / T:.1f} | "
-              f"{100 * m['device_fraction']:.2f}% | {100 * m['summary_fraction']:.2f}% | "
-              f"{100 * m['exact_fraction']:.2f}% | {m['device'] * cfg.n_layers / 2**30:.3f} | "
-              f"{m['offloaded'] * cfg.n_layers / 2**30:.3f} |", flush=True)
-    print("\nDevice share counts landmarks, low-rank factors, and the exact sink/local/outlier tokens;"
-          " oracle/mean/svd keep exact (bf16) scoring keys on the device, by construction.")
+        print(
+            f"| {label} | {budget} | {m['device'] / T:.1f} | {m['offloaded'] / T:.1f} | "
+            f"{100 * m['device_fraction']:.2f}% | {100 * m['summary_fraction']:.2f}% | "
+            f"{100 * m['exact_fraction']:.2f}% | {m['device'] * cfg.n_layers / 2**30:.3f} | "
+            f"{m['offloaded'] * cfg.n_layers / 2**30:.3f} |",
+            flush=True,
+        )
+    print(
+        "\nDevice share counts landmarks, low-rank factors, and the exact sink/local/outlier tokens;"
+        " oracle/mean/svd keep exact (bf16) scoring keys on the device, by construction."
+    )
 
 
 if __name__ == "__main__":

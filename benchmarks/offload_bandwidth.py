@@ -40,7 +40,9 @@ def cuda_time(fn, repeats=20):
 
 def main():
     if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark measures host-to-GPU copies; nothing to do on a CPU-only machine")
+        print(
+            "no CUDA device: this benchmark measures host-to-GPU copies; nothing to do on a CPU-only machine"
+        )
         return 0
     dev = torch.device("cuda")
     H, T, d = 8, 131072, 128
@@ -58,8 +60,10 @@ def main():
     t_copy = cuda_time(lambda: dst.copy_(src, non_blocking=True))
     print(f"rows fetched per step: {H} heads x {k} tokens x {d} bf16 = {nbytes / 2**20:.1f} MiB")
     print(f"plain pinned copy : {1e3 * t_copy:.3f} ms  {nbytes / t_copy / 1e9:.2f} GB/s")
-    print(f"offload.fetch     : {1e3 * t_fetch:.3f} ms  {nbytes / t_fetch / 1e9:.2f} GB/s "
-          f"({100 * t_copy / t_fetch:.0f}% of the plain copy; target >= 50%)")
+    print(
+        f"offload.fetch     : {1e3 * t_fetch:.3f} ms  {nbytes / t_fetch / 1e9:.2f} GB/s "
+        f"({100 * t_copy / t_fetch:.0f}% of the plain copy; target >= 50%)"
+    )
 
     a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
     work = lambda: [a @ a for _ in range(8)]
@@ -71,9 +75,11 @@ def main():
         f.wait()
 
     t_both = cuda_time(both)
-    print(f"compute alone {1e3 * t_work:.3f} ms, fetch alone {1e3 * t_fetch:.3f} ms, "
-          f"both {1e3 * t_both:.3f} ms (serial would be {1e3 * (t_work + t_fetch):.3f} ms, "
-          f"perfect overlap {1e3 * max(t_work, t_fetch):.3f} ms)")
+    print(
+        f"compute alone {1e3 * t_work:.3f} ms, fetch alone {1e3 * t_fetch:.3f} ms, "
+        f"both {1e3 * t_both:.3f} ms (serial would be {1e3 * (t_work + t_fetch):.3f} ms, "
+        f"perfect overlap {1e3 * max(t_work, t_fetch):.3f} ms)"
+    )
     return 0
 
 

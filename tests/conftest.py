@@ -17,30 +17,58 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the flat project modules
 
 # Small but not degenerate: GQA (4 query heads per 2 KV heads), several RoPE frequency bands.
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+)
 
 # What each architecture exercises (the facts of the real model families):
 ARCH_EXTRAS = {
     # Llama 3.1-style rope scaling, with an original context short enough that all three
     # frequency bands (kept / interpolated / divided by factor) occur at head_dim 16.
-    "LlamaForCausalLM": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                                                  low_freq_factor=1.0, high_freq_factor=4.0,
-                                                  original_max_position_embeddings=64)),
-    "MistralForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
-                               sliding_window=None),  # Mistral 7B v0.2 / v0.3: no sliding window
-    "Qwen2ForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
-                             tie_word_embeddings=True),  # q/k/v bias is implied by the architecture
-    "Qwen3ForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
-                             head_dim=32),  # explicit head_dim != hidden / heads, q/k norm implied
+    "LlamaForCausalLM": dict(
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        )
+    ),
+    "MistralForCausalLM": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), sliding_window=None
+    ),  # Mistral 7B v0.2 / v0.3: no sliding window
+    "Qwen2ForCausalLM": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), tie_word_embeddings=True
+    ),  # q/k/v bias is implied by the architecture
+    "Qwen3ForCausalLM": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0), head_dim=32
+    ),  # explicit head_dim != hidden / heads, q/k norm implied
     # Qwen3-30B-A3B in miniature: Qwen3 attention, 8 experts of which 2 run per token, renormalised
-    "Qwen3MoeForCausalLM": dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0), head_dim=32,
-                                num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                norm_topk_prob=True),
+    "Qwen3MoeForCausalLM": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+    ),
 }
 SPECIAL_TOKENS = {
-    "LlamaForCausalLM": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                         "<|eot_id|>"],
+    "LlamaForCausalLM": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
     "MistralForCausalLM": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],  # v0.3's control tokens
     "Qwen2ForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "Qwen3ForCausalLM": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -83,18 +111,28 @@ def sentencepiece_tokenizer(control_tokens=()):
     pieces = ["<unk>", "<s>", "</s>", *control_tokens] + [f"<0x{b:02X}>" for b in range(256)]
     pieces += ["▁", *"abcdefghijklmnopqrstuvwxyz", *"[]/INST", "▁[", "IN", "ST", "INST"]
     merges = [("▁", "["), ("I", "N"), ("S", "T"), ("IN", "ST")]
-    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>",
-                               byte_fallback=True, fuse_unk=True))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={p: i for i, p in enumerate(pieces)},
+            merges=merges,
+            unk_token="<unk>",
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in ["<unk>", "<s>", "</s>", *control_tokens]])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in ["<unk>", "<s>", "</s>", *control_tokens]]
+    )
     return tok
 
 
-def make_tiny_checkpoint(arch, path, *, seed=0, max_shard_size=None, hub_style=False, tokenizer=None,
-                         **overrides):
+def make_tiny_checkpoint(
+    arch, path, *, seed=0, max_shard_size=None, hub_style=False, tokenizer=None, **overrides
+):
     """Save a tiny random `arch` model (a transformers class name) to path; returns (path, hf_model).
 
     Weights are redrawn with a seeded generator at a scale where logits are O(1) (the default

@@ -15,14 +15,35 @@ from conftest import make_tiny_checkpoint
 from kvcache import KVCache, make_policy
 from model import generate, load_model, load_tokenizer
 
-ISSUE_METRICS = ("text2json_score", "field_recall", "agreement", "kl", "oracle_recall", "attention_mass",
-                 "device_kv_fraction", "bytes_per_step")
+ISSUE_METRICS = (
+    "text2json_score",
+    "field_recall",
+    "agreement",
+    "kl",
+    "oracle_recall",
+    "attention_mass",
+    "device_kv_fraction",
+    "bytes_per_step",
+)
 N, TOKENS, MAX_NEW = 2, 2048, 6
 # every policy, two budgets, two chunk sizes and two landmark formats: each plot axis but rank is swept
 SVD_KEY = "svd r0.15625 @0.0625"  # ShadowKV's rank share, 160 of 1024 channels
-SWEEP = ["--n", str(N), "--tokens", str(TOKENS), "--max-new-tokens", str(MAX_NEW),
-         "--methods", "full,oracle,shadowkv,mean,quantized,svd", "--budgets", "0.03125,0.0625",
-         "--chunk-sizes", "1,8", "--bits", "2,4"]
+SWEEP = [
+    "--n",
+    str(N),
+    "--tokens",
+    str(TOKENS),
+    "--max-new-tokens",
+    str(MAX_NEW),
+    "--methods",
+    "full,oracle,shadowkv,mean,quantized,svd",
+    "--budgets",
+    "0.03125,0.0625",
+    "--chunk-sizes",
+    "1,8",
+    "--bits",
+    "2,4",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,8 +59,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     # byte-level tokenizer: a 2048-token prompt is ~2048 bytes; room for prompt + chat format
-    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama",
-                                   max_position_embeddings=4096)
+    path, _ = make_tiny_checkpoint(
+        "LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama", max_position_embeddings=4096
+    )
     return path
 
 
@@ -68,8 +90,16 @@ def rows_by_key(out):
 
 
 def test_files_and_schema(base, ckpt):
-    for name in ("samples.jsonl", "summary.json", "summary.md", "run.json", "vs_budget.png", "vs_chunk_size.png",
-                 "vs_bits.png", "recall_per_layer.png"):
+    for name in (
+        "samples.jsonl",
+        "summary.json",
+        "summary.md",
+        "run.json",
+        "vs_budget.png",
+        "vs_chunk_size.png",
+        "vs_bits.png",
+        "recall_per_layer.png",
+    ):
         assert (base / name).is_file(), name
     assert not (base / "vs_rank.png").exists()  # one rank only: skipped, and the summary says so
     assert "vs_rank.png: skipped" in (base / "summary.md").read_text()
@@ -97,9 +127,14 @@ def test_files_and_schema(base, ckpt):
         # the oracle selects the exact top-k, so its recall is 1 by construction (stats wired to the forced row)
         assert by[f"oracle @{b}"]["oracle_recall"] == pytest.approx(1.0)
         # 2-bit landmarks take less device memory than 4-bit ones, which take less than exact keys
-        assert by[f"quantized 2b @{b}"]["device_kv_fraction"] < by[f"quantized 4b @{b}"]["device_kv_fraction"] \
+        assert (
+            by[f"quantized 2b @{b}"]["device_kv_fraction"]
+            < by[f"quantized 4b @{b}"]["device_kv_fraction"]
             < by[f"oracle @{b}"]["device_kv_fraction"]
-    assert by["oracle @0.0625"]["bytes_per_step"] > by["oracle @0.03125"]["bytes_per_step"]  # twice the selection
+        )
+    assert (
+        by["oracle @0.0625"]["bytes_per_step"] > by["oracle @0.03125"]["bytes_per_step"]
+    )  # twice the selection
     table = (base / "summary.md").read_text()
     assert all(f"| {r['label']} |" in table for r in summary)
 
@@ -107,8 +142,22 @@ def test_files_and_schema(base, ckpt):
 def test_kv_bits_run(base, ckpt, tmp_path, capsys, no_plots):
     """--kv-bits: the same policies with their offloaded K/V quantized, as their own table rows."""
     out = tmp_path / "kv4"
-    argv = ["--model", ckpt, "--n", 1, "--tokens", TOKENS, "--max-new-tokens", MAX_NEW,
-            "--methods", "full,oracle", "--kv-bits", "4", "--out", out]
+    argv = [
+        "--model",
+        ckpt,
+        "--n",
+        1,
+        "--tokens",
+        TOKENS,
+        "--max-new-tokens",
+        MAX_NEW,
+        "--methods",
+        "full,oracle",
+        "--kv-bits",
+        "4",
+        "--out",
+        out,
+    ]
     assert run_main(argv, capsys)[0] == 0
     by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
     assert set(by) == {"full", "oracle kv4 @0.03125"} and by["oracle kv4 @0.03125"]["kv_bits"] == "4"
@@ -131,11 +180,19 @@ def test_lockstep_decode_matches_one_policy_at_a_time(base, ckpt):
         gold = text2json.fact_tokens(sample["answer"], tok)[0][:MAX_NEW]
         for key in ("mean c8 @0.03125", "quantized 2b @0.0625", "shadowkv @0.03125"):
             name = key.split()[0]
-            kw = dict(chunk_size=8) if name == "mean" else dict(landmark_bits="2") if name == "quantized" else {}
+            kw = (
+                dict(chunk_size=8)
+                if name == "mean"
+                else dict(landmark_bits="2")
+                if name == "quantized"
+                else {}
+            )
             if name == "shadowkv":  # generated short prompts: evaluate scales ShadowKV's 48 outlier chunks
                 kw = dict(outliers=kvcache.OUTLIER_SHARE)
             policy = make_policy(name, budget=float(key.split("@")[1]), **kw)
-            free = generate(model, ids, MAX_NEW, stop_ids=tok.stop_ids, cache=KVCache(model.config, model.rope, policy))
+            free = generate(
+                model, ids, MAX_NEW, stop_ids=tok.stop_ids, cache=KVCache(model.config, model.rope, policy)
+            )
             assert rows[(key, str(i))]["prediction"] == tok.decode(free), (key, i)
             # gold forcing: both fed the gold answer, one decode step per gold token but the last
             caches = [KVCache(model.config, model.rope), KVCache(model.config, model.rope, policy)]
@@ -165,17 +222,25 @@ def test_resume_skips_finished_work(base, ckpt, tmp_path, capsys, monkeypatch, n
     monkeypatch.setattr(evaluate, "load_model", no_model)
     rc, err = run_main(["--model", ckpt, *SWEEP, "--out", out], capsys)
     assert rc == 0 and f"skipped {N} of {N} samples" in err
-    assert (out / "samples.jsonl").read_bytes() == before and (out / "samples.jsonl").stat().st_mtime_ns == mtime
+    assert (out / "samples.jsonl").read_bytes() == before and (
+        out / "samples.jsonl"
+    ).stat().st_mtime_ns == mtime
     monkeypatch.setattr(evaluate, "load_model", real_load)
 
     # an interrupted run: sample 1 missing entirely, one configuration of sample 0 missing
-    kept = [r for r in results.read_rows(out) if r["sample"] != "1" and (r["key"], r["sample"]) != (SVD_KEY, "0")]
+    kept = [
+        r for r in results.read_rows(out) if r["sample"] != "1" and (r["key"], r["sample"]) != (SVD_KEY, "0")
+    ]
     results.write_rows(out, kept)
     calls = []
     real = evaluate.evaluate_sample
-    monkeypatch.setattr(evaluate, "evaluate_sample",
-                        lambda model, tok, s, ps, *a, **k: calls.append((s["id"], [evaluate.config_key(p) for p in ps]))
-                        or real(model, tok, s, ps, *a, **k))
+    monkeypatch.setattr(
+        evaluate,
+        "evaluate_sample",
+        lambda model, tok, s, ps, *a, **k: (
+            calls.append((s["id"], [evaluate.config_key(p) for p in ps])) or real(model, tok, s, ps, *a, **k)
+        ),
+    )
     # one in-process worker, so the calls are seen here; the base run used two worker processes, so
     # the comparison below also checks that a sample's results do not depend on the worker
     rc, err = run_main(["--model", ckpt, *SWEEP, "--out", out, "--workers", "1"], capsys)
@@ -198,7 +263,10 @@ def test_shards_merge_to_the_unsharded_run(base, ckpt, tmp_path, capsys, no_plot
         assert rc == 0
     assert {r["sample"] for r in results.read_rows(tmp_path / "s0")} == {"0"}
     assert {r["sample"] for r in results.read_rows(tmp_path / "s1")} == {"1"}
-    assert evaluate.main(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        evaluate.main(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")])
+        == 0
+    )
     assert rows_by_key(tmp_path / "m") == rows_by_key(base)
     merged = json.loads((tmp_path / "m" / "summary.json").read_text())
     want = json.loads((base / "summary.json").read_text())
@@ -208,19 +276,22 @@ def test_shards_merge_to_the_unsharded_run(base, ckpt, tmp_path, capsys, no_plot
             assert r[m] == pytest.approx(b[m]), (r["key"], m)
 
 
-@pytest.mark.parametrize("bad", [
-    ["--methods", "full,foo"],
-    ["--budgets", "0"],
-    ["--budgets", "0.03125,1.5"],
-    ["--data", "MISSING/text2json.jsonl"],
-    ["--model", "NOWEIGHTS"],
-    ["--bits", "2,5"],
-    ["--kv-bits", "5"],
-    ["--shard", "2/2"],
-    ["--shard", "half"],
-    ["--task", "nope"],
-    ["merge", "NOWEIGHTS", "--out", "OUT"],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--methods", "full,foo"],
+        ["--budgets", "0"],
+        ["--budgets", "0.03125,1.5"],
+        ["--data", "MISSING/text2json.jsonl"],
+        ["--model", "NOWEIGHTS"],
+        ["--bits", "2,5"],
+        ["--kv-bits", "5"],
+        ["--shard", "2/2"],
+        ["--shard", "half"],
+        ["--task", "nope"],
+        ["merge", "NOWEIGHTS", "--out", "OUT"],
+    ],
+)
 def test_bad_input_is_one_line_before_any_work(bad, ckpt, tmp_path, capsys, monkeypatch):
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
@@ -233,8 +304,13 @@ def test_bad_input_is_one_line_before_any_work(bad, ckpt, tmp_path, capsys, monk
     monkeypatch.setattr(evaluate, "load_model", forbidden)
     monkeypatch.setattr(evaluate, "load_tokenizer", forbidden)
     out = tmp_path / "out"
-    argv = [str(a).replace("NOWEIGHTS", str(no_weights)).replace("MISSING", str(tmp_path / "missing"))
-            .replace("OUT", str(out)) for a in bad]
+    argv = [
+        str(a)
+        .replace("NOWEIGHTS", str(no_weights))
+        .replace("MISSING", str(tmp_path / "missing"))
+        .replace("OUT", str(out))
+        for a in bad
+    ]
     if argv[0] != "merge":
         argv = ["--model", str(ckpt), "--out", str(out)] + argv
     rc, err = run_main(argv, capsys)
@@ -248,8 +324,16 @@ def test_bad_input_is_one_line_before_any_work(bad, ckpt, tmp_path, capsys, monk
 # fact tokens, bootstrap intervals, split invariance (issue 11; issue 15 "the same numbers however a run
 # is split")
 
-GOLD_RUN = ["--n", "2", "--tokens", "2048", "--max-new-tokens", "40",
-            "--methods", "full,oracle,mean,quantized"]
+GOLD_RUN = [
+    "--n",
+    "2",
+    "--tokens",
+    "2048",
+    "--max-new-tokens",
+    "40",
+    "--methods",
+    "full,oracle,mean,quantized",
+]
 
 
 def gold_sample(tok, tokens=1024):
@@ -269,10 +353,12 @@ def test_gold_forced_full_row_is_one_causal_forward(ckpt):
     gold, free = evaluate.decode_sample(model, ids, [], gold_ids, len(gold_ids), free=False)
     assert free == {} and set(gold) == {"full"}
     logits = model(torch.tensor([ids + gold_ids]))[0]  # [T + A, vocab]
-    want = logits[len(ids) - 1:len(ids) + len(gold_ids) - 1].argmax(-1).tolist()  # position i predicts gold i
+    want = (
+        logits[len(ids) - 1 : len(ids) + len(gold_ids) - 1].argmax(-1).tolist()
+    )  # position i predicts gold i
     assert gold["full"].out == want and len(want) == len(gold_ids)
     assert gold["full"].steps == len(gold_ids) - 1 and gold["full"].matches == gold["full"].steps
-    logp = torch.log_softmax(logits[len(ids) - 1:len(ids) + len(gold_ids) - 1], -1)  # [A, vocab]
+    logp = torch.log_softmax(logits[len(ids) - 1 : len(ids) + len(gold_ids) - 1], -1)  # [A, vocab]
     ref = logp.gather(1, torch.tensor(gold_ids)[:, None])[:, 0]
     assert gold["full"].gold_logp == pytest.approx(ref.tolist(), abs=1e-4)
 
@@ -285,7 +371,9 @@ def test_whole_prompt_budget_gets_full_fact_accuracy(ckpt):
     model, tok = load_model(ckpt)
     sample, ids, gold_ids, fields = gold_sample(tok)
     T = len(ids)
-    whole = make_policy("oracle", sink=4, local=64, budget=(T - 4 - 64 + 0.25) / T)  # selects every middle token
+    whole = make_policy(
+        "oracle", sink=4, local=64, budget=(T - 4 - 64 + 0.25) / T
+    )  # selects every middle token
     small = make_policy("mean", budget=0.03125)
     gold, _ = evaluate.decode_sample(model, ids, [whole, small], gold_ids, len(gold_ids), free=False)
     w, s = (gold[evaluate.config_key(p)] for p in (whole, small))
@@ -301,10 +389,14 @@ def test_fact_tokens_of_a_hand_made_answer(ckpt):
     """Byte-level tokenizer (one token per UTF-8 byte, offsets in characters): the fact tokens are exactly
     the bytes of the values (names included), never a key, quote, colon, comma or brace."""
     tok = load_tokenizer(ckpt)
-    gold = [{"name": "Zoë O'Brien", "city": "São Paulo", "code": "X12 9"},
-            {"name": "Ana", "city": "Łódź", "code": 1999}]
-    text = ('[{"name": "Zoë O\'Brien", "city": "São Paulo", "code": "X12 9"}, '
-            '{"name": "Ana", "city": "Łódź", "code": 1999}]')
+    gold = [
+        {"name": "Zoë O'Brien", "city": "São Paulo", "code": "X12 9"},
+        {"name": "Ana", "city": "Łódź", "code": 1999},
+    ]
+    text = (
+        '[{"name": "Zoë O\'Brien", "city": "São Paulo", "code": "X12 9"}, '
+        '{"name": "Ana", "city": "Łódź", "code": 1999}]'
+    )
     assert text2json.answer_text(gold) == text and text2json.answer_text(json.dumps(gold)) == text
     ids, fields = text2json.fact_tokens(gold, tok)
     raw = text.encode()
@@ -319,8 +411,14 @@ def test_fact_tokens_of_a_hand_made_answer(ckpt):
         want.append(byte_range(value, after))
         after = want[-1][-1]
     assert [f["tokens"] for f in fields] == want
-    assert [(f["record"], f["key"]) for f in fields] == [(0, "name"), (0, "city"), (0, "code"),
-                                                         (1, "name"), (1, "city"), (1, "code")]
+    assert [(f["record"], f["key"]) for f in fields] == [
+        (0, "name"),
+        (0, "city"),
+        (0, "code"),
+        (1, "name"),
+        (1, "city"),
+        (1, "code"),
+    ]
     facts = {t for f in fields for t in f["tokens"]}
     rest = bytes(b for t, b in enumerate(raw) if t not in facts).decode()  # keys and JSON punctuation only
     assert rest == '[{"name": "", "city": "", "code": ""}, {"name": "", "city": "", "code": }]'
@@ -338,8 +436,11 @@ def test_fact_tokens_real_tokenizer_golden():
     _, offsets = tok.encode_offsets(text2json.answer_text(gold))
     text = '[{"name": "Zoë O\'Brien", "city": "São Paulo 12", "x": "it’s"}]'
     pieces = [[text[a:b] for a, b in (offsets[t] for t in f["tokens"])] for f in fields]
-    assert pieces == [["Z", "o", "ë", " O", "'", "Brien"], ["S", "ão", " Paulo", " ", "1", "2"],
-                      ["it", "’", "s"]]
+    assert pieces == [
+        ["Z", "o", "ë", " O", "'", "Brien"],
+        ["S", "ão", " Paulo", " ", "1", "2"],
+        ["it", "’", "s"],
+    ]
     assert [f["tokens"] for f in fields] == [list(range(5, 11)), list(range(16, 22)), [27, 28, 29]]
 
 
@@ -355,10 +456,25 @@ def synthetic_rows(full, policy, name="mean"):
     rows = []
     for key, method, values in (("full", "full", full), (f"{name} @0.03125", name, policy)):
         for i, v in enumerate(values):
-            rows.append(dict(key=key, sample=str(i), task="text2json", method=method, label=method,
-                             budget=None if method == "full" else 0.03125, chunk_size=None, rank=None,
-                             bits=None, residual=None, kv_bits=None, sparse=method != "full", fact_accuracy=v,
-                             recall_per_layer=None, mass_per_layer=None))
+            rows.append(
+                dict(
+                    key=key,
+                    sample=str(i),
+                    task="text2json",
+                    method=method,
+                    label=method,
+                    budget=None if method == "full" else 0.03125,
+                    chunk_size=None,
+                    rank=None,
+                    bits=None,
+                    residual=None,
+                    kv_bits=None,
+                    sparse=method != "full",
+                    fact_accuracy=v,
+                    recall_per_layer=None,
+                    mass_per_layer=None,
+                )
+            )
     return rows
 
 
@@ -387,8 +503,9 @@ def test_bootstrap_is_seeded_and_covers_the_estimate():
     noisy = [v + (0.05 if i % 2 else -0.05) for i, v in enumerate(full)]
     d, lo, hi = results.summarize(synthetic_rows(full, noisy))[1]["vs_full"]["fact_accuracy"]
     assert lo < 0 < hi
-    assert not results._vs(results.summarize(synthetic_rows(full, noisy))[1], "vs_full", "fact_accuracy",
-                           ".3f").endswith("*")
+    assert not results._vs(
+        results.summarize(synthetic_rows(full, noisy))[1], "vs_full", "fact_accuracy", ".3f"
+    ).endswith("*")
 
 
 def test_summary_does_not_depend_on_row_order():
@@ -461,8 +578,22 @@ def test_resumed_equals_uninterrupted(gold_run, ckpt, tmp_path, no_plots):
 @pytest.mark.slow
 def test_shards_merged_equal_one_run(gold_run, ckpt, tmp_path, no_plots):
     for i in range(2):
-        assert evaluate.main(["--model", str(ckpt), *GOLD_RUN, "--shard", f"{i}/2", "--workers", "1",
-                              "--out", str(tmp_path / f"s{i}")]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--model",
+                    str(ckpt),
+                    *GOLD_RUN,
+                    "--shard",
+                    f"{i}/2",
+                    "--workers",
+                    "1",
+                    "--out",
+                    str(tmp_path / f"s{i}"),
+                ]
+            )
+            == 0
+        )
     merged = ["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]
     assert evaluate.main(merged) == 0
     same_files(tmp_path / "m", gold_run)

@@ -17,8 +17,11 @@ def project_imports(path):
     top, nested = set(), []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else [
-                (node.module or "").split(".")[0]]
+            names = (
+                [a.name.split(".")[0] for a in node.names]
+                if isinstance(node, ast.Import)
+                else [(node.module or "").split(".")[0]]
+            )
             ours = [n for n in names if n in MODULES]
             if node in tree.body:
                 top.update(ours)
@@ -41,7 +44,7 @@ def test_import_graph_has_no_cycle():
 
     def visit(m, path):
         if state.get(m) == "open":
-            cycle = path[path.index(m):] + [m]
+            cycle = path[path.index(m) :] + [m]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if state.get(m) == "done":
             return
@@ -57,6 +60,10 @@ def test_import_graph_has_no_cycle():
 
 
 def test_core_modules_import_in_a_fresh_interpreter():
-    run = subprocess.run([sys.executable, "-c", "import model, kvcache, landmarks, offload, quantize"],
-                         cwd=REPO, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", "import model, kvcache, landmarks, offload, quantize"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr

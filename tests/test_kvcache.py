@@ -12,9 +12,25 @@ from model import ModelConfig, Rope, Transformer
 
 
 def tiny_config(**kw):
-    base = dict(arch="LlamaForCausalLM", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                ffn_dim=96, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_positions=4096,
-                tie_embeddings=False, qkv_bias=False, qk_norm=False, bos_id=None, eos_ids=[])
+    base = dict(
+        arch="LlamaForCausalLM",
+        vocab_size=97,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=96,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_positions=4096,
+        tie_embeddings=False,
+        qkv_bias=False,
+        qk_norm=False,
+        bos_id=None,
+        eos_ids=[],
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -32,7 +48,7 @@ def tiny():
 def run(model, cache, prompt, steps):
     """Prefill, then teacher-forced decode steps one token at a time; returns decode logits [n, vocab]."""
     model(prompt, cache, last_only=True)
-    return torch.cat([model(steps[:, i:i + 1], cache)[0] for i in range(steps.shape[1])])  # [n, vocab]
+    return torch.cat([model(steps[:, i : i + 1], cache)[0] for i in range(steps.shape[1])])  # [n, vocab]
 
 
 def whole_middle_budget(T, sink, local, chunk):
@@ -44,8 +60,14 @@ def whole_middle_budget(T, sink, local, chunk):
 # over this one list, so a new policy gets all of them by adding one line. The overrides make room: a
 # sink and a local window of 4 and 16 tokens, ShadowKV's 48 outlier chunks cut to 2.
 CASES = {
-    "oracle": {}, "mean": {}, "svd": {}, "shadowkv": dict(outliers=2), "quantized": {}, "paper": {},
-    "paper_fast": dict(min_prompt=0), "quest": {},
+    "oracle": {},
+    "mean": {},
+    "svd": {},
+    "shadowkv": dict(outliers=2),
+    "quantized": {},
+    "paper": {},
+    "paper_fast": dict(min_prompt=0),
+    "quest": {},
 }
 FIT = dict(sink=4, local=16)
 
@@ -57,12 +79,20 @@ def test_every_policy_has_a_case():
 def exact_policy(name, T):
     """The case at full precision (exact K/V, full rank) with a budget that selects the whole middle, so
     it must equal full attention while still running the sparse path."""
-    p = replace(make_policy(name, **FIT, **CASES[name]), kv_bits=None, kv_group="head", kv_pre_rope=False,
-                sink=4, local=16)
+    p = replace(
+        make_policy(name, **FIT, **CASES[name]),
+        kv_bits=None,
+        kv_group="head",
+        kv_pre_rope=False,
+        sink=4,
+        local=16,
+    )
     if p.keys == "low_rank":
         p = replace(p, rank=32)  # full rank: 2 KV heads x 16 channels
     n_out = p.outliers  # whole chunks, kept exact besides the selection
-    return replace(p, budget=(whole_middle_budget(T, 4, 16, p.chunk_size) * T - n_out * p.chunk_size + 0.5) / T)
+    return replace(
+        p, budget=(whole_middle_budget(T, 4, 16, p.chunk_size) * T - n_out * p.chunk_size + 0.5) / T
+    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -77,12 +107,21 @@ def test_full_budget_equals_full_attention(tiny, name):
     assert (got - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name,kw", [("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=4)),
-                                     ("quantized", dict(landmark_bits="1", residual=4)), ("quest", dict(chunk_size=4))])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("mean", dict(chunk_size=1)),
+        ("mean", dict(chunk_size=4)),
+        ("quantized", dict(landmark_bits="1", residual=4)),
+        ("quest", dict(chunk_size=4)),
+    ],
+)
 def test_full_budget_equals_full_attention_variants(tiny, name, kw):
     model, prompt, steps = tiny
     T, c = prompt.shape[1], kw.get("chunk_size", 1)
-    cache = KVCache(model.config, model.rope, make_policy(name, budget=whole_middle_budget(T, 4, 16, c), **FIT, **kw))
+    cache = KVCache(
+        model.config, model.rope, make_policy(name, budget=whole_middle_budget(T, 4, 16, c), **FIT, **kw)
+    )
     got = run(model, cache, prompt, steps)
     assert cache.sparse and cache.split.selected == cache.split.n_chunks * c
     assert (got - run(model, KVCache(model.config, model.rope), prompt, steps)).abs().max() < 1e-5
@@ -117,8 +156,9 @@ def test_stacked_cache_matches_separate_run_every_policy(tiny, name):
     with torch.inference_mode():
         model(prompt, full, last_only=True)
         stacked = StackedCache([KVCache.from_prefill(full, p) for p in policies])
-        batch = torch.cat([model(steps[:, i:i + 1].expand(2, -1), stacked)[:, 0] for i in range(steps.shape[1])]
-                          ).view(steps.shape[1], 2, -1)  # [n, 2, vocab]
+        batch = torch.cat(
+            [model(steps[:, i : i + 1].expand(2, -1), stacked)[:, 0] for i in range(steps.shape[1])]
+        ).view(steps.shape[1], 2, -1)  # [n, 2, vocab]
     for j, p in enumerate(policies):
         alone = run(model, KVCache(model.config, model.rope, p), prompt, steps)
         assert (batch[:, j] - alone).abs().max() < 1e-4
@@ -127,7 +167,10 @@ def test_stacked_cache_matches_separate_run_every_policy(tiny, name):
 def test_quest_chunk1_selects_the_oracle_tokens(tiny):
     """With chunk 1 the min and max of a chunk are the key itself, so Quest's bound is q . k: the oracle."""
     model, prompt, steps = tiny
-    caches = [KVCache(model.config, model.rope, make_policy(n, budget=0.1, chunk_size=1, **FIT)) for n in ("oracle", "quest")]
+    caches = [
+        KVCache(model.config, model.rope, make_policy(n, budget=0.1, chunk_size=1, **FIT))
+        for n in ("oracle", "quest")
+    ]
     logits = [run(model, c, prompt, steps) for c in caches]
     for layer in range(model.config.n_layers):
         assert torch.equal(caches[0].last_selected[layer], caches[1].last_selected[layer])
@@ -136,6 +179,7 @@ def test_quest_chunk1_selects_the_oracle_tokens(tiny):
 
 def test_quest_bound_is_an_upper_bound():
     import landmarks
+
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 32, 8, generator=g)  # [H, M, d]
     q = torch.randn(2, 3, 1, 8, generator=g)  # [H, G, Tq, d]
@@ -151,12 +195,17 @@ def test_outliers_leave_before_the_softmax():
     the group. Outlier out first (ShadowKV's accuracy class): landmark 1 takes 0.91 of head 0's softmax
     and beats landmark 2's 0.86 from head 1."""
     import landmarks
+
     means = torch.tensor([[[20.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])  # [H=1, N=4, d=2]
     removed = torch.tensor([[True, False, False, False]])  # [H, N] landmark 0 is the outlier
     marks = landmarks.ChunkMeans(means, torch.ones(1, 4), removed=removed)
-    q = torch.tensor([[[[1.0, 0.0]], [[0.0, 2.5]]]]) * 2 ** 0.5  # [H, G=2, Tq=1, d]; x sqrt(d) undoes the scaling
+    q = (
+        torch.tensor([[[[1.0, 0.0]], [[0.0, 2.5]]]]) * 2**0.5
+    )  # [H, G=2, Tq=1, d]; x sqrt(d) undoes the scaling
     before = landmarks.score(q, marks)  # [1, 4]
-    inside = landmarks.scores_from_logits(landmarks.landmark_logits(q, means)).masked_fill(removed, float("-inf"))
+    inside = landmarks.scores_from_logits(landmarks.landmark_logits(q, means)).masked_fill(
+        removed, float("-inf")
+    )
     assert int(before.argmax()) == 1 and int(inside.argmax()) == 2
 
 
@@ -179,8 +228,12 @@ def test_sparse_budget_differs_from_full(tiny):
     """The check above could pass by accident if selection were ignored: a small budget must change logits."""
     model, prompt, steps = tiny
     ref = run(model, KVCache(model.config, model.rope), prompt, steps)
-    got = run(model, KVCache(model.config, model.rope, make_policy("oracle", budget=0.05, sink=2, local=4)),
-              prompt, steps)
+    got = run(
+        model,
+        KVCache(model.config, model.rope, make_policy("oracle", budget=0.05, sink=2, local=4)),
+        prompt,
+        steps,
+    )
     assert (got - ref).abs().max() > 1e-3
 
 
@@ -188,7 +241,9 @@ def test_oracle_recall_is_one_and_mean_chunk1_equals_oracle(tiny):
     model, prompt, steps = tiny
     caches = {}
     for name, kw in [("oracle", {}), ("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=8))]:
-        cache = KVCache(model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, track=True, **kw))
+        cache = KVCache(
+            model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, track=True, **kw)
+        )
         caches[f"{name}{kw}"] = (run(model, cache, prompt, steps), cache)
     (lo, co), (l1, c1), (_, c8) = caches.values()
     assert co.stats.summary()["oracle_recall"] == 1.0
@@ -214,8 +269,11 @@ def test_svd_full_rank_rebuilds_exact_keys():
 
 def test_shadowkv_tracks_key_error_and_outliers(tiny):
     model, prompt, steps = tiny
-    cache = KVCache(model.config, model.rope, make_policy("shadowkv", budget=0.1, sink=4, local=8, rank=4,
-                                                          outliers=2, track=True))
+    cache = KVCache(
+        model.config,
+        model.rope,
+        make_policy("shadowkv", budget=0.1, sink=4, local=8, rank=4, outliers=2, track=True),
+    )
     run(model, cache, prompt, steps)
     s = cache.stats.summary()
     assert s["key_error"] > 0.01
@@ -237,7 +295,9 @@ def test_offloaded_kv_quantized(tiny):
     err = {}
     for bits, per_row in row_bytes.items():
         for name, kw, stored in (("oracle", {}, 2), ("svd", dict(rank=32), 1)):  # svd offloads only V
-            policy = make_policy(name, sink=4, local=16, budget=whole_middle_budget(T, 4, 16, 1), kv_bits=bits, **kw)
+            policy = make_policy(
+                name, sink=4, local=16, budget=whole_middle_budget(T, 4, 16, 1), kv_bits=bits, **kw
+            )
             cache = KVCache(model.config, model.rope, policy)
             got = run(model, cache, prompt, steps)
             offloaded = 2 * stored * 2 * (T - 20) * per_row  # layers x (K, V) x KV heads x middle rows
@@ -245,7 +305,9 @@ def test_offloaded_kv_quantized(tiny):
             assert cache.store.bytes_moved == n * offloaded  # every middle row, at each of n steps
             err[name, bits] = (got - ref).abs().max().item()
     for name in ("oracle", "svd"):
-        assert err[name, None] < 1e-5 < err[name, "8"] < err[name, "4"] < err[name, "2"] < 0.05 * ref.abs().max()
+        assert (
+            err[name, None] < 1e-5 < err[name, "8"] < err[name, "4"] < err[name, "2"] < 0.05 * ref.abs().max()
+        )
     assert make_policy("oracle", kv_bits="4").label() == "oracle kv4"
 
 
@@ -265,8 +327,10 @@ def test_memory_accounting_llama8b_shapes():
     k = torch.randn(1, 8, T, 128, generator=g).bfloat16()
     full = KVCache.from_kv(cfg, rope, [k], [k.clone()])
     frac = {}
-    for name, kw in [("shadowkv", dict(rank=160, outliers=0, sink=0, local=0)),
-                     ("quantized", dict(sink=0, local=0))]:
+    for name, kw in [
+        ("shadowkv", dict(rank=160, outliers=0, sink=0, local=0)),
+        ("quantized", dict(sink=0, local=0)),
+    ]:
         cache = KVCache.from_prefill(full, make_policy(name, **kw))
         frac[name] = cache.memory()["device_fraction"]
     # U (160 x 16 bits) + chunk-8 landmarks (16 C / 8 bits) over 32 C bits of bf16 KV = 14.06%,
@@ -278,20 +342,26 @@ def test_memory_accounting_llama8b_shapes():
     assert full.memory()["device_fraction"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(name="nope"), "unknown method"), (dict(name="oracle", budget=0), "out of range"),
-    (dict(name="oracle", budget=1.5), "out of range"), (dict(name="quantized", landmark_bits="7"), "unknown quantization format .7."),
-    (dict(name="mean", chunk_size=0), "chunk_size"), (dict(name="full", kv_bits="4"), "full attention has none"),
-    (dict(name="oracle", kv_bits="3b"), "unknown quantization format"),
-    (dict(name="mean", chunk_size=2.5), "chunk_size 2.5 must be an int"),
-    (dict(name="quantized", residual=-3), "residual -3 must be an int >= 0"),
-    (dict(name="svd", rank=1.5), "rank 1.5 must be an int >= 1 or a share"),
-    (dict(name="oracle", sink=-1), "sink -1 must be an int >= 0 or a share"),
-    (dict(name="oracle", outliers=4), "outlier chunks are ShadowKV's"),
-    (dict(name="oracle", kv_group="token"), "give kv_bits too"),
-    (dict(name="oracle", score_rule="dot"), "unknown score_rule"),
-    (dict(name="oracle", colour=3), "unknown policy field"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(name="nope"), "unknown method"),
+        (dict(name="oracle", budget=0), "out of range"),
+        (dict(name="oracle", budget=1.5), "out of range"),
+        (dict(name="quantized", landmark_bits="7"), "unknown quantization format .7."),
+        (dict(name="mean", chunk_size=0), "chunk_size"),
+        (dict(name="full", kv_bits="4"), "full attention has none"),
+        (dict(name="oracle", kv_bits="3b"), "unknown quantization format"),
+        (dict(name="mean", chunk_size=2.5), "chunk_size 2.5 must be an int"),
+        (dict(name="quantized", residual=-3), "residual -3 must be an int >= 0"),
+        (dict(name="svd", rank=1.5), "rank 1.5 must be an int >= 1 or a share"),
+        (dict(name="oracle", sink=-1), "sink -1 must be an int >= 0 or a share"),
+        (dict(name="oracle", outliers=4), "outlier chunks are ShadowKV's"),
+        (dict(name="oracle", kv_group="token"), "give kv_bits too"),
+        (dict(name="oracle", score_rule="dot"), "unknown score_rule"),
+        (dict(name="oracle", colour=3), "unknown policy field"),
+    ],
+)
 def test_bad_policy_is_one_line_error(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         make_policy(**kw)
@@ -328,8 +398,8 @@ def test_caches_sharing_a_prefill_do_not_write_into_each_other(tiny):
         model(prompt, a, last_only=True)
         b = KVCache.from_prefill(a, make_policy("full"))
         for i in range(4):  # different tokens into the two caches, interleaved
-            model(steps[:, i:i + 1], a)
-            got_b = model(steps[:, 11 - i:12 - i], b)[0]
+            model(steps[:, i : i + 1], a)
+            got_b = model(steps[:, 11 - i : 12 - i], b)[0]
     ref = run(model, KVCache(model.config, model.rope), prompt, steps.flip(1)[:, :4])
     assert torch.equal(got_b, ref[-1:])
 
@@ -337,6 +407,7 @@ def test_caches_sharing_a_prefill_do_not_write_into_each_other(tiny):
 @pytest.fixture(scope="module")
 def smollm():
     from model import load_model
+
     return load_model()
 
 
@@ -352,8 +423,10 @@ def test_quantized_beats_shadowkv_on_real_model(smollm):
     model, tok = smollm
     sample = text2json.generate(1, 1024, tok, seed=0)[0]
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
-    policies = [make_policy("quantized", track=True),
-                make_policy("shadowkv", outliers=kvcache.OUTLIER_SHARE, track=True)]  # the default run's scaling
+    policies = [
+        make_policy("quantized", track=True),
+        make_policy("shadowkv", outliers=kvcache.OUTLIER_SHARE, track=True),
+    ]  # the default run's scaling
     with torch.inference_mode():
         full = KVCache(model.config, model.rope)
         token = int(model(torch.tensor([ids]), full, last_only=True)[0, -1].argmax())

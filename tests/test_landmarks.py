@@ -48,10 +48,16 @@ def test_chunk_landmarks_means_and_errors():
 def test_score_hand_computation():
     # one KV head, G = 2 query heads, Tq = 2 positions, d = 4, N = 2 landmarks
     lm = torch.tensor([[[2.0, 0, 0, 0], [0, 2.0, 0, 0]]])  # [1, 2, 4]
-    q = torch.tensor([[[[1.0, 0, 0, 0], [0, 0, 0, 0]],   # head 0: pos 0 likes landmark 0; pos 1 indifferent
-                       [[0, 3.0, 0, 0], [0, 3.0, 0, 0]]]])  # head 1: likes landmark 1 twice
+    q = torch.tensor(
+        [
+            [
+                [[1.0, 0, 0, 0], [0, 0, 0, 0]],  # head 0: pos 0 likes landmark 0; pos 1 indifferent
+                [[0, 3.0, 0, 0], [0, 3.0, 0, 0]],
+            ]
+        ]
+    )  # head 1: likes landmark 1 twice
     # q.L / sqrt(4): head 0 pos 0 -> (1, 0); pos 1 -> (0, 0); head 1 -> (0, 3) twice
-    s = lambda a, b: (math.exp(a) / (math.exp(a) + math.exp(b)))
+    s = lambda a, b: math.exp(a) / (math.exp(a) + math.exp(b))
     head0 = [s(1, 0) + 0.5, s(0, 1) + 0.5]
     head1 = [2 * s(0, 3), 2 * s(3, 0)]
     expect = torch.tensor([[max(head0[0], head1[0]), max(head0[1], head1[1])]])
@@ -63,7 +69,7 @@ def test_score_hand_computation():
 def test_score_gqa_max_and_reference():
     q = gaussian(3, 4, 5, 16, seed=1)
     lm = gaussian(3, 40, 16, seed=2)
-    per_head = torch.stack([L.score(q[:, g:g + 1], L.TokenKeys(lm)) for g in range(4)])  # [4, 3, 40]
+    per_head = torch.stack([L.score(q[:, g : g + 1], L.TokenKeys(lm)) for g in range(4)])  # [4, 3, 40]
     assert torch.allclose(L.score(q, L.TokenKeys(lm)), per_head.amax(0))
     # explicit loops over heads and positions
     ref = torch.zeros(3, 40)
@@ -79,9 +85,7 @@ def test_score_gqa_max_and_reference():
 
 
 def test_select_topk_sorted_and_ties():
-    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1],
-                           [0.0, 0.0, 0.0, 0.0, 0.0],
-                           [0.1, 0.2, 0.3, 0.4, 0.5]])
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.5]])
     assert L.select_topk(scores, 2).tolist() == [[0, 1], [0, 1], [3, 4]]
     assert L.select_topk(scores, 3).tolist() == [[0, 1, 2], [0, 1, 2], [2, 3, 4]]
     assert L.select_topk(scores, 0).shape == (3, 0)

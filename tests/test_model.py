@@ -19,13 +19,14 @@ TOL = 1e-4  # max-abs logit difference allowed against transformers, float32
 
 # ----------------------------------------------------------------------------- parity
 
+
 @torch.inference_mode()
 def hf_decode(hf, prompt, steps):
     """transformers: prefill prompt [1, T], then feed steps [1, n] one at a time; logits [n, vocab]."""
     out = hf(prompt, use_cache=True)
     logits = []
     for i in range(steps.shape[1]):
-        out = hf(steps[:, i:i + 1], cache=out.cache, use_cache=True)  # transformers 5 names it `cache`
+        out = hf(steps[:, i : i + 1], cache=out.cache, use_cache=True)  # transformers 5 names it `cache`
         logits.append(out.logits[0, -1])
     return torch.stack(logits)  # [n, vocab]
 
@@ -35,21 +36,30 @@ def our_decode(m, prompt, steps):
     """model.py through kvcache.KVCache (full attention), same protocol as hf_decode."""
     cache = kvcache.KVCache(m.config, m.rope)
     m(prompt, cache)
-    logits = [m(steps[:, i:i + 1], cache)[0, -1] for i in range(steps.shape[1])]
+    logits = [m(steps[:, i : i + 1], cache)[0, -1] for i in range(steps.shape[1])]
     assert cache.seq_len == prompt.shape[1] + steps.shape[1]
     return torch.stack(logits)  # [n, vocab]
 
 
-@pytest.mark.parametrize("arch,kw", [
-    ("LlamaForCausalLM", dict(max_shard_size="60KB")),  # GQA + llama3 rope scaling, sharded
-    ("LlamaForCausalLM", dict(tokenizer=word_tokenizer(["a", "b"]))),  # a tokenizer with no chat format
-    ("MistralForCausalLM", {}),  # the Llama block under Mistral's name
-    ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
-    ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
-    ("Qwen3MoeForCausalLM", {}),  # 8 experts, 2 per token, renormalised top-k
-    ("Qwen3MoeForCausalLM", dict(norm_topk_prob=False, max_shard_size="60KB")),  # raw top-k probs, sharded
-    ("Qwen3MoeForCausalLM", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3])),  # MoE: 1
-])
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        ("LlamaForCausalLM", dict(max_shard_size="60KB")),  # GQA + llama3 rope scaling, sharded
+        ("LlamaForCausalLM", dict(tokenizer=word_tokenizer(["a", "b"]))),  # a tokenizer with no chat format
+        ("MistralForCausalLM", {}),  # the Llama block under Mistral's name
+        ("Qwen2ForCausalLM", {}),  # q/k/v bias, tied embeddings
+        ("Qwen3ForCausalLM", {}),  # q/k norm, explicit head_dim
+        ("Qwen3MoeForCausalLM", {}),  # 8 experts, 2 per token, renormalised top-k
+        (
+            "Qwen3MoeForCausalLM",
+            dict(norm_topk_prob=False, max_shard_size="60KB"),
+        ),  # raw top-k probs, sharded
+        (
+            "Qwen3MoeForCausalLM",
+            dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]),
+        ),  # MoE: 1
+    ],
+)
 def test_parity_with_transformers(tmp_path, arch, kw):
     path, hf = make_tiny_checkpoint(arch, tmp_path / arch, **kw)
     if "max_shard_size" in kw:
@@ -140,11 +150,12 @@ def test_generate_matches_transformers_greedy(tmp_path):
     path, hf = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path / "q3")
     m, _ = model.load_model(path)
     prompt = list(range(3, 30))
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                      pad_token_id=0)[0, len(prompt):].tolist()
+    ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(prompt) :].tolist()
     assert model.generate(m, prompt, 12) == ref
     # a stop id ends generation and is not returned
-    assert model.generate(m, prompt, 12, stop_ids=[ref[5]]) == ref[:ref.index(ref[5])]
+    assert model.generate(m, prompt, 12, stop_ids=[ref[5]]) == ref[: ref.index(ref[5])]
 
 
 def test_bfloat16_load_is_close_to_float32(tmp_path):
@@ -161,6 +172,7 @@ def test_bfloat16_load_is_close_to_float32(tmp_path):
 
 # ----------------------------------------------------------------------------- RoPE
 
+
 def test_rope_invert_is_exact_inverse_and_matches_rotation(tmp_path):
     c = model.load_config(make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "r")[0])
     rope = model.Rope(c)
@@ -172,11 +184,15 @@ def test_rope_invert_is_exact_inverse_and_matches_rotation(tmp_path):
     assert torch.equal(y[..., 0, :], x[..., 0, :])  # position 0 is the identity
     # relative-position property: <R(p)q, R(p+s)k> depends on s only
     q, k = x[0, 0, :1], x[0, 1, :1]  # [1, d]
-    dots = [(rope.apply(q, torch.tensor([p])) * rope.apply(k, torch.tensor([p + 9]))).sum() for p in (0, 100, 2000)]
+    dots = [
+        (rope.apply(q, torch.tensor([p])) * rope.apply(k, torch.tensor([p + 9]))).sum()
+        for p in (0, 100, 2000)
+    ]
     assert max(dots) - min(dots) < 1e-3
 
 
 # ----------------------------------------------------------------------------- real weights
+
 
 @pytest.fixture(scope="module")
 def smollm():
@@ -186,15 +202,23 @@ def smollm():
 def test_default_model_knows_the_capital_of_france(smollm):
     m, tok = smollm
     c = m.config
-    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (576, 30, 9, 3, 64, 49152)
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (
+        576,
+        30,
+        9,
+        3,
+        64,
+        49152,
+    )
     assert tok.stop_ids == [2] and tok.template == "chatml"
     reply = model.chat(m, tok, "What is the capital of France?", max_new_tokens=24)
     assert "Paris" in reply
 
 
 def test_cli_answers_and_reports_errors_in_one_line(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "model.py"), *a], capture_output=True, text=True,
-                                    cwd=ROOT, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, str(ROOT / "model.py"), *a], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     r = run("--prompt", "What is the capital of France?", "--max-new-tokens", "16")
     assert r.returncode == 0 and "Paris" in r.stdout
     r = run("--model", str(tmp_path / "nope"), "--prompt", "hi")
@@ -210,13 +234,94 @@ def test_cli_answers_and_reports_errors_in_one_line(tmp_path):
 # independent of convert_gguf.py -- then .apply_chat_template(GOLDEN_CHAT, chat_template=<the
 # GGUF's tokenizer.chat_template Jinja>, add_generation_prompt=True, tokenize=True). Note the
 # default system prompt the template inserts, and the single-digit splits (33 34 = "1" "2").
-GOLDEN_CHAT = [{"role": "user", "content": "What is 12+30? Reply with digits."},
-               {"role": "assistant", "content": "12 + 30 = 42."},
-               {"role": "user", "content": "And   café  naïve 1999?\n Thanks!"}]
-GOLDEN_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
-              8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 33, 34, 27, 35, 32, 47, 2720, 318, 351, 18638, 30, 2, 198,
-              1, 520, 9531, 198, 33, 34, 1232, 216, 35, 32, 446, 216, 36, 34, 30, 2, 198, 1, 4093, 198, 3528, 256,
-              37366, 216, 15486, 46494, 216, 33, 41, 41, 41, 47, 198, 10090, 17, 2, 198, 1, 520, 9531, 198]
+GOLDEN_CHAT = [
+    {"role": "user", "content": "What is 12+30? Reply with digits."},
+    {"role": "assistant", "content": "12 + 30 = 42."},
+    {"role": "user", "content": "And   café  naïve 1999?\n Thanks!"},
+]
+GOLDEN_IDS = [
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+    8182,
+    2,
+    198,
+    1,
+    4093,
+    198,
+    1780,
+    314,
+    216,
+    33,
+    34,
+    27,
+    35,
+    32,
+    47,
+    2720,
+    318,
+    351,
+    18638,
+    30,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+    33,
+    34,
+    1232,
+    216,
+    35,
+    32,
+    446,
+    216,
+    36,
+    34,
+    30,
+    2,
+    198,
+    1,
+    4093,
+    198,
+    3528,
+    256,
+    37366,
+    216,
+    15486,
+    46494,
+    216,
+    33,
+    41,
+    41,
+    41,
+    47,
+    198,
+    10090,
+    17,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+]
 
 
 def test_chat_ids_match_golden_template_ids():
@@ -241,9 +346,11 @@ def test_llama3_formats(tmp_path):
     tok = model.load_tokenizer(path)
     msgs = [{"role": "system", "content": " Sys "}, {"role": "user", "content": "Hi\n"}]
     assert tok.template == "llama3" and tok.stop_ids == [257, 258, 260]  # config eos + <|eot_id|>
-    assert tok.format_chat(msgs) == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSys<|eot_id|>"
-                                     "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.format_chat(msgs) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSys<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     ids = tok.chat(msgs)
     assert ids[0] == tok.vocab["<|begin_of_text|>"] and ids.count(tok.vocab["<|eot_id|>"]) == 2
     # Llama 3.1 / 3.2 templates (recognised by their "Cutting Knowledge Date" line) always open
@@ -252,34 +359,48 @@ def test_llama3_formats(tmp_path):
     tok = model.load_tokenizer(path)
     assert tok.format_chat(msgs[1:], add_generation_prompt=False) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>")
+        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    )
 
 
 def test_chatml_default_system_prompt_and_thinking(tmp_path):
     path, _ = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path / "q")
     tok = model.load_tokenizer(path)
     user = [{"role": "user", "content": "a"}]
-    assert tok.format_chat(user) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"  # no template: none
+    assert (
+        tok.format_chat(user) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
+    )  # no template: none
     # Qwen2.5's template (as its tokenizer_config.json carries it) inserts a default system prompt
-    qwen25 = ("{%- else %}\n{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-              "assistant.<|im_end|>\\n' }}\n{%- endif %}")
+    qwen25 = (
+        "{%- else %}\n{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\\n' }}\n{%- endif %}"
+    )
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": qwen25}))
     tok = model.load_tokenizer(path)
-    assert tok.format_chat(user).startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
-                                            "You are a helpful assistant.<|im_end|>\n<|im_start|>user\na")
+    assert tok.format_chat(user).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+        "You are a helpful assistant.<|im_end|>\n<|im_start|>user\na"
+    )
     # Qwen3's template: no default system prompt, earlier reasoning dropped, empty think block to skip reasoning
     path, _ = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path / "q3")
-    (path / "chat_template.jinja").write_text("{{- '<|im_start|>system\\n' + messages[0].content + '\\n\\n' }}"
-                                             "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}")
+    (path / "chat_template.jinja").write_text(
+        "{{- '<|im_start|>system\\n' + messages[0].content + '\\n\\n' }}"
+        "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    )
     tok = model.load_tokenizer(path)
-    msgs = user + [{"role": "assistant", "content": "<think>\nx\n</think>\n\nb"}, {"role": "user", "content": "c"}]
+    msgs = user + [
+        {"role": "assistant", "content": "<think>\nx\n</think>\n\nb"},
+        {"role": "user", "content": "c"},
+    ]
     assert tok.format_chat(msgs, enable_thinking=False) == (
         "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert tok.format_chat(user).endswith("<|im_start|>assistant\n")
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 def one_line(exc_info):
     msg = str(exc_info.value)
@@ -293,11 +414,14 @@ def test_error_missing_directory(tmp_path):
     assert "does not exist" in one_line(e) and "config.json" in one_line(e)
 
 
-@pytest.mark.parametrize("remove,expect", [
-    ("config.json", "config.json not found"),
-    ("model.safetensors", "no weights in"),
-    ("tokenizer.json", "tokenizer.json not found"),
-])
+@pytest.mark.parametrize(
+    "remove,expect",
+    [
+        ("config.json", "config.json not found"),
+        ("model.safetensors", "no weights in"),
+        ("tokenizer.json", "tokenizer.json not found"),
+    ],
+)
 def test_error_missing_file(tmp_path, remove, expect):
     path, _ = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path / "q")
     (path / remove).unlink()
@@ -427,32 +551,77 @@ def _write(name, data):
 
 def _config_with(**fields):
     return lambda path: (path / "config.json").write_text(
-        json.dumps(json.loads((path / "config.json").read_text()) | fields))
+        json.dumps(json.loads((path / "config.json").read_text()) | fields)
+    )
 
 
 # (case, how the checkpoint is damaged, exception, first words of the message; {path} = the folder)
 BAD_CHECKPOINTS = [
-    ("config.json a list", _write("config.json", b"[1, 2]"), ValueError,
-     "{path}/config.json holds a JSON list"),
-    ("config.json binary", _write("config.json", bytes(range(256))), ValueError,
-     "{path}/config.json is not a UTF-8 text file"),
-    ("hidden_size a string", _config_with(hidden_size="64"), ValueError,
-     "{path}/config.json field 'hidden_size' must be an integer, got '64'"),
-    ("num_hidden_layers a float", _config_with(num_hidden_layers=2.5), ValueError,
-     "{path}/config.json field 'num_hidden_layers' must be an integer"),
-    ("eos_token_id a string", _config_with(eos_token_id="</s>"), ValueError,
-     "{path}/config.json field 'eos_token_id' must be an integer or a list of integers"),
-    ("unsupported architecture", _config_with(architectures=["MambaForCausalLM"]), ValueError,
-     "unsupported architecture 'MambaForCausalLM' in {path}/config.json: supported are LlamaForCausalLM"),
-    ("tokenizer.json truncated", _write("tokenizer.json", lambda f: f.read_bytes()[:500]), ValueError,
-     "{path}/tokenizer.json is not a valid tokenizer file"),
-    ("model.safetensors truncated", _write("model.safetensors", lambda f: f.read_bytes()[:-1000]), ValueError,
-     "{path}/model.safetensors is not a valid safetensors file"),
-    ("model.safetensors empty", _write("model.safetensors", b""), ValueError,
-     "{path}/model.safetensors is not a valid safetensors file"),
-    ("model.safetensors random", _write("model.safetensors", torch.randint(0, 256, (4096,),
-     generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()), ValueError,
-     "{path}/model.safetensors is not a valid safetensors file"),
+    (
+        "config.json a list",
+        _write("config.json", b"[1, 2]"),
+        ValueError,
+        "{path}/config.json holds a JSON list",
+    ),
+    (
+        "config.json binary",
+        _write("config.json", bytes(range(256))),
+        ValueError,
+        "{path}/config.json is not a UTF-8 text file",
+    ),
+    (
+        "hidden_size a string",
+        _config_with(hidden_size="64"),
+        ValueError,
+        "{path}/config.json field 'hidden_size' must be an integer, got '64'",
+    ),
+    (
+        "num_hidden_layers a float",
+        _config_with(num_hidden_layers=2.5),
+        ValueError,
+        "{path}/config.json field 'num_hidden_layers' must be an integer",
+    ),
+    (
+        "eos_token_id a string",
+        _config_with(eos_token_id="</s>"),
+        ValueError,
+        "{path}/config.json field 'eos_token_id' must be an integer or a list of integers",
+    ),
+    (
+        "unsupported architecture",
+        _config_with(architectures=["MambaForCausalLM"]),
+        ValueError,
+        "unsupported architecture 'MambaForCausalLM' in {path}/config.json: supported are LlamaForCausalLM",
+    ),
+    (
+        "tokenizer.json truncated",
+        _write("tokenizer.json", lambda f: f.read_bytes()[:500]),
+        ValueError,
+        "{path}/tokenizer.json is not a valid tokenizer file",
+    ),
+    (
+        "model.safetensors truncated",
+        _write("model.safetensors", lambda f: f.read_bytes()[:-1000]),
+        ValueError,
+        "{path}/model.safetensors is not a valid safetensors file",
+    ),
+    (
+        "model.safetensors empty",
+        _write("model.safetensors", b""),
+        ValueError,
+        "{path}/model.safetensors is not a valid safetensors file",
+    ),
+    (
+        "model.safetensors random",
+        _write(
+            "model.safetensors",
+            torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            .numpy()
+            .tobytes(),
+        ),
+        ValueError,
+        "{path}/model.safetensors is not a valid safetensors file",
+    ),
     ("device cuda without CUDA", None, ValueError, "device 'cuda' asked for, but CUDA is not available"),
 ]
 

@@ -33,11 +33,14 @@ def test_notebook_matches_source_and_has_outputs(name):
     the outputs of a run stored: every code cell ran and the plots are there."""
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     src = build.make_notebook(NOTEBOOKS / "src" / f"{name}.py")
-    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in src.cells], \
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in src.cells], (
         f"{name}.ipynb is out of date with src/{name}.py: run python notebooks/build.py {name[:2]}"
+    )
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), f"{name}.ipynb has cells that were never run"
-    assert not [o for c in code for o in c.outputs if o.output_type == "error"], f"{name}.ipynb stores an error"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"], (
+        f"{name}.ipynb stores an error"
+    )
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, f"{name}.ipynb stores no plot"
 
@@ -47,11 +50,13 @@ def test_notebook_runs(name):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     # One extra cell, in memory only: which Python environment the kernel runs (it must be this one).
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=build.KERNEL,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT, kernel_name=build.KERNEL, resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
     start = time.time()
     client.execute()  # raises CellExecutionError (with the cell and traceback) if any cell fails
     print(f"{name}: {time.time() - start:.0f} s")
     kernel_prefix = nb.cells[-1].outputs[0]["text"].strip()
-    assert os.path.realpath(kernel_prefix) == os.path.realpath(sys.prefix), \
+    assert os.path.realpath(kernel_prefix) == os.path.realpath(sys.prefix), (
         f"the notebooks ran in the Python environment {kernel_prefix}, not in this one ({sys.prefix})"
+    )

@@ -9,7 +9,9 @@ from offload import OffloadStore
 def layouts():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3, 50, 8, generator=g)  # [H, T, d] head-major prefill K
-    tok = torch.randn(50, 3, 8, generator=g).transpose(0, 1)  # [H, T, d] over a [T, H, d] buffer (the model's)
+    tok = torch.randn(50, 3, 8, generator=g).transpose(
+        0, 1
+    )  # [H, T, d] over a [T, H, d] buffer (the model's)
     return {
         "contiguous": (base.clone(), True),
         "head-major slice": (base[:, 4:40], True),

@@ -120,21 +120,26 @@ def test_grid_within_one_percent_of_the_papers(spec):
     paper's code ships (PAPER.md "Confirmed against the authors' code"), both measured on the same 1M
     seeded samples. The reference file is read here only, never shipped."""
     if not REFERENCE_GRIDS.is_file():
-        pytest.skip(f"reference grids not found at {REFERENCE_GRIDS} (set KVOFFLOAD_DATA to the shared "
-                    "data folder)")
+        pytest.skip(
+            f"reference grids not found at {REFERENCE_GRIDS} (set KVOFFLOAD_DATA to the shared data folder)"
+        )
     from safetensors.torch import load_file
 
     d, n = Q.HIGGS_GRIDS[spec]
     reference = load_file(REFERENCE_GRIDS)
     if f"EDEN{d}-{n}" not in reference:
-        pytest.skip(f"the reference file has no EDEN{d}-{n} grid (the scalar grid is checked against "
-                    "Lloyd-Max in test_grid_quality_beats_scalar_lloyd_max)")
+        pytest.skip(
+            f"the reference file has no EDEN{d}-{n} grid (the scalar grid is checked against "
+            "Lloyd-Max in test_grid_quality_beats_scalar_lloyd_max)"
+        )
     theirs = reference[f"EDEN{d}-{n}"]
     ours = Q.fit_grid(n, d)
     assert theirs.shape == ours.shape == (n, d)
     x = gaussian(1 << 20, d, seed=2026)
-    mse = {name: ((x - g[Q._nearest(x, g)]) ** 2).mean().item()
-           for name, g in (("ours", ours), ("theirs", theirs))}
+    mse = {
+        name: ((x - g[Q._nearest(x, g)]) ** 2).mean().item()
+        for name, g in (("ours", ours), ("theirs", theirs))
+    }
     assert mse["ours"] <= 1.01 * mse["theirs"], (spec, mse)
 
 
@@ -203,8 +208,18 @@ def test_default_group_and_bad_groups():
 @pytest.mark.parametrize(
     "spec,row_bytes",
     # [H, T, 128] with group 128: codes (packed) + scales per row
-    [("1", 16 + 2), ("2", 32 + 2), ("3", 48 + 2), ("4", 64 + 2), ("8", 128 + 2),
-     ("int2", 32 + 4), ("int4", 64 + 4), ("int8", 128 + 4), ("fp8", 128), ("nvfp4", 64 + 8)],
+    [
+        ("1", 16 + 2),
+        ("2", 32 + 2),
+        ("3", 48 + 2),
+        ("4", 64 + 2),
+        ("8", 128 + 2),
+        ("int2", 32 + 4),
+        ("int4", 64 + 4),
+        ("int8", 128 + 4),
+        ("fp8", 128),
+        ("nvfp4", 64 + 8),
+    ],
 )
 def test_nbytes_is_the_packed_size(spec, row_bytes):
     x = gaussian(2, 8, 128)
@@ -292,7 +307,7 @@ def test_nvfp4_roundtrip_error_and_exact_values():
 
 
 def test_half_bit_format_and_its_cost():
-    """"0.5" is the paper's residual grid: 256 points in 16 dims, one byte per 16 values, plus the fp16
+    """ "0.5" is the paper's residual grid: 256 points in 16 dims, one byte per 16 values, plus the fp16
     norm of each group: 0.5 + 16 / group bits per value."""
     f = Q.parse_format("0.5")
     assert (f.kind, f.d, f.n, f.bits, f.code_bits) == ("higgs", 16, 256, 0.5, 8)
@@ -350,8 +365,17 @@ def test_all_channel_group_roundtrip_error_falls_as_bits_rise():
     assert rel_mse(gauss, Q.dequantize(Q.quantize(gauss, "4:gall"))) < 0.0085
 
 
-@pytest.mark.parametrize("spec,row_bytes", [("4:gall", 96 + 2), ("2:gall", 48 + 2), ("0.5:gall", 12 + 2),
-                                            ("8:gall", 192 + 2), ("int4:gall", 96 + 4), ("3:gall", 72 + 2)])
+@pytest.mark.parametrize(
+    "spec,row_bytes",
+    [
+        ("4:gall", 96 + 2),
+        ("2:gall", 48 + 2),
+        ("0.5:gall", 12 + 2),
+        ("8:gall", 192 + 2),
+        ("int4:gall", 96 + 4),
+        ("3:gall", 72 + 2),
+    ],
+)
 def test_all_channel_group_nbytes_exact(spec, row_bytes):
     x = gaussian(5, 7, 192)
     q = Q.quantize(x, spec)
@@ -390,7 +414,7 @@ def test_residual_quantize_is_mean_plus_residual(m):
     assert torch.equal(Q.dequantize(rq), mean + Q.dequantize(rq.resid))
     assert Q.nbytes(rq) == Q.nbytes(rq.mean) + Q.nbytes(rq.resid)
     # mean of the exact rows: the stored mean is the run average (up to its own quantization error)
-    true_mean = torch.stack([x[:, i * m:(i + 1) * m].mean(1) for i in range(mean_rows)], 1)
+    true_mean = torch.stack([x[:, i * m : (i + 1) * m].mean(1) for i in range(mean_rows)], 1)
     assert rel_mse(true_mean, Q.dequantize(rq.mean)) < 0.01
     # the residual carries information: the reconstruction beats the quantized mean alone
     err_mean_only = rel_mse(x, mean)

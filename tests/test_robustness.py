@@ -43,8 +43,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama",
-                                   max_position_embeddings=4096)
+    path, _ = make_tiny_checkpoint(
+        "LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama", max_position_embeddings=4096
+    )
     return path
 
 
@@ -63,8 +64,14 @@ def run_main(argv, capsys):
 
 def cli(*argv, timeout=120):
     """evaluate.py as a subprocess: (exit code, stdout, stderr)."""
-    p = subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "evaluate.py", *map(str, argv)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -83,8 +90,10 @@ def copy_with_rows(base, path, keep):
 
 def hold_lock(folder):
     """A separate process holding `folder`'s lock (as a running evaluate.py does), once it holds it."""
-    code = (f"import results, time\nwith results.locked({str(folder)!r}):\n"
-            "    print('held', flush=True)\n    time.sleep(120)")
+    code = (
+        f"import results, time\nwith results.locked({str(folder)!r}):\n"
+        "    print('held', flush=True)\n    time.sleep(120)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
@@ -92,20 +101,27 @@ def hold_lock(folder):
 
 # ---------------------------------------------------------------------------- one-line errors
 
-@pytest.mark.parametrize("bad, first_words", [
-    (["--methods", "svd", "--ranks", "1.5"], "bad --ranks value '1.5': a rank is an int >= 1 or a share"),
-    (["--methods", "svd", "--ranks", "0"], "bad --ranks value '0': a rank is an int >= 1"),
-    (["--methods", "svd", "--ranks", "100000"], "--ranks 100000 is above the model's 32 key channels"),
-    (["--methods", "shadowkv", "--ranks", "0.001"], "--ranks 0.001 keeps none of the model's 32 key"),
-    (["--shard", "-1/2"], "bad --shard '-1/2': need 0 <= i < n"),
-    (["--n", "2", "--shard", "3/4"], "shard 3/4 has no sample: the run has 2 samples"),
-    (["--out", "FILE"], "FILE is a file, not a results folder"),
-    (["--out", "FILE/sub"], "FILE is a file: --out FILE/sub cannot be a folder inside it"),
-    (["--tokens", "100000"], "--tokens 100000 does not fit the model's 4096 positions"),
-    ([*LONG, "--shard", "1/2"], "no sample fits the model: every prompt (4172 tokens with the chat"),
-    (["merge", "BASE", "--out", "FILE"], "FILE is a file, not a results folder"),
-    (["merge", "BASE", "--out", "OTHER"], "OTHER already holds results and is not one of the merged folders"),
-])
+
+@pytest.mark.parametrize(
+    "bad, first_words",
+    [
+        (["--methods", "svd", "--ranks", "1.5"], "bad --ranks value '1.5': a rank is an int >= 1 or a share"),
+        (["--methods", "svd", "--ranks", "0"], "bad --ranks value '0': a rank is an int >= 1"),
+        (["--methods", "svd", "--ranks", "100000"], "--ranks 100000 is above the model's 32 key channels"),
+        (["--methods", "shadowkv", "--ranks", "0.001"], "--ranks 0.001 keeps none of the model's 32 key"),
+        (["--shard", "-1/2"], "bad --shard '-1/2': need 0 <= i < n"),
+        (["--n", "2", "--shard", "3/4"], "shard 3/4 has no sample: the run has 2 samples"),
+        (["--out", "FILE"], "FILE is a file, not a results folder"),
+        (["--out", "FILE/sub"], "FILE is a file: --out FILE/sub cannot be a folder inside it"),
+        (["--tokens", "100000"], "--tokens 100000 does not fit the model's 4096 positions"),
+        ([*LONG, "--shard", "1/2"], "no sample fits the model: every prompt (4172 tokens with the chat"),
+        (["merge", "BASE", "--out", "FILE"], "FILE is a file, not a results folder"),
+        (
+            ["merge", "BASE", "--out", "OTHER"],
+            "OTHER already holds results and is not one of the merged folders",
+        ),
+    ],
+)
 def test_one_line_errors(bad, first_words, ckpt, base, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder\n")
     other = copy_with_rows(base, tmp_path / "other", lambda r: r["sample"] == "0")
@@ -133,6 +149,7 @@ def test_shard_value_with_a_dash_reaches_its_own_check_on_the_command_line(ckpt,
 
 # ---------------------------------------------------------------------------- merge
 
+
 def test_merge_keeps_identical_duplicates_and_refuses_conflicting_ones(base, tmp_path, capsys):
     a = copy_with_rows(base, tmp_path / "a", lambda r: True)  # both samples
     b = copy_with_rows(base, tmp_path / "b", lambda r: r["sample"] == "1")  # sample 1 again, identical
@@ -159,6 +176,7 @@ def test_merge_into_one_of_its_inputs(base, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- one writer per folder
 
+
 @pytest.mark.slow
 def test_a_busy_folder_is_refused_until_its_holder_dies(base, ckpt, tmp_path, capsys):
     out = copy_with_rows(base, tmp_path / "busy", lambda r: True)
@@ -182,9 +200,29 @@ def test_two_processes_on_one_folder_never_lose_a_sample(ckpt, tmp_path):
     """Shards 0/2 and 1/2 started at once on one --out: either the second is refused at its start with
     a clear message, or (the first already done) it adds its sample; a finished sample is never lost."""
     out = tmp_path / "shared"
-    procs = [subprocess.Popen([sys.executable, "evaluate.py", "--model", str(ckpt), *QUICK, "--workers", "1",
-                               "--shard", f"{i}/2", "--out", str(out)], cwd=REPO, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "evaluate.py",
+                "--model",
+                str(ckpt),
+                *QUICK,
+                "--workers",
+                "1",
+                "--shard",
+                f"{i}/2",
+                "--out",
+                str(out),
+            ],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     ends = [p.communicate(timeout=300) for p in procs]
     ok = []
     for i, (p, (_, err)) in enumerate(zip(procs, ends)):
@@ -214,10 +252,27 @@ def test_a_run_killed_with_9_leaves_its_folder_free(ckpt, tmp_path):
     """kill -9 of the parent while its two workers decode: the workers do not keep the folder locked
     (they close the lock inherited through fork), so the next run takes over at once."""
     out = tmp_path / "killed"
-    argv = [sys.executable, "evaluate.py", "--model", str(ckpt), "--n", "4", "--tokens", "2048",
-            "--max-new-tokens", "64", "--methods", "full,oracle", "--workers", "2", "--out", str(out)]
-    p = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    argv = [
+        sys.executable,
+        "evaluate.py",
+        "--model",
+        str(ckpt),
+        "--n",
+        "4",
+        "--tokens",
+        "2048",
+        "--max-new-tokens",
+        "64",
+        "--methods",
+        "full,oracle",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    ]
+    p = subprocess.Popen(
+        argv, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 240
         while not (out / "samples.jsonl").exists() and p.poll() is None and time.time() < deadline:
@@ -225,8 +280,20 @@ def test_a_run_killed_with_9_leaves_its_folder_free(ckpt, tmp_path):
         assert p.poll() is None, "the run ended before the first sample was saved: make it longer"
         p.kill()
         p.wait()
-        rc, _, err = cli("--model", ckpt, "--n", "1", "--tokens", "2048", "--max-new-tokens", "64",
-                         "--methods", "full,oracle", "--out", out)
+        rc, _, err = cli(
+            "--model",
+            ckpt,
+            "--n",
+            "1",
+            "--tokens",
+            "2048",
+            "--max-new-tokens",
+            "64",
+            "--methods",
+            "full,oracle",
+            "--out",
+            out,
+        )
         assert rc == 0 and "skipped 1 of 1 samples: finished" in err, err
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -235,15 +302,39 @@ def test_a_run_killed_with_9_leaves_its_folder_free(ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------- Ctrl-C
 
+
 @pytest.mark.slow
 def test_ctrl_c_saves_finished_samples_and_a_rerun_resumes(ckpt, tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) with two worker processes:
     no traceback from the parent or any worker, exit code 130, what is saved and how to resume."""
     out = tmp_path / "int"
-    argv = [sys.executable, "evaluate.py", "--model", str(ckpt), "--n", "4", "--tokens", "2048",
-            "--max-new-tokens", "64", "--methods", "full,oracle", "--workers", "2", "--out", str(out)]
-    p = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    argv = [
+        sys.executable,
+        "evaluate.py",
+        "--model",
+        str(ckpt),
+        "--n",
+        "4",
+        "--tokens",
+        "2048",
+        "--max-new-tokens",
+        "64",
+        "--methods",
+        "full,oracle",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+    ]
+    p = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not (out / "samples.jsonl").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -254,8 +345,10 @@ def test_ctrl_c_saves_finished_samples_and_a_rerun_resumes(ckpt, tmp_path):
     last = err.strip().splitlines()[-1]
     saved = len({r["sample"] for r in results.read_rows(out)})
     assert 1 <= saved < 4
-    assert last.startswith(f"interrupted: {saved} of 4 samples are saved in {out} ({saved} by this run); "
-                           "run the same command again to resume"), err
+    assert last.startswith(
+        f"interrupted: {saved} of 4 samples are saved in {out} ({saved} by this run); "
+        "run the same command again to resume"
+    ), err
 
     p = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -265,23 +358,40 @@ def test_ctrl_c_saves_finished_samples_and_a_rerun_resumes(ckpt, tmp_path):
 
 # ---------------------------------------------------------------------------- said, not silent
 
+
 def test_skipped_and_fallen_back_samples_are_in_the_summary(ckpt, tmp_path, capsys):
     """A prompt longer than the model's positions is skipped, a chunk longer than the prompt falls back
     to full attention: both are counted in summary.json and said under the table of summary.md."""
     out = tmp_path / "long"
-    argv = ["--model", ckpt, *LONG, "--methods", "full,mean", "--chunk-sizes", "8,4096", "--workers", "1",
-            "--out", out]
+    argv = [
+        "--model",
+        ckpt,
+        *LONG,
+        "--methods",
+        "full,mean",
+        "--chunk-sizes",
+        "8,4096",
+        "--workers",
+        "1",
+        "--out",
+        out,
+    ]
     rc, err = run_main(argv, capsys)
     assert rc == 0 and "warning: skipping 1 of 2 samples" in err, err
     assert json.loads((out / "run.json").read_text())["skipped"] == {"1": 4172}
     by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
     assert {k: (r["skipped"], r["fell_back"]) for k, r in by.items()} == {
-        "full": (1, None), "mean c8 @0.03125": (1, 0), "mean c4096 @0.03125": (1, 1)}
+        "full": (1, None),
+        "mean c8 @0.03125": (1, 0),
+        "mean c4096 @0.03125": (1, 1),
+    }
     md = (out / "summary.md").read_text()
     table_end = md.index("\n\n", md.index("| policy"))
     notes = md[table_end:]
-    assert ("- 1 of 2 samples skipped, no result in any configuration: their prompts (4172 tokens with the "
-            "chat template) do not fit the model's 4096 positions (ids 1)") in notes
+    assert (
+        "- 1 of 2 samples skipped, no result in any configuration: their prompts (4172 tokens with the "
+        "chat template) do not fit the model's 4096 positions (ids 1)"
+    ) in notes
     assert "- mean c4096 @0.03125: 1 of 1 samples fell back to full attention" in notes
     assert "mean c8 @0.03125: " not in notes
 
@@ -292,13 +402,25 @@ def test_skipped_and_fallen_back_samples_are_in_the_summary(ckpt, tmp_path, caps
 
 # ---------------------------------------------------------------------------- resume
 
+
 def test_resume_compares_meanings_not_spellings(base, ckpt, tmp_path, capsys, monkeypatch):
     out = copy_with_rows(base, tmp_path / "r", lambda r: True)
     rc, err = run_main(["--model", ckpt, *QUICK, "--dtype", "fp32", "--out", out], capsys)
     assert rc == 0 and "skipped 2 of 2 samples: finished" in err, err
-    args = lambda model: Namespace(task="text2json", model=model, data=None, tokens=2048, seed=0,
-                                   dtype="fp32", argv=[], free_run=None, group="8k", outliers=None,
-                                   score_rule=None, no_chat=False)
+    args = lambda model: Namespace(
+        task="text2json",
+        model=model,
+        data=None,
+        tokens=2048,
+        seed=0,
+        dtype="fp32",
+        argv=[],
+        free_run=None,
+        group="8k",
+        outliers=None,
+        score_rule=None,
+        no_chat=False,
+    )
     assert evaluate.run_settings(args(None), 4) == evaluate.run_settings(args(str(default_model_path())), 4)
     assert evaluate.run_settings(args(None), 4)["dtype"] == "float32"
 

@@ -13,8 +13,12 @@ from files import data_dir
 DATA = data_dir()
 NEEDLES = DATA / "needlebench"
 LONGPROC = DATA / "longproc_html_to_tsv"
-needs_needles = pytest.mark.skipif(not NEEDLES.is_dir(), reason=f"NeedleBench data not found at {NEEDLES} (set KVOFFLOAD_DATA)")
-needs_longproc = pytest.mark.skipif(not LONGPROC.is_dir(), reason=f"LongProc data not found at {LONGPROC} (set KVOFFLOAD_DATA)")
+needs_needles = pytest.mark.skipif(
+    not NEEDLES.is_dir(), reason=f"NeedleBench data not found at {NEEDLES} (set KVOFFLOAD_DATA)"
+)
+needs_longproc = pytest.mark.skipif(
+    not LONGPROC.is_dir(), reason=f"LongProc data not found at {LONGPROC} (set KVOFFLOAD_DATA)"
+)
 
 
 class CharTokenizer:
@@ -32,6 +36,7 @@ class CharTokenizer:
 def model_tokenizer():
     try:
         from model import load_tokenizer
+
         return load_tokenizer()
     except Exception as e:  # the default model's files are not on this machine
         pytest.skip(f"default model tokenizer unavailable: {e}")
@@ -39,10 +44,19 @@ def model_tokenizer():
 
 # ----------------------------------------------------------------------------- multi-needle
 
-PAPER_KEYWORDS = ["Virtual Rocket Band", "Interstellar Flight Band", "Galaxy Melody Band",
-                  "Intelligent Robot Zambot", "Cosmic Ruler Starshine", "Guardian of Time Lightspeed",
-                  "Voyager of the Stars", "Poseidon of the North Sea", "Orion the Hunter",
-                  "Counterclockwise Crystal", "Eternal Flame"]
+PAPER_KEYWORDS = [
+    "Virtual Rocket Band",
+    "Interstellar Flight Band",
+    "Galaxy Melody Band",
+    "Intelligent Robot Zambot",
+    "Cosmic Ruler Starshine",
+    "Guardian of Time Lightspeed",
+    "Voyager of the Stars",
+    "Poseidon of the North Sea",
+    "Orion the Hunter",
+    "Counterclockwise Crystal",
+    "Eternal Flame",
+]
 
 
 @needs_needles
@@ -55,8 +69,11 @@ def test_paper_needle_set_is_the_first_eleven_distinct():
     for nd in chosen:
         i = english.index(nd)
         earlier = english[:i]
-        assert all(e["arg1"] in {c["arg1"] for c in chosen[:chosen.index(nd)]}
-                   or e["arg2"] in {c["arg2"] for c in chosen[:chosen.index(nd)]} for e in earlier)
+        assert all(
+            e["arg1"] in {c["arg1"] for c in chosen[: chosen.index(nd)]}
+            or e["arg2"] in {c["arg2"] for c in chosen[: chosen.index(nd)]}
+            for e in earlier
+        )
     with pytest.raises(ValueError, match="distinct"):
         tasks.paper_needles(english, 100)
 
@@ -106,7 +123,7 @@ def test_needles_are_inserted_at_token_offsets(length, sizes, depths, expected):
     assert offsets == expected
     assert len(tokens) == length + sum(sizes) and [t for t in tokens if t >= 0] == haystack
     for ids, o in zip(needle_ids, offsets):
-        assert tokens[o:o + len(ids)] == ids
+        assert tokens[o : o + len(ids)] == ids
 
 
 @needs_needles
@@ -122,8 +139,8 @@ def test_needle_prompt_construction_in_tokens():
     shift = 0
     for nd, w in zip(s["needles"], wrapped):
         assert nd["token_offset"] == int(hay * nd["depth"] / 100) + shift  # char tokens: exact
-        assert document[nd["token_offset"]:nd["token_offset"] + len(w)] == w
-        assert problem[nd["position"]:nd["position"] + len(nd["needle"])] == nd["needle"]
+        assert document[nd["token_offset"] : nd["token_offset"] + len(w)] == w
+        assert problem[nd["position"] : nd["position"] + len(nd["needle"])] == nd["needle"]
         assert problem.count(nd["needle"]) == 1
         shift += len(w)
     assert [nd["depth"] for nd in s["needles"]] == tasks.needle_depths(11)
@@ -145,7 +162,7 @@ def test_needle_lengths_in_the_model_tokens(model_tokenizer):
         assert abs(len(model_tokenizer.encode(s["problem"])) - target) <= 0.01 * target
         start, _ = s["document_span"]
         for nd in s["needles"]:
-            before = len(model_tokenizer.encode(s["problem"][start:nd["position"] - 1]))
+            before = len(model_tokenizer.encode(s["problem"][start : nd["position"] - 1]))
             assert abs(before - nd["token_offset"]) <= 3, (nd["depth"], before, nd["token_offset"])
 
 
@@ -153,8 +170,9 @@ def test_needle_lengths_in_the_model_tokens(model_tokenizer):
 def test_needle_scorer_is_case_sensitive_and_per_depth():
     sample = tasks.needle_samples(NEEDLES, 3000, CharTokenizer(), seed=0)[0]
     nds = sample["needles"]
-    answer = "; ".join(f"It is {nd['arg2']}" if i % 2 == 0 else f"It is {nd['arg2'].lower()}"
-                       for i, nd in enumerate(nds))
+    answer = "; ".join(
+        f"It is {nd['arg2']}" if i % 2 == 0 else f"It is {nd['arg2'].lower()}" for i, nd in enumerate(nds)
+    )
     r = tasks.score_needles(answer, sample)
     assert r["found"] == [i % 2 == 0 for i in range(11)]  # the lowercased keywords do not count
     assert r["score"] == pytest.approx(6 / 11)
@@ -195,47 +213,102 @@ def prf(p, r):
 
 # (rule, prediction, gold, expected scores): one row per rule of LongProc's evaluator
 TSV_RULES = [
-    ("fence: first ```tsv to the LAST ``` (greedy)",
-     "Sure:\n```tsv\nName\tCity\nBlue Bar\tOslo\n```\nand\n```\nRed Cafe\tLyon\n```", GOLD,
-     prf(2 / 5, 1.0)),  # the inner ```, "and", ``` lines are three rows of N/A
-    ("fence: an unclosed ```tsv keeps what follows",
-     "```tsv\nName\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon", GOLD, FULL),
+    (
+        "fence: first ```tsv to the LAST ``` (greedy)",
+        "Sure:\n```tsv\nName\tCity\nBlue Bar\tOslo\n```\nand\n```\nRed Cafe\tLyon\n```",
+        GOLD,
+        prf(2 / 5, 1.0),
+    ),  # the inner ```, "and", ``` lines are three rows of N/A
+    (
+        "fence: an unclosed ```tsv keeps what follows",
+        "```tsv\nName\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon",
+        GOLD,
+        FULL,
+    ),
     ("fence: no ```tsv keeps the whole answer", "Name\tCity\nRed Cafe\tLyon", GOLD, prf(1.0, 0.5)),
-    ("fence: a bare ``` line becomes the header (width 1: nothing comparable)",
-     "```\nName\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon\n```", GOLD, NONE),
-    ("strip: outer blank lines and spaces go",
-     "\n\n  Name\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon\n\n  ", GOLD, FULL),
-    ("csv reader: a quoted cell may hold a tab",
-     'Name\tCity\n"Blue\tBar"\tOslo', 'Name\tCity\n"Blue\tBar"\tOslo',
-     FULL),
-    ("csv reader: quotes around a cell are not part of it",
-     'Name\tCity\n"Blue Bar"\tOslo\nRed Cafe\t"Lyon"', GOLD,
-     FULL),
+    (
+        "fence: a bare ``` line becomes the header (width 1: nothing comparable)",
+        "```\nName\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon\n```",
+        GOLD,
+        NONE,
+    ),
+    (
+        "strip: outer blank lines and spaces go",
+        "\n\n  Name\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon\n\n  ",
+        GOLD,
+        FULL,
+    ),
+    (
+        "csv reader: a quoted cell may hold a tab",
+        'Name\tCity\n"Blue\tBar"\tOslo',
+        'Name\tCity\n"Blue\tBar"\tOslo',
+        FULL,
+    ),
+    (
+        "csv reader: quotes around a cell are not part of it",
+        'Name\tCity\n"Blue Bar"\tOslo\nRed Cafe\t"Lyon"',
+        GOLD,
+        FULL,
+    ),
     ("a blank line is a row of N/A", "Name\tCity\nBlue Bar\tOslo\n\nRed Cafe\tLyon", GOLD, prf(2 / 3, 1.0)),
-    ("a row of the wrong width is a row of N/A",
-     "Name\tCity\nBlue Bar\nRed Cafe\tLyon\n", GOLD, prf(0.5, 0.5)),
-    ("a row with an extra cell is a row of N/A", "Name\tCity\nBlue Bar\tOslo\tx\nRed Cafe\tLyon", GOLD,
-     prf(0.5, 0.5)),
-    ("N/A rows equal each other and a written N/A row", "Name\tCity\nBlue Bar\nRed Cafe\tLyon",
-     "Name\tCity\nn/a\tN/A\nRed Cafe\tLyon", FULL),
-    ("set matching: a repeated right row counts each time",
-     "Name\tCity\nBlue Bar\tOslo\nBlue Bar\tOslo", GOLD,
-     prf(1.0, 0.5)),
-    ("set matching: a repeated gold row is found by one prediction", "Name\tCity\nBlue Bar\tOslo",
-     "Name\tCity\nBlue Bar\tOslo\nBlue Bar\tOslo\nRed Cafe\tLyon", prf(1.0, 2 / 3)),
+    (
+        "a row of the wrong width is a row of N/A",
+        "Name\tCity\nBlue Bar\nRed Cafe\tLyon\n",
+        GOLD,
+        prf(0.5, 0.5),
+    ),
+    (
+        "a row with an extra cell is a row of N/A",
+        "Name\tCity\nBlue Bar\tOslo\tx\nRed Cafe\tLyon",
+        GOLD,
+        prf(0.5, 0.5),
+    ),
+    (
+        "N/A rows equal each other and a written N/A row",
+        "Name\tCity\nBlue Bar\nRed Cafe\tLyon",
+        "Name\tCity\nn/a\tN/A\nRed Cafe\tLyon",
+        FULL,
+    ),
+    (
+        "set matching: a repeated right row counts each time",
+        "Name\tCity\nBlue Bar\tOslo\nBlue Bar\tOslo",
+        GOLD,
+        prf(1.0, 0.5),
+    ),
+    (
+        "set matching: a repeated gold row is found by one prediction",
+        "Name\tCity\nBlue Bar\tOslo",
+        "Name\tCity\nBlue Bar\tOslo\nBlue Bar\tOslo\nRed Cafe\tLyon",
+        prf(1.0, 2 / 3),
+    ),
     ("row order does not matter", "Name\tCity\nRed Cafe\tLyon\nBlue Bar\tOslo", GOLD, FULL),
     ("an incomplete last row is dropped", "Name\tCity\nBlue Bar\tOslo\nRed Cafe", GOLD, prf(1.0, 0.5)),
     ("only the last incomplete row is dropped", "Name\tCity\nBlue Bar\tOslo\nRed\nCafe", GOLD, prf(0.5, 0.5)),
-    ("a closing remark is an incomplete last row",
-     "Name\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon\nHope this helps!",
-     GOLD, FULL),
-    ("cells: lowercase, ASCII punctuation removed",
-     "Name\tCity\nBLUE BAR!\t(Oslo.)\nRed Cafe\tLyon", GOLD, FULL),
-    ("cells: a removed hyphen leaves no space",
-     "Name\tCity\nBlue-Bar\tOslo\nRed Cafe\tLyon", GOLD, prf(0.5, 0.5)),
+    (
+        "a closing remark is an incomplete last row",
+        "Name\tCity\nBlue Bar\tOslo\nRed Cafe\tLyon\nHope this helps!",
+        GOLD,
+        FULL,
+    ),
+    (
+        "cells: lowercase, ASCII punctuation removed",
+        "Name\tCity\nBLUE BAR!\t(Oslo.)\nRed Cafe\tLyon",
+        GOLD,
+        FULL,
+    ),
+    (
+        "cells: a removed hyphen leaves no space",
+        "Name\tCity\nBlue-Bar\tOslo\nRed Cafe\tLyon",
+        GOLD,
+        prf(0.5, 0.5),
+    ),
     ("cells: other punctuation stays", "Name\tCity\nBlue Bar\t«Oslo»\nRed Cafe\tLyon", GOLD, prf(0.5, 0.5)),
-    ("cells: spaces and articles stay",
-     "Name\tCity\nThe Blue Bar\tOslo\nRed  Cafe\tLyon", GOLD, prf(0.0, 0.0)),
+    (
+        "cells: spaces and articles stay",
+        "Name\tCity\nThe Blue Bar\tOslo\nRed  Cafe\tLyon",
+        GOLD,
+        prf(0.0, 0.0),
+    ),
     ("cells: accents stay", "Name\tCity\nBlue Bar\tOslo\nRed Café\tLyon", GOLD, prf(0.5, 0.5)),
     ("header names do not matter, its width does", "A\tB\nBlue Bar\tOslo\nRed Cafe\tLyon", GOLD, FULL),
     ("a header of another width: not extracted", "Name\tCity\tX\nBlue Bar\tOslo\tx", GOLD, NONE),
@@ -261,8 +334,15 @@ def test_longproc_scorer_bad_gold_and_aggregate():
         tasks.score_tsv(3, GOLD)
     results = [tasks.score_tsv(p, GOLD) for p in (GOLD, "Name\tCity\nRed Cafe\tLyon", "no table")]
     agg = tasks.aggregate_tsv(results)
-    assert agg == pytest.approx({"precision": 200 / 3, "recall": 50.0, "f1": 100 * (1 + 2 / 3) / 3,
-                                 "extraction_rate": 200 / 3, "n": 3})
+    assert agg == pytest.approx(
+        {
+            "precision": 200 / 3,
+            "recall": 50.0,
+            "f1": 100 * (1 + 2 / 3) / 3,
+            "extraction_rate": 200 / 3,
+            "n": 3,
+        }
+    )
 
 
 def test_extract_tsv_fences():
@@ -275,13 +355,35 @@ def test_longproc_metrics_reach_the_summary_table():
     """evaluate.score_sample -> samples.jsonl fields -> results.summarize -> the table's columns."""
     import evaluate
     import results
-    config = dict(key="full", task="longproc", method="full", label="full", budget=None, chunk_size=None,
-                  rank=None, bits=None, residual=None, kv_bits=None, sparse=False, agreement=1.0, kl=0.0,
-                  oracle_recall=None, attention_mass=None, device_kv_fraction=1.0, bytes_per_step=0.0,
-                  landmark_error=None, key_error=None, recall_per_layer=None, mass_per_layer=None)
+
+    config = dict(
+        key="full",
+        task="longproc",
+        method="full",
+        label="full",
+        budget=None,
+        chunk_size=None,
+        rank=None,
+        bits=None,
+        residual=None,
+        kv_bits=None,
+        sparse=False,
+        agreement=1.0,
+        kl=0.0,
+        oracle_recall=None,
+        attention_mass=None,
+        device_kv_fraction=1.0,
+        bytes_per_step=0.0,
+        landmark_error=None,
+        key_error=None,
+        recall_per_layer=None,
+        mass_per_layer=None,
+    )
     preds = [GOLD, "Name\tCity\nRed Cafe\tLyon\nGreen Pub\tRome", "no table"]
-    rows = [dict(config, sample=str(i), **evaluate.score_sample("longproc", p, {"gold": GOLD}))
-            for i, p in enumerate(preds)]
+    rows = [
+        dict(config, sample=str(i), **evaluate.score_sample("longproc", p, {"gold": GOLD}))
+        for i, p in enumerate(preds)
+    ]
     (summary,) = results.summarize(rows)
     assert summary["score"] == pytest.approx(100 * (1 + 0.5) / 3)  # F1
     assert summary["precision"] == pytest.approx(100 * 1.5 / 3) and summary["recall"] == pytest.approx(50.0)
@@ -293,6 +395,7 @@ def test_longproc_metrics_reach_the_summary_table():
 
 def test_auto_max_new_tokens_uses_the_task_limit():
     import evaluate
+
     tok = CharTokenizer()
     with pytest.raises(ValueError, match="no samples"):
         evaluate.auto_max_new_tokens([], tok)
@@ -303,6 +406,7 @@ def test_auto_max_new_tokens_uses_the_task_limit():
 
 
 # ----------------------------------------------------------------------------- LongProc data
+
 
 @needs_longproc
 @pytest.mark.parametrize("group, count", [("0.5k", 70), ("2k", 189), ("8k", 120)])
@@ -331,8 +435,15 @@ def test_longproc_default_group_is_the_papers_and_errors(tmp_path):
     # a gold table that cannot be read fails at load time, naming its task
     shutil.copy(LONGPROC / "prompts.yaml", tmp_path / "prompts.yaml")
     (tmp_path / "page.html").write_text("<p>x</p>")
-    task = dict(task_id="T1", html_path="page.html", task_topic="t", task_description="d",
-                filtering_instruction="", tsv_header="Name\tCity", gt="Name\tCity\n")
+    task = dict(
+        task_id="T1",
+        html_path="page.html",
+        task_topic="t",
+        task_description="d",
+        filtering_instruction="",
+        tsv_header="Name\tCity",
+        gt="Name\tCity\n",
+    )
     (tmp_path / "html_to_tsv_2k.json").write_text(json.dumps([task]))
     with pytest.raises(ValueError, match="task T1: the gold table cannot be read"):
         tasks.load_longproc(tmp_path, "2k")
@@ -349,7 +460,7 @@ def test_cut_page_keeps_the_instructions_and_the_start_of_the_page():
     assert len(cut["problem"]) == 3000 and cut["page_tokens"] == len(t["html"])
     at = t["problem"].index(t["html"])
     kept = cut["page_tokens_kept"]
-    assert cut["problem"] == t["problem"][:at] + t["html"][:kept] + t["problem"][at + len(t["html"]):]
+    assert cut["problem"] == t["problem"][:at] + t["html"][:kept] + t["problem"][at + len(t["html"]) :]
     assert cut["gt"] == t["gt"]  # the gold keeps every row
     same = tasks.cut_page(t, len(t["problem"]), tok)
     assert same["problem"] == t["problem"] and same["page_tokens_kept"] == same["page_tokens"]

@@ -8,8 +8,10 @@ import pytest
 import text2json
 from text2json import aggregate, field_recall, generate, load, score
 
-GOLD = [{"name": "Anna Kowal", "profession": "nurse", "city": "Oslo"},
-        {"name": "Omar Haddad", "profession": "pilot", "city": "Lyon"}]
+GOLD = [
+    {"name": "Anna Kowal", "profession": "nurse", "city": "Oslo"},
+    {"name": "Omar Haddad", "profession": "pilot", "city": "Lyon"},
+]
 A, B = GOLD
 ANNA_NO_CITY = {"name": "Anna Kowal", "profession": "nurse"}
 
@@ -29,12 +31,14 @@ class WordTokenizer:
 def real_tokenizer():
     try:
         from model import load_tokenizer
+
         return load_tokenizer()
     except Exception as e:  # the default model's files are not on this machine
         pytest.skip(f"default model tokenizer unavailable: {e}")
 
 
 # ----------------------------------------------------------------------------- scorer rules
+
 
 def test_exact_match_scores_one_from_string_or_list():
     assert score(dumps(GOLD), dumps(GOLD)) == 1.0
@@ -103,8 +107,10 @@ def test_typographic_apostrophe_is_normalised():
 
 
 def test_apostrophe_written_as_json_escape_scores_like_the_character():
-    gold = [{"name": "Liam O’Brien", "profession": "baker’s aide", "city": "Cork"},
-            {"name": "Ana D’Souza", "profession": "pilot", "city": "Oslo"}]
+    gold = [
+        {"name": "Liam O’Brien", "profession": "baker’s aide", "city": "Cork"},
+        {"name": "Ana D’Souza", "profession": "pilot", "city": "Oslo"},
+    ]
     escaped = json.dumps(gold)  # ensure_ascii: every ’ written as \u2019
     assert "\\u2019" in escaped and "’" not in escaped
     assert score(escaped, gold) == 1.0  # the raw-text-only normalisation scored 1/3 here
@@ -119,7 +125,7 @@ def test_apostrophe_written_as_json_escape_scores_like_the_character():
 # (prediction objects, gold records, score): values that are not strings compare as their JSON text
 VALUE_TYPES = [
     ([{"name": "N", "a": 1.5, "b": "x"}], [{"name": "N", "a": "1.5", "b": "x"}], 1.0),
-    ([{"name": "N", "a": 2.0, "b": "x"}], [{"name": "N", "a": "2", "b": "x"}], 0.75),   # 2.0 is "2.0"
+    ([{"name": "N", "a": 2.0, "b": "x"}], [{"name": "N", "a": "2", "b": "x"}], 0.75),  # 2.0 is "2.0"
     ([{"name": "N", "a": True, "b": "x"}], [{"name": "N", "a": "true", "b": "x"}], 1.0),
     ([{"name": "N", "a": True, "b": "x"}], [{"name": "N", "a": "True", "b": "x"}], 0.75),
     ([{"name": "N", "a": False, "b": "x"}], [{"name": "N", "a": "x", "b": "x"}], 0.75),  # false is a value
@@ -134,7 +140,7 @@ VALUE_TYPES = [
     ([{"name": "N", "a": "x", "b": "x", "extra": 7}], [{"name": "N", "a": "x", "b": "x"}], 1.0),
     (["N", 3, None, True, {"name": "N", "a": "x", "b": "x"}], [{"name": "N", "a": "x", "b": "x"}], 1 / 5),
     ([{"name": {"n": "N"}, "a": "x", "b": "x"}], [{"name": "N", "a": "x", "b": "x"}], 0.0),  # not a name
-    ([], [], 1.0),                                   # empty gold, empty list: nothing to miss
+    ([], [], 1.0),  # empty gold, empty list: nothing to miss
     ([{"name": "N", "a": "x", "b": "x"}], [], 0.0),  # empty gold: every object is an extra
 ]
 
@@ -199,6 +205,7 @@ def test_bad_gold_is_a_clear_error():
 
 # ----------------------------------------------------------------------------- loader
 
+
 def test_load_keeps_fields_and_names_bad_lines(tmp_path):
     good = tmp_path / "t.jsonl"
     good.write_text(json.dumps({"problem": "p", "answer": dumps(GOLD), "id": 3}) + "\n\n")
@@ -229,8 +236,10 @@ BAD_DATA = [
     ("", "t.jsonl holds no samples"),
     ("\n\n", "t.jsonl holds no samples"),
     (row() + "\n" + row(answer="[{broken") + "\n", "t.jsonl:2: sample '1': gold answer is not valid JSON"),
-    (row(answer='[{"city": "Oslo"}]', id="x9") + "\n",
-     "t.jsonl:1: sample 'x9': gold answer must be a JSON list of objects"),
+    (
+        row(answer='[{"city": "Oslo"}]', id="x9") + "\n",
+        "t.jsonl:1: sample 'x9': gold answer must be a JSON list of objects",
+    ),
     (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "t.jsonl: not UTF-8 text"),
 ]
 
@@ -246,6 +255,7 @@ class CharTokenizer:
 @pytest.mark.parametrize("content, message", BAD_DATA)
 def test_bad_data_is_one_line_error_at_load_time(tmp_path, monkeypatch, capsys, content, message):
     import evaluate
+
     path = tmp_path / "t.jsonl"
     (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     with pytest.raises(ValueError) as e:
@@ -268,6 +278,7 @@ def test_load_ids_and_a_valid_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- generator
+
 
 def _text_of(problem):
     return problem.split("Text:\n", 1)[1].rsplit("\n\nList every", 1)[0]

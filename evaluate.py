@@ -1,6 +1,6 @@
 """Reproduce the paper's comparisons: every KV selection policy against full attention, as tables and plots.
 
-    python evaluate.py                       # default model, 8 Text2JSON samples of ~2K tokens, 6 policies
+    python evaluate.py                       # default model, 6 Text2JSON samples of ~2K tokens, 6 policies
     python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
     python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
     python evaluate.py --task needle --tokens 4096      # or --task longproc (real data: files.data_dir())
@@ -97,7 +97,7 @@ from results import (
 DEFAULT_METHODS = ",".join(
     ("full", "oracle", "shadowkv", "mean", "quantized", "paper")
 )  # the default run's policies
-DEFAULT_N = 8  # samples of the default run (timed from a fresh clone: see the README)
+DEFAULT_N = 6  # samples of the default run: 3 rounds of 2 workers, within 10 minutes from a fresh clone (README)
 DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
 ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded): the same shapes in every run
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt

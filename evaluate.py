@@ -97,7 +97,9 @@ from results import (
 DEFAULT_METHODS = ",".join(
     ("full", "oracle", "shadowkv", "mean", "quantized", "paper")
 )  # the default run's policies
-DEFAULT_N = 6  # samples of the default run: 3 rounds of 2 workers, within 10 minutes from a fresh clone (README)
+DEFAULT_N = (
+    6  # samples of the default run: 3 rounds of 2 workers, within 10 minutes from a fresh clone (README)
+)
 DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
 ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded): the same shapes in every run
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt

@@ -142,7 +142,8 @@ print("recall by chunk size:", {c: round(rec[c].mean().item(), 3) for c in chunk
 # grow, by about half already at chunk 2, then flattens (on a 1K prompt the budget is only a few chunks
 # of 16 or 32, so the last points are noisy): the paper's "smaller chunks help monotonically". ShadowKV's
 # outlier chunks (the 8-token chunks whose mean fits its keys worst, kept exact and removed from the
-# landmarks) recover little of the loss. Its 48 chunks (384 tokens) are sized for long prompts, a third of
+# landmarks) do not recover the loss: its recall is no better than chunk-8 means' (here a little below;
+# its local window is 32 tokens, not 64, so its selection also competes with tokens the oracle never picks). Its 48 chunks (384 tokens) are sized for long prompts, a third of
 # this one, so here, as in `evaluate.py`'s default run, the count is scaled to the prompt
 # (`outliers=kvcache.OUTLIER_SHARE`: 1.9% of it, what 48 chunks are of a mean 20.1K-token Text2JSON prompt).
 #

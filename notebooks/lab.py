@@ -201,7 +201,7 @@ def selected_positions(cache, layer, q):
 
     Replays step 1 of kvcache's decode (KVCache.select: score the landmarks, top-k chunks per KV head,
     expanded to tokens) on the cache's own stored summary, one step at a time, and adds the tokens it
-    keeps exact (sink, local window, ShadowKV's outliers). Returns [A, H, S + F] int64.
+    keeps exact (any sink, the local window, ShadowKV's outliers). Returns [A, H, S + F] int64.
     """
     n_heads, A, d = q.shape
     H = cache.config.n_kv_heads
@@ -210,11 +210,11 @@ def selected_positions(cache, layer, q):
     return torch.cat([idx + cache.split.sink, exact.expand(A, -1, -1)], dim=2)  # [A, H, S + F]
 
 
-def oracle_positions(keys, q, k, sink=4, local=64):
+def oracle_positions(keys, q, k, sink=0, local=64):
     """The oracle's choice: the k prompt tokens with the highest exact score, per step and KV head.
 
     keys: [H, T, d] exact post-RoPE prompt keys; q: [n_heads, A, d]. Candidates are the tokens between
-    the sink and the local window (those are attended anyway), as in kvcache. Returns [A, H, k].
+    the sink (none in the presets) and the local window (attended anyway), as in kvcache. Returns [A, H, k].
     """
     T = keys.shape[1]
     scores = step_scores(q, keys[:, sink:T - local])  # [A, H, M]

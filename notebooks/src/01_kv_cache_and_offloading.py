@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 
 import lab
 from model import load_model, ModelConfig, Rope
-from kvcache import KVCache, make_policy, POLICIES
+from kvcache import KVCache, make_policy, POLICIES, OUTLIER_SHARE
 
 model, tok = load_model()  # SmolLM2-135M-Instruct, converted once into ~/.cache/kvoffload
 cfg = model.config
@@ -121,17 +121,22 @@ plt.show()
 # ## 3. What each policy keeps on the device, and what a decode step moves
 #
 # The policies of `kvcache.py` (module docstring; PAPER.md "ShadowKV, precisely" and "The paper's
-# method") share one budget: 4 sink tokens and a 64-token local window are always attended exactly, plus
-# 3.125% of the prompt chosen at every decode step and layer. They differ in the *summary* kept on the
-# device to make that choice:
+# method") share one budget accounting: the last 64 prompt tokens (the local window; ShadowKV: 32) are
+# always attended exactly, no sink tokens are (the first tokens compete through their landmarks like any
+# other; only `paper_fast` keeps the first and last 0.625% of the prompt exact), plus 3.125% of the prompt
+# chosen at every decode step and layer. They differ in the *summary*
+# kept on the device to make that choice, and in what they fetch:
 #
 # | policy | summary on the device | fetched from CPU per step |
 # |---|---|---|
 # | oracle | every exact key (the ceiling, not a practical method) | selected K and V |
 # | mean | mean key of each chunk of 8 tokens | selected K and V |
 # | svd | every exact key, plus a rank-r factor U of the keys | selected V (keys rebuilt from U) |
-# | shadowkv | chunk means + U + outlier chunks kept exact | selected V |
+# | shadowkv | chunk means + U + 48 outlier chunks kept exact | selected V |
 # | quantized | every key as its own landmark, 2-bit HIGGS codes | selected K and V |
+# | paper | the same 2-bit landmarks | selected K and V, stored 4-bit (keys before RoPE) |
+# | paper_fast | the same 2-bit landmarks, mean-query scoring | selected K and V in fp8 (budget 1.5625%) |
+# | quest | min and max key of each chunk of 16 tokens | selected K and V |
 #
 # We build each policy on one random Llama-shaped layer of 16K tokens (a 128K SVD would take too long on a
 # laptop; the shares barely depend on the length), run one decode step with a random query, and read
@@ -149,39 +154,50 @@ for name in POLICIES:
     cache.attend(0, q, kv, kv, torch.tensor([T_MID]))  # one decode step of this layer
     m = cache.memory()
     rows.append((name, m["summary_fraction"], m["exact_fraction"], m["device_fraction"], cache.store.bytes_moved))
-    print(f"{name:9s} {cache.budget_line()}")
+    print(f"{name:10s} {cache.budget_line()}")
 
 # %%
-print(f"{'policy':9s} {'summary':>8s} {'exact':>7s} {'device':>7s} {'device GiB at 128K':>19s} {'moved/step at 128K':>19s}")
+print(f"{'policy':10s} {'summary':>8s} {'exact':>7s} {'device':>7s} {'device GiB at 128K':>19s} {'moved/step at 128K':>19s}")
 for name, summ, exact, dev, moved in rows:
-    scale = T_LONG / T_MID  # selected tokens grow with the prompt; the 68 sink+local tokens do not (negligible)
-    print(f"{name:9s} {summ:8.1%} {exact:7.1%} {dev:7.1%} {dev * arithmetic / 2**30:19.2f} "
+    scale = T_LONG / T_MID  # selected tokens grow with the prompt; the local window and outliers do not (negligible)
+    print(f"{name:10s} {summ:8.1%} {exact:7.1%} {dev:7.1%} {dev * arithmetic / 2**30:19.2f} "
           f"{moved * llama.n_layers * scale / 2**20:16.0f} MiB")
 
 # %% [markdown]
 # Reading the table (shares of the full bf16 cache):
 # - **full** keeps everything on the device (16 GiB) and moves nothing;
 # - **ShadowKV** keeps about 14% (rank-160 factor U + 8-token chunk landmarks: PAPER.md "Memory
-#   accounting" gives ≈14%), plus its outlier chunks exact; it fetches only values, since keys are rebuilt;
+#   accounting" gives ≈14%), plus its 48 outlier chunks exact (384 tokens, 2.3% of this 16K prompt); it
+#   fetches only values, since keys are rebuilt;
 # - **quantized** (the paper's fix) keeps every key as a 2-bit landmark: 2 bits + a 16-bit scale per
 #   128 channels = 2.125 bits per key value, 6.6% of the cache (PAPER.md "Memory accounting");
+#   **paper** and **paper_fast** keep the same landmarks;
 # - **mean** chunk-8 landmarks in bf16 cost 1/8 of the keys = 6.25%, about the same as 2-bit token
 #   landmarks, which is the paper's point: at equal memory, token-level quantized landmarks beat chunk means
-#   (notebooks 3 and 4);
+#   (notebooks 3 and 4); **quest**'s min and max of 16-token chunks cost the same 2/16 = 6.25%;
 # - **oracle** and **svd** keep every exact key on the device: they are measuring instruments, not methods.
 #
-# Every sparse policy moves 3.125% of the prompt per layer and step: at 128K that is 4096 tokens x 32 layers,
-# 512 MiB of K+V (256 MiB for the low-rank policies, which fetch only V) per generated token, over PCIe.
+# Every sparse policy but `paper_fast` selects 3.125% of the prompt per layer and step: at 128K that is 4096
+# tokens x 32 layers, 512 MiB of exact K+V (256 MiB for the low-rank policies, which fetch only V) per
+# generated token, over PCIe. **paper** stores its K/V 4-bit with one scale group per token over all KV
+# heads' channels, so each token a KV head selects is fetched whole, for all 8 heads: with 8 heads choosing
+# mostly different tokens (as these random queries do) that is about 8 x 1/4 = 2x the bytes of exact
+# per-head rows, the 1028 MiB above. **paper_fast** selects half as many tokens (1.5625%) and fetches them
+# in fp8 per head: 128 MiB.
 
 # %% [markdown]
 # ## 4. The same on the real model
 #
 # Back to SmolLM2 and our 1K-token prompt: we decode 4 tokens with every policy at once (one batch,
 # `kvcache.StackedCache`, see `lab.decode_policies`) and count what each fetched. The model runs in
-# float32, so every fetched value is 4 bytes here.
+# float32, so every exact fetched value is 4 bytes here; `paper` and `paper_fast` fetch their packed 4-bit /
+# fp8 K/V instead (no exact count to check). ShadowKV's 48 outlier chunks (384 tokens) are sized for
+# long prompts and would be over a third of this one, so here, as `evaluate.py`'s default run does, its
+# outlier count is scaled to the prompt: `outliers=kvcache.OUTLIER_SHARE`, the 1.9% of the prompt that 48
+# chunks are of the mean 20.1K-token Text2JSON prompt.
 
 # %%
-policies = [make_policy(name) for name in POLICIES]
+policies = [make_policy(name, outliers=OUTLIER_SHARE if name == "shadowkv" else None) for name in POLICIES]
 first = int(logits.argmax())  # the prefill's prediction: exact for every policy
 caches, _ = lab.decode_policies(model, full, policies, steps=4, first=first)
 for p, cache in zip(policies, caches):
@@ -189,11 +205,12 @@ for p, cache in zip(policies, caches):
     sel = cache.split.selected if cache.split else 0
     per_step = cache.store.bytes_moved / 4
     expected = sel * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (1 if p.keys == "low_rank" else 2)  # V only when keys are rebuilt
+    check = f"as {p.kv_bits}" if p.kv_bits else per_step == expected
     print(f"{p.label():15s} device {m['device_fraction']:6.1%} of bf16 KV, fetched {per_step / 1024:7.1f} KiB per step"
-          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.keys == 'low_rank' else 'K+V'}: {per_step == expected}")
+          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.keys == 'low_rank' else 'K+V'}: {check}")
 
 # %% [markdown]
-# On a 1K-token prompt the fixed 68 sink + local tokens are 6% of the prompt, so every sparse policy's
+# On a 1K-token prompt the fixed 64-token local window is 6% of the prompt, so every sparse policy's
 # device share is larger than at 128K; the per-token costs are the same as above. Notebook 2 looks at why
 # ShadowKV's low-rank keys lose information, notebook 3 at why chunk-mean landmarks pick the wrong
 # tokens, and notebook 4 at the quantized token-level landmarks that fix both.

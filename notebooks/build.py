@@ -53,8 +53,10 @@ def read_cells(path):
 def make_notebook(path):
     """An nbformat notebook (no outputs) from a percent-format source."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
-                for kind, text in read_cells(path)]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+        for kind, text in read_cells(path)
+    ]
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
@@ -62,7 +64,9 @@ def make_notebook(path):
 
 def execute(nb, timeout=CELL_TIMEOUT):
     """Run every cell in a fresh kernel with notebooks/ as the working directory; raises on a cell error."""
-    NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(HERE)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name=KERNEL, resources={"metadata": {"path": str(HERE)}}
+    ).execute()
     return nb
 
 
@@ -83,7 +87,10 @@ def main(argv=None):
         nbformat.validate(nb)
         out = HERE / f"{src.stem}.ipynb"
         nbformat.write(nb, out)
-        print(f"{out.name}: {len(nb.cells)} cells" + ("" if args.no_execute else f", ran in {time.time() - start:.0f} s"))
+        print(
+            f"{out.name}: {len(nb.cells)} cells"
+            + ("" if args.no_execute else f", ran in {time.time() - start:.0f} s")
+        )
     return 0
 
 

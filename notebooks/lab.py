@@ -150,8 +150,9 @@ def forced_queries(model, prompt_ids, answer_ids):
 
 def cut_prompt(full, prompt_len):
     """A full cache holding only the first prompt_len tokens of `full` (new lists, shared tensors)."""
-    return KVCache.from_kv(full.config, full.rope, [k[:, :, :prompt_len] for k in full.k],
-                           [v[:, :, :prompt_len] for v in full.v])
+    return KVCache.from_kv(
+        full.config, full.rope, [k[:, :, :prompt_len] for k in full.k], [v[:, :, :prompt_len] for v in full.v]
+    )
 
 
 @torch.inference_mode()
@@ -177,6 +178,7 @@ def decode_policies(model, full, policies, steps, first=None, feed=None, track=F
 
 
 # ----------------------------------------------------------------------------- selection, replayed offline
+
 
 def step_scores(q, marks):
     """The selection score of every landmark at every decode step, each step on its own.
@@ -205,7 +207,9 @@ def selected_positions(cache, layer, q):
     """
     n_heads, A, d = q.shape
     H = cache.config.n_kv_heads
-    idx = torch.stack([cache.select(layer, q[:, a:a + 1].reshape(H, n_heads // H, 1, d)) for a in range(A)])  # [A, H, S]
+    idx = torch.stack(
+        [cache.select(layer, q[:, a : a + 1].reshape(H, n_heads // H, 1, d)) for a in range(A)]
+    )  # [A, H, S]
     exact = cache.layers[layer].exact.prompt_pos  # [H, F]
     return torch.cat([idx + cache.split.sink, exact.expand(A, -1, -1)], dim=2)  # [A, H, S + F]
 
@@ -217,7 +221,7 @@ def oracle_positions(keys, q, k, sink=0, local=64):
     the sink (none in the presets) and the local window (attended anyway), as in kvcache. Returns [A, H, k].
     """
     T = keys.shape[1]
-    scores = step_scores(q, keys[:, sink:T - local])  # [A, H, M]
+    scores = step_scores(q, keys[:, sink : T - local])  # [A, H, M]
     A, H, M = scores.shape
     return landmarks.select_topk(scores.reshape(A * H, M), k).view(A, H, k) + sink
 

@@ -122,7 +122,7 @@ class Policy:
     chunk_size: int = 1
     landmark_bits: str | None = None
     residual: int = 0
-    residual_bits: str = "1"
+    residual_bits: str = quantize.DEFAULT_RESIDUAL_BITS  # "0.5", the paper's
     rank: float | None = None
     score_rule: str = "softmax_max"
     kv_bits: str | None = None

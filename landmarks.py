@@ -46,10 +46,10 @@ def chunk_landmarks(k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
             "trim or pad the keys"
         )
     kc = k.float().reshape(H, T // chunk, chunk, d)  # [H, N, chunk, d]
-    lm = kc.mean(dim=2)  # [H, N, d]
+    means = kc.mean(dim=2)  # [H, N, d]
     if chunk == 1:
-        return lm.to(k.dtype), torch.ones(H, T, device=k.device)
-    cos = torch.nn.functional.cosine_similarity(kc, lm.unsqueeze(2), dim=-1, eps=1e-8)  # [H, N, chunk]
+        return means.to(k.dtype), torch.ones(H, T, device=k.device)
+    cos = torch.nn.functional.cosine_similarity(kc, means.unsqueeze(2), dim=-1, eps=1e-8)  # [H, N, chunk]
     return lm.to(k.dtype), cos.amin(dim=-1)
 
 

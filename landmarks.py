@@ -50,7 +50,7 @@ def chunk_landmarks(k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     if chunk == 1:
         return means.to(k.dtype), torch.ones(H, T, device=k.device)
     cos = torch.nn.functional.cosine_similarity(kc, means.unsqueeze(2), dim=-1, eps=1e-8)  # [H, N, chunk]
-    return lm.to(k.dtype), cos.amin(dim=-1)
+    return means.to(k.dtype), cos.amin(dim=-1)
 
 
 def landmark_logits(q: Tensor, landmarks) -> Tensor:

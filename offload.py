@@ -21,6 +21,7 @@ moves per decode step (the PCIe traffic a real system pays).
 """
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -66,8 +67,8 @@ class OffloadStore:
         (a quantized one dequantized there, [H, k, C] float32).
         """
         stored = [self.tensors[(layer, name)] for name in names]
-        parts = [_parts(x) for x in stored]  # per name its tensors: one, or a Quantized's codes, scales, ...
-        xs = [t for ts in parts for t in ts]  # each [H, M, ...]
+        parts = [_parts(x) for x in stored]  # per name its tensors by name: one, or a Quantized's codes, ...
+        xs = [t for ts in parts for t in ts.values()]  # each [H, M, ...]
         H, M = xs[0].shape[:2]
         idx = idx.to(self.home)  # a GPU -> CPU copy of the indices: the one sync point per fetch
         flats = {}  # table rows of idx, per stored layout (K and V of one prefill share theirs)
@@ -103,21 +104,16 @@ class OffloadStore:
             if event is not None:
                 event.record(self.stream)
         rebuilt, i = [], 0
-        for x, ts in zip(stored, parts):  # regroup the fetched parts of each quantized tensor
-            got, i = outs[i : i + len(ts)], i + len(ts)
-            rebuilt.append(
-                got[0]
-                if isinstance(x, torch.Tensor)
-                else quantize.map_tensors(x, lambda t, it=iter(got): next(it))
-            )
+        for x, ts in zip(stored, parts):  # regroup the fetched parts of each entry, by their names
+            got, i = dict(zip(ts, outs[i : i + len(ts)])), i + len(ts)
+            rebuilt.append(got["tensor"] if isinstance(x, torch.Tensor) else replace(x, **got))
         return Fetch(rebuilt, event, staging)
 
 
-def _parts(x):
-    """The tensors a stored entry is made of: itself, or a Quantized's codes, scales and zeros."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    return [getattr(x, f) for f in ("codes", "scales", "zeros") if getattr(x, f) is not None]
+def _parts(x) -> dict:
+    """The tensors a stored entry is made of, by name: {"tensor": x}, or a quantize.Quantized's own
+    (codes, and scales / zeros: `Quantized.tensors`), which rebuild it by name after the fetch."""
+    return {"tensor": x} if isinstance(x, torch.Tensor) else x.tensors()
 
 
 def _rows_are_a_table(x):
@@ -141,6 +137,6 @@ class Fetch:
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
             for out in self.outs:
-                for t in _parts(out):
+                for t in _parts(out).values():
                     t.record_stream(torch.cuda.current_stream())
         return [out if isinstance(out, torch.Tensor) else quantize.dequantize(out) for out in self.outs]

@@ -520,6 +520,11 @@ class Quantized:
     def shape(self) -> tuple:
         return (*self.codes.shape[:-1], self.channels)
 
+    def tensors(self) -> dict:
+        """The stored tensors by field name: codes, and scales / zeros where the format has them. Code
+        that moves them (offload.py) rebuilds the Quantized by these names: `replace(qx, **tensors)`."""
+        return {name: t for name in TENSOR_FIELDS if (t := getattr(self, name)) is not None}
+
 
 @dataclass
 class ResidualQuantized:
@@ -545,12 +550,7 @@ def map_tensors(qx: Quantized, fn) -> Quantized:
     e.g. map_tensors(qx, lambda t: t[:, idx]) keeps tokens idx of a [H, T, C] tensor; fn must leave the
     last dim alone.
     """
-    return replace(
-        qx,
-        codes=fn(qx.codes),
-        scales=None if qx.scales is None else fn(qx.scales),
-        zeros=None if qx.zeros is None else fn(qx.zeros),
-    )
+    return replace(qx, **{name: fn(t) for name, t in qx.tensors().items()})
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
@@ -80,8 +80,26 @@ import kvcache
 import results
 import tasks
 import text2json
-from kvcache import POLICIES, KVCache, StackedCache, make_policy
-from model import DTYPES, default_model_dir, default_model_path, load_config, load_model, load_tokenizer
+from kvcache import (
+    POLICIES,
+    PRESETS,
+    SWEEP_AXES,
+    SparseCache,
+    StackedCache,
+    from_prefill,
+    make_policy,
+    oracle_of,
+    override,
+)
+from model import (
+    DTYPES,
+    default_model_dir,
+    default_model_path,
+    load_config,
+    load_model,
+    load_tokenizer,
+    prefill,
+)
 from results import (
     BITS,
     check_resume,
@@ -266,48 +284,61 @@ def parse_shard(text):
     return i, n
 
 
+SWEEP_OPTIONS = (  # the options that sweep a part's field (budgets apply to every sparse policy)
+    ("chunk_size", "--chunk-sizes"),
+    ("rank", "--ranks"),
+    ("landmark_bits", "--bits"),
+    ("residual", "--residual"),
+)
+
+
 def configurations(args):
     """Every policy configuration of the sweep (PAPER.md "The problem": the ablations over budget, chunk size,
-    SVD rank and landmark precision). An axis applies to the policies it changes: chunk size to
-    `mean` and `quantized` (oracle and svd are token-level by definition, shadowkv is the fixed
-    baseline preset), rank to `svd` and `shadowkv`, bits and residual to `quantized`, and --kv-bits
-    (one format, not a sweep) to every sparse policy; `full` has one configuration. make_policy raises
-    a one-line ValueError on any bad value."""
+    SVD rank and landmark precision). An axis applies to the policies whose parts declare it
+    (`Policy.axes`, see kvcache.PRESETS): the budget to every sparse policy, the chunk size to `mean`,
+    `quantized` and `quest`, the rank to `svd`, bits and residual to `quantized`; the systems
+    (`shadowkv`, `paper`, `paper_fast`) keep their authors' structure and sweep only their budget.
+    --kv-bits and --score-rule (one value, not a sweep) apply to every sparse policy, --outliers to
+    the policies that keep outlier chunks; `full` has one configuration. make_policy raises a
+    one-line ValueError on any bad value."""
     methods = parse_list(args.methods, str, "--methods")
-    budgets = parse_list(args.budgets, float, "--budgets")
-    chunks = parse_list(args.chunk_sizes, int, "--chunk-sizes") if args.chunk_sizes else [None]
-    ranks = parse_list(args.ranks, parse_rank, "--ranks", RANK_HINT) if args.ranks else [None]
     bits = parse_list(args.bits, str, "--bits") if args.bits else [None]
     for b in bits:
         if b is not None and b not in BITS:
             raise ValueError(f"bad --bits {b!r}: choose from {', '.join(BITS)}")
+    sweep = dict(  # axis (a field of a policy's parts) -> the values this run gives it
+        budget=parse_list(args.budgets, float, "--budgets"),
+        chunk_size=parse_list(args.chunk_sizes, int, "--chunk-sizes") if args.chunk_sizes else [None],
+        rank=parse_list(args.ranks, parse_rank, "--ranks", RANK_HINT) if args.ranks else [None],
+        landmark_bits=bits,
+        residual=[args.residual or None],
+    )
+    for method in methods:
+        if method not in PRESETS:
+            raise ValueError(f"unknown method {method!r}: choose from {', '.join(POLICIES)}")
+    for axis, option in SWEEP_OPTIONS:  # a sweep that no method of the run takes is a mistake, not a no-op
+        takers = [m for m in POLICIES if axis in PRESETS[m].axes]
+        if getattr(args, option.strip("-").replace("-", "_")) and not set(takers) & set(methods):
+            raise ValueError(
+                f"{option} sweeps the {axis} of {', '.join(takers)}, and no method of --methods "
+                f"{args.methods} has it: add one of them"
+            )
     outliers = shadowkv_outliers(args)
     policies = {}
     for method in methods:
-        if method not in POLICIES:
-            raise ValueError(f"unknown method {method!r}: choose from {', '.join(POLICIES)}")
-        if method == "full":
-            policies["full"] = make_policy("full", budget=1.0)
+        preset = PRESETS[method]
+        if not preset.sparse:
+            policies[preset.key()] = preset
             continue
-        axes = (
-            budgets,
-            chunks if method in ("mean", "quantized", "quest") else [None],
-            ranks if method in ("svd", "shadowkv") else [None],
-            bits if method == "quantized" else [None],
+        fixed = dict(
+            kv_bits=args.kv_bits,
+            score_rule=args.score_rule,
+            outliers=outliers if preset.exact.outliers else None,
         )
-        for budget, chunk, rank, bit in product(*axes):
-            p = make_policy(
-                method,
-                budget=budget,
-                chunk_size=chunk,
-                rank=rank,
-                landmark_bits=bit,
-                residual=args.residual or None if method == "quantized" else None,
-                kv_bits=args.kv_bits,
-                score_rule=args.score_rule,
-                outliers=outliers if method == "shadowkv" else None,
-            )
-            policies.setdefault(config_key(p), p)
+        axes = [axis for axis in SWEEP_AXES if axis in preset.axes]
+        for values in product(*(sweep[axis] for axis in axes)):
+            p = make_policy(method, **fixed, **dict(zip(axes, values)))
+            policies.setdefault(p.key(), p)
     return list(policies.values())
 
 
@@ -336,19 +367,6 @@ def shadowkv_outliers(args):
     if args.task == "text2json" and args.data is None and args.tokens < 20100:
         return kvcache.OUTLIER_SHARE
     return None
-
-
-def config_label(p):
-    """Policy.label(), plus the rank when a ShadowKV sweep changes it."""
-    label = p.label()
-    if p.name == "shadowkv" and p.rank != make_policy("shadowkv").rank:
-        label += f" r{p.rank:g}"
-    return label
-
-
-def config_key(p):
-    """The resume unit's configuration part: 'quantized 2b @0.03125' (full attention: 'full')."""
-    return "full" if p.name == "full" else f"{config_label(p)} @{p.budget:g}"
 
 
 def check_inputs(args):
@@ -489,19 +507,57 @@ def score_sample(task, prediction, sample):
 # ============================================================================ decoding
 
 
-@dataclass
-class Row:
-    """One row of the step loop: a configuration fed the gold answer, or fed its own greedy tokens."""
+@dataclass(eq=False)
+class GoldRow:
+    """A configuration fed the gold answer, one token per decode step (the decoding plan, step 2)."""
 
-    kind: str  # "gold" (fed the gold answer's tokens) or "free" (fed its own greedy tokens)
     policy: object
-    cache: KVCache
-    out: list = field(default_factory=list)  # gold rows: top-1 at each answer position; free: generated ids
-    gold_logp: list = field(default_factory=list)  # gold rows: log-prob of the gold token, per position
+    cache: object
+    gold: list  # the gold answer's ids, the same for every gold row
+    out: list = field(default_factory=list)  # top-1 at each answer position
+    gold_logp: list = field(default_factory=list)  # log-prob of the gold token, per answer position
     steps: int = 0  # decode steps taken (forward passes after the prefill)
-    matches: int = 0  # gold rows: decode steps whose top-1 equals the full-attention gold row's
-    kl: float = 0.0  # gold rows: sum over decode steps of KL(full || this row)
+    matches: int = 0  # decode steps whose top-1 equals the full-attention row's
+    kl: float = 0.0  # sum over decode steps of KL(full || this row)
     done: bool = False
+
+    def next_input(self) -> int:
+        return self.gold[self.steps]  # the gold token after the `steps` positions predicted so far
+
+    def observe(self, logits, ref_logp, ref_top):
+        """This step's logits [vocab], against full attention's on the same gold path (log-probs
+        ref_logp [vocab] and top-1 ref_top)."""
+        top = int(logits.argmax())
+        self.steps += 1
+        logp = torch.log_softmax(logits, dim=-1)  # [vocab]
+        self.matches += top == ref_top
+        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())  # KL(full || this row)
+        self.out.append(top)
+        self.gold_logp.append(float(logp[self.gold[self.steps]]))
+        self.done = self.steps + 1 >= len(self.gold)
+
+
+@dataclass(eq=False)
+class FreeRow:
+    """A configuration fed its own greedy tokens (the decoding plan, step 3)."""
+
+    policy: object
+    cache: object
+    stop: set  # token ids that end the answer
+    limit: int  # at most this many new tokens
+    out: list = field(default_factory=list)  # the generated ids
+    steps: int = 0
+    done: bool = False
+
+    def next_input(self) -> int:
+        return self.out[-1]
+
+    def observe(self, logits):
+        top = int(logits.argmax())
+        self.steps += 1
+        if top not in self.stop:
+            self.out.append(top)
+        self.done = top in self.stop or len(self.out) >= self.limit
 
 
 class IdleRow:
@@ -515,6 +571,26 @@ class IdleRow:
         return torch.zeros_like(q)  # [1, n_heads, T, head_dim]
 
 
+def forward_rows(model, rows, device):
+    """One decode step of `rows` (each feeds its `next_input()` through its cache): logits [len(rows), vocab].
+
+    The rows go through the model in forwards of exactly ROWS_PER_FORWARD rows, the last one padded
+    with IdleRow caches: torch's CPU matmul rounds a row differently at another batch size, not
+    beside other rows, so a row's numbers do not depend on which other rows run (measured: a forward
+    of batch 1 differs from batch 2-15, which agree), and the weights are read once per forward.
+    """
+    logits = []
+    for i in range(0, len(rows), ROWS_PER_FORWARD):
+        group = rows[i : i + ROWS_PER_FORWARD]
+        pad = [IdleRow(group[0].cache.seq_len) for _ in range(ROWS_PER_FORWARD - len(group))]
+        x = torch.tensor(
+            [r.next_input() for r in group] + [0] * len(pad), device=device
+        )  # [ROWS_PER_FORWARD]
+        stacked = StackedCache([r.cache for r in group] + pad)
+        logits.append(model(x[:, None], stacked)[: len(group), -1])  # [len(group), vocab]
+    return torch.cat(logits)  # [len(rows), vocab]
+
+
 @torch.inference_mode()
 def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=True):
     """Prefill `ids` once, then decode every configuration from it (the module docstring's plan).
@@ -522,30 +598,30 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     Gold rows, one per configuration and always one for full attention (the reference): position 0
     is predicted from the prefill logits (exact for all), then each decode step feeds the next gold
     token, one token per step, so a sparse policy selects at every step as it would when writing the
-    answer itself (the first max_new gold tokens). Free rows (free=True): each configuration's own
-    greedy answer, up to max_new tokens or a stop token. The rows go through the model in groups of
-    exactly ROWS_PER_FORWARD (the last one padded with IdleRow caches): torch's CPU matmul rounds a
-    row differently at another batch size, not beside other rows, so a row's numbers do not depend on
-    which other rows run (measured: a forward of batch 1 differs from batch 2-15, which agree).
+    answer itself (the first max_new gold tokens); each gold row's step is compared with the
+    reference's step. Free rows (free=True): each configuration's own greedy answer, up to max_new
+    tokens or a stop token.
 
-    Returns (gold, free): {config key: Row}, both holding "full"; free is {} when free is False.
+    Returns (gold, free): {configuration key: row}, both holding full attention's; free is {} when
+    free is False.
     """
     device = model.embed_tokens.weight.device
-    prefill = KVCache(model.config, model.rope, device=device)
-    logits = model(torch.tensor([ids], device=device), prefill, last_only=True)[0, -1]  # [vocab]
+    prefill_cache, logits = prefill(model, ids)  # logits [vocab] at the last prompt position
     first, logp0 = int(logits.argmax()), torch.log_softmax(logits, dim=-1)  # [vocab]
-    configs = {"full": make_policy("full")} | {config_key(p): p for p in policies}
+    full = PRESETS["full"]
+    configs = {full.key(): full} | {p.key(): p for p in policies}
     n_gold = min(len(gold_ids), max_new, model.config.max_positions - len(ids) + 1)
     gold_ids = list(gold_ids[:n_gold])
+    limit = min(max_new, model.config.max_positions - len(ids))  # positions left for new tokens
+    stop = set(stop_ids)
     gold, rows = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a prompt shorter than the budget: recorded as sparse=False
         for key, p in configs.items():
-            gold[key] = Row("gold", p, KVCache.from_prefill(prefill, replace(p, track=p.name != "full")))
+            tracked = override(p, track=p.sparse)  # selection statistics against the oracle
+            gold[key] = GoldRow(p, from_prefill(prefill_cache, tracked, model.rope), gold_ids)
             if free:
-                rows[key] = Row("free", p, KVCache.from_prefill(prefill, p))
-    limit = min(max_new, model.config.max_positions - len(ids))  # positions left for new tokens
-    stop = set(stop_ids)
+                rows[key] = FreeRow(p, from_prefill(prefill_cache, p, model.rope), stop, limit)
     for r in gold.values():
         if n_gold:
             r.out, r.gold_logp = [first], [float(logp0[gold_ids[0]])]
@@ -553,33 +629,18 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     for r in rows.values():
         r.out = [] if first in stop else [first]
         r.done = first in stop or limit <= 1
-    ref = gold["full"]  # first in the loop, so its step is done before the rows compared with it
+    ref = gold[full.key()]  # full attention on the gold path: what every gold row is compared with
     active = [r for r in [*gold.values(), *rows.values()] if not r.done]
     while active:
-        for i in range(0, len(active), ROWS_PER_FORWARD):
-            group = active[i : i + ROWS_PER_FORWARD]
-            pad = [IdleRow(group[0].cache.seq_len) for _ in range(ROWS_PER_FORWARD - len(group))]
-            x = [gold_ids[r.steps] if r.kind == "gold" else r.out[-1] for r in group] + [0] * len(pad)
-            stacked = StackedCache([r.cache for r in group] + pad)
-            logits = model(torch.tensor(x, device=device)[:, None], stacked)[
-                :, -1
-            ]  # [ROWS_PER_FORWARD, vocab]
-            for r, row_logits in zip(group, logits):
-                top = int(row_logits.argmax())
-                r.steps += 1
-                if r.kind == "free":
-                    if top not in stop:
-                        r.out.append(top)
-                    r.done = top in stop or len(r.out) >= limit
-                    continue
-                logp = torch.log_softmax(row_logits, dim=-1)  # [vocab]
-                if r is ref:
-                    ref_logp, ref_top = logp, top
-                r.matches += top == ref_top
-                r.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())  # KL(full || this row)
-                r.out.append(top)
-                r.gold_logp.append(float(logp[gold_ids[r.steps]]))
-                r.done = r.steps + 1 >= n_gold
+        logits = forward_rows(model, active, device)  # [len(active), vocab]
+        if ref in active:  # the gold rows step together, so the reference steps whenever they do
+            ref_logits = logits[active.index(ref)]  # [vocab]
+            ref_logp, ref_top = torch.log_softmax(ref_logits, dim=-1), int(ref_logits.argmax())  # [vocab]
+        for r, row_logits in zip(active, logits):
+            if isinstance(r, GoldRow):
+                r.observe(row_logits, ref_logp, ref_top)
+            else:
+                r.observe(row_logits)
         active = [r for r in active if not r.done]
     return gold, rows
 
@@ -616,14 +677,13 @@ def policy_record(gold, free, tok):
     on the gold path (the gold row), memory and traffic from the gold row's cache (the selection size,
     so the bytes per step, do not depend on the tokens read), the prediction from the free row (None
     without one). For full attention agreement is 1 and KL 0 by construction."""
-    stats = gold.cache.stats
-    tracked = gold.cache.sparse and float(stats.steps.sum()) > 0
-    s = stats.summary() if tracked else {}
+    sparse = isinstance(gold.cache, SparseCache)  # False: full attention, or a prompt shorter than the budget
+    s = gold.cache.stats.summary() if sparse and float(gold.cache.stats.steps.sum()) > 0 else {}
     return dict(
         prediction=None if free is None else tok.decode(free.out),
         new_tokens=None if free is None else len(free.out),
         steps=gold.steps,
-        sparse=gold.cache.sparse,
+        sparse=sparse,
         agreement=gold.matches / gold.steps if gold.steps else None,
         kl=gold.kl / gold.steps if gold.steps else None,
         oracle_recall=s.get("oracle_recall"),
@@ -633,22 +693,33 @@ def policy_record(gold, free, tok):
         recall_per_layer=s.get("recall_per_layer"),
         mass_per_layer=s.get("mass_per_layer"),
         device_kv_fraction=gold.cache.memory()["device_fraction"],
-        bytes_per_step=gold.cache.store.bytes_moved / gold.steps if gold.steps else None,
+        bytes_per_step=gold.cache.bytes_fetched / gold.steps if gold.steps else None,
     )
 
 
 def config_fields(p):
-    """The configuration columns of samples.jsonl and summary.json (None where an axis does not apply)."""
-    full = p.name == "full"
+    """The configuration of a samples.jsonl row, as results.py needs it without knowing any policy:
+    `key` (the identity: kvcache.Policy.key, every parameter), `config` (the same as a dict),
+    the columns of the tables (None where an axis does not apply), the sweep axes the policy takes
+    part in with the legend of each plot line (`legends`: the label without that axis), its place in
+    the tables (`order`: its preset's line in kvcache.PRESETS) and the key of the oracle it is
+    compared with (the oracle of the same budget and K/V format)."""
+    select = p.select
     return dict(
+        key=p.key(),
+        config=p.params(),
         method=p.name,
-        label=config_label(p),
-        budget=None if full else p.budget,
-        chunk_size=None if full else p.chunk_size,
-        rank=p.rank,
-        bits=p.landmark_bits,
-        residual=p.residual or None,
-        kv_bits=p.kv_bits,
+        label=p.label(),
+        budget=select and select.budget,
+        chunk_size=select and select.chunk_size,
+        rank=p.keys.rank if p.keys.source == "low_rank" else None,
+        bits=select and select.landmark_bits,
+        residual=select and select.residual or None,
+        kv_bits=p.keys.kv_bits,
+        axes=list(p.axes),
+        legends={axis: p.label(without=axis) for axis in p.axes},
+        order=POLICIES.index(p.name),
+        oracle_key=oracle_of(p).key() if p.sparse else None,
     )
 
 
@@ -661,6 +732,7 @@ def run_settings(args, max_new):
     as --model is the default model."""
     model = "default" if is_default_model(args.model) else str(Path(args.model).resolve())
     return dict(
+        format=results.RESULTS_FORMAT,
         task=args.task,
         model=model,
         data=str(Path(args.data).resolve()) if args.data else None,
@@ -716,23 +788,22 @@ def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_r
         )
         return []
     gold_ids, fields, depths = gold_tokens(task, sample, tok)
-    sparse = [p for p in policies if p.name != "full"]
+    sparse = [p for p in policies if p.sparse]
     gold, free = decode_sample(model, ids, sparse, gold_ids, max_new, tok.stop_ids, free=free_run)
     if verbose:
         for p in sparse:
-            print(f"{config_key(p)}: {gold[config_key(p)].cache.budget_line()}")
+            print(f"{p.label()} @{p.select.budget:g}: {gold[p.key()].cache.budget_line()}")
     rows = []
     for p in policies:
-        key = config_key(p)
+        key = p.key()
         rec = policy_record(gold[key], free.get(key), tok)
         prediction = rec.pop("prediction")
         scores = score_sample(task, prediction, sample) if free_run else dict(score=None, field_recall=None)
         rows.append(
             dict(
-                key=key,
+                **config_fields(p),
                 sample=sample["id"],
                 task=task,
-                **config_fields(p),
                 prompt_tokens=len(ids),
                 max_new_tokens=max_new,
                 gold_tokens=len(gold[key].out),
@@ -813,16 +884,16 @@ def check_fit(args, policies, config):
     it, and report a larger cache than full attention), a share must keep at least one channel, and
     a generated prompt of --tokens must fit the model's positions."""
     channels = config.n_kv_heads * config.head_dim
-    for p in policies:
-        if p.rank is not None and p.rank >= 1 and p.rank > channels:
+    for rank in {p.keys.rank for p in policies if p.keys.source == "low_rank"}:
+        if rank >= 1 and rank > channels:
             raise ValueError(
-                f"--ranks {p.rank} is above the model's {channels} key channels (kv_heads "
+                f"--ranks {rank} is above the model's {channels} key channels (kv_heads "
                 f"{config.n_kv_heads} x head_dim {config.head_dim}): give at most {channels} "
                 "or a share below 1"
             )
-        if p.rank is not None and p.rank < 1 and round(p.rank * channels) < 1:
+        if rank < 1 and round(rank * channels) < 1:
             raise ValueError(
-                f"--ranks {p.rank:g} keeps none of the model's {channels} key channels: "
+                f"--ranks {rank:g} keeps none of the model's {channels} key channels: "
                 f"give a share of at least {1 / channels:.3g}"
             )
     if uses_tokens(args) and args.tokens >= config.max_positions:
@@ -861,7 +932,7 @@ def no_fit_message(args, skipped, max_positions, max_new):
 
 def interrupted(out, mine, policies, before):
     """Ctrl-C: what is saved (samples.jsonl is rewritten atomically after every sample) and how to go on."""
-    keys = {config_key(p) for p in policies}
+    keys = {p.key() for p in policies}
     rows = read_rows(out)
     done = {s["id"] for s in mine} & {r["sample"] for r in rows}
     saved = sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
@@ -919,7 +990,7 @@ def run(args):
 
         finished = {(r["key"], r["sample"]) for r in rows}
         fits = [s for s in mine if s["id"] not in skipped]
-        todo = [(s, [p for p in policies if (config_key(p), s["id"]) not in finished]) for s in fits]
+        todo = [(s, [p for p in policies if (p.key(), s["id"]) not in finished]) for s in fits]
         todo = [(s, ps) for s, ps in todo if ps]
         before = len(fits) - len(todo)
         if before:

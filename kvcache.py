@@ -8,10 +8,14 @@ The model (model.py) calls, in every layer,
         pos:  [T] int64                     their absolute positions
         out:  [B, n_heads, T, head_dim]     attention output (before o_proj)
 
-and never needs to know which policy runs. The first call for a layer is the *prefill*:
-exact causal attention over the whole prompt, after which the policy builds its summary of
-the prompt's keys. Every later call is a *decode* step (`KVCache._decode`), the same for every
-policy (PAPER.md "ShadowKV, precisely"):
+and never needs to know which policy runs. There are two caches:
+
+    FullCache    every token's K/V, exact causal attention: the prefill, and the reference
+    SparseCache  built from a prefilled FullCache for a policy (`from_prefill`, `from_kv`): each decode
+                 step attends to the tokens kept exact plus the prompt tokens the policy selects
+
+A decode step of a SparseCache (`SparseCache.attend`) is the same for every policy (PAPER.md
+"ShadowKV, precisely"):
 
     1. score the landmarks against the query, keep the top-k chunks per KV head   (landmarks.py)
     2. start fetching the selected rows' values (and keys) from CPU memory        (offload.py)
@@ -19,29 +23,35 @@ policy (PAPER.md "ShadowKV, precisely"):
     4. get the selected keys (fetched, or rebuilt from low-rank factors), attend,  (OffloadedKeys,
        and merge the two softmaxes                                                  LowRankKeys)
 
-A policy is three choices, and every name is a preset of them (PRESETS, the same table as the README):
+A policy is its three parts, each a small dataclass that owns its parameters and their checks:
 
-    name        landmarks (what selection scores)    keys attended                always exact
-    full        -- (no selection)                    exact, all                   --
-    oracle      every exact key (chunk 1)            exact                        local 64
-    mean        mean of each chunk of 8 exact keys   exact                        local 64
-    svd         every exact key (chunk 1)            rank-r SVD rebuild           local 64
-    shadowkv    mean of each chunk of 8 keys         rank-r SVD rebuild           local 32, 48 outlier chunks
-    quantized   every key, quantized (2 bits)        exact                        local 64
-    paper       every key, quantized (2 bits)        4-bit K/V (pre-RoPE keys)    local 64
-    paper_fast  every key, 2 bits, mean-query rule   fp8 K/V                      prefix, suffix 0.625%
-    quest       min / max of each chunk of 16 keys   exact                        local 64
+    Select   what selection scores: the landmark kind, its chunk size and bits, the scoring rule, the budget
+    Keys     which keys attention reads: exact (offloaded, maybe quantized) or rank-r SVD rebuilds
+    Exact    which tokens stay exact on the device: sink, local window, ShadowKV's outlier chunks
+
+and every name is a preset of them (PRESETS, the same table as the README):
+
+    name        what selection scores                 keys attention reads          always exact
+    full        -- (no selection)                     exact, all                    --
+    oracle      every exact key (chunk 1)             exact                         local 64
+    mean        mean of each chunk of 8 exact keys    exact                         local 64
+    svd         every exact key (chunk 1)             rank-r SVD rebuild            local 64
+    shadowkv    mean of each chunk of 8 keys          rank-r SVD rebuild            local 32, 48 outlier chunks
+    quantized   every key, quantized (2 bits)         exact                         local 64
+    paper       every key, quantized (2 bits)         4-bit K/V (pre-RoPE keys)     local 64
+    paper_fast  every key, 2 bits, mean-query rule    fp8 K/V                       sink and local 0.625% each
+    quest       min / max of each chunk of 16 keys    exact                         local 64
 
 so `mean` isolates the landmark failure, `svd` the low-rank failure, `shadowkv` has both, `quantized`
 is the paper's fix (token-level landmarks made cheap by quantization) with exact K/V, `paper` the
 paper's full configuration as evaluated (its K/V stored 4-bit as well), `paper_fast` the authors'
-fast GPU path, and `quest` the canonical query-aware page-selection baseline. One budget accounting
-for all (`BudgetSplit`).
+fast GPU path (the only preset with sink tokens: its 0.625% prefix), and `quest` the canonical
+query-aware page-selection baseline. One budget accounting for all (`BudgetSplit`).
 """
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -49,24 +59,284 @@ import landmarks
 import quantize
 from offload import OffloadStore
 
+LANDMARK_KINDS = ("keys", "mean", "quantized", "quest")  # landmarks.py: TokenKeys, ChunkMeans, ...
+CHUNKED_KINDS = ("mean", "quest")  # one landmark per chunk by nature: their label always names the chunk
+KEY_SOURCES = ("exact", "low_rank")
+SWEEP_AXES = ("budget", "chunk_size", "landmark_bits", "residual", "rank")  # evaluate.py's sweep options
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_count(x) -> bool:
+    """A token count: an int >= 0, or a share of the prompt in [0, 1)."""
+    return _is_int(x) and x >= 0 or isinstance(x, float) and 0 <= x < 1
+
+
+# ---------------------------------------------------------------------------------------- the parts
+@dataclass(frozen=True)
+class Select:
+    """What selection scores, and how much it selects (PAPER.md "ShadowKV, precisely", "The paper's method").
+
+    landmarks:     the landmark kind (LANDMARK_KINDS): "keys" (every exact key: the oracle), "mean"
+                   (ShadowKV's chunk means), "quantized" (the paper's), "quest" (min / max bounds)
+    chunk_size:    tokens per landmark (ShadowKV: 8; the paper's fix: 1)
+    landmark_bits: the quantize.parse_format spec of "quantized" landmarks ("2", "fp8", ...)
+    residual:      meta-chunk size m of residual landmark quantization (0 = off), the residuals
+                   quantized with `residual_bits`
+    score_rule:    landmarks.SCORE_RULES: "softmax_max" (ShadowKV's, the paper's as evaluated) or
+                   "mean_query" (the authors' fast path)
+    budget:        selected prompt tokens as a share of the prompt (the paper: 3.125%)
+    min_prompt:    prompts shorter than this are not pruned at all (the fast path: 512)
+    sweep:         the fields an evaluation sweep may vary for this preset besides the budget (its
+                   axes, e.g. ("chunk_size",) for `mean`); not part of the configuration
+    """
+
+    landmarks: str
+    chunk_size: int = 1
+    landmark_bits: str | None = None
+    residual: int = 0
+    residual_bits: str = quantize.DEFAULT_RESIDUAL_BITS  # "0.5", the paper's
+    score_rule: str = "softmax_max"
+    budget: float = 0.03125
+    min_prompt: int = 0
+    sweep: tuple = field(default=(), compare=False, repr=False)
+
+    @property
+    def axes(self) -> tuple:
+        return ("budget",) + self.sweep  # every sparse policy sweeps its budget
+
+    def check(self):
+        if self.landmarks not in LANDMARK_KINDS:
+            raise ValueError(f"unknown landmarks {self.landmarks!r}: choose from {', '.join(LANDMARK_KINDS)}")
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget {self.budget} is out of range: give a share of the prompt in (0, 1]")
+        if not _is_int(self.chunk_size) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size {self.chunk_size!r} must be an int >= 1")
+        for name in ("residual", "min_prompt"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= 0")
+        if self.score_rule not in landmarks.SCORE_RULES:
+            raise ValueError(
+                f"unknown score_rule {self.score_rule!r}: choose from {', '.join(landmarks.SCORE_RULES)}"
+            )
+        if self.landmarks == "quantized":
+            if self.landmark_bits is None:
+                raise ValueError("quantized landmarks need landmark_bits (e.g. '2')")
+            quantize.parse_format(self.landmark_bits)  # raises on an unknown format
+            if self.residual:
+                quantize.parse_format(self.residual_bits)
+
+    def params(self) -> dict:
+        """The fields that change what is selected, each only where it applies (the canonical form)."""
+        p = dict(landmarks=self.landmarks, chunk_size=self.chunk_size)
+        if self.landmarks == "quantized":
+            p.update(landmark_bits=self.landmark_bits, residual=self.residual)
+            if self.residual:
+                p.update(residual_bits=self.residual_bits)
+        return p | dict(score_rule=self.score_rule, budget=self.budget, min_prompt=self.min_prompt)
+
+    def label(self, preset: "Select", without=None) -> list:
+        """Label pieces: the preset's sweep axes, and whatever differs from the preset ('2b', 'c8');
+        never the field `without` (a plot's legend names a line without the axis it sweeps)."""
+        named = set(self.sweep) | {f for f in self.params() if getattr(self, f) != getattr(preset, f)}
+        named.discard(without)
+        pieces = [self.landmarks] if "landmarks" in named else []
+        if "landmark_bits" in named and self.landmark_bits is not None:
+            bits = self.landmark_bits
+            pieces.append(f"{bits}b" if bits.isdigit() else bits)
+        if "chunk_size" in named and (self.chunk_size != 1 or self.landmarks in CHUNKED_KINDS):
+            pieces.append(f"c{self.chunk_size}")
+        if named & {"residual", "residual_bits"} and self.residual:
+            pieces.append(f"res{self.residual}x{self.residual_bits}")
+        if "score_rule" in named:
+            pieces.append(self.score_rule)
+        if "min_prompt" in named:
+            pieces.append(f"min{self.min_prompt}")
+        return pieces  # the budget has its own column and its own place in a configuration's key
+
+    def build(self, k_mid) -> landmarks.Landmarks:
+        """The landmarks of one layer's middle keys k_mid [H, M, d] (post-RoPE): N per KV head."""
+        if self.landmarks == "keys":
+            return landmarks.TokenKeys.build(k_mid)
+        if self.landmarks == "mean":
+            return landmarks.ChunkMeans.build(k_mid, self.chunk_size)
+        if self.landmarks == "quest":
+            return landmarks.QuestBounds.build(k_mid, self.chunk_size)
+        return landmarks.QuantizedKeys.build(
+            k_mid, self.chunk_size, self.landmark_bits, self.residual, self.residual_bits
+        )
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Which keys attention reads (PAPER.md "ShadowKV, precisely", "Confirmed against the authors' code").
+
+    source:      "exact": offloaded with the values and fetched with them; "low_rank": ShadowKV's rank-r
+                 SVD factors of the pre-RoPE keys on the device, the selected keys rebuilt and re-RoPE'd
+    rank:        rank of "low_rank" keys, an int or a share (< 1) of kv_heads * head_dim (ShadowKV: 160
+                 of 1024 = 0.15625)
+    kv_bits:     None = the offloaded K/V are kept exact; else a quantize.parse_format spec ("4",
+                 "int4", "fp8", ...): stored quantized, fetched packed, dequantized on the device
+    kv_group:    "head": each KV head's row of a token is quantized on its own; "token": all
+                 kv_heads * head_dim channels of a token form one row and one scale group (the paper)
+    kv_pre_rope: store the keys before RoPE (the paper: quantize pre-RoPE keys, RoPE the fetched rows)
+    sweep:       the fields a sweep may vary for this preset (("rank",) for `svd`); not part of the
+                 configuration
+    """
+
+    source: str = "exact"
+    rank: float | None = None
+    kv_bits: str | None = None
+    kv_group: str = "head"
+    kv_pre_rope: bool = False
+    sweep: tuple = field(default=(), compare=False, repr=False)
+
+    @property
+    def axes(self) -> tuple:
+        return self.sweep
+
+    def check(self):
+        if self.source not in KEY_SOURCES:
+            raise ValueError(f"unknown keys source {self.source!r}: choose from {', '.join(KEY_SOURCES)}")
+        if self.source == "low_rank":
+            r = self.rank
+            if r is None or isinstance(r, bool) or r <= 0 or (r >= 1 and r != int(r)):
+                raise ValueError(f"rank {r!r} must be an int >= 1 or a share of the channels in (0, 1)")
+        if self.kv_group not in ("head", "token"):
+            raise ValueError(f"kv_group {self.kv_group!r} must be 'head' or 'token'")
+        if (self.kv_group == "token" or self.kv_pre_rope) and self.kv_bits is None:
+            raise ValueError("kv_group='token' and kv_pre_rope describe quantized K/V: give kv_bits too")
+        if self.kv_bits is not None:
+            quantize.parse_format(self.kv_bits)  # raises on an unknown format
+
+    def params(self) -> dict:
+        p = dict(source=self.source)
+        if self.source == "low_rank":
+            p.update(rank=self.rank)
+        p.update(kv_bits=self.kv_bits)
+        if self.kv_bits is not None:
+            p.update(kv_group=self.kv_group, kv_pre_rope=self.kv_pre_rope)
+        return p
+
+    def label(self, preset: "Keys", without=None) -> list:
+        """Label pieces: 'r0.15625' (the rank, where swept), 'kv4' (K/V bits other than the preset's)."""
+        named = set(self.sweep) | {f for f in self.params() if getattr(self, f) != getattr(preset, f)}
+        named.discard(without)
+        pieces = [self.source] if "source" in named else []
+        if "rank" in named and self.rank is not None:
+            pieces.append(f"r{self.rank:g}")
+        if "kv_bits" in named:
+            pieces.append(f"kv{self.kv_bits or 'exact'}")
+        if "kv_group" in named:
+            pieces.append(f"g{self.kv_group}")
+        if "kv_pre_rope" in named:
+            pieces.append("pre-rope" if self.kv_pre_rope else "post-rope")
+        return pieces
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Which prompt tokens every decode step attends exactly, on the device, besides the selection.
+
+    sink, local: the first `sink` and last `local` prompt tokens: an int, or a share of the prompt
+                 below 1 (the paper: no sink, local window 64; ShadowKV: local 32)
+    outliers:    ShadowKV's outlier chunks (the chunks whose mean stands worst for their keys, removed
+                 from the landmarks): an int count (ShadowKV: 48), a share of the prompt's tokens below 1
+                 (to scale the count to short prompts), or "budget" = 48 chunks per 2048 selected tokens
+
+    Its tokens take no place in a label: the budget line printed with every result states them.
+    """
+
+    sink: int | float = 0
+    local: int | float = 64
+    outliers: int | float | str = 0
+
+    def check(self):
+        for name in ("sink", "local"):
+            if not _is_count(getattr(self, name)):
+                raise ValueError(
+                    f"{name} {getattr(self, name)!r} must be an int >= 0 or a share of the prompt in [0, 1)"
+                )
+        if not (_is_count(self.outliers) or self.outliers == "budget"):
+            raise ValueError(
+                f"outliers {self.outliers!r} must be an int >= 0 or a share of the prompt in [0, 1) or 'budget'"
+            )
+
+    def params(self) -> dict:
+        return dict(sink=self.sink, local=self.local, outliers=self.outliers)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a cache keeps and how it selects: its three parts. Build one with `make_policy(name, ...)`.
+
+    select: None = no selection: full attention. offload: keep the prompt's K/V in CPU memory
+    (offload.py); False keeps all on the device (the reference the offloaded path is checked against).
+    track: record selection statistics against the oracle (costs an exact scoring pass). Neither
+    changes what is computed, so neither is part of the configuration (`key`).
+    """
+
+    name: str = "full"
+    select: Select | None = None
+    keys: Keys = Keys()
+    exact: Exact = Exact()
+    offload: bool = True
+    track: bool = False
+
+    @property
+    def sparse(self) -> bool:
+        return self.select is not None
+
+    def parts(self) -> tuple:
+        return (self.select, self.keys, self.exact) if self.sparse else ()
+
+    @property
+    def axes(self) -> tuple:
+        """The sweep axes that apply to this policy (SWEEP_AXES), as its parts declare them."""
+        return self.select.axes + self.keys.axes if self.sparse else ()
+
+    def params(self) -> dict:
+        """The canonical configuration: the name and every field that changes a result."""
+        return dict(name=self.name) | {k: v for part in self.parts() for k, v in part.params().items()}
+
+    def key(self) -> str:
+        """The configuration's identity, written out: 'name=mean landmarks=mean chunk_size=8 ...'. Results
+        are resumed and merged by it, never by the display label."""
+        return " ".join(f"{k}={v}" for k, v in self.params().items())
+
+    def label(self, without: str | None = None) -> str:
+        """Short name for tables: 'shadowkv', 'mean c8', 'quantized 2b', 'svd r0.15625', 'oracle kv4': the
+        name, the preset's sweep axes and whatever differs from the preset (but the field `without`)."""
+        if not self.sparse:
+            return self.name
+        preset = PRESETS[self.name]
+        pieces = self.select.label(preset.select, without) + self.keys.label(preset.keys, without)
+        return " ".join([self.name, *pieces])
+
+
 # --------------------------------------------------------------------------------------- the presets
-# One line per policy: the three choices (landmarks, keys, always-exact tokens) and their parameters.
-# Every field not named keeps the Policy default below.
-# (PAPER.md "ShadowKV, precisely", "The paper's method", "Confirmed against the authors' code"; Quest:
-# PAPER.md "Quest".) No preset attends sink tokens: the first tokens compete through their landmarks.
+# One line per policy: its three parts (PAPER.md "ShadowKV, precisely", "The paper's method",
+# "Confirmed against the authors' code"; Quest: PAPER.md "Quest"). Every field not named keeps its
+# default above. Only paper_fast attends sink tokens (its 0.625% prefix); elsewhere the first tokens
+# compete through their landmarks, as in the paper.
+CHUNK, RANK, LANDMARK_AXES = ("chunk_size",), ("rank",), ("chunk_size", "landmark_bits", "residual")
+SVD = dict(source="low_rank", rank=0.15625)  # ShadowKV's rank: 160 of 1024 channels
+Q2 = dict(landmark_bits="2")  # HIGGS 2-bit landmarks (d=4, n=256), the paper's
+PAPER_KV = dict(kv_bits="4", kv_group="token", kv_pre_rope=True)  # 4-bit HIGGS over a whole token, pre-RoPE
+FAST = dict(score_rule="mean_query", budget=0.015625, min_prompt=512)  # the fast path's rule and split
 # fmt: off
 PRESETS = {
-    "full":       dict(landmarks=None),
-    "oracle":     dict(landmarks="keys", chunk_size=1, keys="exact", local=64),
-    "mean":       dict(landmarks="mean", chunk_size=8, keys="exact", local=64),
-    "svd":        dict(landmarks="keys", chunk_size=1, keys="low_rank", rank=0.15625, local=64),
-    "shadowkv":   dict(landmarks="mean", chunk_size=8, keys="low_rank", rank=0.15625, local=32, outliers=48),
-    "quantized":  dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64),
-    "paper":      dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=64,
-                       kv_bits="4", kv_group="token", kv_pre_rope=True),
-    "paper_fast": dict(landmarks="quantized", chunk_size=1, keys="exact", landmark_bits="2", local=0.00625,
-                       sink=0.00625, budget=0.015625, score_rule="mean_query", kv_bits="fp8", min_prompt=512),
-    "quest":      dict(landmarks="quest", chunk_size=16, keys="exact", local=64),
+    "full":       Policy("full"),
+    "oracle":     Policy("oracle",     Select("keys"),                                Keys(),                  Exact(local=64)),
+    "mean":       Policy("mean",       Select("mean", 8, sweep=CHUNK),                 Keys(),                  Exact(local=64)),
+    "svd":        Policy("svd",        Select("keys"),                                Keys(**SVD, sweep=RANK), Exact(local=64)),
+    "shadowkv":   Policy("shadowkv",   Select("mean", 8),                             Keys(**SVD),             Exact(local=32, outliers=48)),
+    "quantized":  Policy("quantized",  Select("quantized", **Q2, sweep=LANDMARK_AXES), Keys(),                  Exact(local=64)),
+    "paper":      Policy("paper",      Select("quantized", **Q2),                     Keys(**PAPER_KV),        Exact(local=64)),
+    "paper_fast": Policy("paper_fast", Select("quantized", **Q2, **FAST),             Keys(kv_bits="fp8"),     Exact(sink=0.00625, local=0.00625)),
+    "quest":      Policy("quest",      Select("quest", 16, sweep=CHUNK),               Keys(),                  Exact(local=64)),
 }
 # fmt: on
 POLICIES = tuple(PRESETS)  # every generic test runs over this list
@@ -74,156 +344,56 @@ POLICIES = tuple(PRESETS)  # every generic test runs over this list
 # 20.1K tokens they are 1.9% of it (PAPER.md "Benchmarks"). On short prompts (the default run's ~2K
 # tokens, where 384 tokens would be 18% of the prompt kept exact) pass outliers=OUTLIER_SHARE instead.
 OUTLIER_SHARE = 48 * 8 / 20100
-KEY_SOURCES = ("exact", "low_rank")
-
-
-@dataclass
-class Policy:
-    """What a cache keeps and how it selects. Build one with `make_policy(name, ...)`.
-
-    The three choices:
-    landmarks:   what selection scores: a kind of landmarks.LANDMARKS ("keys", "mean", "quantized",
-                 "quest"), None = no selection (full attention)
-    keys:        which keys attention reads: "exact" (offloaded with the values, fetched with them) or
-                 "low_rank" (ShadowKV: rank-r SVD factors of the pre-RoPE keys on the device, rebuilt
-                 and re-RoPE'd)
-    sink, local, outliers: the always-exact tokens: the first `sink` and last `local` prompt tokens
-                 (an int, or a share of the prompt below 1; paper: no sink, local window 64), and
-                 ShadowKV's outlier chunks: an int count (ShadowKV: 48), a share of the prompt's
-                 tokens below 1 (to scale the count to short prompts), or "budget" = 48 chunks per
-                 2048 selected tokens, scaled to this budget
-    Their parameters:
-    budget:      selected prompt tokens as a share of the prompt (paper: 3.125%)
-    chunk_size:  tokens per landmark (ShadowKV: 8; the paper's fix: 1)
-    landmark_bits: the quantize.parse_format spec of "quantized" landmarks ("2", "fp8", ...)
-    residual:    meta-chunk size m for residual landmark quantization (0 = off), the residual
-                 quantized with `residual_bits`
-    rank:        rank of "low_rank" keys, an int or a share (< 1) of kv_heads * head_dim
-                 (ShadowKV: 160 of 1024 = 0.15625)
-    score_rule:  landmarks.SCORE_RULES: "softmax_max" (ShadowKV's, the paper's as evaluated) or
-                 "mean_query" (the authors' fast path)
-    kv_bits:     None = the offloaded K/V are kept exact; else a quantize.parse_format spec ("4",
-                 "int4", ...): stored quantized, fetched packed, dequantized on the device
-    kv_group:    "head": each KV head's row of a token is quantized on its own; "token": all
-                 kv_heads * head_dim channels of a token form one row and one scale group (the paper)
-    kv_pre_rope: store the keys before RoPE (the paper: quantize pre-RoPE keys, RoPE the fetched rows)
-    min_prompt:  prompts shorter than this get full attention (the fast path: 512)
-    offload:     keep the prompt's K/V in CPU memory (offload.py); False keeps all on the device
-    track:       record selection statistics against the oracle (costs an exact scoring pass)
-    """
-
-    name: str = "full"
-    landmarks: str | None = None
-    keys: str = "exact"
-    sink: int | float = 0
-    local: int | float = 64
-    outliers: int | float | str = 0
-    budget: float = 0.03125
-    chunk_size: int = 1
-    landmark_bits: str | None = None
-    residual: int = 0
-    residual_bits: str = quantize.DEFAULT_RESIDUAL_BITS  # "0.5", the paper's
-    rank: float | None = None
-    score_rule: str = "softmax_max"
-    kv_bits: str | None = None
-    kv_group: str = "head"
-    kv_pre_rope: bool = False
-    min_prompt: int = 0
-    offload: bool = True
-    track: bool = False
-
-    def label(self) -> str:
-        """Short name for tables: 'shadowkv', 'mean c8', 'quantized 2b', 'svd r0.16', 'oracle kv4'."""
-        kv = f" kv{self.kv_bits}" if self.kv_bits else ""
-        if self.name in ("mean", "quest"):
-            return f"{self.name} c{self.chunk_size}{kv}"
-        if self.name == "quantized":
-            res = f" res{self.residual}x{self.residual_bits}" if self.residual else ""
-            chunk = f" c{self.chunk_size}" if self.chunk_size != 1 else ""
-            bits = f"{self.landmark_bits}b" if str(self.landmark_bits).isdigit() else self.landmark_bits
-            return f"quantized {bits}{chunk}{res}{kv}"
-        if self.name == "svd":
-            return f"svd r{self.rank:g}{kv}"
-        if self.name in ("paper", "paper_fast") and (self.kv_bits, self.kv_group) == (
-            PRESETS[self.name]["kv_bits"],
-            PRESETS[self.name].get("kv_group", "head"),
-        ):
-            return self.name  # its own K/V format is part of the name
-        return self.name + kv
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+_PART_OF = {f.name: part for part, cls in (("select", Select), ("keys", Keys), ("exact", Exact))
+            for f in fields(cls) if f.name != "sweep"}  # fmt: skip
 
 
 def make_policy(name: str, **overrides) -> Policy:
-    """The preset for `name` (PRESETS), with any field overridden (None = keep the preset's value).
+    """The preset for `name` (PRESETS), with any field of its parts overridden (None = keep the
+    preset's value), e.g. make_policy("mean", chunk_size=4, budget=0.1, track=True).
 
-    Raises a one-line ValueError for an unknown name or an out-of-range value.
+    Raises a one-line ValueError for an unknown name or field, or an out-of-range value.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}: choose from {', '.join(POLICIES)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - set(Policy.__dataclass_fields__)
+    return override(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def override(policy: Policy, **changes) -> Policy:
+    """`policy` with fields of its parts (or offload, track) set to the given values, checked."""
+    unknown = set(changes) - set(_PART_OF) - {"offload", "track"}
     if unknown:
         raise ValueError(f"unknown policy field(s) {', '.join(sorted(unknown))}")
-    p = replace(Policy(name=name, **PRESETS[name]), **overrides)
-    if not 0 < p.budget <= 1:
-        raise ValueError(f"budget {p.budget} is out of range: give a share of the prompt in (0, 1]")
-    if not _is_int(p.chunk_size) or p.chunk_size < 1:
-        raise ValueError(f"chunk_size {p.chunk_size!r} must be an int >= 1")
-    for field in ("residual", "min_prompt"):
-        if not _is_int(getattr(p, field)) or getattr(p, field) < 0:
-            raise ValueError(f"{field} {getattr(p, field)!r} must be an int >= 0")
-    for field in ("sink", "local", "outliers"):
-        x = getattr(p, field)
-        if not (
-            _is_int(x)
-            and x >= 0
-            or isinstance(x, float)
-            and 0 <= x < 1
-            or field == "outliers"
-            and x == "budget"
-        ):
-            raise ValueError(
-                f"{field} {x!r} must be an int >= 0 or a share of the prompt in [0, 1)"
-                + (" or 'budget'" if field == "outliers" else "")
-            )
-    if p.kv_group not in ("head", "token"):
-        raise ValueError(f"kv_group {p.kv_group!r} must be 'head' or 'token'")
-    if (p.kv_group == "token" or p.kv_pre_rope) and p.kv_bits is None:
-        raise ValueError("kv_group='token' and kv_pre_rope describe quantized K/V: give kv_bits too")
-    if p.outliers and p.landmarks != "mean":
-        raise ValueError("outlier chunks are ShadowKV's: they need chunk-mean landmarks (landmarks='mean')")
-    if p.landmarks is not None and p.landmarks not in landmarks.LANDMARKS:
-        raise ValueError(f"unknown landmarks {p.landmarks!r}: choose from {', '.join(landmarks.LANDMARKS)}")
-    if p.keys not in KEY_SOURCES:
-        raise ValueError(f"unknown keys {p.keys!r}: choose from {', '.join(KEY_SOURCES)}")
-    if p.score_rule not in landmarks.SCORE_RULES:
+    own = {k: changes.pop(k) for k in ("offload", "track") if k in changes}
+    if changes and not policy.sparse:
         raise ValueError(
-            f"unknown score_rule {p.score_rule!r}: choose from {', '.join(landmarks.SCORE_RULES)}"
+            f"{next(iter(changes))} is a field of a sparse policy; full attention has none (it keeps "
+            "every token exact and offloads nothing)"
         )
-    if p.keys == "low_rank":
-        if (
-            p.rank is None
-            or isinstance(p.rank, bool)
-            or p.rank <= 0
-            or (p.rank >= 1 and p.rank != int(p.rank))
-        ):
-            raise ValueError(f"rank {p.rank!r} must be an int >= 1 or a share of the channels in (0, 1)")
-    if p.kv_bits is not None:
-        if p.landmarks is None:
-            raise ValueError(
-                "kv_bits quantizes the offloaded K/V of a sparse policy; full attention has none"
-            )
-        quantize.parse_format(p.kv_bits)  # raises on an unknown format
-    if p.landmarks == "quantized":
-        if p.landmark_bits is None:
-            raise ValueError("quantized landmarks need landmark_bits (e.g. '2')")
-        quantize.parse_format(p.landmark_bits)
-        if p.residual:
-            quantize.parse_format(p.residual_bits)
+    parts = {}
+    for part in ("select", "keys", "exact"):
+        mine = {k: v for k, v in changes.items() if _PART_OF[k] == part}
+        if mine:
+            parts[part] = replace(getattr(policy, part), **mine)
+    p = replace(policy, **parts, **own)
+    check(p)
     return p
+
+
+def oracle_of(p: Policy) -> Policy:
+    """The oracle a sparse policy is measured against (PAPER.md "The oracle"): exact top-k of the same
+    budget and scoring rule, over the same offloaded K/V format."""
+    return make_policy(
+        "oracle", budget=p.select.budget, score_rule=p.select.score_rule, kv_bits=p.keys.kv_bits
+    )
+
+
+def check(p: Policy):
+    """The parts' own checks, and the one that spans two parts."""
+    for part in p.parts():
+        part.check()
+    if p.sparse and p.exact.outliers and p.select.landmarks != "mean":
+        raise ValueError("outlier chunks are ShadowKV's: they need chunk-mean landmarks (landmarks='mean')")
 
 
 # --------------------------------------------------------------------------------------- the budget
@@ -274,23 +444,24 @@ def split_budget(policy: Policy, T: int) -> BudgetSplit | None:
     middle holds: such a prompt is shorter than the budget and gets full attention. (A selection
     of exactly the whole middle still runs the sparse path; the invariant tests use that.)
     """
-    c = policy.chunk_size
-    if T < policy.min_prompt:
+    select, exact = policy.select, policy.exact
+    c = select.chunk_size
+    if T < select.min_prompt:
         return None
-    sink = min(_tokens(policy.sink, T), T)
-    local = min(_tokens(policy.local, T), T - sink)
+    sink = min(_tokens(exact.sink, T), T)
+    local = min(_tokens(exact.local, T), T - sink)
     n_chunks = (T - sink - local) // c
     local = T - sink - n_chunks * c
-    selected = max(c, int(policy.budget * T) // c * c)  # the authors: int(0.03125 * T)
-    if policy.outliers == "budget":  # 48 outlier chunks per 2048 selected tokens (ShadowKV's fast class)
+    selected = max(c, int(select.budget * T) // c * c)  # the authors: int(0.03125 * T)
+    if exact.outliers == "budget":  # 48 outlier chunks per 2048 selected tokens (ShadowKV's fast class)
         outliers = round(48 * selected / 2048)
-    elif isinstance(policy.outliers, float):  # a share of the prompt's tokens, in whole chunks
-        outliers = round(policy.outliers * T / c)
+    elif isinstance(exact.outliers, float):  # a share of the prompt's tokens, in whole chunks
+        outliers = round(exact.outliers * T / c)
     else:
-        outliers = policy.outliers
+        outliers = exact.outliers
     if selected + outliers * c > n_chunks * c:
         return None
-    return BudgetSplit(T, sink, local, c, n_chunks, selected, outliers, isinstance(policy.outliers, float))
+    return BudgetSplit(T, sink, local, c, n_chunks, selected, outliers, isinstance(exact.outliers, float))
 
 
 def _tokens(count, T: int) -> int:
@@ -377,7 +548,7 @@ class LowRankKeys:
     fetched = ("v",)
 
     @classmethod
-    def build(cls, k, split: BudgetSplit, rope, rank) -> "LowRankKeys":
+    def build(cls, k, rope, rank) -> "LowRankKeys":
         """k: [H, T, d] post-RoPE keys of the WHOLE prompt, as ShadowKV factorises them (the rows of
         the sink and the local window are never rebuilt, but shape the basis); RoPE is undone first."""
         pos = torch.arange(k.shape[1], device=k.device)  # [T]
@@ -398,123 +569,92 @@ class LowRankKeys:
 class LayerState:
     """What a sparse policy keeps for one layer after the prefill (batch of one)."""
 
-    marks: object  # a landmarks.LANDMARKS kind: [H, N] landmarks
-    keys: object  # OffloadedKeys or LowRankKeys
+    marks: landmarks.Landmarks  # [H, N] landmarks
+    keys: OffloadedKeys | LowRankKeys
     exact: ExactTokens
 
 
-class KVCache:
-    """Every layer's keys and values, and attention over them under a selection policy.
+# ----------------------------------------------------------------------------------- the two caches
+class FullCache:
+    """Every token's keys and values and exact causal attention over them: the prefill of every
+    policy, and the full-attention reference. A decode step writes one row per layer (see `append`).
 
-    Sparse policies hold a batch of one sequence (stack several with StackedCache).
+    `policy` is full attention, or a sparse policy whose prompt was shorter than its budget (it then
+    runs as full attention: `from_kv` says so with a warning).
     """
 
-    def __init__(self, config, rope, policy: Policy | None = None, device="cpu"):
-        self.config = config
-        self.rope = rope
-        self.policy = policy or Policy("full")
-        self.device = torch.device(device)
-        self.store = OffloadStore(self.device, offload=self.policy.offload)
-        self.k = [None] * config.n_layers  # full attention: per layer [B, n_kv_heads, S, head_dim]
-        self.v = [None] * config.n_layers
-        self.kbuf = [None] * config.n_layers  # the buffers self.k / self.v are views of (see append)
-        self.vbuf = [None] * config.n_layers
-        self.layers = [None] * config.n_layers  # sparse policies: per layer a LayerState
-        self.prompt_len = 0
-        self.sparse = False  # becomes True once a sparse policy has built its summary
-        self.split: BudgetSplit | None = None  # the budget split, set at the prefill
-        self.stats = Stats(config.n_layers)
-        self.last_selected = [None] * config.n_layers  # per layer [H, S] positions, last decode step
+    def __init__(self, n_layers: int, policy: Policy | None = None):
+        self.policy = policy or PRESETS["full"]
+        self.k = [None] * n_layers  # per layer [B, n_kv_heads, S, head_dim]
+        self.v = [None] * n_layers
+        self.kbuf = [None] * n_layers  # the buffers self.k / self.v are views of (see append)
+        self.vbuf = [None] * n_layers
+        self.prompt_len = 0  # set by the first call (the prefill)
+        self.stats = None  # no selection, nothing to inspect
+        self.bytes_fetched = 0  # nothing is offloaded
 
-    # ---------------------------------------------------------------- bookkeeping
     @property
     def seq_len(self) -> int:
-        if self.sparse:
-            ex = self.layers[0].exact
-            return self.prompt_len + ex.k.shape[1] - ex.n_prompt
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
-    def budget_line(self) -> str:
-        """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
-        if self.split is None:
-            return f"budget = all {self.prompt_len} tokens (full attention)"
-        return self.split.line()
-
-    # ---------------------------------------------------------------- the model's entry point
     def attend(self, layer, q, k, v, pos):
-        if self.sparse:
-            return self._decode(layer, q, k, v)
         if self.k[layer] is None and layer == 0:
             self.prompt_len = k.shape[2]  # the first call is the prefill
         self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
         self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
-        out = full_attention(q, self.k[layer], self.v[layer])
-        last_layer = layer == self.config.n_layers - 1
-        if self.policy.landmarks is not None and last_layer and self.k[0].shape[2] == k.shape[2]:
-            self.build()  # end of the prefill: the prompt is complete in every layer
-        return out
+        return full_attention(q, self.k[layer], self.v[layer])
+
+    def budget_line(self) -> str:
+        return f"budget = all {self.prompt_len} tokens (full attention)"
+
+    def memory(self, exact_bytes=2) -> dict:
+        """The prompt's K/V, all on the device (see SparseCache.memory for the accounting)."""
+        T = self.prompt_len
+        if self.k[0] is None:
+            return _memory(0, 0, 0, 0)
+        _, H, _, d = self.k[0].shape
+        exact = sum(t[:, :, :T].numel() * (exact_bytes or t.element_size()) for t in self.k + self.v)
+        return _memory(T * len(self.k) * 2 * H * d * 2, 0, exact, 0)
+
+
+class SparseCache:
+    """The cache of a sparse policy, built from a prefill (`from_prefill`, `from_kv`; batch of one):
+    per layer the landmarks, the key source and the exact tokens on the device, and the prompt's
+    middle K/V in the offload store. Every `attend` is a decode step (PAPER.md "ShadowKV, precisely").
+    """
+
+    def __init__(self, policy: Policy, rope, split: BudgetSplit, n_layers: int, device):
+        self.policy, self.rope, self.split = policy, rope, split
+        self.device = torch.device(device)
+        self.store = OffloadStore(self.device, offload=policy.offload)
+        self.layers = [None] * n_layers  # per layer a LayerState
+        self.prompt_len = split.prompt_len
+        # the paper's K/V: one stored row per token, all kv_heads x head_dim channels (Keys.kv_group)
+        self.token_rows = policy.keys.kv_group == "token"
+        self.stats = Stats(n_layers)
+        self.last_selected = [None] * n_layers  # per layer [H, S] positions, last decode step
+
+    @property
+    def seq_len(self) -> int:
+        ex = self.layers[0].exact
+        return self.prompt_len + ex.k.shape[1] - ex.n_prompt
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes moved from CPU memory to the device since the cache was built (the PCIe traffic)."""
+        return self.store.bytes_moved
+
+    def budget_line(self) -> str:
+        """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
+        return self.split.line()
 
     # ---------------------------------------------------------------- prefill: build the summary
-    @classmethod
-    def from_kv(cls, config, rope, k: list, v: list, policy: Policy | None = None, device=None) -> "KVCache":
-        """A cache holding the prompt K/V given per layer ([1, n_kv_heads, T, head_dim] each, post-RoPE),
-        built for `policy`: the one way to make a cache from existing keys and values (an earlier
-        prefill, or synthetic K/V for a benchmark)."""
-        if len(k) != config.n_layers or len(v) != config.n_layers or any(t is None for t in k + v):
-            raise ValueError(f"from_kv: need K and V for all {config.n_layers} layers")
-        new = cls(config, rope, policy, device if device is not None else k[0].device)
-        new.k, new.v = list(k), list(v)
-        new.prompt_len = k[0].shape[2]
-        if new.policy.landmarks is not None:
-            new.build()
-        return new
-
-    @classmethod
-    def from_prefill(cls, cache: "KVCache", policy: Policy, row: int = 0) -> "KVCache":
-        """A new cache with `policy`, built from the prompt K/V of an already prefilled cache.
-
-        Lets an evaluation prefill each prompt once and compare every policy on it.
-        """
-        if cache.sparse or cache.k[0] is None:
-            raise ValueError(
-                "from_prefill: the cache holds no prompt K/V (prefill it with full attention first)"
-            )
-        return cls.from_kv(
-            cache.config,
-            cache.rope,
-            [k[row : row + 1] for k in cache.k],
-            [v[row : row + 1] for v in cache.v],
-            policy,
-            cache.device,
-        )
-
-    def build(self):
-        """Turn the exact prompt K/V (self.k, self.v) into the policy's summary, layer by layer."""
-        T = self.k[0].shape[2]
-        if self.k[0].shape[0] != 1:
-            raise ValueError(
-                f"the {self.policy.name} policy holds one sequence; got a batch of {self.k[0].shape[0]}"
-            )
-        self.prompt_len = T
-        self.split = split_budget(self.policy, T)
-        if self.split is None:
-            warnings.warn(
-                f"prompt of {T} tokens is shorter than the {self.policy.label()} budget: "
-                "using full attention for it",
-                stacklevel=2,
-            )
-            return
-        for layer in range(self.config.n_layers):
-            self.layers[layer] = self._build_layer(layer, self.k[layer][0], self.v[layer][0])
-            self.k[layer] = self.v[layer] = None  # the exact prompt K/V now live in the store
-        self.sparse = True
-
-    def _build_layer(self, layer, k, v) -> LayerState:
+    def build_layer(self, layer, k, v) -> LayerState:
         """k, v: [H, T, d] exact post-RoPE prompt keys and values of one layer."""
         p, split = self.policy, self.split
         k_mid, v_mid = k[:, split.middle], v[:, split.middle]  # [H, M, d]
         # 1. the landmarks, and (ShadowKV) the outlier chunks taken out of them
-        marks = landmarks.LANDMARKS[p.landmarks].build(k_mid, p)  # N landmarks per KV head
+        marks = p.select.build(k_mid)  # N landmarks per KV head
         self.stats.landmark_error[layer] = marks.error
         exact = ExactTokens.build(
             k,
@@ -525,29 +665,29 @@ class KVCache:
             else torch.empty(k.shape[0], 0, dtype=torch.long, device=k.device),
         )
         # 2. the middle goes to the offload store; low-rank keys keep only their factors on the device
-        if p.keys == "low_rank":
-            keys = LowRankKeys.build(k, split, self.rope, p.rank)
+        if p.keys.source == "low_rank":
+            keys = LowRankKeys.build(k, self.rope, p.keys.rank)
         else:
-            keys = OffloadedKeys(pre_rope=p.kv_pre_rope)
+            keys = OffloadedKeys(pre_rope=p.keys.kv_pre_rope)
             pos = torch.arange(split.middle.start, split.middle.stop, device=k.device)  # [M]
-            self._offload(layer, "k", self.rope.invert(k_mid, pos) if p.kv_pre_rope else k_mid)
+            self._offload(layer, "k", self.rope.invert(k_mid, pos) if p.keys.kv_pre_rope else k_mid)
         self._offload(layer, "v", v_mid)
         if p.track:
             self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
         return LayerState(marks, keys, exact)
 
     def _offload(self, layer, name, x):
-        """Put x [H, M, d] in the store: as it is, or quantized with policy.kv_bits (each row packed on
+        """Put x [H, M, d] in the store: as it is, or quantized with Keys.kv_bits (each row packed on
         its own, so the selected rows are fetched still packed: fewer bytes over PCIe). With
         kv_group "token" a row is all H * d channels of a token, one scale group (the paper's K/V)."""
-        p = self.policy
-        if p.kv_bits is None:
+        kv_bits = self.policy.keys.kv_bits
+        if kv_bits is None:
             self.store.put(layer, name, x)
-        elif p.kv_group == "head":
-            self.store.put(layer, name, quantize.quantize(x, quantize.parse_format(p.kv_bits)))
+        elif not self.token_rows:
+            self.store.put(layer, name, quantize.quantize(x, quantize.parse_format(kv_bits)))
         else:
             H, M, d = x.shape
-            spec = p.kv_bits if ":" in p.kv_bits else f"{p.kv_bits}:g{H * d}"  # one group: the whole token
+            spec = kv_bits if ":" in kv_bits else f"{kv_bits}:g{H * d}"  # one group: the whole token
             rows = x.transpose(0, 1).reshape(1, M, H * d)  # [1, M, H*d] token-major
             self.store.put(layer, name, quantize.quantize(rows, quantize.parse_format(spec)))
 
@@ -556,7 +696,7 @@ class KVCache:
         """Step 1 of a decode step: the middle rows [H, S] (sorted, relative to the middle) that the
         queries qg [H, G, Tq, d] read: the landmarks' top-k chunks per KV head, expanded to tokens."""
         split = self.split
-        scores = landmarks.score(qg, self.layers[layer].marks, self.policy.score_rule)  # [H, N]
+        scores = landmarks.score(qg, self.layers[layer].marks, self.policy.select.score_rule)  # [H, N]
         chunks = landmarks.select_topk(scores, split.k_chunks)  # [H, k_chunks]
         if split.chunk == 1:
             return chunks
@@ -564,7 +704,7 @@ class KVCache:
             1
         )  # [H, S]
 
-    def _decode(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, pos):
         """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely")."""
         st = self.layers[layer]
         B, n_heads, Tq, d = q.shape
@@ -577,8 +717,7 @@ class KVCache:
         idx = self.select(layer, qg)  # [H, S] middle rows
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
-        token_rows = self.policy.kv_bits is not None and self.policy.kv_group == "token"
-        fetch = self.store.fetch(layer, st.keys.fetched, idx.reshape(1, -1) if token_rows else idx)
+        fetch = self.store.fetch(layer, st.keys.fetched, idx.reshape(1, -1) if self.token_rows else idx)
 
         # 3. ... and meanwhile attend to the exact tokens on the device.
         qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
@@ -590,7 +729,7 @@ class KVCache:
 
         # 4. The selected keys (fetched, or rebuilt), attention over them, the two softmaxes merged.
         got = fetch.wait()  # per name [H, S, d] (dequantized if stored packed)
-        if token_rows:  # [1, H*S, H*d] whole tokens: keep head h's channels of the rows head h selected
+        if self.token_rows:  # [1, H*S, H*d] whole tokens: keep head h's channels of the rows head h selected
             got = [t.view(H, -1, H, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1) for t in got]  # [H, S, d]
         got = dict(zip(st.keys.fetched, got))
         sel_k = st.keys.selected(got, idx, self.split, self.rope, q.dtype)  # [H, S, d] post-RoPE
@@ -607,7 +746,9 @@ class KVCache:
 
         One exact pass: the logits of the query against the exact middle keys give both the
         oracle's selection (same rule, same budget) and, with the exact tokens, the exact attention
-        weights whose share on the attended tokens is the attention mass.
+        weights whose share on the attended tokens is the attention mass: the weight on (selected +
+        outlier) middle tokens + sink + local + generated, over the weight on every token, each
+        counted once (ShadowKV's outlier tokens are middle tokens that also sit among the exact ones).
         """
         H, G, Tq, d = qg.shape
         split = self.split
@@ -626,13 +767,16 @@ class KVCache:
         recall = hit.gather(1, oracle).float().mean(1)  # [H]
         # exact attention weights of the last query position over prompt middle + exact tokens
         q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
-        logits_rest = landmarks.landmark_logits(q_last, st.exact.k)  # [H, G, 1, F + Tg]
+        rest = st.exact.k
+        if split.outlier_chunks:  # the outlier tokens are in the middle already: count them once
+            rest = torch.cat([rest[:, : split.sink], rest[:, split.sink + split.outlier_tokens :]], dim=1)
+        logits_rest = landmarks.landmark_logits(q_last, rest)  # [H, G, 1, sink + local + Tg]
         lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
         mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(
             -1
         )
         key_err = None
-        if self.policy.keys == "low_rank":
+        if self.policy.keys.source == "low_rank":
             true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
             key_err = ((sel_k.float() - true_k).pow(2).sum() / true_k.pow(2).sum()).item()
         self.stats.add(layer, recall, mass.mean((1, 2)), key_err)
@@ -654,33 +798,68 @@ class KVCache:
                 return t.numel() * (exact_bytes or t.element_size())
             return quantize.nbytes(t)  # quantized: the packed codes and scales as stored
 
-        cfg = self.config
-        T = self.prompt_len or (0 if self.k[0] is None else self.k[0].shape[2])
-        full_bf16 = T * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
-        if not self.sparse:
-            exact = sum(size(t[:, :, :T]) for t in self.k + self.v if t is not None)
-            summary, off = 0, 0
-        else:
-            summary = sum(
-                st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in self.layers
-            )
-            exact = sum(
-                size(st.exact.k[:, : st.exact.n_prompt]) + size(st.exact.v[:, : st.exact.n_prompt])
-                for st in self.layers
-            )
-            off = sum(size(t) for t in self.store.tensors.values())
-        dev = summary + exact
-        if self.sparse and not self.policy.offload:  # the "store" is on the device
-            dev, off = dev + off, 0
-        ref = max(full_bf16, 1)
-        return dict(
-            device=dev,
-            offloaded=off,
-            full_bf16=full_bf16,
-            device_fraction=dev / ref,
-            summary_fraction=summary / ref,
-            exact_fraction=exact / ref,
+        H, _, d = self.layers[0].exact.k.shape
+        full_bf16 = self.prompt_len * len(self.layers) * 2 * H * d * 2
+        summary = sum(st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in self.layers)
+        exact = sum(
+            size(st.exact.k[:, : st.exact.n_prompt]) + size(st.exact.v[:, : st.exact.n_prompt])
+            for st in self.layers
         )
+        off = sum(size(t) for t in self.store.tensors.values())
+        if not self.policy.offload:  # the "store" is on the device
+            return _memory(full_bf16, 0, exact, summary, on_device=off)
+        return _memory(full_bf16, off, exact, summary)
+
+
+def _memory(full_bf16, offloaded, exact, summary, on_device=0) -> dict:
+    dev = summary + exact + on_device
+    ref = max(full_bf16, 1)
+    return dict(
+        device=dev,
+        offloaded=offloaded,
+        full_bf16=full_bf16,
+        device_fraction=dev / ref,
+        summary_fraction=summary / ref,
+        exact_fraction=exact / ref,
+    )
+
+
+def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=None):
+    """The cache of `policy` holding the prompt K/V given per layer ([1, n_kv_heads, T, head_dim] each,
+    post-RoPE; `rope` is the model's, which low-rank and pre-RoPE keys need): the one way to make a
+    cache from existing keys and values (an earlier prefill, or synthetic K/V for a benchmark).
+
+    A SparseCache, or a FullCache for full attention and for a prompt shorter than the policy's
+    budget (with a warning: it has nothing to select from).
+    """
+    policy = policy or PRESETS["full"]
+    if not k or len(k) != len(v) or any(t is None for t in k + v):
+        raise ValueError("from_kv: need the K and V of every layer")
+    T = k[0].shape[2]
+    split = split_budget(policy, T) if policy.sparse else None
+    if split is None:
+        if policy.sparse:
+            warnings.warn(
+                f"prompt of {T} tokens is shorter than the {policy.label()} budget: using full attention for it",
+                stacklevel=2,
+            )
+        full = FullCache(len(k), policy)
+        full.k, full.v, full.prompt_len = list(k), list(v), T
+        return full
+    if k[0].shape[0] != 1:
+        raise ValueError(f"the {policy.name} policy holds one sequence; got a batch of {k[0].shape[0]}")
+    cache = SparseCache(policy, rope, split, len(k), device if device is not None else k[0].device)
+    for layer in range(len(k)):
+        cache.layers[layer] = cache.build_layer(layer, k[layer][0], v[layer][0])
+    return cache
+
+
+def from_prefill(prefill: FullCache, policy: Policy, rope, row: int = 0):
+    """The cache of `policy` built from the prompt K/V of row `row` of a prefilled FullCache: an
+    evaluation prefills each prompt once and compares every policy on it (views, not copies)."""
+    if not isinstance(prefill, FullCache) or prefill.k[0] is None:
+        raise ValueError("from_prefill: the cache holds no prompt K/V (prefill a FullCache first)")
+    return from_kv([k[row : row + 1] for k in prefill.k], [v[row : row + 1] for v in prefill.v], policy, rope)
 
 
 class Stats:

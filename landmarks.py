@@ -16,7 +16,7 @@ or the authors' fast mean-query rule), and `select_topk` keeps the best ones.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -110,79 +110,96 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
 
 
 @dataclass
-class TokenKeys:
+class Landmarks:
+    """What every kind has: N landmarks per KV head, some of which may be taken out of selection
+    (`removed`: ShadowKV's outlier chunks, kept exact instead), the relative squared error of the
+    landmarks against what they stand for (`error`: quantized kinds), and their bytes on the device.
+
+    A kind adds its tensors, `build` (from a layer's exact post-RoPE prompt keys and the kind's own
+    parameters), `logits` (q.L / sqrt(d) per query head, position and landmark) and `shape`."""
+
+    removed: Tensor | None = field(default=None, kw_only=True)  # [H, N] bool
+    error: float | None = field(default=None, kw_only=True)
+
+    def tensors(self) -> list:
+        """The tensors this kind keeps on the device."""
+        raise NotImplementedError
+
+    def nbytes(self, exact_bytes: int | None) -> int:
+        """Bytes on the device: `exact_bytes` per value (2 = bf16, the paper's accounting), None = as stored."""
+        return sum(t.numel() * (exact_bytes or t.element_size()) for t in self.tensors())
+
+
+@dataclass
+class TokenKeys(Landmarks):
     """Every exact prompt key is its own landmark: exact top-k selection, the oracle (PAPER.md "The
     paper's method", oracle). The keys stay on the device in full precision, which no deployable
     system would pay: it is the ceiling the other kinds are measured against."""
 
     keys: Tensor  # [H, N, d] exact post-RoPE keys, N = M tokens
-    removed: Tensor | None = None  # [H, N] bool: landmarks taken out of selection (outliers)
-    error: float | None = None  # relative squared error of the landmarks (exact: none)
 
     @property
     def shape(self) -> tuple:
         return tuple(self.keys.shape)  # [H, N, d]
 
     @classmethod
-    def build(cls, k: Tensor, policy) -> "TokenKeys":
+    def build(cls, k: Tensor) -> "TokenKeys":
         return cls(k)  # k: [H, M, d]
+
+    def tensors(self) -> list:
+        return [self.keys]
 
     def logits(self, q: Tensor) -> Tensor:
         return landmark_logits(q, self.keys)  # [H, G, Tq, N]
 
-    def nbytes(self, exact_bytes: int | None) -> int:
-        return self.keys.numel() * (exact_bytes or self.keys.element_size())
-
 
 @dataclass
-class ChunkMeans:
+class ChunkMeans(Landmarks):
     """ShadowKV's landmark: the mean post-RoPE key of each chunk of c tokens (PAPER.md "ShadowKV,
     precisely"). `min_cos` [H, N] is the lowest cosine between a chunk's mean and its keys: the
     chunks where it is lowest are the outliers ShadowKV keeps exact."""
 
     means: Tensor  # [H, N, d]
     min_cos: Tensor  # [H, N] float32
-    removed: Tensor | None = None
-    error: float | None = None
 
     @property
     def shape(self) -> tuple:
         return tuple(self.means.shape)  # [H, N, d]
 
     @classmethod
-    def build(cls, k: Tensor, policy) -> "ChunkMeans":
-        return cls(*chunk_landmarks(k, policy.chunk_size))
+    def build(cls, k: Tensor, chunk: int) -> "ChunkMeans":
+        return cls(*chunk_landmarks(k, chunk))
+
+    def tensors(self) -> list:
+        return [self.means]
 
     def logits(self, q: Tensor) -> Tensor:
         return landmark_logits(q, self.means)  # [H, G, Tq, N]
 
-    def nbytes(self, exact_bytes: int | None) -> int:
-        return self.means.numel() * (exact_bytes or self.means.element_size())
-
 
 @dataclass
-class QuantizedKeys:
+class QuantizedKeys(Landmarks):
     """The paper's fix: token-level landmarks (chunk 1) quantized to ~2 bits per value (PAPER.md "The
     paper's method"), scored as stored, without a dequantized copy (quantize.quantized_dot). With
-    chunk c > 1 the chunk means are quantized; with `policy.residual` = m, residual meta-chunks."""
+    chunk c > 1 the chunk means are quantized; with `residual` = m, residual meta-chunks."""
 
     codes: object  # quantize.Quantized or ResidualQuantized of shape [H, N, d]
-    removed: Tensor | None = None
-    error: float | None = None  # relative squared error of the dequantized landmarks
 
     @property
     def shape(self) -> tuple:
         return tuple(self.codes.shape)  # [H, N, d]
 
     @classmethod
-    def build(cls, k: Tensor, policy) -> "QuantizedKeys":
-        exact, _ = chunk_landmarks(k, policy.chunk_size)  # [H, N, d]
-        if policy.residual:
-            codes = quantize.residual_quantize(
-                exact, policy.residual, policy.landmark_bits, policy.residual_bits
-            )
+    def build(
+        cls, k: Tensor, chunk: int, bits: str, residual: int = 0, residual_bits: str = ""
+    ) -> "QuantizedKeys":
+        """bits: the landmarks' quantize.parse_format spec; residual: the meta-chunk m (0 = off), whose
+        residuals are quantized with `residual_bits` (PAPER.md "Residual landmarks")."""
+        exact, _ = chunk_landmarks(k, chunk)  # [H, N, d]
+        if residual:
+            codes = quantize.residual_quantize(exact, residual, bits, residual_bits)
         else:
-            codes = quantize.quantize(exact, quantize.parse_format(policy.landmark_bits))
+            codes = quantize.quantize(exact, quantize.parse_format(bits))
         exact = exact.float()
         err = (quantize.dequantize(codes) - exact).pow(2).sum() / exact.pow(2).sum()
         return cls(codes, error=err.item())
@@ -195,7 +212,7 @@ class QuantizedKeys:
 
 
 @dataclass
-class QuestBounds:
+class QuestBounds(Landmarks):
     """Quest (Tang et al. 2024, PAPER.md "Quest"): per chunk, the element-wise min and max of its keys.
 
     For a query q, sum_d max(q_d * min_d, q_d * max_d) is the largest q . k any key of the chunk could
@@ -205,18 +222,19 @@ class QuestBounds:
 
     lo: Tensor  # [H, N, d] element-wise minimum of each chunk's keys
     hi: Tensor  # [H, N, d] element-wise maximum
-    removed: Tensor | None = None
-    error: float | None = None
 
     @property
     def shape(self) -> tuple:
         return tuple(self.lo.shape)  # [H, N, d]
 
     @classmethod
-    def build(cls, k: Tensor, policy) -> "QuestBounds":
+    def build(cls, k: Tensor, chunk: int) -> "QuestBounds":
         H, M, d = k.shape
-        kc = k.reshape(H, M // policy.chunk_size, policy.chunk_size, d)  # [H, N, c, d]
+        kc = k.reshape(H, M // chunk, chunk, d)  # [H, N, c, d]
         return cls(kc.amin(dim=2), kc.amax(dim=2))
+
+    def tensors(self) -> list:
+        return [self.lo, self.hi]
 
     def logits(self, q: Tensor) -> Tensor:
         H, G, Tq, d = q.shape
@@ -226,9 +244,6 @@ class QuestBounds:
             max=0
         ) @ self.lo.float().transpose(1, 2)
         return bound.view(H, G, Tq, -1)  # [H, G, Tq, N]
-
-    def nbytes(self, exact_bytes: int | None) -> int:
-        return 2 * self.lo.numel() * (exact_bytes or self.lo.element_size())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,9 +260,14 @@ def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
     "softmax_max" (ShadowKV's rule, and the paper's as evaluated: PAPER.md "ShadowKV, precisely"): per
     query head and position, softmax over the N landmarks of q.L / sqrt(d); sum over the Tq positions;
     max over the G heads, so a landmark that matters to any one head of the group is kept (all heads
-    of a group read the same selected keys). Landmarks in `marks.removed` are taken out before the
-    softmax. "mean_query" (the authors' fast GPU path, PAPER.md "The paper's method"): the dot
-    product of each landmark with the mean of the group's queries, no softmax, no scaling.
+    of a group read the same selected keys). "mean_query" (the authors' fast GPU path, PAPER.md "The
+    paper's method"): the dot product of each landmark with the mean of the group's queries, no
+    softmax, no scaling.
+
+    Landmarks in `marks.removed` (ShadowKV's outlier chunks, already attended exactly) leave before the
+    softmax, so they take no share of any head's sum, and score -inf, so they are never selected:
+    masking the logits alone is not enough, since when every other probability underflows to 0 the
+    tie at 0 would be broken by index and could pick a removed landmark.
     """
     H, N, d = marks.shape
     if q.dim() != 4 or q.shape[0] != H or q.shape[3] != d:
@@ -258,13 +278,11 @@ def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
     if rule == "mean_query":
         qm = q.float().mean(dim=1, keepdim=True)  # [H, 1, Tq, d]
         scores = marks.logits(qm).sum(dim=2)[:, 0] * math.sqrt(q.shape[-1])  # [H, N], the 1/sqrt(d) undone
-        if marks.removed is not None:
-            scores = scores.masked_fill(marks.removed, float("-inf"))
-        return scores
-    logits = marks.logits(q)  # [H, G, Tq, N]
-    if marks.removed is not None:  # out before the softmax: they do not take a share of any head's sum
-        logits = logits.masked_fill(marks.removed[:, None, None], float("-inf"))
-    return scores_from_logits(logits)  # [H, N]
-
-
-LANDMARKS = {"keys": TokenKeys, "mean": ChunkMeans, "quantized": QuantizedKeys, "quest": QuestBounds}
+    else:
+        logits = marks.logits(q)  # [H, G, Tq, N]
+        if marks.removed is not None:  # out before the softmax
+            logits = logits.masked_fill(marks.removed[:, None, None], float("-inf"))
+        scores = scores_from_logits(logits)  # [H, N]
+    if marks.removed is not None:  # and never selected, whatever the rule
+        scores = scores.masked_fill(marks.removed, float("-inf"))
+    return scores

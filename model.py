@@ -866,42 +866,59 @@ def load_tokenizer(path=None, config=None, chat_format=None):
 
 
 @torch.inference_mode()
-def generate(model, input_ids, max_new_tokens, stop_ids=(), cache=None):
-    """Greedy decoding: prefill input_ids (a list of ints), then one token per step.
+def prefill(model, input_ids, policy=None):
+    """Run the prompt (a list of ints) through the model once, with full attention, and build the
+    cache of `policy` (a kvcache.Policy; None = full attention) from its K/V (kvcache.from_prefill).
 
-    Returns the new tokens, without the stop token. Stops at a stop id, after
-    max_new_tokens, or when the model's max_positions is reached. `cache` (a
-    kvcache.KVCache) selects the attention policy; None = a new full-attention cache.
-    A cache that already holds tokens is continued (input_ids follow them).
+    Returns (cache, logits [vocab] float32 at the last prompt position): the first new token comes
+    from the prefill for every policy (PAPER.md "Confirmed against the authors' code").
     """
-
     input_ids = list(input_ids)
     if not input_ids:
         raise ValueError("empty prompt: generate needs at least one input token")
     vocab = model.config.vocab_size
     if min(input_ids) < 0 or max(input_ids) >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}): the prompt was tokenized for another model")
-    device = model.embed_tokens.weight.device
-    if cache is None:
-        cache = kvcache.KVCache(model.config, model.rope, device=device)
-    n = cache.seq_len + len(input_ids)  # positions used after the prefill
-    if n > model.config.max_positions:
+    if len(input_ids) > model.config.max_positions:
         raise ValueError(
-            f"input of {n} tokens exceeds the model's {model.config.max_positions} "
+            f"input of {len(input_ids)} tokens exceeds the model's {model.config.max_positions} "
             "positions: shorten the prompt"
         )
-    stop = set(stop_ids)
-    limit = min(max_new_tokens, model.config.max_positions - n + 1)  # the last token is not fed back
-    x = torch.tensor([input_ids], device=device)  # [1, T]
-    out = []
+    device = model.embed_tokens.weight.device
+    full = kvcache.FullCache(model.config.n_layers)
+    logits = model(torch.tensor([input_ids], device=device), full, last_only=True)[0, -1]  # [vocab]
+    if policy is None or not policy.sparse:
+        return full, logits
+    return kvcache.from_prefill(full, policy, model.rope), logits
+
+
+@torch.inference_mode()
+def decode(model, cache, logits, max_new_tokens, stop_ids=()):
+    """Greedy decoding from a prefilled cache: the first token from `logits` (the prefill's last
+    position, see `prefill`), then one token per step through `cache`.
+
+    Returns the new tokens, without the stop token. Stops at a stop id, after max_new_tokens, or when
+    the model's max_positions is reached (the last token is never fed back, so it may take the last
+    position's place).
+    """
+    device = model.embed_tokens.weight.device
+    limit = min(max_new_tokens, model.config.max_positions - cache.seq_len + 1)
+    stop, out = set(stop_ids), []
     while len(out) < limit:
-        logits = model(x, cache, last_only=True)  # [1, 1, vocab]
-        token = int(logits[0, -1].argmax())
+        token = int(logits.argmax())
         if token in stop:
             break
         out.append(token)
-        x = torch.tensor([[token]], device=device)  # [1, 1]
+        if len(out) < limit:
+            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]  # [vocab]
     return out
+
+
+def generate(model, input_ids, max_new_tokens, stop_ids=(), policy=None):
+    """Greedy decoding of a prompt (a list of ints) under `policy` (None = full attention): `prefill`,
+    then `decode`. Returns the new tokens, without the stop token."""
+    cache, logits = prefill(model, input_ids, policy)
+    return decode(model, cache, logits, max_new_tokens, stop_ids)
 
 
 def chat(model, tokenizer, prompt, max_new_tokens=256):

@@ -22,11 +22,15 @@ import torch
 from matplotlib.figure import Figure
 
 from files import read_jsonl
-from kvcache import POLICIES
 
 BITS = ("0.5", "1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
 # summary.json: the configuration, then the metrics (every row has every key; None = not defined)
 CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
+# what a row carries about its configuration besides the columns, so that this module needs no policy:
+# its identity (`config`, every parameter, written out in `key`), its sweep axes with a legend for each,
+# its place in the tables and the key of the oracle it is compared with (evaluate.config_fields)
+ROW_CONFIG = ("config", "axes", "legends", "order", "oracle_key")
+RESULTS_FORMAT = 2  # run.json "format": 2 = rows keyed by their configuration's parameters (not labels)
 METRICS = (
     "fact_accuracy",
     "field_accuracy",
@@ -207,10 +211,10 @@ def _mean_lists(lists):
 
 
 def _order(row):
-    """Table order: policies as in kvcache.POLICIES, then budget, chunk size, rank, bits."""
+    """Table order: policies as in kvcache.PRESETS (the row's `order`), then budget, chunk size, rank, bits."""
     bits = row["bits"]
     return (
-        POLICIES.index(row["method"]),
+        row["order"],
         row["budget"] or 0,
         row["chunk_size"] or 0,
         row["rank"] or 0,
@@ -306,7 +310,7 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
             dict(
                 key=key,
                 task=task,
-                **{f: rs[0].get(f) for f in CONFIG_FIELDS},
+                **{f: rs[0].get(f) for f in CONFIG_FIELDS + ROW_CONFIG},
                 n=len(rs),
                 **{m: metrics.get(m) for m in METRICS},
                 values=values,
@@ -320,14 +324,7 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
             m: None if s[m] is None else _scaled(interval(bootstrap_means(v, index)), scale[m])
             for m, v in s["values"].items()
         }
-        oracle = next(
-            (
-                o
-                for o in summary
-                if o["method"] == "oracle" and o["budget"] == s["budget"] and o["kv_bits"] == s["kv_bits"]
-            ),
-            None,
-        )
+        oracle = next((o for o in summary if o["key"] == s["oracle_key"]), None)
         for name, ref in (("vs_full", full), ("vs_oracle", oracle)):
             s[name] = {
                 m: None
@@ -447,34 +444,35 @@ PANELS = (
 )  # the first panel is the task score when there are no facts
 
 
+def _name(r):
+    """A configuration in notes and plots: its label and budget, 'quantized 2b @0.03125' (or 'full')."""
+    return r["label"] + (f" @{r['budget']:g}" if r["budget"] is not None else "")
+
+
 def _sweep_name(r, axis):
-    """Legend entry: the configuration without the swept axis."""
-    budget = f" @{100 * r['budget']:.3g}%" if r["budget"] is not None else ""
+    """Legend entry: the configuration without the swept axis (the row's `legends`), and its budget."""
     if axis == "budget":
-        return r["label"]
-    if axis == "chunk_size":
-        return r["method"] + (f" {r['bits']}b" if r["bits"] else "") + budget
-    if axis == "bits":
-        return f"quantized c{r['chunk_size']}" + budget
-    return r["method"] + budget  # rank
+        return r["legends"][axis]
+    return r["legends"][axis] + (f" @{100 * r['budget']:.3g}%" if r["budget"] is not None else "")
 
 
-def plot_sweep(summary, axis, methods, path, xlabel):
+def plot_sweep(summary, axis, column, path, xlabel):
     """Score, agreement and oracle recall against one sweep axis (PAPER.md "The problem": its ablations),
-    one line per configuration of the other axes. False (nothing drawn) when no configuration has
+    one line per configuration of the other axes, for every configuration whose policy takes that
+    axis (the row's `axes`); x is the row's `column`. False (nothing drawn) when no configuration has
     more than one value on the axis."""
     groups = {}
     for r in summary:
-        if r["method"] in methods and r[axis] is not None:
+        if axis in (r["axes"] or ()):
             groups.setdefault(_sweep_name(r, axis), []).append(r)
-    groups = {k: v for k, v in groups.items() if len({r[axis] for r in v}) > 1}
+    groups = {k: v for k, v in groups.items() if len({r[column] for r in v}) > 1}
     if not groups:
         if path.exists():
             path.unlink()  # a plot left from an earlier, wider sweep would now be wrong
         return False
 
-    categorical = axis == "bits"  # fp8 and nvfp4 are formats, not numbers: one tick per format
-    ticks = sorted({r["bits"] for rs in groups.values() for r in rs}, key=BITS.index) if categorical else None
+    categorical = column == "bits"  # fp8 and nvfp4 are formats, not numbers: one tick per format
+    ticks = sorted({r[column] for rs in groups.values() for r in rs}, key=BITS.index) if categorical else None
     full = next((r for r in summary if r["method"] == "full"), None)
     facts = any(r["fact_accuracy"] is not None for r in summary)
     panels = PANELS if facts else (("score", "task score"),) + PANELS[1:]
@@ -482,8 +480,8 @@ def plot_sweep(summary, axis, methods, path, xlabel):
     axes = fig.subplots(1, len(panels))
     for ax, (metric, title) in zip(axes, panels):
         for name, rs in groups.items():
-            rs = sorted(rs, key=lambda r: ticks.index(r[axis]) if categorical else r[axis])
-            xs = [ticks.index(r[axis]) if categorical else r[axis] for r in rs]
+            rs = sorted(rs, key=lambda r: ticks.index(r[column]) if categorical else r[column])
+            xs = [ticks.index(r[column]) if categorical else r[column] for r in rs]
             ys = [math.nan if r[metric] is None else r[metric] for r in rs]
             ax.plot(xs, ys, marker="o", label=name)
         if full is not None and full[metric] is not None:
@@ -492,7 +490,7 @@ def plot_sweep(summary, axis, methods, path, xlabel):
         ax.set_xlabel(xlabel)
         if categorical:
             ax.set_xticks(range(len(ticks)), ticks)
-        elif axis in ("budget", "chunk_size"):
+        elif column in ("budget", "chunk_size"):
             ax.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -514,7 +512,7 @@ def plot_depth(summary, path):
     centres = [100 * (i + 0.5) / DEPTH_BINS for i in range(DEPTH_BINS)]
     for r in rows:
         ys = [math.nan if y is None else y for y in r["depth_accuracy"]]
-        ax.plot(centres, ys, marker="o", label=r["key"], linestyle="--" if r["method"] == "full" else "-")
+        ax.plot(centres, ys, marker="o", label=_name(r), linestyle="--" if r["method"] == "full" else "-")
     ax.set_xlabel("depth of the record in the prompt (%)")
     ax.set_ylabel("fact accuracy (gold-forced)")
     ax.set_xlim(0, 100)
@@ -537,7 +535,7 @@ def plot_recall_heatmap(summary, path):
     fig = Figure(figsize=(max(6.0, 0.25 * matrix.shape[1] + 3), 0.4 * len(rows) + 1.5))
     ax = fig.subplots()
     im = ax.imshow(matrix.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
-    ax.set_yticks(range(len(rows)), [r["key"] for r in rows])
+    ax.set_yticks(range(len(rows)), [_name(r) for r in rows])
     ax.set_xticks(range(0, matrix.shape[1], max(1, matrix.shape[1] // 15)))
     ax.set_xlabel("layer")
     ax.set_title("oracle recall per layer")
@@ -547,19 +545,22 @@ def plot_recall_heatmap(summary, path):
     return True
 
 
+SWEEP_PLOTS = (  # (sweep axis, the column that holds its value, file, x label); kvcache.SWEEP_AXES
+    ("budget", "budget", "vs_budget.png", "budget (share of the prompt)"),
+    ("chunk_size", "chunk_size", "vs_chunk_size.png", "chunk size"),
+    ("rank", "rank", "vs_rank.png", "SVD rank"),
+    ("landmark_bits", "bits", "vs_bits.png", "landmark bits"),
+)
+
+
 def make_plots(out, summary):
     """Every plot the sweep supports; returns one line per plot saying what was drawn or skipped."""
     notes = []
-    for axis, methods, name, xlabel in (
-        ("budget", POLICIES, "vs_budget.png", "budget (share of the prompt)"),
-        ("chunk_size", ("mean", "quantized"), "vs_chunk_size.png", "chunk size"),
-        ("rank", ("svd", "shadowkv"), "vs_rank.png", "SVD rank"),
-        ("bits", ("quantized",), "vs_bits.png", "landmark bits"),
-    ):
-        if plot_sweep(summary, axis, methods, out / name, xlabel):
+    for axis, column, name, xlabel in SWEEP_PLOTS:
+        if plot_sweep(summary, axis, column, out / name, xlabel):
             notes.append(f"{name}: fact accuracy or score / agreement / oracle recall against {xlabel}")
         else:
-            notes.append(f"{name}: skipped, the sweep has one value of {axis} per configuration")
+            notes.append(f"{name}: skipped, the sweep has one value of {column} per configuration")
     if plot_depth(summary, out / "fact_vs_depth.png"):
         notes.append("fact_vs_depth.png: fact accuracy against the depth of the record in the prompt")
     else:
@@ -630,6 +631,7 @@ def check_resume(out, run, adopt_max_new):
     if not path.is_file() or not read_rows(out):
         return run
     old = json.loads(path.read_text())
+    check_format(out, old)
     if adopt_max_new:
         run = dict(run, max_new_tokens=old["max_new_tokens"])
     for f in RUN_FIELDS:
@@ -639,6 +641,16 @@ def check_resume(out, run, adopt_max_new):
                 "use another --out or the same settings"
             )
     return dict(run, skipped=dict(old.get("skipped") or {}, **run.get("skipped", {})))
+
+
+def check_format(folder, run):
+    """A folder written before rows were keyed by their configuration's parameters (RESULTS_FORMAT) cannot
+    be resumed or merged: its keys are display labels, which do not say every parameter."""
+    if run.get("format") != RESULTS_FORMAT:
+        raise ValueError(
+            f"{folder} holds results of an older evaluate.py (rows keyed by their labels, not by their "
+            f"configurations): give a new --out, or delete {folder} to run it again"
+        )
 
 
 def skip_record(skipped, rows):
@@ -670,7 +682,7 @@ def annotate(summary, rows, run):
     for r in summary:
         if r["fell_back"]:
             notes.append(
-                f"{r['key']}: {r['fell_back']} of {r['n']} samples fell back to full attention "
+                f"{_name(r)}: {r['fell_back']} of {r['n']} samples fell back to full attention "
                 "(prompt shorter than the policy's budget: sink + local window + selection)"
             )
     return notes
@@ -699,6 +711,7 @@ def merge(args):
         runs, rows, seen, skipped = [], [], {}, {}
         for d in dirs:
             runs.append(json.loads((d / "run.json").read_text()))
+            check_format(d, runs[-1])
             for f in RUN_FIELDS:
                 if runs[-1].get(f) != runs[0].get(f):
                     raise ValueError(

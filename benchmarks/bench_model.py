@@ -23,8 +23,8 @@ import model  # noqa: E402
 
 @torch.inference_mode()
 def run_ours(m, prompt, n_new):
-    """(prefill seconds, decode seconds, tokens) for model.py with the full-attention KVCache."""
-    cache = kvcache.KVCache(m.config, m.rope)
+    """(prefill seconds, decode seconds, tokens) for model.py with the full-attention cache."""
+    cache = kvcache.FullCache(m.config.n_layers)
     t0 = time.perf_counter()
     logits = m(prompt, cache, last_only=True)  # [1, 1, vocab]
     t1 = time.perf_counter()

@@ -13,7 +13,7 @@ decode step (all layers in turn, as a model runs them), median over steps, per p
 
 Part 2 (issue target: 2-bit `quantized` build overhead at most 10% of the prefill forward): the
 default model prefills an 8K-token prompt once (timed), then every policy builds its summary from
-that prefill (`KVCache.from_prefill`: SVD, landmarks, quantization), timed, as a share of it.
+that prefill (`kvcache.from_prefill`: SVD, landmarks, quantization), timed, as a share of it.
 
     python benchmarks/decode_speed.py [--lengths 4096 16384 65536] [--layers 8] [--repeats 30] [--skip-build]
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvcache import KVCache, make_policy  # noqa: E402
+from kvcache import FullCache, from_kv, from_prefill, make_policy  # noqa: E402
 from model import ModelConfig, Rope, load_model  # noqa: E402
 
 POLICIES = [
@@ -75,14 +75,14 @@ def decode_attention(lengths, repeats, layers):
             torch.randn(1, 3, T, 64, generator=g) * torch.linspace(0.3, 3.0, 64) for _ in range(layers)
         ]  # [1, H, T, d]
         vs = [torch.randn(1, 3, T, 64, generator=g) for _ in range(layers)]  # [1, H, T, d]
-        full = KVCache.from_kv(cfg, rope, ks, vs)
+        full = from_kv(ks, vs)
         q = torch.randn(1, 9, 1, 64, generator=g)  # [1, n_heads, 1, d]
         k1, v1 = torch.randn(1, 3, 1, 64, generator=g), torch.randn(1, 3, 1, 64, generator=g)
         pos = torch.tensor([T])
         caches = {}
         for name, kw in POLICIES:
-            cache = KVCache.from_prefill(full, make_policy(name, **kw))
-            caches["full" if name == "full" else cache.policy.label()] = cache
+            cache = from_prefill(full, make_policy(name, **kw), rope)
+            caches[cache.policy.label()] = cache
         times = {label: [] for label in caches}
         for rep in range(repeats + 3):
             for label, cache in caches.items():
@@ -108,7 +108,7 @@ def decode_attention(lengths, repeats, layers):
 def build_overhead(tokens):
     model, tok = load_model()
     ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    full = KVCache(model.config, model.rope)
+    full = FullCache(model.config.n_layers)
     t0 = time.perf_counter()
     model(ids, full, last_only=True)
     prefill = time.perf_counter() - t0
@@ -117,11 +117,11 @@ def build_overhead(tokens):
     print("|---|---:|---:|")
     for name, kw in POLICIES[1:]:
         policy = make_policy(name, **kw)
-        KVCache.from_prefill(full, policy)  # warm-up (grids are fitted once and cached on disk)
+        from_prefill(full, policy, model.rope)  # warm-up (grids are fitted once and cached on disk)
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            KVCache.from_prefill(full, policy)
+            from_prefill(full, policy, model.rope)
             times.append(time.perf_counter() - t0)
         t = statistics.median(times)
         print(f"| {policy.label()} | {t:.3f} | {100 * t / prefill:.1f}% |", flush=True)

@@ -2,7 +2,7 @@
 
 Builds one layer's cache for every policy from random bf16 keys/values of a 32K-token prompt
 (8 KV heads x 128 channels = 1024, as in Llama-3.1-8B) and reads the bytes off the real tensors
-(`KVCache.memory()`: packed codes and scales, not dequantized copies). The paper's numbers to
+(`memory()` of each cache: packed codes and scales, not dequantized copies). The paper's numbers to
 reproduce: ShadowKV's U + chunk-8 landmarks are about 14% of the bf16 KV (plus outliers and the
 local window); 2-bit quantized landmarks are about 6.6%.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvcache import KVCache, make_policy  # noqa: E402
+from kvcache import from_kv, from_prefill, make_policy  # noqa: E402
 from model import ModelConfig, Rope  # noqa: E402
 
 LLAMA_8B = ModelConfig(
@@ -68,7 +68,7 @@ def main():
     # keys with a few strong channels, like real keys; values plain Gaussian
     k = (torch.randn(1, 8, T, 128, generator=g) * torch.linspace(0.3, 3.0, 128)).bfloat16()  # [1, H, T, d]
     v = torch.randn(1, 8, T, 128, generator=g).bfloat16()  # [1, H, T, d]
-    full = KVCache.from_kv(one_layer, Rope(one_layer), [k], [v])
+    full, rope = from_kv([k], [v]), Rope(one_layer)
     bf16_per_token = 2 * 8 * 128 * 2  # K and V, bf16, per token per layer
     print(
         f"Llama-3.1-8B shapes, {T} prompt tokens, {cfg.n_layers} layers; bf16 KV = "
@@ -80,9 +80,9 @@ def main():
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, kw in POLICIES:
-        cache = full if name == "full" else KVCache.from_prefill(full, make_policy(name, **kw))
+        cache = from_prefill(full, make_policy(name, **kw), rope)
         m = cache.memory()
-        label = "full" if name == "full" else cache.policy.label()
+        label = cache.policy.label()
         budget = "all" if name == "full" else cache.budget_line().split(" = ")[1].split(" of ")[0]
         print(
             f"| {label} | {budget} | {m['device'] / T:.1f} | {m['offloaded'] / T:.1f} | "

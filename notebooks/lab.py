@@ -12,7 +12,6 @@ and runs on a laptop CPU: the default model is SmolLM2-135M-Instruct, prompts ar
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ if str(ROOT) not in sys.path:
 import evaluate  # noqa: E402
 import landmarks  # noqa: E402
 import text2json  # noqa: E402
-from kvcache import KVCache, StackedCache  # noqa: E402
+from kvcache import FullCache, StackedCache, from_kv, from_prefill, make_policy, override  # noqa: E402
 
 SEED = 0  # text2json.generate seed shared by all notebooks
 SAMPLE = 4  # a "people" sample on which the tiny model writes several records correctly
@@ -91,13 +90,13 @@ def gold_forced(model, tok, sample, policies):
 
     Full attention and every policy are fed the gold answer one token per step. Returns (gold_ids,
     fields, rows): fields as text2json.fact_tokens (each gold value and its token indices), rows
-    {policy label: evaluate.Row} whose `out` is the top-1 prediction at every answer position.
+    {policy label: evaluate.GoldRow} whose `out` is the top-1 prediction at every answer position.
     """
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     gold_ids, fields = text2json.fact_tokens(sample["answer"], tok)
-    sparse = [p for p in policies if p.name != "full"]
+    sparse = [p for p in policies if p.sparse]
     gold, _ = evaluate.decode_sample(model, ids, sparse, gold_ids, len(gold_ids), free=False)
-    labels = {evaluate.config_key(p): p.label() for p in policies} | {"full": "full"}
+    labels = {p.key(): p.label() for p in [make_policy("full"), *policies]}
     return gold_ids, fields, {labels[key]: row for key, row in gold.items()}
 
 
@@ -110,7 +109,7 @@ class QueryRecorder:
 
     def __init__(self, cache):
         self.cache = cache
-        self.q = [None] * cache.config.n_layers  # per layer [n_heads, T, head_dim] of the last call
+        self.q = [None] * len(cache.k)  # per layer [n_heads, T, head_dim] of the last call
 
     @property
     def seq_len(self):
@@ -127,7 +126,7 @@ def prefill(model, prompt_ids, record=False):
 
     With record=True the cache is wrapped in a QueryRecorder, returned instead of the bare cache.
     """
-    cache = KVCache(model.config, model.rope)
+    cache = FullCache(model.config.n_layers)
     wrapped = QueryRecorder(cache) if record else cache
     logits = model(torch.tensor([prompt_ids]), wrapped, last_only=True)[0, -1]  # [vocab]
     return wrapped, logits
@@ -142,7 +141,7 @@ def forced_queries(model, prompt_ids, answer_ids):
     the exact post-RoPE K/V, [1, kv_heads, T + A, head_dim]), q a list over layers of the queries of
     the answer positions [n_heads, A, head_dim], logits [A, vocab] (row i predicts answer_ids[i + 1]).
     """
-    rec = QueryRecorder(KVCache(model.config, model.rope))
+    rec = QueryRecorder(FullCache(model.config.n_layers))
     logits = model(torch.tensor([prompt_ids + answer_ids]), rec)[0]  # [T + A, vocab]
     A = len(answer_ids)
     return rec.cache, [q[:, -A:] for q in rec.q], logits[-A:]
@@ -150,9 +149,7 @@ def forced_queries(model, prompt_ids, answer_ids):
 
 def cut_prompt(full, prompt_len):
     """A full cache holding only the first prompt_len tokens of `full` (new lists, shared tensors)."""
-    return KVCache.from_kv(
-        full.config, full.rope, [k[:, :, :prompt_len] for k in full.k], [v[:, :, :prompt_len] for v in full.v]
-    )
+    return from_kv([k[:, :, :prompt_len] for k in full.k], [v[:, :, :prompt_len] for v in full.v])
 
 
 @torch.inference_mode()
@@ -165,7 +162,7 @@ def decode_policies(model, full, policies, steps, first=None, feed=None, track=F
     evaluate.py measures fidelity. track=True makes the caches record recall against the oracle
     (cache.stats). Returns (caches, logits [P, steps, vocab]); logits[:, i] follow the i-th token read.
     """
-    caches = [KVCache.from_prefill(full, replace(p, track=track)) for p in policies]
+    caches = [from_prefill(full, override(p, track=track), model.rope) for p in policies]
     stacked = StackedCache(caches)
     x = torch.full((len(caches), 1), first if feed is None else feed[0])  # [P, 1]
     logits = []
@@ -184,7 +181,7 @@ def step_scores(q, marks):
     """The selection score of every landmark at every decode step, each step on its own.
 
     q: [n_heads, A, d] queries of A decode steps (one layer); marks: a landmark kind as a cache stores
-    it (landmarks.LANDMARKS), or an exact key tensor [H, N, d]. The rule is kvcache's softmax / max
+    it (a landmarks.Landmarks kind), or an exact key tensor [H, N, d]. The rule is kvcache's softmax / max
     (landmarks.scores_from_logits), applied to one query position at a time so that A steps cost one
     call; removed landmarks (ShadowKV's outliers) score -inf. Returns [A, H, N].
     """
@@ -201,12 +198,12 @@ def step_scores(q, marks):
 def selected_positions(cache, layer, q):
     """Absolute prompt positions a sparse cache attends at each of A decode steps, for queries q [n_heads, A, d].
 
-    Replays step 1 of kvcache's decode (KVCache.select: score the landmarks, top-k chunks per KV head,
+    Replays step 1 of kvcache's decode (SparseCache.select: score the landmarks, top-k chunks per KV head,
     expanded to tokens) on the cache's own stored summary, one step at a time, and adds the tokens it
     keeps exact (any sink, the local window, ShadowKV's outliers). Returns [A, H, S + F] int64.
     """
     n_heads, A, d = q.shape
-    H = cache.config.n_kv_heads
+    H = cache.layers[layer].marks.shape[0]  # KV heads
     idx = torch.stack(
         [cache.select(layer, q[:, a : a + 1].reshape(H, n_heads // H, 1, d)) for a in range(A)]
     )  # [A, H, S]

@@ -12,7 +12,7 @@ import kvcache
 import results
 import text2json
 from conftest import make_tiny_checkpoint
-from kvcache import KVCache, make_policy
+from kvcache import FullCache, SparseCache, from_prefill, make_policy
 from model import generate, load_model, load_tokenizer
 
 ISSUE_METRICS = (
@@ -26,6 +26,7 @@ ISSUE_METRICS = (
     "bytes_per_step",
 )
 N, TOKENS, MAX_NEW = 2, 2048, 6
+FULL = make_policy("full").key()  # full attention's configuration key
 # every policy, two budgets, two chunk sizes and two landmark formats: each plot axis but rank is swept
 SVD_KEY = "svd r0.15625 @0.0625"  # ShadowKV's rank share, 160 of 1024 channels
 SWEEP = [
@@ -85,8 +86,17 @@ def no_plots(monkeypatch):
     monkeypatch.setattr(results, "make_plots", lambda out, summary: [])
 
 
+def name_of(r):
+    """A row of samples.jsonl or summary.json by its label and budget: 'mean c8 @0.03125', or 'full'."""
+    return r["label"] if r["budget"] is None else f"{r['label']} @{r['budget']:g}"
+
+
+def policy_name(p):
+    return p.label() if not p.sparse else f"{p.label()} @{p.select.budget:g}"
+
+
 def rows_by_key(out):
-    return {(r["key"], r["sample"]): r for r in results.read_rows(out)}
+    return {(name_of(r), r["sample"]): r for r in results.read_rows(out)}
 
 
 def test_files_and_schema(base, ckpt):
@@ -122,7 +132,7 @@ def test_files_and_schema(base, ckpt):
         assert 0 <= r["agreement"] <= 1 and r["kl"] >= 0
         assert 0 <= r["oracle_recall"] <= 1 and 0 < r["attention_mass"] <= 1 + 1e-6
         assert len(r["recall_per_layer"]) == n_layers and r["bytes_per_step"] > 0
-    by = {r["key"]: r for r in summary}
+    by = {name_of(r): r for r in summary}
     for b in ("0.03125", "0.0625"):
         # the oracle selects the exact top-k, so its recall is 1 by construction (stats wired to the forced row)
         assert by[f"oracle @{b}"]["oracle_recall"] == pytest.approx(1.0)
@@ -159,7 +169,7 @@ def test_kv_bits_run(base, ckpt, tmp_path, capsys, no_plots):
         out,
     ]
     assert run_main(argv, capsys)[0] == 0
-    by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
+    by = {name_of(r): r for r in json.loads((out / "summary.json").read_text())}
     assert set(by) == {"full", "oracle kv4 @0.03125"} and by["oracle kv4 @0.03125"]["kv_bits"] == "4"
     (row,) = [r for r in results.read_rows(out) if r["method"] == "oracle"]
     exact = rows_by_key(base)["oracle @0.03125", row["sample"]]  # the same sample, K/V offloaded exact
@@ -190,14 +200,12 @@ def test_lockstep_decode_matches_one_policy_at_a_time(base, ckpt):
             if name == "shadowkv":  # generated short prompts: evaluate scales ShadowKV's 48 outlier chunks
                 kw = dict(outliers=kvcache.OUTLIER_SHARE)
             policy = make_policy(name, budget=float(key.split("@")[1]), **kw)
-            free = generate(
-                model, ids, MAX_NEW, stop_ids=tok.stop_ids, cache=KVCache(model.config, model.rope, policy)
-            )
+            free = generate(model, ids, MAX_NEW, stop_ids=tok.stop_ids, policy=policy)
             assert rows[(key, str(i))]["prediction"] == tok.decode(free), (key, i)
             # gold forcing: both fed the gold answer, one decode step per gold token but the last
-            caches = [KVCache(model.config, model.rope), KVCache(model.config, model.rope, policy)]
-            for c in caches:
-                model(torch.tensor([ids]), c, last_only=True)
+            prefill = FullCache(model.config.n_layers)
+            model(torch.tensor([ids]), prefill, last_only=True)
+            caches = [from_prefill(prefill, p, model.rope) for p in (make_policy("full"), policy)]
             hits, kl = 0, 0.0
             for x in gold[:-1]:
                 p_full, p_pol = (torch.log_softmax(model(torch.tensor([[x]]), c)[0, -1], -1) for c in caches)
@@ -229,7 +237,9 @@ def test_resume_skips_finished_work(base, ckpt, tmp_path, capsys, monkeypatch, n
 
     # an interrupted run: sample 1 missing entirely, one configuration of sample 0 missing
     kept = [
-        r for r in results.read_rows(out) if r["sample"] != "1" and (r["key"], r["sample"]) != (SVD_KEY, "0")
+        r
+        for r in results.read_rows(out)
+        if r["sample"] != "1" and (name_of(r), r["sample"]) != (SVD_KEY, "0")
     ]
     results.write_rows(out, kept)
     calls = []
@@ -238,7 +248,7 @@ def test_resume_skips_finished_work(base, ckpt, tmp_path, capsys, monkeypatch, n
         evaluate,
         "evaluate_sample",
         lambda model, tok, s, ps, *a, **k: (
-            calls.append((s["id"], [evaluate.config_key(p) for p in ps])) or real(model, tok, s, ps, *a, **k)
+            calls.append((s["id"], [policy_name(p) for p in ps])) or real(model, tok, s, ps, *a, **k)
         ),
     )
     # one in-process worker, so the calls are seen here; the base run used two worker processes, so
@@ -351,16 +361,16 @@ def test_gold_forced_full_row_is_one_causal_forward(ckpt):
     model, tok = load_model(ckpt)
     _, ids, gold_ids, _ = gold_sample(tok)
     gold, free = evaluate.decode_sample(model, ids, [], gold_ids, len(gold_ids), free=False)
-    assert free == {} and set(gold) == {"full"}
+    assert free == {} and set(gold) == {FULL}
     logits = model(torch.tensor([ids + gold_ids]))[0]  # [T + A, vocab]
     want = (
         logits[len(ids) - 1 : len(ids) + len(gold_ids) - 1].argmax(-1).tolist()
     )  # position i predicts gold i
-    assert gold["full"].out == want and len(want) == len(gold_ids)
-    assert gold["full"].steps == len(gold_ids) - 1 and gold["full"].matches == gold["full"].steps
+    assert gold[FULL].out == want and len(want) == len(gold_ids)
+    assert gold[FULL].steps == len(gold_ids) - 1 and gold[FULL].matches == gold[FULL].steps
     logp = torch.log_softmax(logits[len(ids) - 1 : len(ids) + len(gold_ids) - 1], -1)  # [A, vocab]
     ref = logp.gather(1, torch.tensor(gold_ids)[:, None])[:, 0]
-    assert gold["full"].gold_logp == pytest.approx(ref.tolist(), abs=1e-4)
+    assert gold[FULL].gold_logp == pytest.approx(ref.tolist(), abs=1e-4)
 
 
 @torch.inference_mode()
@@ -376,11 +386,14 @@ def test_whole_prompt_budget_gets_full_fact_accuracy(ckpt):
     )  # selects every middle token
     small = make_policy("mean", budget=0.03125)
     gold, _ = evaluate.decode_sample(model, ids, [whole, small], gold_ids, len(gold_ids), free=False)
-    w, s = (gold[evaluate.config_key(p)] for p in (whole, small))
-    assert w.cache.sparse and f"4 sink + 64 local + {T - 68} selected of {T} tokens" in w.cache.budget_line()
-    assert w.out == gold["full"].out and s.out != gold["full"].out
+    w, s = (gold[p.key()] for p in (whole, small))
+    assert (
+        isinstance(w.cache, SparseCache)
+        and f"4 sink + 64 local + {T - 68} selected of {T} tokens" in w.cache.budget_line()
+    )
+    assert w.out == gold[FULL].out and s.out != gold[FULL].out
     depths = text2json.record_depths(sample["problem"], sample["answer"])
-    full_facts, whole_facts = (evaluate.fact_record(r, gold_ids, fields, depths) for r in (gold["full"], w))
+    full_facts, whole_facts = (evaluate.fact_record(r, gold_ids, fields, depths) for r in (gold[FULL], w))
     assert full_facts["fact_tokens"] > 20 and whole_facts["fact_accuracy"] == full_facts["fact_accuracy"]
     assert whole_facts["field_accuracy"] == full_facts["field_accuracy"]
 
@@ -459,6 +472,11 @@ def synthetic_rows(full, policy, name="mean"):
             rows.append(
                 dict(
                     key=key,
+                    config=dict(name=method),
+                    axes=[],
+                    legends={},
+                    order=0 if method == "full" else 1,
+                    oracle_key=None,
                     sample=str(i),
                     task="text2json",
                     method=method,
@@ -537,7 +555,7 @@ def test_gold_run_records(gold_run):
         assert r["score"] is not None  # --model given: the free-running score is on by default
         assert sum(x["tokens"] for x in r["per_record"]) == r["fact_tokens"]
     summary = json.loads((gold_run / "summary.json").read_text())
-    assert summary[0]["key"] == "full" and summary[0]["vs_full"]["fact_nll"] is None
+    assert summary[0]["method"] == "full" and summary[0]["vs_full"]["fact_nll"] is None
     # the random tiny model predicts no fact right, so retention (a ratio to full's accuracy) is undefined
     assert summary[0]["fact_accuracy"] == 0.0 and all(r["retention"] is None for r in summary)
     assert all(r["ci"]["fact_nll"] is not None and r["vs_oracle"] is not None for r in summary)
@@ -568,7 +586,7 @@ def test_resumed_equals_uninterrupted(gold_run, ckpt, tmp_path, no_plots):
     assert evaluate.main(["--model", str(ckpt), *GOLD_RUN, "--workers", "1", "--out", str(out)]) == 0
     same_files(out, gold_run)
     key = "mean c8 @0.03125"
-    results.write_rows(out, [r for r in results.read_rows(out) if (r["key"], r["sample"]) != (key, "1")])
+    results.write_rows(out, [r for r in results.read_rows(out) if (name_of(r), r["sample"]) != (key, "1")])
     assert evaluate.main(["--model", str(ckpt), *GOLD_RUN, "--workers", "1", "--out", str(out)]) == 0
     assert (out / "summary.json").read_bytes() == (gold_run / "summary.json").read_bytes()
     lines = lambda d: sorted((d / "samples.jsonl").read_text().splitlines())

@@ -1,13 +1,12 @@
 """Invariants of the selection policies (kvcache.py) and of offloading (offload.py)."""
 
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
 
 import kvcache
-from kvcache import KVCache, StackedCache, make_policy
+from kvcache import FullCache, SparseCache, StackedCache, from_kv, from_prefill, make_policy, override
 from model import ModelConfig, Rope, Transformer
 
 
@@ -45,10 +44,17 @@ def tiny():
 
 
 @torch.inference_mode()
-def run(model, cache, prompt, steps):
-    """Prefill, then teacher-forced decode steps one token at a time; returns decode logits [n, vocab]."""
-    model(prompt, cache, last_only=True)
-    return torch.cat([model(steps[:, i : i + 1], cache)[0] for i in range(steps.shape[1])])  # [n, vocab]
+def run(model, policy, prompt, steps):
+    """Prefill (full attention), build the policy's cache from it, then teacher-forced decode steps one
+    token at a time; returns (decode logits [n, vocab], the cache)."""
+    full = FullCache(model.config.n_layers)
+    model(prompt, full, last_only=True)
+    cache = from_prefill(full, policy, model.rope) if policy.sparse else full
+    return torch.cat([model(steps[:, i : i + 1], cache)[0] for i in range(steps.shape[1])]), cache
+
+
+def full_logits(model, prompt, steps):
+    return run(model, make_policy("full"), prompt, steps)[0]  # [n, vocab]
 
 
 def whole_middle_budget(T, sink, local, chunk):
@@ -79,7 +85,7 @@ def test_every_policy_has_a_case():
 def exact_policy(name, T):
     """The case at full precision (exact K/V, full rank) with a budget that selects the whole middle, so
     it must equal full attention while still running the sparse path."""
-    p = replace(
+    p = override(
         make_policy(name, **FIT, **CASES[name]),
         kv_bits=None,
         kv_group="head",
@@ -87,24 +93,22 @@ def exact_policy(name, T):
         sink=4,
         local=16,
     )
-    if p.keys == "low_rank":
-        p = replace(p, rank=32)  # full rank: 2 KV heads x 16 channels
-    n_out = p.outliers  # whole chunks, kept exact besides the selection
-    return replace(
-        p, budget=(whole_middle_budget(T, 4, 16, p.chunk_size) * T - n_out * p.chunk_size + 0.5) / T
-    )
+    if p.keys.source == "low_rank":
+        p = override(p, rank=32)  # full rank: 2 KV heads x 16 channels
+    n_out, c = p.exact.outliers, p.select.chunk_size  # whole chunks, kept exact besides the selection
+    return override(p, budget=(whole_middle_budget(T, 4, 16, c) * T - n_out * c + 0.5) / T)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_full_budget_equals_full_attention(tiny, name):
     model, prompt, steps = tiny
     policy = exact_policy(name, prompt.shape[1])
-    cache = KVCache(model.config, model.rope, policy)
-    got = run(model, cache, prompt, steps)
-    assert cache.sparse, "the sparse path must run, not the short-prompt fallback"
-    assert cache.split.selected + cache.split.outlier_tokens == cache.split.n_chunks * policy.chunk_size
-    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
-    assert (got - ref).abs().max() < 1e-5
+    got, cache = run(model, policy, prompt, steps)
+    assert isinstance(cache, SparseCache), "the sparse path must run, not the short-prompt fallback"
+    assert (
+        cache.split.selected + cache.split.outlier_tokens == cache.split.n_chunks * policy.select.chunk_size
+    )
+    assert (got - full_logits(model, prompt, steps)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -119,21 +123,20 @@ def test_full_budget_equals_full_attention(tiny, name):
 def test_full_budget_equals_full_attention_variants(tiny, name, kw):
     model, prompt, steps = tiny
     T, c = prompt.shape[1], kw.get("chunk_size", 1)
-    cache = KVCache(
-        model.config, model.rope, make_policy(name, budget=whole_middle_budget(T, 4, 16, c), **FIT, **kw)
+    got, cache = run(
+        model, make_policy(name, budget=whole_middle_budget(T, 4, 16, c), **FIT, **kw), prompt, steps
     )
-    got = run(model, cache, prompt, steps)
-    assert cache.sparse and cache.split.selected == cache.split.n_chunks * c
-    assert (got - run(model, KVCache(model.config, model.rope), prompt, steps)).abs().max() < 1e-5
+    assert isinstance(cache, SparseCache) and cache.split.selected == cache.split.n_chunks * c
+    assert (got - full_logits(model, prompt, steps)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_offloaded_path_equals_on_device_every_policy(tiny, name):
     model, prompt, steps = tiny
-    a = KVCache(model.config, model.rope, make_policy(name, budget=0.1, **FIT, **CASES[name], offload=True))
-    b = KVCache(model.config, model.rope, make_policy(name, budget=0.1, **FIT, **CASES[name], offload=False))
-    assert torch.equal(run(model, a, prompt, steps), run(model, b, prompt, steps))
-    assert a.sparse and a.store.bytes_moved > 0 and b.store.bytes_moved == 0
+    got_a, a = run(model, make_policy(name, budget=0.1, **FIT, **CASES[name], offload=True), prompt, steps)
+    got_b, b = run(model, make_policy(name, budget=0.1, **FIT, **CASES[name], offload=False), prompt, steps)
+    assert torch.equal(got_a, got_b)
+    assert isinstance(a, SparseCache) and a.bytes_fetched > 0 and b.bytes_fetched == 0
     assert a.memory()["offloaded"] > 0 and b.memory()["offloaded"] == 0
 
 
@@ -141,37 +144,37 @@ def test_offloaded_path_equals_on_device_every_policy(tiny, name):
 def test_short_prompt_falls_back_every_policy(tiny, name):
     model, prompt, steps = tiny
     short = prompt[:, :40]
-    cache = KVCache(model.config, model.rope, make_policy(name, budget=1.0, **FIT, **CASES[name]))
     with pytest.warns(UserWarning, match="shorter than the"):
-        got = run(model, cache, short, steps)
-    assert not cache.sparse
-    assert torch.equal(got, run(model, KVCache(model.config, model.rope), short, steps))
+        got, cache = run(model, make_policy(name, budget=1.0, **FIT, **CASES[name]), short, steps)
+    assert isinstance(cache, FullCache) and cache.policy.name == name
+    assert torch.equal(got, full_logits(model, short, steps))
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_stacked_cache_matches_separate_run_every_policy(tiny, name):
     model, prompt, steps = tiny
     policies = [make_policy("full"), make_policy(name, budget=0.1, **FIT, **CASES[name])]
-    full = KVCache(model.config, model.rope)
+    full = FullCache(model.config.n_layers)
     with torch.inference_mode():
         model(prompt, full, last_only=True)
-        stacked = StackedCache([KVCache.from_prefill(full, p) for p in policies])
+        stacked = StackedCache([from_prefill(full, p, model.rope) for p in policies])
         batch = torch.cat(
             [model(steps[:, i : i + 1].expand(2, -1), stacked)[:, 0] for i in range(steps.shape[1])]
         ).view(steps.shape[1], 2, -1)  # [n, 2, vocab]
     for j, p in enumerate(policies):
-        alone = run(model, KVCache(model.config, model.rope, p), prompt, steps)
+        alone, _ = run(model, p, prompt, steps)
         assert (batch[:, j] - alone).abs().max() < 1e-4
 
 
 def test_quest_chunk1_selects_the_oracle_tokens(tiny):
     """With chunk 1 the min and max of a chunk are the key itself, so Quest's bound is q . k: the oracle."""
     model, prompt, steps = tiny
-    caches = [
-        KVCache(model.config, model.rope, make_policy(n, budget=0.1, chunk_size=1, **FIT))
-        for n in ("oracle", "quest")
-    ]
-    logits = [run(model, c, prompt, steps) for c in caches]
+    logits, caches = zip(
+        *(
+            run(model, make_policy(n, budget=0.1, chunk_size=1, **FIT), prompt, steps)
+            for n in ("oracle", "quest")
+        )
+    )
     for layer in range(model.config.n_layers):
         assert torch.equal(caches[0].last_selected[layer], caches[1].last_selected[layer])
     assert (logits[0] - logits[1]).abs().max() < 1e-5
@@ -183,7 +186,7 @@ def test_quest_bound_is_an_upper_bound():
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 32, 8, generator=g)  # [H, M, d]
     q = torch.randn(2, 3, 1, 8, generator=g)  # [H, G, Tq, d]
-    bounds = landmarks.QuestBounds.build(k, make_policy("quest", chunk_size=4)).logits(q)  # [H, G, 1, 8]
+    bounds = landmarks.QuestBounds.build(k, 4).logits(q)  # [H, G, 1, 8]
     exact = landmarks.landmark_logits(q, k).view(2, 3, 1, 8, 4).amax(-1)  # best q.k/sqrt(d) per chunk
     assert (bounds >= exact - 1e-6).all() and (bounds > exact + 1e-3).any()
 
@@ -214,12 +217,12 @@ def test_paper_kv_pre_rope_token_group_round_trip(tiny):
     RoPE. The error against full attention falls as the bits rise, and is small at the paper's 4 bits."""
     model, prompt, steps = tiny
     T = prompt.shape[1]
-    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
+    ref = full_logits(model, prompt, steps)
     err = {}
     for bits in ("2", "4", "8"):
         policy = make_policy("paper", budget=whole_middle_budget(T, 4, 16, 1), **FIT, kv_bits=bits)
-        cache = KVCache(model.config, model.rope, policy)
-        err[bits] = (run(model, cache, prompt, steps) - ref).abs().max().item()
+        got, cache = run(model, policy, prompt, steps)
+        err[bits] = (got - ref).abs().max().item()
         assert cache.store.get(0, "k").codes.shape[:2] == (1, T - 20)  # one row per token, all heads
     assert err["8"] < err["4"] < err["2"] < 0.1 * ref.abs().max()
 
@@ -227,24 +230,16 @@ def test_paper_kv_pre_rope_token_group_round_trip(tiny):
 def test_sparse_budget_differs_from_full(tiny):
     """The check above could pass by accident if selection were ignored: a small budget must change logits."""
     model, prompt, steps = tiny
-    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
-    got = run(
-        model,
-        KVCache(model.config, model.rope, make_policy("oracle", budget=0.05, sink=2, local=4)),
-        prompt,
-        steps,
-    )
-    assert (got - ref).abs().max() > 1e-3
+    got, _ = run(model, make_policy("oracle", budget=0.05, sink=2, local=4), prompt, steps)
+    assert (got - full_logits(model, prompt, steps)).abs().max() > 1e-3
 
 
 def test_oracle_recall_is_one_and_mean_chunk1_equals_oracle(tiny):
     model, prompt, steps = tiny
     caches = {}
     for name, kw in [("oracle", {}), ("mean", dict(chunk_size=1)), ("mean", dict(chunk_size=8))]:
-        cache = KVCache(
-            model.config, model.rope, make_policy(name, budget=0.1, sink=4, local=8, track=True, **kw)
-        )
-        caches[f"{name}{kw}"] = (run(model, cache, prompt, steps), cache)
+        policy = make_policy(name, budget=0.1, sink=4, local=8, track=True, **kw)
+        caches[f"{name}{kw}"] = run(model, policy, prompt, steps)
     (lo, co), (l1, c1), (_, c8) = caches.values()
     assert co.stats.summary()["oracle_recall"] == 1.0
     assert torch.equal(lo, l1)
@@ -269,12 +264,12 @@ def test_svd_full_rank_rebuilds_exact_keys():
 
 def test_shadowkv_tracks_key_error_and_outliers(tiny):
     model, prompt, steps = tiny
-    cache = KVCache(
-        model.config,
-        model.rope,
+    _, cache = run(
+        model,
         make_policy("shadowkv", budget=0.1, sink=4, local=8, rank=4, outliers=2, track=True),
+        prompt,
+        steps,
     )
-    run(model, cache, prompt, steps)
     s = cache.stats.summary()
     assert s["key_error"] > 0.01
     removed = cache.layers[0].marks.removed  # [H, N]
@@ -290,7 +285,7 @@ def test_offloaded_kv_quantized(tiny):
     device; the logit error against full attention falls as the bits rise."""
     model, prompt, steps = tiny
     T, n = prompt.shape[1], steps.shape[1]
-    ref = run(model, KVCache(model.config, model.rope), prompt, steps)
+    ref = full_logits(model, prompt, steps)
     row_bytes = {None: 16 * 4, "8": 16 + 2, "4": 8 + 2, "2": 4 + 2, "int4": 8 + 2 + 2}  # 16 channels per row
     err = {}
     for bits, per_row in row_bytes.items():
@@ -298,11 +293,10 @@ def test_offloaded_kv_quantized(tiny):
             policy = make_policy(
                 name, sink=4, local=16, budget=whole_middle_budget(T, 4, 16, 1), kv_bits=bits, **kw
             )
-            cache = KVCache(model.config, model.rope, policy)
-            got = run(model, cache, prompt, steps)
+            got, cache = run(model, policy, prompt, steps)
             offloaded = 2 * stored * 2 * (T - 20) * per_row  # layers x (K, V) x KV heads x middle rows
             assert cache.memory(exact_bytes=None)["offloaded"] == offloaded, (name, bits)
-            assert cache.store.bytes_moved == n * offloaded  # every middle row, at each of n steps
+            assert cache.bytes_fetched == n * offloaded  # every middle row, at each of n steps
             err[name, bits] = (got - ref).abs().max().item()
     for name in ("oracle", "svd"):
         assert (
@@ -313,10 +307,11 @@ def test_offloaded_kv_quantized(tiny):
 
 def test_bytes_moved_per_step(tiny):
     model, prompt, steps = tiny
-    cache = KVCache(model.config, model.rope, make_policy("mean", chunk_size=4, budget=0.1, sink=4, local=8))
-    run(model, cache, prompt, steps[:, :1])
+    _, cache = run(
+        model, make_policy("mean", chunk_size=4, budget=0.1, sink=4, local=8), prompt, steps[:, :1]
+    )
     sel = cache.split.selected  # 16 tokens, K and V, 2 KV heads x 16 channels, float32, 2 layers
-    assert cache.store.bytes_moved == 2 * 2 * sel * 2 * 16 * 4
+    assert cache.bytes_fetched == 2 * 2 * sel * 2 * 16 * 4
 
 
 def test_memory_accounting_llama8b_shapes():
@@ -325,13 +320,13 @@ def test_memory_accounting_llama8b_shapes():
     rope, T = Rope(cfg), 4096
     g = torch.Generator().manual_seed(0)
     k = torch.randn(1, 8, T, 128, generator=g).bfloat16()
-    full = KVCache.from_kv(cfg, rope, [k], [k.clone()])
+    full = from_kv([k], [k.clone()])
     frac = {}
     for name, kw in [
         ("shadowkv", dict(rank=160, outliers=0, sink=0, local=0)),
         ("quantized", dict(sink=0, local=0)),
     ]:
-        cache = KVCache.from_prefill(full, make_policy(name, **kw))
+        cache = from_prefill(full, make_policy(name, **kw), rope)
         frac[name] = cache.memory()["device_fraction"]
     # U (160 x 16 bits) + chunk-8 landmarks (16 C / 8 bits) over 32 C bits of bf16 KV = 14.06%,
     # plus the shared S V^T [160, 1024], which a 4K prompt does not amortise yet
@@ -371,22 +366,23 @@ def test_bad_policy_is_one_line_error(kw, match):
 def test_from_prefill_needs_a_prefilled_cache(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="from_prefill: the cache holds no prompt K/V"):
-        KVCache.from_prefill(KVCache(model.config, model.rope), make_policy("oracle"))
+        from_prefill(FullCache(model.config.n_layers), make_policy("oracle"), model.rope)
 
 
 def test_sparse_policy_rejects_batches(tiny):
     model, prompt, _ = tiny
-    cache = KVCache(model.config, model.rope, make_policy("oracle", budget=0.1))
+    full = FullCache(model.config.n_layers)
+    with torch.inference_mode():
+        model(prompt.expand(2, -1), full)
     with pytest.raises(ValueError, match="one sequence"):
-        model(prompt.expand(2, -1), cache)
+        from_kv(full.k, full.v, make_policy("oracle", budget=0.1), model.rope)
 
 
 def test_budget_line(tiny):
     model, prompt, _ = tiny
-    cache = KVCache(model.config, model.rope, make_policy("quantized", budget=0.1, sink=4, local=8))
-    with warnings.catch_warnings(), torch.inference_mode():
+    with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model(prompt, cache)
+        _, cache = run(model, make_policy("quantized", budget=0.1, sink=4, local=8), prompt, prompt[:, :1])
     assert cache.budget_line() == "budget = 4 sink + 8 local + 16 selected of 160 tokens"
 
 
@@ -394,13 +390,13 @@ def test_caches_sharing_a_prefill_do_not_write_into_each_other(tiny):
     """from_prefill shares the prompt K/V as views; each cache must grow into its own buffer."""
     model, prompt, steps = tiny
     with torch.inference_mode():
-        a = KVCache(model.config, model.rope)
+        a = FullCache(model.config.n_layers)
         model(prompt, a, last_only=True)
-        b = KVCache.from_prefill(a, make_policy("full"))
+        b = from_prefill(a, make_policy("full"), model.rope)
         for i in range(4):  # different tokens into the two caches, interleaved
             model(steps[:, i : i + 1], a)
             got_b = model(steps[:, 11 - i : 12 - i], b)[0]
-    ref = run(model, KVCache(model.config, model.rope), prompt, steps.flip(1)[:, :4])
+    ref = full_logits(model, prompt, steps.flip(1)[:, :4])
     assert torch.equal(got_b, ref[-1:])
 
 
@@ -428,9 +424,9 @@ def test_quantized_beats_shadowkv_on_real_model(smollm):
         make_policy("shadowkv", outliers=kvcache.OUTLIER_SHARE, track=True),
     ]  # the default run's scaling
     with torch.inference_mode():
-        full = KVCache(model.config, model.rope)
+        full = FullCache(model.config.n_layers)
         token = int(model(torch.tensor([ids]), full, last_only=True)[0, -1].argmax())
-        stacked = StackedCache([full] + [KVCache.from_prefill(full, p) for p in policies])
+        stacked = StackedCache([full] + [from_prefill(full, p, model.rope) for p in policies])
         kl = torch.zeros(2)
         for _ in range(24):
             logp = torch.log_softmax(model(torch.tensor([[token]] * 3), stacked)[:, -1], dim=-1)  # [3, vocab]
@@ -439,3 +435,35 @@ def test_quantized_beats_shadowkv_on_real_model(smollm):
     quantized, shadowkv = stacked.caches[1:]
     assert kl[0] < kl[1]
     assert quantized.stats.summary()["oracle_recall"] > shadowkv.stats.summary()["oracle_recall"]
+
+
+def test_shadowkv_attention_mass_counts_outliers_once():
+    """Every key 0: attention is uniform over the 32 prompt tokens and the new one. ShadowKV with a local
+    window of 8, one outlier chunk (8 tokens) and 8 selected tokens attends 8 + 8 + 8 + 1 = 25 of the
+    33, so the mass is 25/33. (The outlier tokens are middle tokens that also sit among the exact
+    tokens: counted twice, the mass read (25 + 8) / (33 + 8).)"""
+    cfg = tiny_config(n_layers=1, dim=8, n_heads=1, n_kv_heads=1, head_dim=8)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.zeros(1, 1, 32, 8), torch.randn(1, 1, 32, 8, generator=g)  # [1, H, T, d]
+    policy = make_policy("shadowkv", local=8, budget=0.25, outliers=1, track=True)
+    cache = from_kv([k], [v], policy, Rope(cfg))
+    q = torch.randn(1, 1, 1, 8, generator=g)  # [1, n_heads, 1, d]
+    cache.attend(0, q, torch.zeros(1, 1, 1, 8), torch.randn(1, 1, 1, 8, generator=g), torch.tensor([32]))
+    assert cache.split.line() == "budget = 0 sink + 8 local + 8 selected (+ 8 outliers) of 32 tokens"
+    assert cache.stats.summary()["attention_mass"] == pytest.approx(25 / 33, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["softmax_max", "mean_query"])
+def test_a_removed_landmark_is_never_selected(rule):
+    """Landmark 1's logit is so large that every other probability underflows to 0: the tie at 0 must not
+    be broken in favour of landmark 0, which is removed (an outlier chunk, already attended exactly)."""
+    import landmarks
+
+    means = torch.zeros(1, 6, 2)  # [H=1, N=6, d=2]
+    means[0, 1, 0] = 1000.0
+    removed = torch.zeros(1, 6, dtype=torch.bool)
+    removed[0, 0] = True
+    marks = landmarks.ChunkMeans(means, torch.ones(1, 6), removed=removed)
+    q = torch.tensor([[[[1.0, 0.0]]]])  # [H, G=1, Tq=1, d]
+    scores = landmarks.score(q, marks, rule)  # [1, 6]
+    assert landmarks.select_topk(scores, 3).tolist() == [[1, 2, 3]]

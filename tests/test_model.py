@@ -33,8 +33,8 @@ def hf_decode(hf, prompt, steps):
 
 @torch.inference_mode()
 def our_decode(m, prompt, steps):
-    """model.py through kvcache.KVCache (full attention), same protocol as hf_decode."""
-    cache = kvcache.KVCache(m.config, m.rope)
+    """model.py through kvcache.FullCache (full attention), same protocol as hf_decode."""
+    cache = kvcache.FullCache(m.config.n_layers)
     m(prompt, cache)
     logits = [m(steps[:, i : i + 1], cache)[0, -1] for i in range(steps.shape[1])]
     assert cache.seq_len == prompt.shape[1] + steps.shape[1]

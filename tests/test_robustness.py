@@ -22,6 +22,7 @@ import torch
 import evaluate
 import results
 from conftest import make_tiny_checkpoint
+from kvcache import make_policy
 from model import default_model_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +109,9 @@ def hold_lock(folder):
         (["--methods", "svd", "--ranks", "1.5"], "bad --ranks value '1.5': a rank is an int >= 1 or a share"),
         (["--methods", "svd", "--ranks", "0"], "bad --ranks value '0': a rank is an int >= 1"),
         (["--methods", "svd", "--ranks", "100000"], "--ranks 100000 is above the model's 32 key channels"),
-        (["--methods", "shadowkv", "--ranks", "0.001"], "--ranks 0.001 keeps none of the model's 32 key"),
+        (["--methods", "svd", "--ranks", "0.001"], "--ranks 0.001 keeps none of the model's 32 key"),
+        (["--methods", "shadowkv", "--ranks", "0.1"], "--ranks sweeps the rank of svd, and no method of"),
+        (["--methods", "full,oracle", "--chunk-sizes", "4"], "--chunk-sizes sweeps the chunk_size of mean,"),
         (["--shard", "-1/2"], "bad --shard '-1/2': need 0 <= i < n"),
         (["--n", "2", "--shard", "3/4"], "shard 3/4 has no sample: the run has 2 samples"),
         (["--out", "FILE"], "FILE is a file, not a results folder"),
@@ -233,7 +236,8 @@ def test_two_processes_on_one_folder_never_lose_a_sample(ckpt, tmp_path):
             one_line_error(p.returncode, err, f"{out} is in use by another evaluate.py process (pid ")
     assert ok, "one of the two must have run"
     saved = {(r["key"], r["sample"]) for r in results.read_rows(out)}
-    assert saved == {(k, s) for k in ("full", "oracle @0.03125") for s in ok}
+    keys = [make_policy("full").key(), make_policy("oracle").key()]
+    assert saved == {(k, s) for k in keys for s in ok}
 
 
 def test_torchrun_ranks_with_one_out_get_a_folder_each(ckpt, tmp_path, capsys, monkeypatch):
@@ -379,11 +383,11 @@ def test_skipped_and_fallen_back_samples_are_in_the_summary(ckpt, tmp_path, caps
     rc, err = run_main(argv, capsys)
     assert rc == 0 and "warning: skipping 1 of 2 samples" in err, err
     assert json.loads((out / "run.json").read_text())["skipped"] == {"1": 4172}
-    by = {r["key"]: r for r in json.loads((out / "summary.json").read_text())}
+    by = {(r["label"], r["budget"]): r for r in json.loads((out / "summary.json").read_text())}
     assert {k: (r["skipped"], r["fell_back"]) for k, r in by.items()} == {
-        "full": (1, None),
-        "mean c8 @0.03125": (1, 0),
-        "mean c4096 @0.03125": (1, 1),
+        ("full", None): (1, None),
+        ("mean c8", 0.03125): (1, 0),
+        ("mean c4096", 0.03125): (1, 1),
     }
     md = (out / "summary.md").read_text()
     table_end = md.index("\n\n", md.index("| policy"))

@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 
 import lab
 from model import load_model, ModelConfig, Rope
-from kvcache import KVCache, make_policy, POLICIES, OUTLIER_SHARE
+from kvcache import SparseCache, from_kv, from_prefill, make_policy, POLICIES, OUTLIER_SHARE
 
 model, tok = load_model()  # SmolLM2-135M-Instruct, converted once into ~/.cache/kvoffload
 cfg = model.config
@@ -82,7 +82,7 @@ plt.tight_layout(); plt.show()
 #
 # The paper's main model: 32 layers, 8 KV heads of 128 channels, bf16. Per token that is
 # 2 x 32 x 8 x 128 values x 2 bytes = 128 KiB, so a 128K-token prompt needs **16 GiB** of KV cache, as
-# much as the 8B weights in bf16 (16 GB). We check the arithmetic against `KVCache.memory()` on a
+# much as the 8B weights in bf16 (16 GB). We check the arithmetic against the cache's `memory()` on a
 # one-layer cache of random bf16 tensors of the right shape (no weights needed), times 32 layers.
 
 # %%
@@ -98,7 +98,7 @@ def random_cache(n_tokens, seed=0):
     shape = (1, 8, n_tokens, 128)  # [1, kv_heads, T, head_dim]
     k = torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g)
     v = torch.empty(shape, dtype=torch.bfloat16).normal_(generator=g)
-    return KVCache.from_kv(one_layer, Rope(one_layer), [k], [v])
+    return from_kv([k], [v])
 
 
 T_LONG = 128 * 1024
@@ -147,13 +147,13 @@ T_MID = 16 * 1024
 base = random_cache(T_MID)
 rows = []
 for name in POLICIES:
-    cache = KVCache.from_prefill(base, make_policy(name))
+    cache = from_prefill(base, make_policy(name), Rope(one_layer))
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 32, 1, 128, generator=g).bfloat16()  # [1, n_heads, 1, head_dim]
     kv = torch.randn(1, 8, 1, 128, generator=g).bfloat16()  # [1, kv_heads, 1, head_dim]
     cache.attend(0, q, kv, kv, torch.tensor([T_MID]))  # one decode step of this layer
     m = cache.memory()
-    rows.append((name, m["summary_fraction"], m["exact_fraction"], m["device_fraction"], cache.store.bytes_moved))
+    rows.append((name, m["summary_fraction"], m["exact_fraction"], m["device_fraction"], cache.bytes_fetched))
     print(f"{name:10s} {cache.budget_line()}")
 
 # %%
@@ -202,12 +202,12 @@ first = int(logits.argmax())  # the prefill's prediction: exact for every policy
 caches, _ = lab.decode_policies(model, full, policies, steps=4, first=first)
 for p, cache in zip(policies, caches):
     m = cache.memory()
-    sel = cache.split.selected if cache.split else 0
-    per_step = cache.store.bytes_moved / 4
-    expected = sel * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (1 if p.keys == "low_rank" else 2)  # V only when keys are rebuilt
-    check = f"as {p.kv_bits}" if p.kv_bits else per_step == expected
+    sel = cache.split.selected if isinstance(cache, SparseCache) else 0
+    per_step = cache.bytes_fetched / 4
+    expected = sel * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (1 if p.keys.source == "low_rank" else 2)  # V only when keys are rebuilt
+    check = f"as {p.keys.kv_bits}" if p.keys.kv_bits else per_step == expected
     print(f"{p.label():15s} device {m['device_fraction']:6.1%} of bf16 KV, fetched {per_step / 1024:7.1f} KiB per step"
-          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.keys == 'low_rank' else 'K+V'}: {check}")
+          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.keys.source == 'low_rank' else 'K+V'}: {check}")
 
 # %% [markdown]
 # On a 1K-token prompt the fixed 64-token local window is 6% of the prompt, so every sparse policy's

@@ -167,8 +167,8 @@ ref = logits[0].argmax(-1)  # full attention's predictions, [steps]
 for p, cache, lg in zip(policies[1:], caches[1:], logits[1:]):
     s = cache.stats.summary()
     kl = torch.nn.functional.kl_div(lg.log_softmax(-1), logits[0].log_softmax(-1), log_target=True, reduction="batchmean")
-    print(f"rank {p.rank:3d}: error of the attended keys {s['key_error']:.3f} (offline above: "
-          f"{err[:, ranks.index(p.rank)].mean():.3f}), same next token as full attention "
+    print(f"rank {p.keys.rank:3d}: error of the attended keys {s['key_error']:.3f} (offline above: "
+          f"{err[:, ranks.index(p.keys.rank)].mean():.3f}), same next token as full attention "
           f"{(lg.argmax(-1) == ref).float().mean():.0%} of {steps} steps, KL {kl:.3f}")
 
 # %% [markdown]

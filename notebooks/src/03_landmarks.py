@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 
 import lab
 from model import load_model
-from kvcache import KVCache, make_policy, OUTLIER_SHARE
+from kvcache import from_prefill, make_policy, OUTLIER_SHARE
 
 model, tok = load_model()
 cfg = model.config
@@ -32,7 +32,7 @@ cfg = model.config
 # this answer well on its own (notebook 4 shows its free-running output), so we let it read the right
 # one: at each step the query is the one the model uses to predict the next correct token.
 # `prompt_only` is the full cache cut back to the prompt, from which every policy builds its summary
-# (`KVCache.from_prefill`), exactly as `evaluate.py` does.
+# (`kvcache.from_prefill`), exactly as `evaluate.py` does.
 
 # %%
 sample, prompt_ids, gold = lab.text2json_sample(tok)
@@ -51,7 +51,7 @@ print(f"prompt {T} tokens, answer {A} tokens:", sample["answer"][:150], "...")
 # score among seven unrelated ones is averaged away. Check the identity on one chunk:
 
 # %%
-mean8 = KVCache.from_prefill(prompt_only, make_policy("mean", chunk_size=8))
+mean8 = from_prefill(prompt_only, make_policy("mean", chunk_size=8), model.rope)
 layer, head, step, chunk = 14, 0, 20, 40
 q = queries[layer][head * (cfg.n_heads // cfg.n_kv_heads), step]  # [d] a query head of KV head `head`
 s0 = mean8.split.sink
@@ -78,7 +78,7 @@ def spearman(a, b):  # [..., N] each -> mean correlation over the leading dims
 
 
 chunk_sizes = [1, 2, 4, 8, 16, 32]
-caches = {c: KVCache.from_prefill(prompt_only, make_policy("mean", chunk_size=c)) for c in chunk_sizes}
+caches = {c: from_prefill(prompt_only, make_policy("mean", chunk_size=c), model.rope) for c in chunk_sizes}
 corr = {}
 for c, cache in caches.items():
     s, N = cache.split.sink, cache.split.n_chunks
@@ -115,7 +115,7 @@ plt.tight_layout(); plt.show()
 # `kvcache`'s decode on each cache's own stored landmarks, for every answer step at once.
 
 # %%
-k_oracle = KVCache.from_prefill(prompt_only, make_policy("oracle")).split.selected
+k_oracle = from_prefill(prompt_only, make_policy("oracle"), model.rope).split.selected
 oracle = [lab.oracle_positions(keys[layer], queries[layer], k_oracle) for layer in range(cfg.n_layers)]  # [A, H, k]
 
 
@@ -125,7 +125,7 @@ def recall_per_layer(cache):
 
 
 rec = {c: recall_per_layer(cache) for c, cache in caches.items()}
-shadow = recall_per_layer(KVCache.from_prefill(prompt_only, make_policy("shadowkv", outliers=OUTLIER_SHARE)))
+shadow = recall_per_layer(from_prefill(prompt_only, make_policy("shadowkv", outliers=OUTLIER_SHARE), model.rope))
 fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
 ax[0].plot(chunk_sizes, [rec[c].mean() for c in chunk_sizes], "ko-", label="mean landmarks")
 ax[0].plot([8], [shadow.mean()], "r*", ms=12, label="ShadowKV (chunk 8 + outliers)")

@@ -28,7 +28,7 @@ torch.set_num_threads(2)
 import lab
 import quantize
 from model import load_model
-from kvcache import KVCache, make_policy, OUTLIER_SHARE
+from kvcache import from_prefill, make_policy, OUTLIER_SHARE
 
 model, tok = load_model()
 cfg = model.config
@@ -99,7 +99,7 @@ print(f"relative error {((library - key).norm() / key.norm()) ** 2:.3f}; stored 
 # per key value.
 
 # %%
-k_oracle = KVCache.from_prefill(prompt_only, make_policy("oracle")).split.selected
+k_oracle = from_prefill(prompt_only, make_policy("oracle"), model.rope).split.selected
 oracle = [lab.oracle_positions(keys[layer], queries[layer], k_oracle) for layer in range(cfg.n_layers)]  # [A, H, k]
 
 
@@ -112,9 +112,9 @@ def recall(cache):
 formats = ["1", "2", "3", "4", "8", "int2", "int4", "fp8", "nvfp4"]
 bits, rec = {}, {}
 for spec in formats:
-    cache = KVCache.from_prefill(prompt_only, make_policy("quantized", landmark_bits=spec))
+    cache = from_prefill(prompt_only, make_policy("quantized", landmark_bits=spec), model.rope)
     bits[spec], rec[spec] = quantize.bits_per_value(spec, cfg.head_dim), recall(cache)
-mean8 = recall(KVCache.from_prefill(prompt_only, make_policy("mean")))
+mean8 = recall(from_prefill(prompt_only, make_policy("mean"), model.rope))
 for spec in formats:
     print(f"{spec:6s} {bits[spec]:5.2f} bits/value  recall {rec[spec]:.3f}")
 print(f"mean c8 (bf16)  2.00 bits/value  recall {mean8:.3f}")
@@ -154,7 +154,7 @@ configs = ([make_policy("oracle"), make_policy("svd"), make_policy("shadowkv", o
            + [make_policy("quantized", landmark_bits="4", residual=8, residual_bits="1")])
 frontier = []
 for p in configs:
-    cache = KVCache.from_prefill(prompt_only, p)
+    cache = from_prefill(prompt_only, p, model.rope)
     m = cache.memory()
     frontier.append((p.label(), m["device_fraction"], m["summary_fraction"], recall(cache)))
 print(f"{'policy':24s} {'device':>7s} {'summary':>8s} {'recall':>7s}")

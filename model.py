@@ -424,13 +424,27 @@ class MoE(nn.Module):
     The router (`gate`, a linear map to one logit per expert) gives softmax probabilities; a token
     keeps its top_k experts, with their probabilities renormalised to sum to 1 when the config's
     norm_topk_prob says so (Qwen3-30B-A3B: 8 of 128, renormalised; there is no shared expert). The
-    output is the probability-weighted sum of the chosen experts' outputs.
+    output is the probability-weighted sum of the chosen experts' outputs, added up for each token
+    in ascending expert order.
 
-    Batched: the loop runs over the experts that some token chose, each applied once to all of
-    its tokens, so a decode step runs top_k experts and never touches the others; a long prefill
-    runs every expert once on its share of the tokens. Weights are one `MLP` per expert, named as
-    the checkpoints store them (`mlp.experts.{i}.gate_proj.weight`), so loading stays a
-    tensor-by-tensor copy.
+    Batched: the loop runs over the experts that some token chose, each applied once, so a decode
+    step never touches the experts no token chose; a long prefill runs every expert once on its
+    share of the tokens. Weights are one `MLP` per expert, named as the checkpoints store them
+    (`mlp.experts.{i}.gate_proj.weight`), so loading stays a tensor-by-tensor copy.
+
+    Split invariance. evaluate.py decodes several rows (configurations) in forwards of exactly
+    ROWS_PER_FORWARD rows and promises that a row's numbers do not depend on its neighbours; torch's
+    CPU matmul rounds a row by the shape of the product (its number of rows), not by the other
+    rows' contents. Run on just its tokens, an expert's row count would be the number of rows that
+    chose it, which depends on the neighbours. So in a forward where every row has one new token
+    (T == 1, a decode step) each chosen expert runs on a block of all B rows: the rows that chose it
+    in their own places, zeros in the others, whose outputs are dropped. Every expert product of a
+    decode step then has the same shape, and each row the same place in it, whichever rows chose
+    the expert: a row's output depends on its own input, its place and B only (bit for bit, on one
+    device and thread count). A prefill (T > 1) runs each expert on its own tokens only: there a
+    token's numbers depend on the other tokens of its forward, and a prefill is one sequence,
+    the same in every split. A batch-of-one decode step (B = 1, `generate`) is unchanged: its
+    block is its one row.
     """
 
     def __init__(self, c):
@@ -450,9 +464,19 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)  # [N, dim]
         for e in chosen.unique().tolist():  # ascending: only the experts some token chose
             token, slot = torch.where(chosen == e)  # [n] each: which tokens, and which of their top_k
-            y = self.experts[e](x[token]) * weights[token, slot, None]  # [n, dim]
+            y = self._expert(e, x, token, whole_block=T == 1) * weights[token, slot, None]  # [n, dim]
             out.index_add_(0, token, y)
         return out.view(B, T, D)
+
+    def _expert(self, e, x, token, whole_block):
+        """Expert e's output [n, dim] for the rows `token` of x [N, dim]; whole_block (a decode
+        step) runs it on all N rows, the others zeroed and their outputs dropped (the class
+        docstring's split invariance)."""
+        if not whole_block:
+            return self.experts[e](x[token])  # [n, dim]
+        block = torch.zeros_like(x)  # [N, dim]: the chosen rows in their own places, zeros elsewhere
+        block[token] = x[token]
+        return self.experts[e](block)[token]  # [n, dim]
 
 
 class Block(nn.Module):

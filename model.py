@@ -10,8 +10,9 @@ generation. Supported architectures (the `architectures` entry of config.json):
     Qwen3MoeForCausalLM  Qwen3-30B-A3B: Qwen3 attention, a mixture-of-experts feed-forward (`MoE`)
 
 The chat format (Llama 3, ChatML, Mistral [INST], Llama 2 [INST] <<SYS>>, or a plain prompt) is
-a property of the tokenizer, found when a chat is first formatted: loading the weights and a
-plain forward `model(input_ids)` never need one.
+a property of the tokenizer, found when it loads from its special tokens and the checkpoint's Jinja
+template (read for facts, never run, never an error): loading the weights and a plain forward
+`model(input_ids)` never need one.
 
 The model never runs a KV-cache policy itself: with a cache, every layer hands its
 post-RoPE q, k, v and the absolute positions to `cache.attend(...)` and gets the attention
@@ -27,7 +28,6 @@ CLI: python model.py [--model DIR] --prompt "..." [--max-new-tokens N] [--dtype 
 """
 
 import argparse
-import functools
 import json
 import math
 import re
@@ -52,7 +52,6 @@ ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
 )
-CHAT_FORMATS = ("llama3", "chatml", "mistral", "llama2", "plain")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -424,13 +423,27 @@ class MoE(nn.Module):
     The router (`gate`, a linear map to one logit per expert) gives softmax probabilities; a token
     keeps its top_k experts, with their probabilities renormalised to sum to 1 when the config's
     norm_topk_prob says so (Qwen3-30B-A3B: 8 of 128, renormalised; there is no shared expert). The
-    output is the probability-weighted sum of the chosen experts' outputs.
+    output is the probability-weighted sum of the chosen experts' outputs, added up for each token
+    in ascending expert order.
 
-    Batched: the loop runs over the experts that some token chose, each applied once to all of
-    its tokens, so a decode step runs top_k experts and never touches the others; a long prefill
-    runs every expert once on its share of the tokens. Weights are one `MLP` per expert, named as
-    the checkpoints store them (`mlp.experts.{i}.gate_proj.weight`), so loading stays a
-    tensor-by-tensor copy.
+    Batched: the loop runs over the experts that some token chose, each applied once, so a decode
+    step never touches the experts no token chose; a long prefill runs every expert once on its
+    share of the tokens. Weights are one `MLP` per expert, named as the checkpoints store them
+    (`mlp.experts.{i}.gate_proj.weight`), so loading stays a tensor-by-tensor copy.
+
+    Split invariance. evaluate.py decodes several rows (configurations) in forwards of exactly
+    ROWS_PER_FORWARD rows and promises that a row's numbers do not depend on its neighbours; torch's
+    CPU matmul rounds a row by the shape of the product (its number of rows), not by the other
+    rows' contents. Run on just its tokens, an expert's row count would be the number of rows that
+    chose it, which depends on the neighbours. So in a forward where every row has one new token
+    (T == 1, a decode step) each chosen expert runs on a block of all B rows: the rows that chose it
+    in their own places, zeros in the others, whose outputs are dropped. Every expert product of a
+    decode step then has the same shape, and each row the same place in it, whichever rows chose
+    the expert: a row's output depends on its own input, its place and B only (bit for bit, on one
+    device and thread count). A prefill (T > 1) runs each expert on its own tokens only: there a
+    token's numbers depend on the other tokens of its forward, and a prefill is one sequence,
+    the same in every split. A batch-of-one decode step (B = 1, `generate`) is unchanged: its
+    block is its one row.
     """
 
     def __init__(self, c):
@@ -450,9 +463,19 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)  # [N, dim]
         for e in chosen.unique().tolist():  # ascending: only the experts some token chose
             token, slot = torch.where(chosen == e)  # [n] each: which tokens, and which of their top_k
-            y = self.experts[e](x[token]) * weights[token, slot, None]  # [n, dim]
+            y = self._expert(e, x, token, whole_block=T == 1) * weights[token, slot, None]  # [n, dim]
             out.index_add_(0, token, y)
         return out.view(B, T, D)
+
+    def _expert(self, e, x, token, whole_block):
+        """Expert e's output [n, dim] for the rows `token` of x [N, dim]; whole_block (a decode
+        step) runs it on all N rows, the others zeroed and their outputs dropped (the class
+        docstring's split invariance)."""
+        if not whole_block:
+            return self.experts[e](x[token])  # [n, dim]
+        block = torch.zeros_like(x)  # [N, dim]: the chosen rows in their own places, zeros elsewhere
+        block[token] = x[token]
+        return self.experts[e](block)[token]  # [n, dim]
 
 
 class Block(nn.Module):
@@ -628,7 +651,7 @@ def _device(device):
 def load_model(path=None, dtype=torch.float32, device="cpu", chat_format=None):
     """(Transformer, Tokenizer) from a checkpoint folder; path None = the default model.
 
-    chat_format: None finds the checkpoint's chat format when a chat is first formatted;
+    chat_format: None finds the checkpoint's chat format when the tokenizer loads;
     "plain" asks for no template (base models); or one of CHAT_FORMATS to force it.
     """
     dtype, device = _dtype(dtype), _device(device)  # before the default model is fetched or converted
@@ -646,15 +669,72 @@ def load_model(path=None, dtype=torch.float32, device="cpu", chat_format=None):
 
 
 def _chat_template_source(path):
-    """The checkpoint's Jinja chat template (only read for facts like the default system prompt)."""
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    if (path / "tokenizer_config.json").is_file():
-        t = _read_json(path / "tokenizer_config.json").get("chat_template") or ""
-        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-            t = next((x["template"] for x in t if x.get("name") == "default"), "")
-        return t
-    return ""
+    """The checkpoint's Jinja chat template, or "" when it has none.
+
+    chat_template.jinja, else the `chat_template` of tokenizer_config.json (a string, or a list of
+    named templates, of which "default" is taken). The template is only searched for facts, never
+    run, so an odd one is no error: a file that cannot be read as a template gives no facts.
+    """
+    try:
+        if (path / "chat_template.jinja").is_file():
+            return (path / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+        template = _read_json(path / "tokenizer_config.json").get("chat_template")
+    except (OSError, ValueError):  # absent, unreadable, not UTF-8 JSON, not an object: no template
+        return ""
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")
+        template = next((t.get("template") for t in named), None)
+    return template if isinstance(template, str) else ""
+
+
+@dataclass(frozen=True)
+class ChatFacts:
+    """What the chat formats need to know about a checkpoint, read once when its tokenizer loads.
+
+    Most come from the checkpoint's own Jinja template, searched for them and never run; bos and
+    eos are the texts of the tokenizer's special tokens, which the [INST] formats write out.
+    """
+
+    default_system: str | None = None  # ChatML: the system prompt the template adds when none is given
+    strip_thinking: bool = False  # ChatML (Qwen3): earlier reasoning dropped; an empty think block skips it
+    date_header: bool = False  # Llama 3.1 / 3.2: a dated system block always opens the chat
+    inst_end_spaced: bool = False  # Mistral v0.1: " [/INST]", spaced unlike v0.3 (a one-line warning)
+    bos: str = "<s>"  # Llama 2, Mistral: the BOS text
+    eos: str = "</s>"  # Llama 2, Mistral: the text that ends an assistant turn
+
+
+def _token_text(tok, token_id, fallback):
+    """The text of a special token (e.g. the config's BOS id), else fallback."""
+    text = None if token_id is None else tok.id_to_token(token_id)
+    return text if text is not None else fallback
+
+
+def _read_chat_facts(source, tok, vocab, config):
+    """ChatFacts from the template source and the tokenizer's special tokens."""
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+)<\|im_end\|>", source)
+    bos_id = config.bos_id if config is not None else None
+    eos_id = (config.eos_ids or [None])[0] if config is not None else None
+    return ChatFacts(
+        default_system=m.group(1) if m else None,
+        strip_thinking="</think>" in source,
+        date_header="Cutting Knowledge Date" in source,
+        inst_end_spaced=" [/INST]" in source,
+        bos=_token_text(tok, bos_id, "<s>"),
+        eos="</s>" if "</s>" in vocab else _token_text(tok, eos_id, "</s>"),
+    )
+
+
+def _find_chat_format(vocab, source):
+    """The chat format a checkpoint uses, from its special tokens, else its template's text."""
+    if "<|start_header_id|>" in vocab:
+        return "llama3"
+    if "<|im_start|>" in vocab:
+        return "chatml"
+    if "<<SYS>>" in source:
+        return "llama2"
+    if "[INST]" in vocab or "[INST]" in source:
+        return "mistral"
+    return "plain"
 
 
 def _alternating(messages, fmt):
@@ -672,39 +752,154 @@ def _alternating(messages, fmt):
     return system, rest
 
 
-class Tokenizer:
-    """tokenizer.json (HF `tokenizers`) plus the model's chat format, written in code.
+# Every format below has the signature (messages, facts, add_generation_prompt, enable_thinking) -> str,
+# the chat as the checkpoint's template renders it, special tokens written out as text.
 
-    The format (`template`) is found the first time it is needed, from the special tokens and
-    the checkpoint's own Jinja template (read for facts only, never run); loading and encoding
-    never need it. chat_format="plain" (or any of CHAT_FORMATS) chooses it instead.
 
-    template "chatml" (Qwen, SmolLM2): found by the <|im_start|> token.
+def format_llama3(messages, facts, add_generation_prompt, enable_thinking):
+    """Llama 3 (found by the <|start_header_id|> token):
+
+        <|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>
+
+    per message, then the assistant header. Llama 3.1/3.2 templates always open with a system
+    block "Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n{system}"; we emit
+    it when the checkpoint's template does (facts.date_header), with that fixed date, for
+    determinism.
+    """
+    text = "<|begin_of_text|>"
+    if facts.date_header:
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        text += (
+            "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+            f"Today Date: 26 Jul 2024\n\n{system}<|eot_id|>"
+        )
+    for m in messages:
+        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+    if add_generation_prompt:
+        text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return text
+
+
+def format_chatml(messages, facts, add_generation_prompt, enable_thinking):
+    """ChatML (Qwen, SmolLM2; found by the <|im_start|> token):
+
         [<|im_start|>system\\n{default system}<|im_end|>\\n]   only if the model's template has a
                                                              default system prompt and none is given
         <|im_start|>{role}\\n{content}<|im_end|>\\n  per message, then <|im_start|>assistant\\n
-      The default system prompt is read from the checkpoint's own Jinja template: SmolLM2's
-      adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face", Qwen2.5's
-      "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", Qwen3's none.
-      Qwen3 templates drop <think>...</think> from earlier assistant turns; so do we, and
-      enable_thinking=False appends the empty think block Qwen3 uses to skip reasoning.
-    template "llama3": found by the <|start_header_id|> token.
-        <|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>
-      per message, then the assistant header. Llama 3.1/3.2 templates always open with a system
-      block "Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n{system}";
-      we emit it when the checkpoint's template does (with that fixed date, for determinism).
-    template "llama2" (Llama-2-*-chat): found by "<<SYS>>" in the checkpoint's template.
-        <s>[INST] {user.strip()} [/INST] {assistant.strip()} </s><s>[INST] ... [/INST]
-      an optional system message goes inside the first [INST] as "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n".
-    template "mistral" (Mistral-7B-Instruct v0.3): found by an [INST] control token, or "[INST]"
-      in the checkpoint's template.
+
+    The default system prompt is read from the checkpoint's own Jinja template: SmolLM2's adds
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face", Qwen2.5's "You are
+    Qwen, created by Alibaba Cloud. You are a helpful assistant.", Qwen3's none. Qwen3 templates
+    drop <think>...</think> from earlier assistant turns; so do we (facts.strip_thinking), and
+    enable_thinking=False appends the empty think block Qwen3 uses to skip reasoning.
+    """
+    text = ""
+    if facts.default_system is not None and (not messages or messages[0]["role"] != "system"):
+        text += f"<|im_start|>system\n{facts.default_system}<|im_end|>\n"
+    for m in messages:
+        content = m["content"]
+        if facts.strip_thinking and m["role"] == "assistant" and "</think>" in content:
+            content = content.split("</think>")[-1].lstrip("\n")
+        text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+    if add_generation_prompt:
+        text += "<|im_start|>assistant\n"
+        if facts.strip_thinking and not enable_thinking:
+            text += "<think>\n\n</think>\n\n"
+    return text
+
+
+def format_mistral(messages, facts, add_generation_prompt, enable_thinking):
+    """Mistral [INST] (Mistral-7B-Instruct v0.3; found by an [INST] control token, or "[INST]" in
+    the checkpoint's template):
+
         <s>[INST] {user}[/INST] {assistant.strip()}</s>[INST] ...[/INST]
-      an optional system message is put before the *last* user message, "{system}\\n\\n{user}".
-      (Older Mistral templates space [/INST] differently: a one-line warning says so.)
-      Both [INST] formats need user and assistant in turn, and add nothing for the reply to come.
-    template "plain" (base models, or a tokenizer with none of the above): the messages' contents
-      joined by blank lines, encoded with the tokenizer's own special tokens (its BOS, if it adds
-      one), as `tokenizer(text)` would; found by default with a one-line warning.
+
+    An optional system message is put before the *last* user message, "{system}\\n\\n{user}".
+    (Older Mistral templates space [/INST] differently: a one-line warning says so.) User and
+    assistant must come in turn, and nothing is added for the reply to come.
+    """
+    system, turns = _alternating(messages, "mistral")
+    text = facts.bos
+    for i, m in enumerate(turns):
+        content = m["content"]
+        if m["role"] == "assistant":
+            text += f" {content.strip()}{facts.eos}"
+            continue
+        if i == len(turns) - 1 and system is not None:
+            content = f"{system}\n\n{content}"
+        text += f"[INST] {content}[/INST]"
+    return text
+
+
+def format_llama2(messages, facts, add_generation_prompt, enable_thinking):
+    """Llama 2 [INST] <<SYS>> (Llama-2-*-chat; found by "<<SYS>>" in the checkpoint's template):
+
+        <s>[INST] {user.strip()} [/INST] {assistant.strip()} </s><s>[INST] ... [/INST]
+
+    An optional system message goes inside the first [INST] as "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n".
+    User and assistant must come in turn, and nothing is added for the reply to come.
+    """
+    system, turns = _alternating(messages, "llama2")
+    text = ""
+    for i, m in enumerate(turns):
+        content = m["content"]
+        if m["role"] == "assistant":
+            text += f" {content.strip()} {facts.eos}"
+            continue
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        text += f"{facts.bos}[INST] {content.strip()} [/INST]"
+    return text
+
+
+def format_plain(messages, facts, add_generation_prompt, enable_thinking):
+    """A plain prompt (base models, or a tokenizer with none of the formats above): the messages'
+    contents joined by blank lines. `Tokenizer.chat` encodes it with the tokenizer's own special
+    tokens (its BOS, if it adds one), as `tokenizer(text)` would. Found by default with a one-line
+    warning; --no-chat asks for it.
+    """
+    return "\n\n".join(m["content"] for m in messages)
+
+
+CHAT_FORMATS = {
+    "llama3": format_llama3,
+    "chatml": format_chatml,
+    "mistral": format_mistral,
+    "llama2": format_llama2,
+    "plain": format_plain,
+}
+END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "mistral": "</s>", "llama2": "</s>"}
+
+
+def _stop_ids(fmt, vocab, config):
+    """Ids that end a reply: the config's eos ids, plus the format's end-of-turn token."""
+    eos = list(config.eos_ids) if config is not None else []
+    token = vocab.get(END_OF_TURN.get(fmt, ""))
+    if token is not None and token not in eos:
+        eos.append(token)  # a chat reply ends at the end of its turn
+    return eos
+
+
+class Tokenizer:
+    """tokenizer.json (HF `tokenizers`) plus the model's chat format, written in code.
+
+    The paper's budget is a share of the whole chat-formatted prompt (PAPER.md "As evaluated"), so
+    a prompt's ids should be the ones the checkpoint's own template gives (tests check golden ids).
+    When it loads, the checkpoint's own Jinja chat template is read once, for facts only (never
+    run; an odd template gives no facts, never an error): `facts` (ChatFacts) holds what the
+    formats need, and `template` names the format, the first of these that applies:
+
+        llama3    the <|start_header_id|> token (Llama 3, 3.1, 3.2)
+        chatml    the <|im_start|> token (Qwen, SmolLM2)
+        llama2    "<<SYS>>" in the template (Llama-2-*-chat)
+        mistral   an [INST] token, or "[INST]" in the template (Mistral-7B-Instruct)
+        plain     none of these (base models)
+
+    chat_format="plain" (or any name in CHAT_FORMATS) chooses it instead. Each format is one
+    function in CHAT_FORMATS, whose docstring shows what it writes. `stop_ids` are the config's
+    eos ids plus the format's end-of-turn token. Encoding never needs the format.
     """
 
     def __init__(self, path, config=None, chat_format=None):
@@ -721,42 +916,11 @@ class Tokenizer:
             ) from None
         self.path, self.config, self.asked = path, config, chat_format
         self.vocab = self.tok.get_vocab(with_added_tokens=True)
+        source = _chat_template_source(path)
+        self.facts = _read_chat_facts(source, self.tok, self.vocab, config)
+        self.template = chat_format or _find_chat_format(self.vocab, source)  # the format's name
+        self.stop_ids = _stop_ids(self.template, self.vocab, config)
         self.warned = False
-
-    @functools.cached_property
-    def template(self):
-        """The chat format: chosen at construction, else found from the tokens and the Jinja template."""
-        self.source = _chat_template_source(self.path)
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+)<\|im_end\|>", self.source)
-        self.default_system = m.group(1) if m else None
-        self.strip_thinking = "</think>" in self.source
-        self.date_header = "Cutting Knowledge Date" in self.source
-        if self.asked is not None:
-            return self.asked
-        if "<|start_header_id|>" in self.vocab:
-            return "llama3"
-        if "<|im_start|>" in self.vocab:
-            return "chatml"
-        if "<<SYS>>" in self.source:
-            return "llama2"
-        if "[INST]" in self.vocab or "[INST]" in self.source:
-            return "mistral"
-        return "plain"
-
-    @functools.cached_property
-    def stop_ids(self):
-        """Ids that end a reply: the config's eos ids, plus the format's end-of-turn token."""
-        end_of_turn = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "mistral": "</s>", "llama2": "</s>"}
-        eos = list(self.config.eos_ids) if self.config is not None else []
-        token = self.vocab.get(end_of_turn.get(self.template, ""))
-        if token is not None and token not in eos:
-            eos.append(token)  # a chat reply ends at the end of its turn
-        return eos
-
-    def _token(self, token_id, fallback):
-        """The text of a special token (the config's BOS), else fallback."""
-        text = None if token_id is None else self.tok.id_to_token(token_id)
-        return text if text is not None else fallback
 
     def encode(self, text):
         """Token ids of text, no BOS or other special tokens added."""
@@ -773,73 +937,34 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def format_chat(self, messages, add_generation_prompt=True, enable_thinking=True):
-        """The chat as the model's template renders it (a string with special tokens in it)."""
+        """The chat as the model's template renders it (a string with special tokens in it): the
+        messages checked, the format's one-time warning printed, then the format's function."""
         for m in messages:
             if not (isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str)):
                 raise ValueError(f"chat message {m!r} must be a dict with 'role' and a string 'content'")
-        fmt = self.template
-        if fmt == "plain":
-            if self.asked is None and not self.warned:
-                print(
-                    f"warning: {self.path / 'tokenizer.json'} has no known chat format (Llama 3, "
-                    "ChatML, Mistral, Llama 2): using the plain prompt (--no-chat asks for it)",
-                    file=sys.stderr,
-                )
-                self.warned = True
-            return "\n\n".join(m["content"] for m in messages)
-        if fmt == "mistral" and " [/INST]" in self.source and not self.warned:
+        self._warn_once()
+        return CHAT_FORMATS[self.template](messages, self.facts, add_generation_prompt, enable_thinking)
+
+    def _warn_once(self):
+        """One stderr line, the first time a chat is formatted, when the prompt may not be the one
+        the model was trained on: a plain prompt found by default, or an older Mistral template."""
+        if self.warned:
+            return
+        if self.template == "plain" and self.asked is None:
+            print(
+                f"warning: {self.path / 'tokenizer.json'} has no known chat format (Llama 3, "
+                "ChatML, Mistral, Llama 2): using the plain prompt (--no-chat asks for it)",
+                file=sys.stderr,
+            )
+        elif self.template == "mistral" and self.facts.inst_end_spaced:
             print(
                 f"warning: the chat template in {self.path} puts a space before [/INST], unlike Mistral "
                 "v0.3's, which model.py writes: prompt ids may differ from the template's",
                 file=sys.stderr,
             )
-            self.warned = True
-        if fmt in ("llama2", "mistral"):
-            bos = self._token(self.config.bos_id if self.config else None, "<s>")
-            eos = "</s>" if "</s>" in self.vocab else self._token((self.config.eos_ids or [None])[0], "</s>")
-            system, turns = _alternating(messages, fmt)
-            text = "" if fmt == "llama2" else bos
-            for i, m in enumerate(turns):
-                content = m["content"]
-                if m["role"] == "assistant":
-                    text += f" {content.strip()} {eos}" if fmt == "llama2" else f" {content.strip()}{eos}"
-                elif fmt == "llama2":
-                    if i == 0 and system is not None:
-                        content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-                    text += f"{bos}[INST] {content.strip()} [/INST]"
-                else:
-                    if i == len(turns) - 1 and system is not None:
-                        content = f"{system}\n\n{content}"
-                    text += f"[INST] {content}[/INST]"
-            return text
-        if fmt == "llama3":
-            text = "<|begin_of_text|>"
-            if self.date_header:
-                system = ""
-                if messages and messages[0]["role"] == "system":
-                    system, messages = messages[0]["content"].strip(), messages[1:]
-                text += (
-                    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
-                    f"Today Date: 26 Jul 2024\n\n{system}<|eot_id|>"
-                )
-            for m in messages:
-                text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-            if add_generation_prompt:
-                text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            return text
-        text = ""
-        if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
-            text += f"<|im_start|>system\n{self.default_system}<|im_end|>\n"
-        for m in messages:
-            content = m["content"]
-            if self.strip_thinking and m["role"] == "assistant" and "</think>" in content:
-                content = content.split("</think>")[-1].lstrip("\n")
-            text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
-        if add_generation_prompt:
-            text += "<|im_start|>assistant\n"
-            if self.strip_thinking and not enable_thinking:
-                text += "<think>\n\n</think>\n\n"
-        return text
+        else:
+            return
+        self.warned = True
 
     def chat(self, messages, add_generation_prompt=True, enable_thinking=True):
         """Token ids of a chat: messages is a list of {"role", "content"} dicts."""
@@ -852,7 +977,7 @@ class Tokenizer:
 def load_tokenizer(path=None, config=None, chat_format=None):
     """Tokenizer of a checkpoint folder (no weights loaded); path None = the default model.
 
-    chat_format: None = the checkpoint's own format, found when first needed; "plain" = none.
+    chat_format: None = the checkpoint's own format, found as it loads; "plain" = none.
     """
     path = default_model_dir() if path is None else _check_dir(path)
     if not (path / "tokenizer.json").is_file():

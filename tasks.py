@@ -344,23 +344,40 @@ def extract_tsv(answer):
 
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII punctuation only
+_ARTICLES = re.compile(r"\b(a|an|the)\b")  # whole words; on a str pattern \b knows Unicode letters
 
 
 def normalize_cell(cell):
-    """LongProc's cell normalisation as the paper's evaluator applies it: lowercase, then drop
-    every ASCII punctuation character (string.punctuation); other characters, spaces included,
-    stay ("Blue-Bar" -> "bluebar", "café" stays, "San José" keeps its space)."""
-    return cell.lower().translate(_PUNCTUATION)
+    """A cell as LongProc's HTML->TSV evaluator compares it (its `_normalize_answer`; PAPER.md,
+    "LongProc HTML→TSV"), step by step in its order: lowercase; drop every ASCII punctuation
+    character (string.punctuation); replace the whole words a / an / the by a space; collapse
+    whitespace; remove every space. So "The Blue-Bar  Inc." -> "bluebarinc": cells that differ only
+    in case, ASCII punctuation, articles or spacing are equal; other characters stay ("café",
+    "«Oslo»"). Punctuation goes before articles, so "The-Bar" is one word, "thebar", with no article
+    left to drop."""
+    text = cell.lower().translate(_PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    text = " ".join(text.split())  # every run of whitespace (tabs, Unicode spaces too) -> one space
+    return text.replace(" ", "")
+
+
+def names_a_column_twice(header):
+    """Whether a header names a column twice, as written (header cells are not normalised: "Name"
+    and "name" are two columns). Such a table is no table for LongProc's evaluator (PAPER.md,
+    "LongProc HTML→TSV"): it builds a pandas DataFrame with the header as its columns and normalises
+    the cells column by column, by name; a twice-named column selects two columns at once, the
+    normalisation fails on them, and the evaluator scores the sample 0 whatever its rows."""
+    return len(set(header)) != len(header)
 
 
 def read_table(text):
     """(header, rows) of a TSV text by LongProc's rules, or None when its evaluator cannot build a
     table from it. The text is stripped and split at newlines, and each line read with Python's csv
-    reader (tab delimiter, its default quoting); the first row is the header. An incomplete last
-    row (a width other than the header's: a cut-off line, a closing remark) is dropped; every other
-    row of the wrong width, blank lines included, becomes a row of "N/A". Cells are normalised
-    (`normalize_cell`), rows returned as tuples. None: no row left after the header, a header that
-    names a column twice (the evaluator's table library fails on it), or a csv error."""
+    reader (tab delimiter, its default quoting); the first row is the header, kept as written. An
+    incomplete last row (a width other than the header's: a cut-off line, a closing remark) is
+    dropped; every other row of the wrong width, blank lines included, becomes a row of "N/A".
+    Cells are normalised (`normalize_cell`), rows returned as tuples. None: no row left after the
+    header, a header that names a column twice (`names_a_column_twice`), or a csv error."""
     try:
         parsed = list(csv.reader(text.strip().split("\n"), delimiter="\t"))
     except csv.Error:
@@ -368,7 +385,7 @@ def read_table(text):
     header, rows = parsed[0], parsed[1:]
     if rows and len(rows[-1]) != len(header):
         rows = rows[:-1]
-    if not rows or len(set(header)) != len(header):
+    if not rows or names_a_column_twice(header):
         return None
     width = len(header)
     return header, [

@@ -338,6 +338,26 @@ def test_mistral_found_by_template_text_when_inst_is_not_a_token(tmp_path, capsy
     assert err.startswith("warning: the chat template in") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "file,text",
+    [
+        ("tokenizer_config.json", "{not json"),
+        ("tokenizer_config.json", json.dumps({"chat_template": 3})),
+        ("tokenizer_config.json", json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}, 1]})),
+        ("chat_template.jinja", b"\xff\xfe<<SYS>> [/INST]"),
+    ],
+)
+def test_an_odd_template_is_read_without_error(tmp_path, file, text):
+    """The template is only searched for facts: one that cannot be read gives none, never an error
+    (a non-UTF-8 file is read with its bad bytes replaced, so its text still counts)."""
+    path, _ = checkpoint(tmp_path, "odd", sentencepiece_tokenizer(["[INST]", "[/INST]"]))
+    (path / file).write_bytes(text if isinstance(text, bytes) else text.encode())
+    tok = model.load_tokenizer(path)
+    assert tok.template == ("llama2" if file.endswith(".jinja") else "mistral")
+    assert tok.facts.inst_end_spaced == file.endswith(".jinja") and tok.facts.default_system is None
+    assert tok.chat(TWO_TURNS[1:2])[:2] == [1, 3]  # <s> [INST], in both formats
+
+
 @pytest.mark.parametrize("fmt", ["mistral", "llama2"])
 def test_inst_formats_refuse_turns_out_of_order(tmp_path, fmt):
     path, _ = checkpoint(tmp_path, fmt, sentencepiece_tokenizer(), LLAMA2_TEMPLATE_LINE)

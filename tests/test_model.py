@@ -90,23 +90,62 @@ def test_parity_with_transformers(tmp_path, arch, kw):
     assert (got - ref).abs().max() < TOL
 
 
-def test_moe_decode_step_runs_only_the_chosen_experts(tmp_path):
-    """One token runs top_k experts per MoE layer, each once; a prefill runs each chosen expert once."""
-    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
-    m, _ = model.load_model(path)
-    calls = []
+def record_moe_calls(m):
+    """Hooks on every MoE layer of m: calls gets ((layer, expert), rows run) per expert call, chosen
+    gets (layer, sorted experts the router's top_k picked for some row) per forward of the gate."""
+    calls, chosen = [], []
     for i, layer in enumerate(m.layers):
         for e, expert in enumerate(layer.mlp.experts):
             hook = lambda mod, inp, out, key=(i, e): calls.append((key, inp[0].shape[0]))
             expert.register_forward_hook(hook)
+        top_k = layer.mlp.top_k
+        pick = lambda mod, inp, out, i=i, k=top_k: chosen.append((i, out.topk(k).indices.unique().tolist()))
+        layer.mlp.gate.register_forward_hook(pick)
+    return calls, chosen
+
+
+def test_moe_decode_step_runs_only_the_chosen_experts(tmp_path):
+    """One token runs top_k experts per MoE layer, each once; a decode step of B rows runs each expert
+    some row chose once, on a block of B rows, and no other; a prefill runs each chosen expert once."""
+    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
+    m, _ = model.load_model(path)
+    calls, chosen = record_moe_calls(m)
     with torch.inference_mode():
         m(torch.tensor([[7]]))  # [1, 1]
     assert [layer for (layer, _), _ in calls] == [0, 0, 1, 1] and all(n == 1 for _, n in calls)
+    calls.clear(), chosen.clear()
+    with torch.inference_mode():
+        m(torch.tensor([[7], [8], [9]]))  # [3, 1]: a decode step of 3 rows
+    assert [key for key, _ in calls] == [(i, e) for i, experts in chosen for e in experts]
+    assert len(calls) < 3 * m.config.n_layers * m.config.top_k and all(n == 3 for _, n in calls)
     calls.clear()
     with torch.inference_mode():
         m(torch.arange(40)[None])  # [1, 40]
     keys = [k for k, _ in calls]
     assert len(keys) == len(set(keys)) and sum(n for _, n in calls) == 40 * 2 * m.config.n_layers
+
+
+def test_moe_decode_row_does_not_depend_on_its_neighbours(tmp_path):
+    """evaluate.py decodes in forwards of 8 rows: a row's logits are bit-identical beside 7 rows of
+    other tokens and beside 7 rows of one token, at the same place in the batch. The neighbours
+    choose other experts in the two forwards, so an expert run on just the rows that chose it would
+    run on other batch sizes, and torch's CPU matmul rounds a row by the batch size."""
+    path, _ = make_tiny_checkpoint("Qwen3MoeForCausalLM", tmp_path / "moe")
+    m, _ = model.load_model(path)
+    _, chosen = record_moe_calls(m)
+    others = torch.tensor([11, 23, 42, 97, 150, 201, 299])  # [7]
+    for place in (0, 3):
+        mixed = torch.cat([others[:place], torch.tensor([7]), others[place:]])[:, None]  # [8, 1]
+        same = torch.full((8, 1), 5)  # [8, 1]
+        same[place] = 7
+        with torch.inference_mode():
+            chosen.clear()
+            beside_mixed = m(mixed)[place]  # [1, vocab]
+            experts_mixed = chosen[0][1]
+            chosen.clear()
+            beside_same = m(same)[place]  # [1, vocab]
+        assert experts_mixed != chosen[0][1]  # layer 0's experts differ: the test is not vacuous
+        assert torch.equal(beside_mixed, beside_same)
 
 
 def test_moe_config_as_the_hub_writes_it(tmp_path):

@@ -296,25 +296,35 @@ TSV_RULES = [
         GOLD,
         FULL,
     ),
-    (
-        "cells: a removed hyphen leaves no space",
-        "Name\tCity\nBlue-Bar\tOslo\nRed Cafe\tLyon",
-        GOLD,
-        prf(0.5, 0.5),
-    ),
+    ("cells: a removed hyphen leaves no space", "Name\tCity\nBlue-Bar\tOslo\nRed Cafe\tLyon", GOLD, FULL),
     ("cells: other punctuation stays", "Name\tCity\nBlue Bar\t«Oslo»\nRed Cafe\tLyon", GOLD, prf(0.5, 0.5)),
+    ("cells: articles a / an / the go", "Name\tCity\nThe Blue Bar\tOslo\nA Red Cafe\tAn Lyon", GOLD, FULL),
     (
-        "cells: spaces and articles stay",
-        "Name\tCity\nThe Blue Bar\tOslo\nRed  Cafe\tLyon",
+        "cells: an article that is no whole word stays",
+        "Name\tCity\nThe-Blue Bar\tOslo\nRed Cafe\tLyonThe",
         GOLD,
         prf(0.0, 0.0),
-    ),
+    ),  # punctuation goes first: "theblue bar" keeps its "the"
+    ("cells: doubled spaces collapse", "Name\tCity\nBlue  Bar\tOslo\nRed   Cafe\t Lyon ", GOLD, FULL),
+    ("cells: removed spaces do not matter", "Name\tCity\nBlueBar\tOslo\nRedCafe\tLyon", GOLD, FULL),
     ("cells: accents stay", "Name\tCity\nBlue Bar\tOslo\nRed Café\tLyon", GOLD, prf(0.5, 0.5)),
     ("header names do not matter, its width does", "A\tB\nBlue Bar\tOslo\nRed Cafe\tLyon", GOLD, FULL),
     ("a header of another width: not extracted", "Name\tCity\tX\nBlue Bar\tOslo\tx", GOLD, NONE),
     ("a header alone: not extracted", "```tsv\nName\tCity\n```", GOLD, NONE),
     ("no row left after the incomplete one: not extracted", "Name\tCity\nBlue Bar", GOLD, NONE),
     ("a header naming a column twice: not extracted", "Name\tName\nBlue Bar\tOslo", GOLD, NONE),
+    (
+        "a header naming a column twice: not extracted, however right its rows",
+        "Name\tName\nBlue Bar\tOslo\nRed Cafe\tLyon",
+        GOLD,
+        NONE,
+    ),
+    (
+        "header cells are not normalised: Name and name are two columns",
+        "Name\tname\nBlue Bar\tOslo\nRed Cafe\tLyon",
+        GOLD,
+        FULL,
+    ),
     ("an empty answer: not extracted", "", GOLD, NONE),
     ("no answer (None): not extracted", None, GOLD, NONE),
     ("all rows wrong: extracted, F1 0", "Name\tCity\nGreen Pub\tRome", GOLD, prf(0.0, 0.0)),
@@ -324,6 +334,14 @@ TSV_RULES = [
 @pytest.mark.parametrize("rule, prediction, gold, expected", TSV_RULES, ids=[r[0] for r in TSV_RULES])
 def test_longproc_scorer_rules(rule, prediction, gold, expected):
     assert tasks.score_tsv(prediction, gold) == pytest.approx(expected)
+
+
+def test_longproc_cell_normalisation():
+    """LongProc's `_normalize_answer`: lowercase, ASCII punctuation, whole-word articles, all spaces."""
+    assert tasks.normalize_cell("The Blue-Bar  Inc.") == "bluebarinc"
+    assert tasks.normalize_cell(" an\tApple a\u00a0day ") == "appleday"  # tabs and Unicode spaces too
+    assert tasks.normalize_cell("Theatre Anna") == "theatreanna"  # articles only as whole words
+    assert tasks.normalize_cell("Café «Été»") == "café«été»"  # non-ASCII punctuation and accents stay
 
 
 def test_longproc_scorer_bad_gold_and_aggregate():

@@ -675,11 +675,16 @@ def _chat_template_source(path):
     named templates, of which "default" is taken). The template is only searched for facts, never
     run, so an odd one is no error: a file that cannot be read as a template gives no facts.
     """
+    config = path / "tokenizer_config.json"
     try:
         if (path / "chat_template.jinja").is_file():
             return (path / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
-        template = _read_json(path / "tokenizer_config.json").get("chat_template")
-    except (OSError, ValueError):  # absent, unreadable, not UTF-8 JSON, not an object: no template
+        if not config.is_file():
+            return ""
+        template = _read_json(config).get("chat_template")
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8 JSON, not an object: no template, said once
+        reason = " ".join(str(err).split())
+        print(f"warning: {reason}; its chat template is ignored", file=sys.stderr)
         return ""
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         named = (t for t in template if isinstance(t, dict) and t.get("name") == "default")

@@ -347,12 +347,17 @@ def test_mistral_found_by_template_text_when_inst_is_not_a_token(tmp_path, capsy
         ("chat_template.jinja", b"\xff\xfe<<SYS>> [/INST]"),
     ],
 )
-def test_an_odd_template_is_read_without_error(tmp_path, file, text):
+def test_an_odd_template_is_read_without_error(tmp_path, file, text, capsys):
     """The template is only searched for facts: one that cannot be read gives none, never an error
-    (a non-UTF-8 file is read with its bad bytes replaced, so its text still counts)."""
+    (a non-UTF-8 file is read with its bad bytes replaced, so its text still counts); a
+    tokenizer_config.json that is no JSON object is said in one warning line, never silently ignored."""
     path, _ = checkpoint(tmp_path, "odd", sentencepiece_tokenizer(["[INST]", "[/INST]"]))
     (path / file).write_bytes(text if isinstance(text, bytes) else text.encode())
+    capsys.readouterr()
     tok = model.load_tokenizer(path)
+    err = capsys.readouterr().err
+    if text == "{not json":
+        assert err.startswith("warning: ") and "is not valid JSON" in err and err.count("\n") == 1, err
     assert tok.template == ("llama2" if file.endswith(".jinja") else "mistral")
     assert tok.facts.inst_end_spaced == file.endswith(".jinja") and tok.facts.default_system is None
     assert tok.chat(TWO_TURNS[1:2])[:2] == [1, 3]  # <s> [INST], in both formats

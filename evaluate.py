@@ -78,6 +78,7 @@ import torch
 
 import kvcache
 import results
+import skew
 import tasks
 import text2json
 from kvcache import (
@@ -567,7 +568,7 @@ class IdleRow:
     def __init__(self, seq_len):
         self.seq_len = seq_len
 
-    def attend(self, layer, q, k, v, pos):
+    def attend(self, layer, q, k, v, pos, **asked):
         return torch.zeros_like(q)  # [1, n_heads, T, head_dim]
 
 
@@ -592,7 +593,7 @@ def forward_rows(model, rows, device):
 
 
 @torch.inference_mode()
-def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=True):
+def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=True, calibration=None):
     """Prefill `ids` once, then decode every configuration from it (the module docstring's plan).
 
     Gold rows, one per configuration and always one for full attention (the reference): position 0
@@ -602,11 +603,14 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     reference's step. Free rows (free=True): each configuration's own greedy answer, up to max_new
     tokens or a stop token.
 
+    calibration: {channels: skew.calibration} for the policies that need one (InfiniGen).
+
     Returns (gold, free): {configuration key: row}, both holding full attention's; free is {} when
     free is False.
     """
     device = model.embed_tokens.weight.device
-    prefill_cache, logits = prefill(model, ids)  # logits [vocab] at the last prompt position
+    queries = any(p.select.needs_queries for p in policies)  # LRQK builds from the prompt's queries
+    prefill_cache, logits = prefill(model, ids, keep_queries=queries)  # logits [vocab] at the last position
     first, logp0 = int(logits.argmax()), torch.log_softmax(logits, dim=-1)  # [vocab]
     full = PRESETS["full"]
     configs = {full.key(): full} | {p.key(): p for p in policies}
@@ -618,10 +622,15 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a prompt shorter than the budget: recorded as sparse=False
         for key, p in configs.items():
+            cal = calibration[p.select.channels] if p.sparse and p.select.needs_calibration else None
             tracked = override(p, track=p.sparse)  # selection statistics against the oracle
-            gold[key] = GoldRow(p, from_prefill(prefill_cache, tracked, model.rope), gold_ids)
+            gold[key] = GoldRow(
+                p, from_prefill(prefill_cache, tracked, model.rope, calibration=cal), gold_ids
+            )
             if free:
-                rows[key] = FreeRow(p, from_prefill(prefill_cache, p, model.rope), stop, limit)
+                rows[key] = FreeRow(
+                    p, from_prefill(prefill_cache, p, model.rope, calibration=cal), stop, limit
+                )
     for r in gold.values():
         if n_gold:
             r.out, r.gold_logp = [first], [float(logp0[gold_ids[0]])]
@@ -692,6 +701,7 @@ def policy_record(gold, free, tok):
         key_error=s.get("key_error"),
         recall_per_layer=s.get("recall_per_layer"),
         mass_per_layer=s.get("mass_per_layer"),
+        hit_rate=s.get("hit_rate"),
         device_kv_fraction=gold.cache.memory()["device_fraction"],
         bytes_per_step=gold.cache.bytes_fetched / gold.steps if gold.steps else None,
     )
@@ -776,7 +786,7 @@ def gold_tokens(task, sample, tok):
     return ids, fields, text2json.record_depths(sample["problem"], sample["gold"])
 
 
-def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_run=True):
+def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_run=True, calibration=None):
     """Decode one sample under every configuration still to do; returns its samples.jsonl rows.
     free_run=False skips the free rows: no prediction, no task score."""
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
@@ -789,7 +799,9 @@ def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_r
         return []
     gold_ids, fields, depths = gold_tokens(task, sample, tok)
     sparse = [p for p in policies if p.sparse]
-    gold, free = decode_sample(model, ids, sparse, gold_ids, max_new, tok.stop_ids, free=free_run)
+    gold, free = decode_sample(
+        model, ids, sparse, gold_ids, max_new, tok.stop_ids, free=free_run, calibration=calibration
+    )
     if verbose:
         for p in sparse:
             print(f"{p.label()} @{p.select.budget:g}: {gold[p.key()].cache.budget_line()}")
@@ -830,20 +842,20 @@ def is_default_model(path):
     return path is None or Path(path).resolve() == default_model_path().resolve()
 
 
-_WORKER = {}  # a worker process's model and tokenizer (inherited through fork, never pickled)
+_WORKER = {}  # a worker process's model, tokenizer and calibrations (inherited through fork, never pickled)
 
 
-def _init_worker(model, tok):
+def _init_worker(model, tok, calibration):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent stops them
     torch.set_num_threads(DECODE_THREADS)
-    _WORKER.update(model=model, tok=tok)
+    _WORKER.update(model=model, tok=tok, calibration=calibration)
 
 
 def _work(job):
-    return evaluate_sample(_WORKER["model"], _WORKER["tok"], *job)
+    return evaluate_sample(_WORKER["model"], _WORKER["tok"], *job, calibration=_WORKER["calibration"])
 
 
-def run_jobs(model, tok, jobs, workers):
+def run_jobs(model, tok, jobs, workers, calibration=None):
     """Yield each job's rows in order. Several CPU workers: one sample per process.
 
     Every sample is computed with DECODE_THREADS torch threads, in a worker or in this process, so its
@@ -858,13 +870,20 @@ def run_jobs(model, tok, jobs, workers):
         torch.set_num_threads(DECODE_THREADS)
         try:
             for job in jobs:
-                yield evaluate_sample(model, tok, *job)
+                yield evaluate_sample(model, tok, *job, calibration=calibration)
         finally:
             torch.set_num_threads(threads)
         return
     ctx = multiprocessing.get_context("fork")  # the workers share the loaded weights copy-on-write
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model, tok)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model, tok, calibration)) as pool:
         yield from pool.imap(_work, jobs)
+
+
+def calibrations(model, tok, policies):
+    """{channels: InfiniGen's calibration of this model} for the policies that need one (skew.py), fitted
+    (or read from the cache) once, in this process, before any worker starts."""
+    shares = {p.select.channels for p in policies if p.sparse and p.select.needs_calibration}
+    return {c: skew.calibration(model, tok, c) for c in sorted(shares)}
 
 
 def results_folder(args, shard, n_shards):
@@ -895,6 +914,12 @@ def check_fit(args, policies, config):
             raise ValueError(
                 f"--ranks {rank:g} keeps none of the model's {channels} key channels: "
                 f"give a share of at least {1 / channels:.3g}"
+            )
+    for p in policies:  # LRQK's rank: a share of head_dim, or an int up to it
+        if p.sparse and p.select.needs_queries and p.select.qk_rank > config.head_dim:
+            raise ValueError(
+                f"the {p.name} policy's qk_rank {p.select.qk_rank:g} is above the model's head_dim "
+                f"{config.head_dim}: give at most {config.head_dim} or a share up to 1"
             )
     if uses_tokens(args) and args.tokens >= config.max_positions:
         raise ValueError(
@@ -1012,7 +1037,7 @@ def run(args):
                     for i, (sample, ps) in enumerate(todo)
                 ]
                 workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
-                done = run_jobs(model, tok, jobs, workers)
+                done = run_jobs(model, tok, jobs, workers, calibrations(model, tok, policies))
                 try:
                     for i, sample_rows in enumerate(done):
                         rows += sample_rows

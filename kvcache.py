@@ -59,8 +59,10 @@ import landmarks
 import quantize
 from offload import OffloadStore
 
-LANDMARK_KINDS = ("keys", "mean", "quantized", "quest")  # landmarks.py: TokenKeys, ChunkMeans, ...
-CHUNKED_KINDS = ("mean", "quest")  # one landmark per chunk by nature: their label always names the chunk
+# landmarks.py: TokenKeys, ChunkMeans, QuantizedKeys, QuestBounds, PageCuboids, LowRankQK, SkewedKeys
+LANDMARK_KINDS = ("keys", "mean", "quantized", "quest", "pages", "lowrank_qk", "skewed")
+CHUNKED_KINDS = ("mean", "quest", "pages")  # one landmark per chunk by nature: the label names the chunk
+PER_QUERY_HEAD_KINDS = ("lowrank_qk", "skewed")  # landmarks kept per query head: they select per query head
 KEY_SOURCES = ("exact", "low_rank")
 SWEEP_AXES = ("budget", "chunk_size", "landmark_bits", "residual", "rank")  # evaluate.py's sweep options
 
@@ -85,10 +87,18 @@ class Select:
     landmark_bits: the quantize.parse_format spec of "quantized" landmarks ("2", "fp8", ...)
     residual:      meta-chunk size m of residual landmark quantization (0 = off), the residuals
                    quantized with `residual_bits`
-    score_rule:    landmarks.SCORE_RULES: "softmax_max" (ShadowKV's, the paper's as evaluated) or
-                   "mean_query" (the authors' fast path)
+    score_rule:    landmarks.SCORE_RULES: "softmax_max" (ShadowKV's, the paper's as evaluated),
+                   "mean_query" (the authors' fast path) or "dot" (ArkVale, LRQK, InfiniGen)
+    per:           "kv_head": each KV head selects for its query heads (the paper, ShadowKV, ArkVale);
+                   "query_head": each query head selects its own tokens (LRQK, InfiniGen)
     budget:        selected prompt tokens as a share of the prompt (the paper: 3.125%)
     min_prompt:    prompts shorter than this are not pruned at all (the fast path: 512)
+    qk_rank:       "lowrank_qk" (LRQK): the rank of the joint factorisation, a share of head_dim or an int
+                   (the authors: 16 of 128 for Llama, 32 of 128 for Qwen3), and `iterations` of each of
+                   its alternating solves (the authors: 2)
+    channels:      "skewed" (InfiniGen): the share of head_dim its mask keeps by the queries' and by the
+                   keys' magnitude (the two united; the authors: 20% each)
+    dense_layers:  the first layers attend to every token, selecting nothing (InfiniGen: 2)
     sweep:         the fields an evaluation sweep may vary for this preset besides the budget (its
                    axes, e.g. ("chunk_size",) for `mean`); not part of the configuration
     """
@@ -99,13 +109,34 @@ class Select:
     residual: int = 0
     residual_bits: str = quantize.DEFAULT_RESIDUAL_BITS  # "0.5", the paper's
     score_rule: str = "softmax_max"
+    per: str = "kv_head"
     budget: float = 0.03125
     min_prompt: int = 0
+    qk_rank: float = 0.125
+    iterations: int = 2
+    channels: float = 0.2
+    dense_layers: int = 0
     sweep: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def axes(self) -> tuple:
         return ("budget",) + self.sweep  # every sparse policy sweeps its budget
+
+    @property
+    def needs_queries(self) -> bool:
+        """Whether the landmarks are built from the prefill's queries too (LRQK): the prefill keeps them."""
+        return self.landmarks == "lowrank_qk"
+
+    @property
+    def asks(self) -> tuple:
+        """What selection needs from the model at a decode step besides q, k, v: InfiniGen scores layer
+        L with a query speculated from layer L - 1's input ("next_query"; model.Transformer.forward)."""
+        return ("next_query",) if self.landmarks == "skewed" else ()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the landmarks need a calibration of the model (InfiniGen's skews, skew.py)."""
+        return self.landmarks == "skewed"
 
     def check(self):
         if self.landmarks not in LANDMARK_KINDS:
@@ -114,9 +145,29 @@ class Select:
             raise ValueError(f"budget {self.budget} is out of range: give a share of the prompt in (0, 1]")
         if not _is_int(self.chunk_size) or self.chunk_size < 1:
             raise ValueError(f"chunk_size {self.chunk_size!r} must be an int >= 1")
-        for name in ("residual", "min_prompt"):
+        for name in ("residual", "min_prompt", "dense_layers"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)!r} must be an int >= 0")
+        if self.per not in landmarks.GRANULARITIES:
+            raise ValueError(f"unknown per {self.per!r}: choose from {', '.join(landmarks.GRANULARITIES)}")
+        if self.landmarks in PER_QUERY_HEAD_KINDS and self.per != "query_head":
+            raise ValueError(
+                f"{self.landmarks} landmarks are kept per query head: they need per='query_head'"
+            )
+        if self.score_rule == "mean_query" and self.per != "kv_head":
+            raise ValueError("the mean_query rule scores with a group's mean query: it needs per='kv_head'")
+        if self.landmarks == "lowrank_qk":
+            r = self.qk_rank
+            if isinstance(r, bool) or not isinstance(r, int | float) or r <= 0 or (r > 1 and r != int(r)):
+                raise ValueError(f"qk_rank {r!r} must be an int >= 1 or a share of head_dim in (0, 1]")
+            if not _is_int(self.iterations) or self.iterations < 1:
+                raise ValueError(f"iterations {self.iterations!r} must be an int >= 1")
+        if self.landmarks == "skewed" and not (
+            isinstance(self.channels, int | float)
+            and not isinstance(self.channels, bool)
+            and 0 < self.channels <= 1
+        ):
+            raise ValueError(f"channels {self.channels!r} must be a share of head_dim in (0, 1]")
         if self.score_rule not in landmarks.SCORE_RULES:
             raise ValueError(
                 f"unknown score_rule {self.score_rule!r}: choose from {', '.join(landmarks.SCORE_RULES)}"
@@ -135,7 +186,15 @@ class Select:
             p.update(landmark_bits=self.landmark_bits, residual=self.residual)
             if self.residual:
                 p.update(residual_bits=self.residual_bits)
-        return p | dict(score_rule=self.score_rule, budget=self.budget, min_prompt=self.min_prompt)
+        if self.landmarks == "lowrank_qk":
+            p.update(qk_rank=self.qk_rank, iterations=self.iterations)
+        if self.landmarks == "skewed":
+            p.update(channels=self.channels)
+        p.update(score_rule=self.score_rule)
+        if self.per != "kv_head":
+            p.update(per=self.per)
+        p.update(budget=self.budget, min_prompt=self.min_prompt)
+        return p | (dict(dense_layers=self.dense_layers) if self.dense_layers else {})
 
     def label(self, preset: "Select", without=None) -> list:
         """Label pieces: the preset's sweep axes, and whatever differs from the preset ('2b', 'c8');
@@ -154,16 +213,37 @@ class Select:
             pieces.append(self.score_rule)
         if "min_prompt" in named:
             pieces.append(f"min{self.min_prompt}")
+        for name, short in (
+            ("qk_rank", "r"),
+            ("iterations", "it"),
+            ("channels", "ch"),
+            ("dense_layers", "dense"),
+        ):
+            if name in named:
+                pieces.append(f"{short}{getattr(self, name):g}")
+        if "per" in named:
+            pieces.append(f"per-{self.per.replace('_', '-')}")
         return pieces  # the budget has its own column and its own place in a configuration's key
 
-    def build(self, k_mid) -> landmarks.Landmarks:
-        """The landmarks of one layer's middle keys k_mid [H, M, d] (post-RoPE): N per KV head."""
+    def build(self, k_mid, prefill: "LayerPrefill") -> landmarks.Landmarks:
+        """The landmarks of one layer's middle keys k_mid [H, M, d] (post-RoPE): N per KV head (or per
+        query head); LRQK and InfiniGen read more of the prefill (`LayerPrefill`)."""
         if self.landmarks == "keys":
             return landmarks.TokenKeys.build(k_mid)
         if self.landmarks == "mean":
             return landmarks.ChunkMeans.build(k_mid, self.chunk_size)
         if self.landmarks == "quest":
             return landmarks.QuestBounds.build(k_mid, self.chunk_size)
+        if self.landmarks == "pages":
+            return landmarks.PageCuboids.build(k_mid, self.chunk_size)
+        if self.landmarks == "lowrank_qk":
+            d = k_mid.shape[-1]
+            r = round(self.qk_rank * d) if self.qk_rank <= 1 else int(self.qk_rank)
+            if not 1 <= r <= d:
+                raise ValueError(f"qk_rank {self.qk_rank:g} gives rank {r}: it must be 1 to head_dim = {d}")
+            return landmarks.LowRankQK.build(prefill.q, prefill.k, prefill.middle, r, self.iterations)
+        if self.landmarks == "skewed":
+            return landmarks.SkewedKeys.build(k_mid, prefill.skew, prefill.mask)
         return landmarks.QuantizedKeys.build(
             k_mid, self.chunk_size, self.landmark_bits, self.residual, self.residual_bits
         )
@@ -182,6 +262,9 @@ class Keys:
     kv_group:    "head": each KV head's row of a token is quantized on its own; "token": all
                  kv_heads * head_dim channels of a token form one row and one scale group (the paper)
     kv_pre_rope: store the keys before RoPE (the paper: quantize pre-RoPE keys, RoPE the fetched rows)
+    resident:    keep the rows selected at a step on the device and fetch, at the next step, only the
+                 selected rows not already there (ArkVale's pages, LRQK's per-query-head cache: hits and
+                 misses); False fetches every selected row at every step
     sweep:       the fields a sweep may vary for this preset (("rank",) for `svd`); not part of the
                  configuration
     """
@@ -191,6 +274,7 @@ class Keys:
     kv_bits: str | None = None
     kv_group: str = "head"
     kv_pre_rope: bool = False
+    resident: bool = False
     sweep: tuple = field(default=(), compare=False, repr=False)
 
     @property
@@ -210,6 +294,10 @@ class Keys:
             raise ValueError("kv_group='token' and kv_pre_rope describe quantized K/V: give kv_bits too")
         if self.kv_bits is not None:
             quantize.parse_format(self.kv_bits)  # raises on an unknown format
+        if self.resident and self.kv_group == "token":
+            raise ValueError(
+                "a resident set keeps rows per head: it cannot hold whole-token rows (kv_group='token')"
+            )
 
     def params(self) -> dict:
         p = dict(source=self.source)
@@ -218,7 +306,7 @@ class Keys:
         p.update(kv_bits=self.kv_bits)
         if self.kv_bits is not None:
             p.update(kv_group=self.kv_group, kv_pre_rope=self.kv_pre_rope)
-        return p
+        return p | (dict(resident=True) if self.resident else {})
 
     def label(self, preset: "Keys", without=None) -> list:
         """Label pieces: 'r0.15625' (the rank, where swept), 'kv4' (K/V bits other than the preset's)."""
@@ -233,6 +321,8 @@ class Keys:
             pieces.append(f"g{self.kv_group}")
         if "kv_pre_rope" in named:
             pieces.append("pre-rope" if self.kv_pre_rope else "post-rope")
+        if "resident" in named:
+            pieces.append("resident" if self.resident else "refetch")
         return pieces
 
 
@@ -326,6 +416,9 @@ SVD = dict(source="low_rank", rank=0.15625)  # ShadowKV's rank: 160 of 1024 chan
 Q2 = dict(landmark_bits="2")  # HIGGS 2-bit landmarks (d=4, n=256), the paper's
 PAPER_KV = dict(kv_bits="4", kv_group="token", kv_pre_rope=True)  # 4-bit HIGGS over a whole token, pre-RoPE
 FAST = dict(score_rule="mean_query", budget=0.015625, min_prompt=512)  # the fast path's rule and split
+PER_Q = dict(score_rule="dot", per="query_head")  # LRQK, InfiniGen: each query head its own top tokens
+# ArkVale's sink and window are pages: the first 2 (32 tokens) and the last 5, a partial last page
+# included; local=65 gives exactly that (split_budget adds the remainder of the middle to the window).
 # fmt: off
 PRESETS = {
     "full":       Policy("full"),
@@ -337,6 +430,9 @@ PRESETS = {
     "paper":      Policy("paper",      Select("quantized", **Q2),                     Keys(**PAPER_KV),        Exact(local=64)),
     "paper_fast": Policy("paper_fast", Select("quantized", **Q2, **FAST),             Keys(kv_bits="fp8"),     Exact(sink=0.00625, local=0.00625)),
     "quest":      Policy("quest",      Select("quest", 16, sweep=CHUNK),               Keys(),                  Exact(local=64)),
+    "arkvale":    Policy("arkvale",    Select("pages", 16, score_rule="dot"),          Keys(resident=True),     Exact(sink=32, local=65)),
+    "lrqk":       Policy("lrqk",       Select("lowrank_qk", **PER_Q),                  Keys(resident=True),     Exact(local=64)),
+    "infinigen":  Policy("infinigen",  Select("skewed", **PER_Q, dense_layers=2),      Keys(),                  Exact(local=0)),
 }
 # fmt: on
 POLICIES = tuple(PRESETS)  # every generic test runs over this list
@@ -382,18 +478,27 @@ def override(policy: Policy, **changes) -> Policy:
 
 def oracle_of(p: Policy) -> Policy:
     """The oracle a sparse policy is measured against (PAPER.md "The oracle"): exact top-k of the same
-    budget and scoring rule, over the same offloaded K/V format."""
-    return make_policy(
-        "oracle", budget=p.select.budget, score_rule=p.select.score_rule, kv_bits=p.keys.kv_bits
-    )
+    budget, over the same offloaded K/V format, with the oracle's own scoring rule unless the policy's
+    was changed from its preset's (then the oracle's is changed alike: --score-rule changes both)."""
+    rule = p.select.score_rule if p.select.score_rule != PRESETS[p.name].select.score_rule else None
+    return make_policy("oracle", budget=p.select.budget, score_rule=rule, kv_bits=p.keys.kv_bits)
 
 
 def check(p: Policy):
-    """The parts' own checks, and the one that spans two parts."""
+    """The parts' own checks, and the ones that span two parts."""
+    if not p.sparse:
+        return
     for part in p.parts():
         part.check()
-    if p.sparse and p.exact.outliers and p.select.landmarks != "mean":
+    select, keys = p.select, p.keys
+    if p.exact.outliers and select.landmarks != "mean":
         raise ValueError("outlier chunks are ShadowKV's: they need chunk-mean landmarks (landmarks='mean')")
+    if select.landmarks == "lowrank_qk" and not keys.resident:
+        raise ValueError("LRQK fits its query to the keys on the device: it needs resident=True")
+    if select.per == "query_head" and (keys.source == "low_rank" or keys.kv_group == "token"):
+        raise ValueError(
+            "per-query-head selection reads exact per-head rows: keys source 'exact', kv_group 'head'"
+        )
 
 
 # --------------------------------------------------------------------------------------- the budget
@@ -567,11 +672,36 @@ class LowRankKeys:
 
 @dataclass
 class LayerState:
-    """What a sparse policy keeps for one layer after the prefill (batch of one)."""
+    """What a sparse policy keeps for one layer after the prefill (batch of one). A dense layer
+    (Select.dense_layers) has no landmarks: every prompt token is among its exact tokens."""
 
-    marks: landmarks.Landmarks  # [H, N] landmarks
-    keys: OffloadedKeys | LowRankKeys
+    marks: landmarks.Landmarks | None  # [H, N] landmarks (or [H * G, N], per query head)
+    keys: OffloadedKeys | LowRankKeys | None
     exact: ExactTokens
+    resident: "Resident | None" = None  # Keys.resident: the rows selected at the last step, on the device
+
+
+@dataclass
+class Resident:
+    """The selected rows kept on the device from one decode step to the next (Keys.resident): the next
+    step fetches only the rows it selects that are not here (ArkVale's pages, LRQK's cache)."""
+
+    idx: torch.Tensor  # [P, S] sorted middle rows per selecting head (KV head, or query head)
+    rows: dict  # name ("k", "v") -> [P, S, d] their fetched values
+
+
+@dataclass
+class LayerPrefill:
+    """What a layer's prefill hands the landmarks besides its middle keys: LRQK factorises the prompt's
+    queries with its keys, InfiniGen rotates the keys by its calibration (skew.py)."""
+
+    k: torch.Tensor  # [H, T, d] the whole prompt's post-RoPE keys
+    middle: slice  # the prompt rows the landmarks stand for
+    q: torch.Tensor | None = (
+        None  # [n_heads, T, d] the prompt's post-RoPE queries, when the prefill kept them
+    )
+    skew: torch.Tensor | None = None  # [n_heads, d, d] InfiniGen's skewing matrices of this layer
+    mask: torch.Tensor | None = None  # [n_heads, d] bool, its channel mask
 
 
 # ----------------------------------------------------------------------------------- the two caches
@@ -580,11 +710,16 @@ class FullCache:
     policy, and the full-attention reference. A decode step writes one row per layer (see `append`).
 
     `policy` is full attention, or a sparse policy whose prompt was shorter than its budget (it then
-    runs as full attention: `from_kv` says so with a warning).
+    runs as full attention: `from_kv` says so with a warning). keep_queries: keep the prefill's
+    queries too (`q`), for the policies whose landmarks need them (LRQK, Select.needs_queries).
     """
 
-    def __init__(self, n_layers: int, policy: Policy | None = None):
+    asks = ()  # nothing beyond q, k, v from the model (see SparseCache.asks)
+
+    def __init__(self, n_layers: int, policy: Policy | None = None, keep_queries: bool = False):
         self.policy = policy or PRESETS["full"]
+        self.keep_queries = keep_queries
+        self.q = [None] * n_layers  # keep_queries: per layer the prefill's [B, n_heads, T, head_dim]
         self.k = [None] * n_layers  # per layer [B, n_kv_heads, S, head_dim]
         self.v = [None] * n_layers
         self.kbuf = [None] * n_layers  # the buffers self.k / self.v are views of (see append)
@@ -597,9 +732,12 @@ class FullCache:
     def seq_len(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
-    def attend(self, layer, q, k, v, pos):
-        if self.k[layer] is None and layer == 0:
-            self.prompt_len = k.shape[2]  # the first call is the prefill
+    def attend(self, layer, q, k, v, pos, **asked):
+        if self.k[layer] is None:
+            if layer == 0:
+                self.prompt_len = k.shape[2]  # the first call is the prefill
+            if self.keep_queries:
+                self.q[layer] = q
         self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
         self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
         return full_attention(q, self.k[layer], self.v[layer])
@@ -631,8 +769,12 @@ class SparseCache:
         self.prompt_len = split.prompt_len
         # the paper's K/V: one stored row per token, all kv_heads x head_dim channels (Keys.kv_group)
         self.token_rows = policy.keys.kv_group == "token"
+        # what the model hands this cache besides q, k, v (model.Transformer.forward): InfiniGen's
+        # "next_query", layer L's query computed from layer L - 1's input, at layer L - 1's call
+        self.asks = policy.select.asks
+        self.speculated = [None] * n_layers  # per layer the query speculated for it [n_heads, Tq, d]
         self.stats = Stats(n_layers)
-        self.last_selected = [None] * n_layers  # per layer [H, S] positions, last decode step
+        self.last_selected = [None] * n_layers  # per layer [P, S] positions, last decode step
 
     @property
     def seq_len(self) -> int:
@@ -646,15 +788,19 @@ class SparseCache:
 
     def budget_line(self) -> str:
         """'budget = 4 sink + 64 local + 64 selected (+ 16 outliers) of 2048 tokens'."""
-        return self.split.line()
+        dense = self.policy.select.dense_layers
+        return self.split.line() + (f"; layers 0-{dense - 1} dense" if dense else "")
 
     # ---------------------------------------------------------------- prefill: build the summary
-    def build_layer(self, layer, k, v) -> LayerState:
+    def build_layer(self, layer, k, v, prefill: LayerPrefill) -> LayerState:
         """k, v: [H, T, d] exact post-RoPE prompt keys and values of one layer."""
         p, split = self.policy, self.split
+        if layer < p.select.dense_layers:  # a dense layer: every prompt token exact, nothing selected
+            every = torch.arange(k.shape[1], device=k.device).expand(k.shape[0], -1)  # [H, T]
+            return LayerState(None, None, ExactTokens(k, v, every))
         k_mid, v_mid = k[:, split.middle], v[:, split.middle]  # [H, M, d]
         # 1. the landmarks, and (ShadowKV) the outlier chunks taken out of them
-        marks = p.select.build(k_mid)  # N landmarks per KV head
+        marks = p.select.build(k_mid, prefill)  # N landmarks per KV head (or per query head)
         self.stats.landmark_error[layer] = marks.error
         exact = ExactTokens.build(
             k,
@@ -674,7 +820,21 @@ class SparseCache:
         self._offload(layer, "v", v_mid)
         if p.track:
             self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
-        return LayerState(marks, keys, exact)
+        state = LayerState(marks, keys, exact)
+        if isinstance(marks, landmarks.LowRankQK):  # LRQK's prefill selects with its last query's A_Q
+            state.resident = self._first_selection(marks, k_mid, v_mid)
+        return state
+
+    def _first_selection(self, marks, k_mid, v_mid) -> Resident:
+        """LRQK's prefill selection (PAPER.md "LRQK"): each query head's top tokens by the last prompt
+        query's coordinates, put on the device from the prefill's own K/V (nothing is fetched)."""
+        H = k_mid.shape[0]
+        P = marks.first.shape[0]
+        q_first = marks.first.view(H, P // H, 1, -1)  # [H, G, 1, r]
+        scores = landmarks.score(q_first, marks, "dot", "query_head")  # [P, M]
+        idx = landmarks.select_topk(scores, self.split.selected)  # [P, S]
+        head = torch.arange(P, device=idx.device)[:, None] // (P // H)  # [P, 1] each query head's KV head
+        return Resident(idx, {"k": k_mid[head, idx], "v": v_mid[head, idx]})  # [P, S, d] each
 
     def _offload(self, layer, name, x):
         """Put x [H, M, d] in the store: as it is, or quantized with Keys.kv_bits (each row packed on
@@ -693,53 +853,137 @@ class SparseCache:
 
     # ---------------------------------------------------------------- decode
     def select(self, layer, qg) -> torch.Tensor:
-        """Step 1 of a decode step: the middle rows [H, S] (sorted, relative to the middle) that the
-        queries qg [H, G, Tq, d] read: the landmarks' top-k chunks per KV head, expanded to tokens."""
-        split = self.split
-        scores = landmarks.score(qg, self.layers[layer].marks, self.policy.select.score_rule)  # [H, N]
-        chunks = landmarks.select_topk(scores, split.k_chunks)  # [H, k_chunks]
+        """Step 1 of a decode step: the middle rows [P, S] (sorted, relative to the middle) that the
+        selection query qg [H, G, Tq, d] reads: the landmarks' top-k chunks per KV head (P = H), or per
+        query head (P = H * G, Select.per), expanded to tokens."""
+        split, select = self.split, self.policy.select
+        scores = landmarks.score(qg, self.layers[layer].marks, select.score_rule, select.per)  # [P, N]
+        chunks = landmarks.select_topk(scores, split.k_chunks)  # [P, k_chunks]
         if split.chunk == 1:
             return chunks
         return (chunks[:, :, None] * split.chunk + torch.arange(split.chunk, device=qg.device)).flatten(
             1
-        )  # [H, S]
+        )  # [P, S]
 
-    def attend(self, layer, q, k, v, pos):
-        """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely")."""
+    def attend(self, layer, q, k, v, pos, next_query=None):
+        """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely").
+        next_query [1, n_heads, Tq, d]: the model's speculation of the next layer's query, when asked."""
         st = self.layers[layer]
         B, n_heads, Tq, d = q.shape
         H = k.shape[1]
         G = n_heads // H
-        st.exact.append(k[0], v[0])  # the new tokens are attended exactly from now on
+        if next_query is not None and layer + 1 < len(self.layers):
+            self.speculated[layer + 1] = next_query[0]  # [n_heads, Tq, d]
         qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d] the query heads of each KV head's group
-
-        # 1. Score the landmarks, keep the top-k chunks per KV head.
-        idx = self.select(layer, qg)  # [H, S] middle rows
-
-        # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
-        fetch = self.store.fetch(layer, st.keys.fetched, idx.reshape(1, -1) if self.token_rows else idx)
-
-        # 3. ... and meanwhile attend to the exact tokens on the device.
         qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
+        q_select = self._selection_query(layer, st, qg, k) if st.marks is not None else None
+        st.exact.append(k[0], v[0])  # the new tokens are attended exactly from now on
         mask = None
         if Tq > 1:  # new token i of Tq sees the prompt and the generated tokens up to itself
             L = st.exact.k.shape[1]
             mask = torch.ones(Tq, L, dtype=torch.bool, device=q.device).tril(L - Tq).repeat(G, 1)  # [G*Tq, L]
+        if st.marks is None:  # a dense layer: every token is exact
+            out, _ = attention_lse(qf, st.exact.k, st.exact.v, mask)
+            if self.policy.track:
+                self.stats.add(layer, torch.ones(H), torch.ones(H), None)  # all attended, all of the mass
+            return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+        # 1. Score the landmarks, keep the top-k chunks per KV head (or per query head).
+        idx = self.select(layer, q_select)  # [P, S] middle rows
+
+        # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
+        fetch = self._start_fetch(layer, st, idx)
+
+        # 3. ... and meanwhile attend to the exact tokens on the device.
         out_a, lse_a = attention_lse(qf, st.exact.k, st.exact.v, mask)
 
         # 4. The selected keys (fetched, or rebuilt), attention over them, the two softmaxes merged.
-        got = fetch.wait()  # per name [H, S, d] (dequantized if stored packed)
-        if self.token_rows:  # [1, H*S, H*d] whole tokens: keep head h's channels of the rows head h selected
-            got = [t.view(H, -1, H, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1) for t in got]  # [H, S, d]
-        got = dict(zip(st.keys.fetched, got))
-        sel_k = st.keys.selected(got, idx, self.split, self.rope, q.dtype)  # [H, S, d] post-RoPE
-        out_b, lse_b = attention_lse(qf, sel_k, got["v"])
+        got = self._finish_fetch(st, idx, fetch, d)  # per name [P, S, d] (dequantized if stored packed)
+        sel_k = st.keys.selected(got, idx, self.split, self.rope, q.dtype)  # [P, S, d] post-RoPE
+        if idx.shape[0] == H:
+            out_b, lse_b = attention_lse(qf, sel_k, got["v"])
+        else:  # each query head attends to its own selection
+            out_b, lse_b = attention_lse(qg.reshape(H * G, Tq, d), sel_k, got["v"])  # [P, Tq, d], [P, Tq]
+            out_b, lse_b = out_b.view(H, G * Tq, d), lse_b.view(H, G * Tq)
         out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
 
-        self.last_selected[layer] = idx + self.split.sink  # [H, S] absolute positions
+        self.last_selected[layer] = idx + self.split.sink  # [P, S] absolute positions
         if self.policy.track:
             self._track(layer, qg, idx, sel_k, st)
         return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+    def _selection_query(self, layer, st, qg, k) -> torch.Tensor:
+        """The query step 1 scores the landmarks with, [H, G, Tq, d']: this step's own query; the one the
+        model speculated one layer earlier (InfiniGen); or, for LRQK, its coordinates q^, fitted to the
+        keys on the device before this step's token joins them (LowRankQK.step)."""
+        H, G, Tq, d = qg.shape
+        if "next_query" in self.asks:
+            if self.speculated[layer] is None:
+                raise ValueError(
+                    f"layer {layer}: the model handed no next_query for it; decode through model.forward, "
+                    "which hands a cache what its `asks` names"
+                )
+            return self.speculated[layer].view(H, G, Tq, d)
+        if not isinstance(st.marks, landmarks.LowRankQK):
+            return qg
+        if Tq != 1:
+            raise ValueError("LRQK fits each new query on its own: decode one token per step")
+        res = st.resident  # the rows selected at the last step, per query head [P, S, d]
+        pos = torch.cat(
+            [
+                st.exact.prompt_pos,
+                self.prompt_len
+                + torch.arange(st.exact.k.shape[1] - st.exact.n_prompt, device=qg.device).expand(H, -1),
+            ],
+            dim=1,
+        )  # [H, F + Tg]
+        on_device = torch.cat([res.rows["k"], st.exact.k.repeat_interleave(G, dim=0)], dim=1)  # [P, R, d]
+        pos = torch.cat([res.idx + self.split.sink, pos.repeat_interleave(G, dim=0)], dim=1)  # [P, R]
+        q_hat = st.marks.step(qg.reshape(H * G, 1, d), k[0].repeat_interleave(G, dim=0), on_device, pos)
+        return q_hat.view(H, G, 1, -1)  # [H, G, 1, r]
+
+    def _start_fetch(self, layer, st, idx):
+        """Step 2: start copying the rows idx [P, S] selects from CPU memory; returns (plan, Fetch).
+        A query head reads its KV head's rows. With Keys.resident only the rows not on the device from
+        the last step are fetched (the misses); `plan` says where each row comes from."""
+        names, (P, S), H = st.keys.fetched, idx.shape, st.exact.k.shape[0]
+        if self.token_rows:  # the paper's K/V: whole tokens, one row each
+            return None, self.store.fetch(layer, names, idx.reshape(1, -1))
+        if not self.policy.keys.resident:
+            return None, self.store.fetch(layer, names, idx.view(H, -1))  # [H, S] or [H, G*S] rows
+        res = st.resident
+        if res is None:  # the first step: nothing is on the device yet
+            hit = torch.zeros(P, S, dtype=torch.bool, device=idx.device)
+            slot = None
+        else:
+            slot = torch.searchsorted(res.idx, idx).clamp_(max=S - 1)  # [P, S] where each row would be
+            hit = res.idx.gather(1, slot) == idx  # [P, S]
+        miss = (~hit).nonzero(as_tuple=True)  # ([n], [n]): selecting head and place of each miss
+        fetch = self.store.fetch(layer, names, idx[miss], heads=miss[0] // (P // H))  # [n, d] each
+        return (hit, slot, miss), fetch
+
+    def _finish_fetch(self, st, idx, pending, d) -> dict:
+        """Step 4's input: wait for the fetch; per name the selected rows [P, S, d] (dequantized)."""
+        plan, fetch = pending
+        names, (P, S), H = st.keys.fetched, idx.shape, st.exact.k.shape[0]
+        got = fetch.wait()
+        if self.token_rows:  # [1, H*S, H*d] whole tokens: keep head h's channels of the rows head h selected
+            got = [t.view(H, -1, H, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1) for t in got]  # [H, S, d]
+            return dict(zip(names, got))
+        if plan is None:
+            return {name: t.view(P, S, -1) for name, t in zip(names, got)}  # [P, S, d]
+        hit, slot, miss = plan
+        rows = {}
+        for name, fetched in zip(names, got):
+            out = fetched.new_empty(P, S, fetched.shape[-1])  # [P, S, d]
+            if slot is not None:  # the hits, from where they sat at the last step
+                kept = st.resident.rows[name].gather(1, slot[..., None].expand(-1, -1, out.shape[-1]))
+                out[hit] = kept[hit]
+            out[miss] = fetched
+            rows[name] = out
+        st.resident = Resident(idx, rows)
+        self.stats.add_hits(int(hit.sum()), hit.numel())
+        return rows
 
     def _track(self, layer, qg, idx, sel_k, st):
         """Selection recall against the oracle, attention mass captured, key rebuild error.
@@ -749,6 +993,8 @@ class SparseCache:
         weights whose share on the attended tokens is the attention mass: the weight on (selected +
         outlier) middle tokens + sink + local + generated, over the weight on every token, each
         counted once (ShadowKV's outlier tokens are middle tokens that also sit among the exact ones).
+        A policy that selects per query head is scored per query head: its recall is the share of its
+        KV head's oracle tokens each query head attends, its mass each query head's own.
         """
         H, G, Tq, d = qg.shape
         split = self.split
@@ -761,10 +1007,16 @@ class SparseCache:
                 st.exact.prompt_pos[:, split.sink : split.sink + split.outlier_tokens] - split.sink
             )  # [H, n_out*c]
             attended = torch.cat([idx, out_pos], dim=1)
-        hit = torch.zeros(k_mid.shape[:2], dtype=torch.bool, device=k_mid.device).scatter_(
+        hit = torch.zeros(idx.shape[0], k_mid.shape[1], dtype=torch.bool, device=k_mid.device).scatter_(
             1, attended, True
-        )  # [H, M]
-        recall = hit.gather(1, oracle).float().mean(1)  # [H]
+        )  # [P, M]
+        if idx.shape[0] == H:
+            recall = hit.gather(1, oracle).float().mean(1)  # [H]
+            hit_w = hit[:, None, None]  # [H, 1, 1, M]
+        else:  # per query head
+            per_q = hit.view(H, G, -1)  # [H, G, M]
+            recall = per_q.gather(2, oracle[:, None].expand(-1, G, -1)).float().mean((1, 2))  # [H]
+            hit_w = per_q[:, :, None]  # [H, G, 1, M]
         # exact attention weights of the last query position over prompt middle + exact tokens
         q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
         rest = st.exact.k
@@ -772,9 +1024,7 @@ class SparseCache:
             rest = torch.cat([rest[:, : split.sink], rest[:, split.sink + split.outlier_tokens :]], dim=1)
         logits_rest = landmarks.landmark_logits(q_last, rest)  # [H, G, 1, sink + local + Tg]
         lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
-        mass = ((logits[:, :, -1:] - lse).exp() * hit[:, None, None]).sum(-1) + (logits_rest - lse).exp().sum(
-            -1
-        )
+        mass = ((logits[:, :, -1:] - lse).exp() * hit_w).sum(-1) + (logits_rest - lse).exp().sum(-1)
         key_err = None
         if self.policy.keys.source == "low_rank":
             true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
@@ -789,8 +1039,10 @@ class SparseCache:
         (unquantized) tensors count `exact_bytes` per value: 2 = bf16, the paper's accounting, in
         whatever dtype this run computes; None = their real size. `full_bf16` is the exact prompt
         K/V in bf16, the reference of every fraction; the device share splits into
-        `summary_fraction` (landmarks, low-rank factors: what the paper's ~14% and ~6.6% count)
-        and `exact_fraction` (sink, local window and outlier tokens kept exact).
+        `summary_fraction` (landmarks, low-rank factors: what the paper's ~14% and ~6.6% count),
+        `exact_fraction` (sink, local window and outlier tokens kept exact; every token of a dense
+        layer) and `resident_fraction` (Keys.resident: the rows selected at the last step, kept on the
+        device for the next one, one per selected token and selecting head; none before the first step).
         """
 
         def size(t):
@@ -800,19 +1052,21 @@ class SparseCache:
 
         H, _, d = self.layers[0].exact.k.shape
         full_bf16 = self.prompt_len * len(self.layers) * 2 * H * d * 2
-        summary = sum(st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in self.layers)
+        sparse = [st for st in self.layers if st.marks is not None]
+        summary = sum(st.marks.nbytes(exact_bytes) + st.keys.device_bytes(exact_bytes) for st in sparse)
         exact = sum(
             size(st.exact.k[:, : st.exact.n_prompt]) + size(st.exact.v[:, : st.exact.n_prompt])
             for st in self.layers
         )
+        resident = sum(size(t) for st in sparse if st.resident is not None for t in st.resident.rows.values())
         off = sum(size(t) for t in self.store.tensors.values())
         if not self.policy.offload:  # the "store" is on the device
-            return _memory(full_bf16, 0, exact, summary, on_device=off)
-        return _memory(full_bf16, off, exact, summary)
+            return _memory(full_bf16, 0, exact, summary, resident, on_device=off)
+        return _memory(full_bf16, off, exact, summary, resident)
 
 
-def _memory(full_bf16, offloaded, exact, summary, on_device=0) -> dict:
-    dev = summary + exact + on_device
+def _memory(full_bf16, offloaded, exact, summary, resident=0, on_device=0) -> dict:
+    dev = summary + exact + resident + on_device
     ref = max(full_bf16, 1)
     return dict(
         device=dev,
@@ -821,13 +1075,16 @@ def _memory(full_bf16, offloaded, exact, summary, on_device=0) -> dict:
         device_fraction=dev / ref,
         summary_fraction=summary / ref,
         exact_fraction=exact / ref,
+        resident_fraction=resident / ref,
     )
 
 
-def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=None):
+def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=None, q=None, calibration=None):
     """The cache of `policy` holding the prompt K/V given per layer ([1, n_kv_heads, T, head_dim] each,
     post-RoPE; `rope` is the model's, which low-rank and pre-RoPE keys need): the one way to make a
     cache from existing keys and values (an earlier prefill, or synthetic K/V for a benchmark).
+    q: the prompt's queries per layer ([1, n_heads, T, head_dim]), for the policies whose landmarks
+    need them (LRQK); calibration: InfiniGen's skews and masks (skew.calibration) for "skewed" ones.
 
     A SparseCache, or a FullCache for full attention and for a prompt shorter than the policy's
     budget (with a warning: it has nothing to select from).
@@ -848,18 +1105,45 @@ def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=No
         return full
     if k[0].shape[0] != 1:
         raise ValueError(f"the {policy.name} policy holds one sequence; got a batch of {k[0].shape[0]}")
+    if policy.select.needs_queries and (q is None or any(t is None for t in q)):
+        raise ValueError(
+            f"the {policy.name} policy builds its landmarks from the prefill's queries too: prefill a "
+            "FullCache(n_layers, keep_queries=True), or give q"
+        )
+    if policy.select.needs_calibration:
+        _check_calibration(calibration, policy, len(k), k[0].shape[-1])
     cache = SparseCache(policy, rope, split, len(k), device if device is not None else k[0].device)
     for layer in range(len(k)):
-        cache.layers[layer] = cache.build_layer(layer, k[layer][0], v[layer][0])
+        prefill = LayerPrefill(k[layer][0], split.middle, q=None if q is None else q[layer][0])
+        if calibration is not None:
+            prefill.skew, prefill.mask = calibration["skew"][layer], calibration["mask"][layer]
+        cache.layers[layer] = cache.build_layer(layer, k[layer][0], v[layer][0], prefill)
     return cache
 
 
-def from_prefill(prefill: FullCache, policy: Policy, rope, row: int = 0):
+def _check_calibration(calibration, policy, n_layers, head_dim):
+    """A calibration must be there and be of this model's shape: [n_layers, n_heads, d, d] skews."""
+    if calibration is None:
+        raise ValueError(
+            f"the {policy.name} policy needs its calibration of the model (skew.calibration(model, tokenizer)): "
+            "pass calibration="
+        )
+    L, _, d, _ = calibration["skew"].shape
+    if (L, d) != (n_layers, head_dim):
+        raise ValueError(
+            f"the calibration is of a model with {L} layers and head_dim {d}, not this one's {n_layers} and "
+            f"{head_dim}: calibrate this model (skew.calibration)"
+        )
+
+
+def from_prefill(prefill: FullCache, policy: Policy, rope, row: int = 0, calibration=None):
     """The cache of `policy` built from the prompt K/V of row `row` of a prefilled FullCache: an
-    evaluation prefills each prompt once and compares every policy on it (views, not copies)."""
+    evaluation prefills each prompt once and compares every policy on it (views, not copies). The
+    prefill's queries, if it kept them, go along (LRQK needs them); calibration: see from_kv."""
     if not isinstance(prefill, FullCache) or prefill.k[0] is None:
         raise ValueError("from_prefill: the cache holds no prompt K/V (prefill a FullCache first)")
-    return from_kv([k[row : row + 1] for k in prefill.k], [v[row : row + 1] for v in prefill.v], policy, rope)
+    rows = lambda ts: None if ts[0] is None else [t[row : row + 1] for t in ts]
+    return from_kv(rows(prefill.k), rows(prefill.v), policy, rope, q=rows(prefill.q), calibration=calibration)
 
 
 class Stats:
@@ -872,6 +1156,12 @@ class Stats:
         self.steps = torch.zeros(n_layers)
         self.landmark_error = [None] * n_layers  # relative squared error of quantized landmarks
         self.exact_k = [None] * n_layers
+        self.hits = 0  # Keys.resident: selected rows that were on the device already ...
+        self.selected = 0  # ... of all the rows selected
+
+    def add_hits(self, hits, selected):
+        self.hits += hits
+        self.selected += selected
 
     def add(self, layer, recall, mass, key_err):
         self.recall[layer] += recall.mean().item()
@@ -889,6 +1179,7 @@ class Stats:
             landmark_error=sum(errs) / len(errs) if errs else 0.0,
             recall_per_layer=(self.recall / n).tolist(),
             mass_per_layer=(self.mass / n).tolist(),
+            hit_rate=self.hits / self.selected if self.selected else None,
         )
 
 
@@ -900,6 +1191,7 @@ class StackedCache:
 
     def __init__(self, caches):
         self.caches = caches
+        self.asks = tuple(sorted({a for c in caches for a in getattr(c, "asks", ())}))
 
     @property
     def seq_len(self):
@@ -908,9 +1200,17 @@ class StackedCache:
             raise ValueError(f"stacked caches disagree on the sequence length: {sorted(lens)}")
         return lens.pop()
 
-    def attend(self, layer, q, k, v, pos):
+    def attend(self, layer, q, k, v, pos, **asked):
         outs = [
-            c.attend(layer, q[i : i + 1], k[i : i + 1], v[i : i + 1], pos) for i, c in enumerate(self.caches)
+            c.attend(
+                layer,
+                q[i : i + 1],
+                k[i : i + 1],
+                v[i : i + 1],
+                pos,
+                **{a: t[i : i + 1] for a, t in asked.items()},
+            )
+            for i, c in enumerate(self.caches)
         ]
         return torch.cat(outs, dim=0)  # [B, n_heads, T, head_dim]
 

@@ -5,14 +5,18 @@ query at every decode step (PAPER.md "The problem"). Each kind below is one smal
 builds itself from a layer's exact post-RoPE prompt keys (`build`), gives the query's logit for every
 landmark (`logits`), and counts the bytes it keeps on the device (`nbytes`):
 
-    kind            one landmark per     stands for                             used by
-    TokenKeys       token                the exact key                          oracle, svd
-    ChunkMeans      chunk of c tokens    the mean of the chunk's keys           mean, shadowkv
-    QuantizedKeys   token (or chunk)     the key (or mean) quantized, ~2 bits   quantized, paper
-    QuestBounds     chunk of c tokens    the element-wise min and max of keys   quest
+    kind            one landmark per            stands for                                used by
+    TokenKeys       token                       the exact key                             oracle, svd
+    ChunkMeans      chunk of c tokens           the mean of the chunk's keys              mean, shadowkv
+    QuantizedKeys   token (or chunk)            the key (or mean) quantized, ~2 bits      quantized, paper
+    QuestBounds     chunk of c tokens           the element-wise min and max of keys      quest
+    PageCuboids     page of c tokens            a cuboid around the page's keys           arkvale
+    LowRankQK       token, per query head       r coordinates of a joint Q/K factorisation lrqk
+    SkewedKeys      token, per query head       the key rotated by a skew, some channels  infinigen
 
 `score` turns the logits into one score per landmark and KV head (ShadowKV's softmax / sum / max rule,
-or the authors' fast mean-query rule), and `select_topk` keeps the best ones.
+the authors' fast mean-query rule, or plain dot products averaged over the group), or per query head
+for the kinds that select per query head, and `select_topk` keeps the best ones.
 """
 
 import math
@@ -237,52 +241,263 @@ class QuestBounds(Landmarks):
         return [self.lo, self.hi]
 
     def logits(self, q: Tensor) -> Tensor:
+        return box_logits(q, self.hi, self.lo)  # [H, G, Tq, N]
+
+
+def box_logits(q: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """sum_c max(q_c * hi_c, q_c * lo_c) / sqrt(d) for boxes [H, N, d] with hi >= lo: the largest q . k / sqrt(d)
+    of any key inside the box. q: [H, G, Tq, d]; returns [H, G, Tq, N] float32."""
+    H, G, Tq, d = q.shape
+    qs = q.float().reshape(H, G * Tq, d) / math.sqrt(d)  # [H, G*Tq, d]
+    # max(q*lo, q*hi) per channel = q*hi where q > 0, q*lo where q < 0: two matmuls
+    bound = qs.clamp(min=0) @ hi.float().transpose(1, 2) + qs.clamp(max=0) @ lo.float().transpose(1, 2)
+    return bound.view(H, G, Tq, -1)  # [H, G, Tq, N]
+
+
+@dataclass
+class PageCuboids(Landmarks):
+    """ArkVale's page digest (PAPER.md "ArkVale"): per page of c tokens and KV head, a cuboid around the
+    page's post-RoPE keys: centre (max + min) / 2 per channel, half-width the mean over the page's
+    tokens of |k - centre|, so a box tighter than Quest's min / max when one key is far out. A page's
+    logit is the largest q . k / sqrt(d) inside the box (`box_logits`); ArkVale then averages the
+    query heads of a group (the "dot" rule). With pages of 1 token the half-width is 0 and the logit
+    is q . k / sqrt(d) exactly."""
+
+    upper: Tensor  # [H, N, d] centre + half-width
+    lower: Tensor  # [H, N, d] centre - half-width
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.upper.shape)  # [H, N, d]
+
+    @classmethod
+    def build(cls, k: Tensor, page: int) -> "PageCuboids":
+        H, M, d = k.shape
+        kc = k.float().reshape(H, M // page, page, d)  # [H, N, c, d]
+        centre = (kc.amax(dim=2) + kc.amin(dim=2)) / 2  # [H, N, d]
+        half = (kc - centre[:, :, None]).abs().mean(dim=2)  # [H, N, d], >= 0
+        return cls((centre + half).to(k.dtype), (centre - half).to(k.dtype))
+
+    def tensors(self) -> list:
+        return [self.upper, self.lower]
+
+    def logits(self, q: Tensor) -> Tensor:
+        return box_logits(q, self.upper, self.lower)  # [H, G, Tq, N]
+
+
+@dataclass
+class LowRankQK(Landmarks):
+    """LRQK's proxy (PAPER.md "LRQK"): per query head, the prompt's queries Q and keys K [T, d] (each KV
+    head's keys repeated to its query heads) are factorised jointly at the prefill, Q ~ A_Q B_Q and
+    K ~ A_K B_K with A_Q A_K^T ~ Q K^T (`lrqk_factorize`), and a token's landmark is its r coordinates
+    A_K[j]. At each decode step the new query and key get coordinates q^, k^ (`lrqk_decode`, which also
+    takes a gradient step on B_Q, B_K), a token's logit is q^ . A_K[j] (no scaling, no softmax) and each
+    query head keeps its own top tokens. Generated tokens get their k^ appended (`a_k_new`): they are
+    among the keys on the device that the next step's q^ is fitted to."""
+
+    a_k: Tensor  # [P, T, r] coordinates of every prompt token, P = query heads
+    b_q: Tensor  # [P, r, d]
+    b_k: Tensor  # [P, r, d]
+    middle: slice  # the prompt rows the landmarks are (selection reads a_k[:, middle])
+    first: Tensor  # [P, 1, r] A_Q of the last prompt token: the prefill's own selection query
+    iterations: int = 2
+    a_k_new: Tensor | None = None  # [P, Tg, r] coordinates of the generated tokens
+
+    @property
+    def shape(self) -> tuple:
+        P, _, r = self.a_k.shape
+        return (P, self.middle.stop - self.middle.start, r)
+
+    @classmethod
+    def build(cls, q: Tensor, k: Tensor, middle: slice, rank: int, iterations: int) -> "LowRankQK":
+        """q: [P, T, d] the prompt's post-RoPE queries per query head; k: [H, T, d] its keys."""
+        P, T, d = q.shape
+        k = k.repeat_interleave(P // k.shape[0], dim=0)  # [P, T, d] each query head's keys
+        a_q, b_q, a_k, b_k = lrqk_factorize(q.float(), k.float(), rank, iterations)
+        return cls(a_k, b_q, b_k, middle, a_q[:, -1:], iterations)
+
+    def tensors(self) -> list:
+        return [self.a_k[:, self.middle], self.b_q, self.b_k]
+
+    def logits(self, q_hat: Tensor) -> Tensor:
+        """q_hat: [H, G, Tq, r] the step's query coordinates -> q^ . A_K[j] for the middle: [H, G, Tq, N]."""
+        H, G, Tq, r = q_hat.shape
+        marks = self.a_k[:, self.middle]  # [P, N, r]
+        return (q_hat.reshape(H * G, Tq, r) @ marks.transpose(1, 2)).view(H, G, Tq, -1)
+
+    def coordinates(self, pos: Tensor) -> Tensor:
+        """A_K rows of absolute positions pos [P, R] (prompt tokens, then generated ones): [P, R, r]."""
+        rows = torch.cat([self.a_k, self.a_k_new], dim=1) if self.a_k_new is not None else self.a_k
+        return rows.gather(1, pos[..., None].expand(-1, -1, rows.shape[2]))
+
+    def step(self, q: Tensor, k: Tensor, keys: Tensor, pos: Tensor) -> Tensor:
+        """One decode step: q, k [P, 1, d] the new query and key per query head, keys [P, R, d] the keys on
+        the device and pos [P, R] their positions. Updates B_Q, B_K, appends k^; returns q^ [P, 1, r]."""
+        q_hat, k_hat, self.b_q, self.b_k = lrqk_decode(
+            self.b_q, self.b_k, self.coordinates(pos), keys.float(), q.float(), k.float(), self.iterations
+        )
+        self.a_k_new = k_hat if self.a_k_new is None else torch.cat([self.a_k_new, k_hat], dim=1)
+        return q_hat
+
+
+LRQK_TOL = 1e-2  # the authors' tolerance of both alternating solves (PAPER.md "LRQK")
+
+
+def _solve(lhs: Tensor, rhs: Tensor, left=True) -> Tensor:
+    """lhs^-1 rhs (or rhs lhs^-1 with left=False), batched; a singular system is a one-line error."""
+    x, info = torch.linalg.solve_ex(lhs, rhs, left=left)
+    if bool((info != 0).any()):
+        raise ValueError(
+            "LRQK's least squares are singular: the rank is above what the prompt's queries and keys "
+            "span; give a smaller rank"
+        )
+    return x
+
+
+def lrqk_factorize(Q: Tensor, K: Tensor, r: int, iterations: int, tol: float | None = None):
+    """min 1/2 |Q K^T - A_Q A_K^T|^2 + |Q - A_Q B_Q|^2 + |K - A_K B_K|^2 over A_Q, A_K [P, T, r] and B_Q,
+    B_K [P, r, d], by alternating closed-form least squares from the "topcol" start (the r channels of
+    largest sum |Q| + sum |K|), the authors' lambda = 1 variant (PAPER.md "LRQK"): B from A, then A_Q
+    from A_K, then A_K from the new A_Q; stops after `iterations` or when both A move less than `tol`
+    (mean squared; None: LRQK_TOL). Q K^T [T, T] is never formed: Q (K^T A_K) is. Q, K: [P, T, d] float32."""
+    tol = LRQK_TOL if tol is None else tol
+    P, T, d = Q.shape
+    cols = (Q.abs().sum(1) + K.abs().sum(1)).topk(r, dim=-1).indices  # [P, r]
+    a_q = Q.gather(2, cols[:, None].expand(-1, T, -1))  # [P, T, r]
+    a_k = K.gather(2, cols[:, None].expand(-1, T, -1))  # [P, T, r]
+    gram = lambda a: a.transpose(1, 2) @ a  # [P, r, r]
+    for _ in range(iterations):
+        b_q = _solve(gram(a_q), a_q.transpose(1, 2) @ Q)  # [P, r, d]
+        b_k = _solve(gram(a_k), a_k.transpose(1, 2) @ K)
+        rhs = K.transpose(1, 2) @ a_k + b_q.transpose(1, 2)  # [P, d, r]
+        new_q = Q @ _solve(gram(a_k) + b_q @ b_q.transpose(1, 2), rhs, left=False)  # [P, T, r]
+        rhs = Q.transpose(1, 2) @ new_q + b_k.transpose(1, 2)
+        new_k = K @ _solve(gram(new_q) + b_k @ b_k.transpose(1, 2), rhs, left=False)
+        delta = max(float((new_q - a_q).pow(2).mean()), float((new_k - a_k).pow(2).mean()))
+        a_q, a_k = new_q, new_k
+        if delta < tol:
+            break
+    b_q = _solve(gram(a_q), a_q.transpose(1, 2) @ Q)
+    b_k = _solve(gram(a_k), a_k.transpose(1, 2) @ K)
+    return a_q, b_q, a_k, b_k
+
+
+def lrqk_decode(b_q, b_k, a_keys, keys, q, k, iterations: int, tol: float | None = None):
+    """The coordinates q^, k^ [P, 1, r] of a new query q and key k [P, 1, d] (PAPER.md "LRQK"): alternating
+    closed-form solves of q^ . k^ ~ q . k, q^ B_Q ~ q, k^ B_K ~ k and q^ A^T ~ q K^T over the keys on the
+    device (keys [P, R, d], their coordinates a_keys [P, R, r]); then one gradient step on B_Q and B_K
+    towards q and k, with the exact line-search step. Returns (q^, k^, B_Q, B_K)."""
+    tol = LRQK_TOL if tol is None else tol
+    t = lambda x: x.transpose(1, 2)
+    k_bk, bk_bk = k @ t(b_k), b_k @ t(b_k)  # [P, 1, r], [P, r, r]
+    q_target = q @ t(b_q) + (q @ t(keys)) @ a_keys  # [P, 1, r]
+    q_gram = b_q @ t(b_q) + t(a_keys) @ a_keys  # [P, r, r]
+    qk = q @ t(k)  # [P, 1, 1]
+    k_hat = _solve(bk_bk, k_bk, left=False)  # [P, 1, r] the start: k^ B_K ~ k alone
+    for _ in range(max(iterations, 1)):
+        q_hat = _solve(q_gram + t(k_hat) @ k_hat, q_target + qk * k_hat, left=False)  # [P, 1, r]
+        new_k = _solve(bk_bk + t(q_hat) @ q_hat, k_bk + qk * q_hat, left=False)
+        delta = float((new_k - k_hat).pow(2).mean())
+        k_hat = new_k
+        if delta < tol:
+            break
+
+    def descend(b, hat, x):  # one step on |hat B - x|^2 along its gradient, exact step length
+        grad = t(hat) @ (hat @ b - x)  # [P, r, d]
+        rate = grad.pow(2).sum((1, 2), keepdim=True) / ((hat @ grad).pow(2).sum((1, 2), keepdim=True) + 1e-6)
+        return b - rate * grad
+
+    return q_hat, k_hat, descend(b_q, q_hat, q), descend(b_k, k_hat, k)
+
+
+@dataclass
+class SkewedKeys(Landmarks):
+    """InfiniGen's partial keys (PAPER.md "InfiniGen"): per query head, the prompt's keys rotated by the
+    head's skewing matrix A (orthogonal, so (q A) . (k A) = q . k, and the rotation gathers a head's
+    energy into a few channels) and cut to the channels of its mask (the rest zeroed, and not counted).
+    A token's logit is (q A)_mask . (k A)_mask / sqrt(d); the query is layer L's, speculated from layer
+    L - 1's input (`query = "next"`: the model hands it over), and each query head keeps its own top
+    tokens."""
+
+    keys: Tensor  # [P, N, d] skewed keys, channels outside the mask zeroed
+    skew: Tensor  # [P, d, d]
+    mask: Tensor  # [P, d] bool
+    query = "next"  # scored with the query the model speculates one layer ahead
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.keys.shape)  # [P, N, d]
+
+    @classmethod
+    def build(cls, k: Tensor, skew: Tensor, mask: Tensor) -> "SkewedKeys":
+        """k: [H, M, d] post-RoPE middle keys; skew [P, d, d] and mask [P, d] per query head (skew.py)."""
+        P = skew.shape[0]
+        k = k.float().repeat_interleave(P // k.shape[0], dim=0)  # [P, M, d]
+        return cls((k @ skew) * mask[:, None], skew, mask)
+
+    def tensors(self) -> list:
+        return [self.keys]
+
+    def nbytes(self, exact_bytes: int | None) -> int:
+        kept = int(self.mask.sum()) * self.keys.shape[1]  # the masked channels are not kept
+        return kept * (exact_bytes or self.keys.element_size())
+
+    def logits(self, q: Tensor) -> Tensor:
         H, G, Tq, d = q.shape
-        qs = q.float().reshape(H, G * Tq, d) / math.sqrt(d)  # [H, G*Tq, d]
-        # max(q*lo, q*hi) per channel = q*hi where q > 0, q*lo where q < 0: two matmuls
-        bound = qs.clamp(min=0) @ self.hi.float().transpose(1, 2) + qs.clamp(
-            max=0
-        ) @ self.lo.float().transpose(1, 2)
-        return bound.view(H, G, Tq, -1)  # [H, G, Tq, N]
+        qs = (q.float().reshape(H * G, Tq, d) @ self.skew) * self.mask[:, None] / math.sqrt(d)  # [P, Tq, d]
+        return (qs @ self.keys.transpose(1, 2)).view(H, G, Tq, -1)  # [H, G, Tq, N]
 
 
 # ---------------------------------------------------------------------------------------------------
 # The scoring rule
 # ---------------------------------------------------------------------------------------------------
 
-SCORE_RULES = ("softmax_max", "mean_query")
+SCORE_RULES = ("softmax_max", "mean_query", "dot")
+GRANULARITIES = ("kv_head", "query_head")  # who selects: each KV head for its group, or each query head
 
 
-def score(q: Tensor, marks, rule: str = "softmax_max") -> Tensor:
-    """One score per landmark and KV head: [H_kv, N] float32. q: [H_kv, G, Tq, d], the queries of the G
-    query heads of each KV head's GQA group.
+def score(q: Tensor, marks, rule: str = "softmax_max", per: str = "kv_head") -> Tensor:
+    """One score per landmark and KV head, [H_kv, N] float32, or per query head, [H_kv * G, N]. q: [H_kv, G,
+    Tq, d], the queries of the G query heads of each KV head's GQA group (for LRQK its coordinates).
 
     "softmax_max" (ShadowKV's rule, and the paper's as evaluated: PAPER.md "ShadowKV, precisely"): per
     query head and position, softmax over the N landmarks of q.L / sqrt(d); sum over the Tq positions;
     max over the G heads, so a landmark that matters to any one head of the group is kept (all heads
     of a group read the same selected keys). "mean_query" (the authors' fast GPU path, PAPER.md "The
     paper's method"): the dot product of each landmark with the mean of the group's queries, no
-    softmax, no scaling.
+    softmax, no scaling. "dot" (ArkVale, LRQK, InfiniGen): the logits themselves, summed over the
+    positions, then averaged over the group (ArkVale, PAPER.md "ArkVale") or kept per query head.
+    per="query_head" skips the group step: every query head selects its own landmarks.
 
     Landmarks in `marks.removed` (ShadowKV's outlier chunks, already attended exactly) leave before the
     softmax, so they take no share of any head's sum, and score -inf, so they are never selected:
     masking the logits alone is not enough, since when every other probability underflows to 0 the
     tie at 0 would be broken by index and could pick a removed landmark.
     """
-    H, N, d = marks.shape
-    if q.dim() != 4 or q.shape[0] != H or q.shape[3] != d:
+    if q.dim() != 4:
+        raise ValueError(f"score: expected q [H_kv, G, Tq, d], got shape {tuple(q.shape)}")
+    H, G, Tq, _ = q.shape
+    if q.dim() != 4 or marks.shape[0] not in (H, H * G) or marks.shape[2] != q.shape[3]:
         raise ValueError(
-            f"score: landmarks {marks.shape} do not match q {tuple(q.shape)} "
-            f"(need q [H_kv={H}, G, Tq, d={d}])"
+            f"score: landmarks {marks.shape} do not match q {tuple(q.shape)} (need q [H_kv, G, Tq, d] with "
+            "one landmark set per KV head or per query head)"
         )
     if rule == "mean_query":
+        if per != "kv_head":
+            raise ValueError("the mean_query rule scores with the group's mean query: it selects per KV head")
         qm = q.float().mean(dim=1, keepdim=True)  # [H, 1, Tq, d]
         scores = marks.logits(qm).sum(dim=2)[:, 0] * math.sqrt(q.shape[-1])  # [H, N], the 1/sqrt(d) undone
     else:
         logits = marks.logits(q)  # [H, G, Tq, N]
         if marks.removed is not None:  # out before the softmax
             logits = logits.masked_fill(marks.removed[:, None, None], float("-inf"))
-        scores = scores_from_logits(logits)  # [H, N]
+        if rule == "dot":
+            per_head = logits.sum(dim=2)  # [H, G, N]
+            scores = per_head.flatten(0, 1) if per == "query_head" else per_head.mean(dim=1)
+        elif per == "query_head":
+            scores = logits.softmax(dim=-1).sum(dim=2).flatten(0, 1)  # [H*G, N]
+        else:
+            scores = scores_from_logits(logits)  # [H, N]
     if marks.removed is not None:  # and never selected, whatever the rule
         scores = scores.masked_fill(marks.removed, float("-inf"))
     return scores

@@ -382,7 +382,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
-    def forward(self, x, pos, rope, cache, layer_idx):
+    def forward(self, x, pos, rope, cache, layer_idx, next_attn=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, n_heads, hd]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, n_kv_heads, hd]
@@ -396,9 +396,20 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True
             )  # [B, n_heads, T, hd]
-        else:
+        elif next_attn is None:
             out = cache.attend(layer_idx, q, k, v, pos)  # [B, n_heads, T, hd]
+        else:  # the cache asked for the next layer's query, speculated from this layer's input
+            out = cache.attend(layer_idx, q, k, v, pos, next_query=next_attn.queries(x, pos, rope))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def queries(self, x, pos, rope):
+        """This layer's post-RoPE queries [B, n_heads, T, hd] of an input x [B, T, dim] (normalised): what
+        InfiniGen scores a layer with, computed from the previous layer's input (PAPER.md "InfiniGen")."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, n_heads, hd]
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q)
+        return rope.apply(q.transpose(1, 2), pos)  # [B, n_heads, T, hd]
 
 
 class MLP(nn.Module):
@@ -486,8 +497,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MoE(c) if c.is_moe_layer(layer_idx) else MLP(c, c.ffn_dim)
 
-    def forward(self, x, pos, rope, cache, layer_idx):
-        x = x + self.self_attn(self.input_layernorm(x), pos, rope, cache, layer_idx)
+    def forward(self, x, pos, rope, cache, layer_idx, next_attn=None):
+        x = x + self.self_attn(self.input_layernorm(x), pos, rope, cache, layer_idx, next_attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -526,8 +537,12 @@ class Transformer(nn.Module):
             )
         pos = torch.arange(start, start + T, device=input_ids.device)  # [T]
         x = self.embed_tokens(input_ids)  # [B, T, dim]
+        # a cache may ask for more than q, k, v (kvcache.SparseCache.asks): "next_query", the next layer's
+        # query computed from this layer's input, for a policy that selects one layer ahead (InfiniGen)
+        ahead = "next_query" in getattr(cache, "asks", ())
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos, self.rope, cache, i)
+            nxt = self.layers[i + 1].self_attn if ahead and i + 1 < len(self.layers) else None
+            x = layer(x, pos, self.rope, cache, i, nxt)
         if last_only:
             x = x[:, -1:]  # [B, 1, dim]
         return self.lm_head(self.norm(x)).float()  # [B, T, vocab]
@@ -996,9 +1011,12 @@ def load_tokenizer(path=None, config=None, chat_format=None):
 
 
 @torch.inference_mode()
-def prefill(model, input_ids, policy=None):
+def prefill(model, input_ids, policy=None, keep_queries=False, calibration=None):
     """Run the prompt (a list of ints) through the model once, with full attention, and build the
     cache of `policy` (a kvcache.Policy; None = full attention) from its K/V (kvcache.from_prefill).
+    keep_queries: the full cache keeps the prompt's queries too (to build several policies from it, one
+    of which needs them; a policy given here that needs them gets them anyway). calibration: what
+    an InfiniGen policy needs (skew.calibration).
 
     Returns (cache, logits [vocab] float32 at the last prompt position): the first new token comes
     from the prefill for every policy (PAPER.md "Confirmed against the authors' code").
@@ -1015,11 +1033,14 @@ def prefill(model, input_ids, policy=None):
             "positions: shorten the prompt"
         )
     device = model.embed_tokens.weight.device
-    full = kvcache.FullCache(model.config.n_layers)
+    sparse = policy is not None and policy.sparse
+    full = kvcache.FullCache(
+        model.config.n_layers, keep_queries=keep_queries or sparse and policy.select.needs_queries
+    )
     logits = model(torch.tensor([input_ids], device=device), full, last_only=True)[0, -1]  # [vocab]
-    if policy is None or not policy.sparse:
+    if not sparse:
         return full, logits
-    return kvcache.from_prefill(full, policy, model.rope), logits
+    return kvcache.from_prefill(full, policy, model.rope, calibration=calibration), logits
 
 
 @torch.inference_mode()
@@ -1044,10 +1065,10 @@ def decode(model, cache, logits, max_new_tokens, stop_ids=()):
     return out
 
 
-def generate(model, input_ids, max_new_tokens, stop_ids=(), policy=None):
+def generate(model, input_ids, max_new_tokens, stop_ids=(), policy=None, calibration=None):
     """Greedy decoding of a prompt (a list of ints) under `policy` (None = full attention): `prefill`,
     then `decode`. Returns the new tokens, without the stop token."""
-    cache, logits = prefill(model, input_ids, policy)
+    cache, logits = prefill(model, input_ids, policy, calibration=calibration)
     return decode(model, cache, logits, max_new_tokens, stop_ids)
 
 

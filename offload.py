@@ -59,18 +59,21 @@ class OffloadStore:
     def get(self, layer, name):
         return self.tensors[(layer, name)]
 
-    def fetch(self, layer, names, idx):
+    def fetch(self, layer, names, idx, heads=None):
         """Start copying rows idx of the tensors `names` of `layer` to the device; returns a Fetch.
 
         names: e.g. ("k", "v"), tensors [H, M, ...] with the same H and M. idx: [H, k] int64 row
         indices per head (on any device). Once waited for, each result is [H, k, ...] on the device
-        (a quantized one dequantized there, [H, k, C] float32).
+        (a quantized one dequantized there, [H, k, C] float32). With heads [n], idx is [n] rows of those
+        heads (a different number per head: the misses of a resident set) and each result [n, ...].
         """
         stored = [self.tensors[(layer, name)] for name in names]
         parts = [_parts(x) for x in stored]  # per name its tensors by name: one, or a Quantized's codes, ...
         xs = [t for ts in parts for t in ts.values()]  # each [H, M, ...]
         H, M = xs[0].shape[:2]
         idx = idx.to(self.home)  # a GPU -> CPU copy of the indices: the one sync point per fetch
+        if heads is not None:
+            heads = heads.to(self.home)
         flats = {}  # table rows of idx, per stored layout (K and V of one prefill share theirs)
         staging = []
         for x in xs:
@@ -83,8 +86,11 @@ class OffloadStore:
             row = x[0, 0].numel()
             per_head, per_row = x.stride(0) // row, x.stride(1) // row
             if (per_head, per_row) not in flats:
-                heads = torch.arange(0, H * per_head, per_head, device=self.home)[:, None]  # [H, 1]
-                flats[per_head, per_row] = torch.add(heads, idx, alpha=per_row).view(-1)  # [H*k]
+                if heads is None:  # every head's row idx[h, j]
+                    first = torch.arange(0, H * per_head, per_head, device=self.home)[:, None]  # [H, 1]
+                else:  # row idx[i] of head heads[i]
+                    first = heads * per_head  # [n]
+                flats[per_head, per_row] = torch.add(first, idx, alpha=per_row).view(-1)  # [H*k] or [n]
             flat = flats[per_head, per_row]
             table = x.as_strided(
                 ((H - 1) * per_head + (M - 1) * per_row + 1, row), (row, 1)

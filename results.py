@@ -50,6 +50,7 @@ METRICS = (
     "bytes_per_step",
     "landmark_error",
     "key_error",
+    "hit_rate",
     "sparse_share",
 )
 # the metrics with a value per sample (samples.jsonl): each gets a bootstrap interval in the summary
@@ -67,6 +68,7 @@ SAMPLE_METRICS = (
     "bytes_per_step",
     "landmark_error",
     "key_error",
+    "hit_rate",
 )
 BOOTSTRAP_RESAMPLES = 2000  # resamples of the paired bootstrap over samples
 BOOTSTRAP_SEED = 0
@@ -679,6 +681,12 @@ def annotate(summary, rows, run):
             f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
             f"{run.get('max_positions')} positions (ids {shown})"
         )
+    for r in summary:
+        if r.get("hit_rate") is not None:
+            notes.append(
+                f"{_name(r)}: {100 * r['hit_rate']:.0f}% of the rows it selected were on the device from the "
+                "step before (hits); bytes/step counts only the misses it fetched"
+            )
     for r in summary:
         if r["fell_back"]:
             notes.append(

@@ -6,6 +6,17 @@ Builds one layer's cache for every policy from random bf16 keys/values of a 32K-
 reproduce: ShadowKV's U + chunk-8 landmarks are about 14% of the bf16 KV (plus outliers and the
 local window); 2-bit quantized landmarks are about 6.6%.
 
+The paper's other baselines (PAPER.md "ArkVale", "LRQK", "InfiniGen") keep other summaries: ArkVale a
+cuboid (2 x head_dim values) per 16-token page and KV head, LRQK r coordinates per token and query head
+(built from random queries here), InfiniGen its skewed partial keys per query head (a calibration of the
+random queries and keys here, `skew.fit_layer`; its first 2 of 32 layers stay dense, added to its
+share). After one decode step each cache also holds what it keeps between steps: ArkVale's and LRQK's
+resident rows (the selected K/V of the last step, on the device). "fetched/step" is what one decode
+step reads from CPU memory when nothing is resident (every selected row); with a resident set a step
+fetches only its misses: the last column scales it by the hit rate measured on the default run
+(MEASURED_HIT_RATES, from `python evaluate.py --methods full,oracle,shadowkv,arkvale,lrqk,infinigen,
+quantized,paper`), random queries having no meaningful hits.
+
     python benchmarks/memory_table.py [--tokens 32768]
 """
 
@@ -16,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kvcache import from_kv, from_prefill, make_policy  # noqa: E402
+import skew  # noqa: E402
+from kvcache import FullCache, SparseCache, from_prefill, make_policy, override  # noqa: E402
 from model import ModelConfig, Rope  # noqa: E402
 
 LLAMA_8B = ModelConfig(
@@ -43,8 +55,8 @@ POLICIES = [
     ("full", {}),
     ("oracle", {}),
     ("mean", dict(chunk_size=8)),
-    ("svd", dict(rank=160)),
-    ("shadowkv", dict(rank=160)),
+    ("svd", {}),  # rank 0.15625 of 1024 channels = 160, ShadowKV's
+    ("shadowkv", {}),
     ("quantized", dict(landmark_bits="1")),
     ("quantized", dict(landmark_bits="2")),
     ("quantized", dict(landmark_bits="4")),
@@ -55,7 +67,24 @@ POLICIES = [
     ("paper_fast", {}),
     ("quest", dict(chunk_size=16)),
     ("quest", dict(chunk_size=8)),
+    ("arkvale", {}),
+    ("lrqk", {}),  # rank 16 of 128, the authors' for Llama
+    ("infinigen", {}),
 ]
+MEASURED_HIT_RATES = {}  # filled from the default run's notes (README): {"arkvale": ..., "lrqk": ...}
+
+
+def step(cache, g, T):
+    """One decode step with a random query (so that resident sets are filled); the bytes it fetched."""
+    if not isinstance(cache, SparseCache):
+        return 0
+    before = cache.bytes_fetched
+    q = torch.randn(1, 32, 1, 128, generator=g).bfloat16()  # [1, n_heads, 1, d]
+    kv = torch.randn(1, 8, 1, 128, generator=g).bfloat16()  # [1, n_kv_heads, 1, d]
+    if "next_query" in cache.asks:  # InfiniGen: the query speculated for this one layer (a random one too)
+        cache.speculated[0] = q[0]
+    cache.attend(0, q, kv, kv, torch.tensor([T]))
+    return cache.bytes_fetched - before
 
 
 def main():
@@ -65,10 +94,15 @@ def main():
     T, cfg = args.tokens, LLAMA_8B
     one_layer = ModelConfig(**{**cfg.__dict__, "n_layers": 1})
     g = torch.Generator().manual_seed(0)
-    # keys with a few strong channels, like real keys; values plain Gaussian
-    k = (torch.randn(1, 8, T, 128, generator=g) * torch.linspace(0.3, 3.0, 128)).bfloat16()  # [1, H, T, d]
+    # keys and queries with a few strong channels, like real ones; values plain Gaussian
+    scale = torch.linspace(0.3, 3.0, 128)
+    k = (torch.randn(1, 8, T, 128, generator=g) * scale).bfloat16()  # [1, H, T, d]
     v = torch.randn(1, 8, T, 128, generator=g).bfloat16()  # [1, H, T, d]
-    full, rope = from_kv([k], [v]), Rope(one_layer)
+    q = (torch.randn(1, 32, T, 128, generator=g) * scale).bfloat16()  # [1, n_heads, T, d]
+    full, rope = FullCache(1, keep_queries=True), Rope(one_layer)
+    full.k, full.v, full.q, full.prompt_len = [k], [v], [q], T
+    skews, masks = skew.fit_layer(q[0], k[0])
+    calibration = dict(skew=skews[None], mask=masks[None])
     bf16_per_token = 2 * 8 * 128 * 2  # K and V, bf16, per token per layer
     print(
         f"Llama-3.1-8B shapes, {T} prompt tokens, {cfg.n_layers} layers; bf16 KV = "
@@ -76,24 +110,44 @@ def main():
     )
     print(
         "| policy | budget | device B/token/layer | offloaded B/token/layer | device share of bf16 KV "
-        "| of which landmarks + factors | of which exact tokens | device GiB (32 layers) | offloaded GiB |"
+        "| of which landmarks + factors | of which exact tokens | of which resident rows | device GiB (32 layers) "
+        "| offloaded GiB | fetched/step (32 layers) | fetched/step at measured hits |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, kw in POLICIES:
-        cache = from_prefill(full, make_policy(name, **kw), rope)
+        policy = make_policy(name, **kw)
+        dense = (
+            policy.select.dense_layers if policy.sparse else 0
+        )  # InfiniGen's first layers: all on the device
+        if dense:
+            policy = override(
+                policy, dense_layers=0
+            )  # this one layer is a selecting one; the dense ones are added
+        cache = from_prefill(full, policy, rope, calibration=calibration)
+        fetched = step(cache, g, T)  # a resident set is filled by it: memory() counts its rows
+        if cache.policy.keys.resident:  # what the step would fetch with nothing resident: every selected row
+            row = 128 * cache.store.get(0, "v").element_size()  # bytes of one head's row
+            fetched = cache.stats.selected * len(cache.layers[0].keys.fetched) * row
         m = cache.memory()
-        label = cache.policy.label()
+        share = lambda x: (dense + (cfg.n_layers - dense) * x) / cfg.n_layers  # noqa: E731
+        device = share(m["device_fraction"]) * bf16_per_token  # B/token/layer, averaged over the layers
+        offloaded = m["offloaded"] / T * (cfg.n_layers - dense) / cfg.n_layers
+        rate = MEASURED_HIT_RATES.get(name)
+        hits = "–" if rate is None else f"{fetched * (cfg.n_layers - dense) * (1 - rate) / 2**20:.0f} MiB"
+        label = cache.policy.label() if not dense else f"{name} ({dense} of {cfg.n_layers} layers dense)"
         budget = "all" if name == "full" else cache.budget_line().split(" = ")[1].split(" of ")[0]
         print(
-            f"| {label} | {budget} | {m['device'] / T:.1f} | {m['offloaded'] / T:.1f} | "
-            f"{100 * m['device_fraction']:.2f}% | {100 * m['summary_fraction']:.2f}% | "
-            f"{100 * m['exact_fraction']:.2f}% | {m['device'] * cfg.n_layers / 2**30:.3f} | "
-            f"{m['offloaded'] * cfg.n_layers / 2**30:.3f} |",
+            f"| {label} | {budget} | {device:.1f} | {offloaded:.1f} | "
+            f"{100 * share(m['device_fraction']):.2f}% | {100 * m['summary_fraction']:.2f}% | "
+            f"{100 * m['exact_fraction']:.2f}% | {100 * m['resident_fraction']:.2f}% | "
+            f"{device * T * cfg.n_layers / 2**30:.3f} | {offloaded * T * cfg.n_layers / 2**30:.3f} | "
+            f"{fetched * (cfg.n_layers - dense) / 2**20:.0f} MiB | {hits} |",
             flush=True,
         )
     print(
         "\nDevice share counts landmarks, low-rank factors, and the exact sink/local/outlier tokens;"
-        " oracle/mean/svd keep exact (bf16) scoring keys on the device, by construction."
+        " oracle/mean/svd keep exact (bf16) scoring keys on the device, by construction. The split"
+        " columns are of one selecting layer; InfiniGen's device share and GiB include its dense layers."
     )
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import kvcache
+import landmarks
+import skew
 from kvcache import FullCache, SparseCache, StackedCache, from_kv, from_prefill, make_policy, override
 from model import ModelConfig, Rope, Transformer
 
@@ -43,13 +45,29 @@ def tiny():
     return model, prompt, steps
 
 
+_CALIBRATIONS = {}  # id(model) -> InfiniGen's calibration of it (skew.fit on random tokens)
+
+
+def calibration(model, channels=0.2):
+    key = (id(model), channels)
+    if key not in _CALIBRATIONS:
+        ids = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(3))
+        _CALIBRATIONS[key] = skew.fit(model, ids.tolist(), channels)
+    return _CALIBRATIONS[key]
+
+
 @torch.inference_mode()
 def run(model, policy, prompt, steps):
     """Prefill (full attention), build the policy's cache from it, then teacher-forced decode steps one
     token at a time; returns (decode logits [n, vocab], the cache)."""
-    full = FullCache(model.config.n_layers)
+    full = FullCache(model.config.n_layers, keep_queries=True)
     model(prompt, full, last_only=True)
-    cache = from_prefill(full, policy, model.rope) if policy.sparse else full
+    cal = (
+        calibration(model, policy.select.channels)
+        if policy.sparse and policy.select.needs_calibration
+        else None
+    )
+    cache = from_prefill(full, policy, model.rope, calibration=cal) if policy.sparse else full
     return torch.cat([model(steps[:, i : i + 1], cache)[0] for i in range(steps.shape[1])]), cache
 
 
@@ -74,6 +92,9 @@ CASES = {
     "paper": {},
     "paper_fast": dict(min_prompt=0),
     "quest": {},
+    "arkvale": {},
+    "lrqk": {},
+    "infinigen": dict(dense_layers=1),  # the tiny model has 2 layers: one dense, one that selects
 }
 FIT = dict(sink=4, local=16)
 
@@ -154,10 +175,11 @@ def test_short_prompt_falls_back_every_policy(tiny, name):
 def test_stacked_cache_matches_separate_run_every_policy(tiny, name):
     model, prompt, steps = tiny
     policies = [make_policy("full"), make_policy(name, budget=0.1, **FIT, **CASES[name])]
-    full = FullCache(model.config.n_layers)
+    full = FullCache(model.config.n_layers, keep_queries=True)
+    cal = calibration(model) if policies[1].select.needs_calibration else None
     with torch.inference_mode():
         model(prompt, full, last_only=True)
-        stacked = StackedCache([from_prefill(full, p, model.rope) for p in policies])
+        stacked = StackedCache([from_prefill(full, p, model.rope, calibration=cal) for p in policies])
         batch = torch.cat(
             [model(steps[:, i : i + 1].expand(2, -1), stacked)[:, 0] for i in range(steps.shape[1])]
         ).view(steps.shape[1], 2, -1)  # [n, 2, vocab]
@@ -181,7 +203,6 @@ def test_quest_chunk1_selects_the_oracle_tokens(tiny):
 
 
 def test_quest_bound_is_an_upper_bound():
-    import landmarks
 
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 32, 8, generator=g)  # [H, M, d]
@@ -197,7 +218,6 @@ def test_outliers_leave_before_the_softmax():
     Outlier inside head 0's softmax: landmark 1 gets ~0 there, and head 1's landmark 2 wins the max over
     the group. Outlier out first (ShadowKV's accuracy class): landmark 1 takes 0.91 of head 0's softmax
     and beats landmark 2's 0.86 from head 1."""
-    import landmarks
 
     means = torch.tensor([[[20.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])  # [H=1, N=4, d=2]
     removed = torch.tensor([[True, False, False, False]])  # [H, N] landmark 0 is the outlier
@@ -353,7 +373,7 @@ def test_memory_accounting_llama8b_shapes():
         (dict(name="oracle", sink=-1), "sink -1 must be an int >= 0 or a share"),
         (dict(name="oracle", outliers=4), "outlier chunks are ShadowKV's"),
         (dict(name="oracle", kv_group="token"), "give kv_bits too"),
-        (dict(name="oracle", score_rule="dot"), "unknown score_rule"),
+        (dict(name="oracle", score_rule="cosine"), "unknown score_rule"),
         (dict(name="oracle", colour=3), "unknown policy field"),
     ],
 )
@@ -457,7 +477,6 @@ def test_shadowkv_attention_mass_counts_outliers_once():
 def test_a_removed_landmark_is_never_selected(rule):
     """Landmark 1's logit is so large that every other probability underflows to 0: the tie at 0 must not
     be broken in favour of landmark 0, which is removed (an outlier chunk, already attended exactly)."""
-    import landmarks
 
     means = torch.zeros(1, 6, 2)  # [H=1, N=6, d=2]
     means[0, 1, 0] = 1000.0
@@ -467,3 +486,153 @@ def test_a_removed_landmark_is_never_selected(rule):
     q = torch.tensor([[[[1.0, 0.0]]]])  # [H, G=1, Tq=1, d]
     scores = landmarks.score(q, marks, rule)  # [1, 6]
     assert landmarks.select_topk(scores, 3).tolist() == [[1, 2, 3]]
+
+
+# ------------------------------------------------------------------------ the other baselines' own rules
+def test_arkvale_page_of_identical_keys_scores_q_dot_k():
+    """A page whose keys are all the same key has a zero half-width: its box is the key, its logit q.k/sqrt(d)."""
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(2, 1, 1, 8, generator=g)  # [H, N, 1, d]
+    k = key.expand(2, 3, 4, 8).reshape(2, 12, 8)  # [H, M=12, d]: 3 pages of 4 identical keys
+    marks = landmarks.PageCuboids.build(k, 4)
+    assert torch.equal(marks.upper, marks.lower) and torch.allclose(marks.upper, key[:, :, 0].expand(2, 3, 8))
+    q = torch.randn(2, 3, 1, 8, generator=g)  # [H, G, Tq, d]
+    assert torch.allclose(marks.logits(q), landmarks.landmark_logits(q, key[:, :, 0]).expand(-1, -1, -1, 3))
+
+
+def test_arkvale_half_width_is_the_mean_distance_to_the_centre():
+    k = torch.tensor([[[0.0, 1.0], [4.0, 1.0], [1.0, 3.0], [1.0, 1.0]]])  # [H=1, M=4, d=2], one page
+    marks = landmarks.PageCuboids.build(k, 4)
+    # centre (2, 2); mean |k - centre| = (2+2+1+1)/4 = 1.5 and (1+1+1+1)/4 = 1
+    assert marks.upper.tolist() == [[[3.5, 3.0]]] and marks.lower.tolist() == [[[0.5, 1.0]]]
+
+
+def test_arkvale_pages_of_one_token_select_the_group_mean_top_k(tiny):
+    """With pages of 1 token ArkVale's score is the mean over the group of q.k: what exact top-k with the
+    same mean-over-the-group rule selects (the oracle with score_rule 'dot')."""
+    model, prompt, steps = tiny
+    kw = dict(budget=0.1, chunk_size=1, sink=4, local=16, score_rule="dot")
+    _, ark = run(model, make_policy("arkvale", **kw), prompt, steps)
+    _, oracle = run(model, make_policy("oracle", **kw), prompt, steps)
+    for layer in range(model.config.n_layers):
+        assert torch.equal(ark.last_selected[layer], oracle.last_selected[layer])
+
+
+def per_query_head_top_k(q, k_mid, n):
+    """Each query head's exact top-n middle rows by q.k: q [H, G, 1, d], k_mid [H, M, d] -> [H*G, n]."""
+    H, G, _, d = q.shape
+    scores = (q.reshape(H, G, d) @ k_mid.transpose(1, 2)).reshape(H * G, -1)  # [P, M]
+    return landmarks.select_topk(scores, n)
+
+
+def synthetic_prefill(T=96, H=2, G=3, d=16, seed=0):
+    """Random post-RoPE prompt Q, K, V of one layer with a few strong key channels, like real keys."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.3, 3.0, d)
+    q = torch.randn(1, H * G, T, d, generator=g) * scale  # [1, n_heads, T, d]
+    k = torch.randn(1, H, T, d, generator=g) * scale  # [1, H, T, d]
+    v = torch.randn(1, H, T, d, generator=g)
+    return q, k, v
+
+
+def test_lrqk_full_rank_converged_selects_each_query_heads_exact_top_k(monkeypatch):
+    """Rank = head_dim and the alternating solves run to convergence: the factorisation is exact (A_Q A_K^T
+    = Q K^T), so a decode query's coordinates give q.k for every token, and each query head selects its own
+    exact top-k."""
+    monkeypatch.setattr(landmarks, "LRQK_TOL", 0.0)  # no early stop: converge
+    cfg = tiny_config(n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16)
+    q, k, v = synthetic_prefill()
+    policy = make_policy("lrqk", qk_rank=1.0, iterations=60, budget=0.25, local=8)
+    cache = from_kv([k], [v], policy, Rope(cfg), q=[q])
+    g = torch.Generator().manual_seed(5)
+    q_new = torch.randn(1, 6, 1, 16, generator=g) * torch.linspace(0.3, 3.0, 16)  # [1, n_heads, 1, d]
+    cache.attend(0, q_new, torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g), None)
+    k_mid = k[0, :, cache.split.middle]  # [H, M, d]
+    want = per_query_head_top_k(q_new[0].view(2, 3, 1, 16), k_mid, cache.split.selected) + cache.split.sink
+    assert torch.equal(cache.last_selected[0], want)
+
+
+def test_lrqk_low_rank_is_not_exact():
+    """The check above can fail: at rank 2 of 16 the selection differs from the exact top-k somewhere."""
+    cfg = tiny_config(n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16)
+    q, k, v = synthetic_prefill()
+    cache = from_kv([k], [v], make_policy("lrqk", qk_rank=2, budget=0.25, local=8), Rope(cfg), q=[q])
+    g = torch.Generator().manual_seed(5)
+    q_new = torch.randn(1, 6, 1, 16, generator=g) * torch.linspace(0.3, 3.0, 16)
+    cache.attend(0, q_new, torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g), None)
+    want = per_query_head_top_k(q_new[0].view(2, 3, 1, 16), k[0, :, cache.split.middle], cache.split.selected)
+    assert not torch.equal(cache.last_selected[0], want + cache.split.sink)
+
+
+def test_infinigen_every_channel_and_its_own_query_selects_each_query_heads_exact_top_k():
+    """Skews are orthogonal, so with every channel kept (qA).(kA) = q.k: scored with the layer's own query,
+    each query head selects its exact top-k. With 20% + 20% of the channels it does not, somewhere."""
+    cfg = tiny_config(n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16)
+    q, k, v = synthetic_prefill()
+    skews = torch.linalg.qr(
+        torch.randn(1, 6, 16, 16, generator=torch.Generator().manual_seed(7))
+    ).Q  # orthogonal
+    q_now = torch.randn(2, 3, 1, 16, generator=torch.Generator().manual_seed(8))  # [H, G, 1, d]
+    got = {}
+    for channels, mask in ((1.0, torch.ones(1, 6, 16, dtype=torch.bool)), (0.2, torch.rand(1, 6, 16) < 0.4)):
+        policy = make_policy("infinigen", channels=channels, dense_layers=0, budget=0.25, local=8)
+        cache = from_kv([k], [v], policy, Rope(cfg), calibration=dict(skew=skews, mask=mask))
+        got[channels] = cache.select(0, q_now)  # [P, S]
+    want = per_query_head_top_k(q_now, k[0, :, cache.split.middle], cache.split.selected)
+    assert torch.equal(got[1.0], want) and not torch.equal(got[0.2], want)
+
+
+def test_infinigen_calibration_of_another_model_is_refused():
+    cfg = tiny_config(n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16)
+    q, k, v = synthetic_prefill()
+    other = dict(skew=torch.eye(8).expand(3, 6, 8, 8), mask=torch.ones(3, 6, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="the calibration is of a model with 3 layers and head_dim 8") as e:
+        from_kv([k], [v], make_policy("infinigen", dense_layers=0), Rope(cfg), calibration=other)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="needs its calibration"):
+        from_kv([k], [v], make_policy("infinigen", dense_layers=0), Rope(cfg))
+    with pytest.raises(ValueError, match="prefill's queries"):
+        from_kv([k], [v], make_policy("lrqk"), Rope(cfg))
+
+
+def test_resident_rows_are_hits_and_only_misses_are_fetched(tiny):
+    """ArkVale keeps the pages of the last step on the device: a step that selects the same pages again
+    fetches nothing, and the results equal fetching every page at every step."""
+    model, prompt, steps = tiny
+    kw = dict(budget=0.1, chunk_size=4, **FIT)
+    same = torch.full_like(steps, 7)  # the same token at every step: mostly the same pages
+    got_r, resident = run(model, make_policy("arkvale", **kw), prompt, same)
+    got_f, refetch = run(model, make_policy("arkvale", **kw, resident=False), prompt, same)
+    assert torch.equal(got_r, got_f)
+    hits = resident.stats.hits / resident.stats.selected
+    assert 0.5 < hits < 1 and resident.bytes_fetched < (1 - hits + 1e-9) * refetch.bytes_fetched * 1.0001
+    # bytes: exactly the misses, K and V, 16 channels of float32 each
+    assert resident.bytes_fetched == (resident.stats.selected - resident.stats.hits) * 2 * 16 * 4
+    assert resident.stats.summary()["hit_rate"] == pytest.approx(hits)
+    assert resident.memory()["resident_fraction"] > 0 and refetch.memory()["resident_fraction"] == 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(name="lrqk", qk_rank=0), "qk_rank 0 must be an int >= 1 or a share"),
+        (dict(name="lrqk", qk_rank=1.5), "qk_rank 1.5 must be an int >= 1 or a share"),
+        (dict(name="arkvale", chunk_size=0), "chunk_size 0 must be an int >= 1"),
+        (dict(name="infinigen", channels=0), "channels 0 must be a share of head_dim in"),
+        (dict(name="infinigen", channels=1.5), "channels 1.5 must be a share of head_dim in"),
+        (dict(name="lrqk", per="kv_head"), "lowrank_qk landmarks are kept per query head"),
+        (dict(name="lrqk", resident=False), "LRQK fits its query to the keys on the device"),
+        (dict(name="arkvale", kv_group="token", kv_bits="4"), "a resident set keeps rows per head"),
+    ],
+)
+def test_bad_baseline_parameters_are_one_line_errors(kw, match):
+    with pytest.raises(ValueError, match=match) as e:
+        make_policy(**kw)
+    assert "\n" not in str(e.value)
+
+
+def test_lrqk_rank_above_head_dim_is_refused_at_build():
+    cfg = tiny_config(n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16)
+    q, k, v = synthetic_prefill()
+    with pytest.raises(ValueError, match="qk_rank 17 gives rank 17: it must be 1 to head_dim = 16"):
+        from_kv([k], [v], make_policy("lrqk", qk_rank=17), Rope(cfg), q=[q])

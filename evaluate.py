@@ -298,7 +298,8 @@ def configurations(args):
     SVD rank and landmark precision). An axis applies to the policies whose parts declare it
     (`Policy.axes`, see kvcache.PRESETS): the budget to every sparse policy, the chunk size to `mean`,
     `quantized` and `quest`, the rank to `svd`, bits and residual to `quantized`; the systems
-    (`shadowkv`, `paper`, `paper_fast`) keep their authors' structure and sweep only their budget.
+    (`shadowkv`, `paper`, `paper_fast`, `arkvale`, `lrqk`, `infinigen`) keep their authors' structure
+    and sweep only their budget.
     --kv-bits and --score-rule (one value, not a sweep) apply to every sparse policy, --outliers to
     the policies that keep outlier chunks; `full` has one configuration. make_policy raises a
     one-line ValueError on any bad value."""

@@ -41,12 +41,17 @@ and every name is a preset of them (PRESETS, the same table as the README):
     paper       every key, quantized (2 bits)         4-bit K/V (pre-RoPE keys)     local 64
     paper_fast  every key, 2 bits, mean-query rule    fp8 K/V                       sink and local 0.625% each
     quest       min / max of each chunk of 16 keys    exact                         local 64
+    arkvale     a cuboid per page of 16 keys          exact, pages kept resident    2 + 5 pages
+    lrqk        per query head, a low-rank Q/K proxy  exact, per query head, resident  local 64
+    infinigen   per query head, skewed partial keys,  exact, per query head         layers 0, 1 dense
+                scored with a query speculated one layer ahead
 
 so `mean` isolates the landmark failure, `svd` the low-rank failure, `shadowkv` has both, `quantized`
 is the paper's fix (token-level landmarks made cheap by quantization) with exact K/V, `paper` the
 paper's full configuration as evaluated (its K/V stored 4-bit as well), `paper_fast` the authors'
-fast GPU path (the only preset with sink tokens: its 0.625% prefix), and `quest` the canonical
-query-aware page-selection baseline. One budget accounting for all (`BudgetSplit`).
+fast GPU path (with `arkvale` the only presets with sink tokens), `quest` the canonical query-aware
+page-selection baseline, and `arkvale`, `lrqk`, `infinigen` the paper's other baselines as their
+authors run them (PAPER.md "The paper's other baselines"). One budget accounting for all (`BudgetSplit`).
 """
 
 import math

@@ -40,6 +40,8 @@ Results folder (--out): samples.jsonl (one line per configuration and sample, wi
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
 Re-running with the same --out skips finished (configuration, sample) pairs; samples.jsonl is
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
+A resume (or merge) uses a folder only when every row is a whole, valid row of its run and run.json is
+readable (results.check_rows, row_check): else it stops before any work, naming the file and line.
 Ctrl-C stops the run (exit code 130) and says how many samples are saved; the same command resumes.
 A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
 sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
@@ -66,6 +68,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -428,10 +431,17 @@ def load_samples(args, tok):
     """All samples of the run as dicts: `id`, `problem`, `gold` (the reference answer text), `new_cap`
     (the paper's new-token limit for the task) and what the task's scorer needs. Sharding happens
     later, so every shard sees the same set. Bad data fails here, before the model loads: the loaders
-    check every row (text2json.load, tasks.load_longproc), and ids must be distinct."""
+    check every row (text2json.load, tasks.load_longproc), and ids must be distinct.
+
+    Returns (samples, known): `known` is the set of every sample id of the data file, whatever --n
+    (a results folder may hold samples of a larger --n), or None where the samples are generated and
+    numbered 0, 1, ... (see row_check)."""
+    known = None
     if args.task == "text2json":
         if args.data:
-            rows = text2json.load(args.data)[: args.n]
+            rows = text2json.load(args.data)
+            known = {text2json.sample_id(r, i) for i, r in enumerate(rows)}
+            rows = rows[: args.n]
         else:
             rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
         samples = [
@@ -452,8 +462,9 @@ def load_samples(args, tok):
             for i, r in enumerate(rows)
         ]
     else:
-        rows = tasks.load_longproc(args.data, args.group)[: args.n]
-        rows = [tasks.cut_page(r, args.tokens, tok) for r in rows]
+        rows = tasks.load_longproc(args.data, args.group)
+        known = {str(r["task_id"]) for r in rows}
+        rows = [tasks.cut_page(r, args.tokens, tok) for r in rows[: args.n]]
         samples = [
             dict(r, id=str(r["task_id"]), gold=r["gt"], new_cap=tasks.LONGPROC_MAX_NEW[args.group])
             for r in rows
@@ -465,7 +476,7 @@ def load_samples(args, tok):
                 f"duplicate sample id {s['id']!r} in the {args.task} data: every sample needs its own id"
             )
         seen.add(s["id"])
-    return samples
+    return samples, known
 
 
 def auto_max_new_tokens(samples, tok):
@@ -725,6 +736,74 @@ def config_fields(p):
 
 # ============================================================================ the run
 
+INDEX = re.compile(r"0|[1-9][0-9]*")  # the id of a generated sample: its index
+# the fields of a row that say what was computed (its identity, its oracle, every column of its
+# configuration but the display label): a row's must be what its `config` gives (config_complaint)
+IDENTITY = ("key", "config", "oracle_key") + tuple(f for f in results.CONFIG_FIELDS if f != "label")
+
+
+def row_check(args=None, known=None):
+    """check_row for results.check_rows (resume and merge): what is wrong with a row's sample or
+    configuration in a run of the settings `run` (run.json), or None.
+
+    The sample must be one of the run's data: an id of the data file (`known`, load_samples), or for
+    generated samples an index 0, 1, ... (whatever --n: a folder may hold a larger run's samples);
+    merge loads no data (args None) and leaves the sample unchecked. The configuration must be one
+    this evaluate.py makes with the run's settings: its `config` rebuilds a policy (its preset with
+    those fields), whose key and parameter columns (config_fields) are the row's, and whose
+    score_rule and outliers are the run's (as `configurations` sets them). The display fields (label,
+    legends, axes, order) are not compared: they do not change a number. Each configuration is
+    checked once."""
+    checked = {}
+    config_row = ("key",) + results.CONFIG_FIELDS + results.ROW_CONFIG
+
+    def check(row, run):
+        sample = row["sample"]
+        if args is not None and not (INDEX.fullmatch(sample) if known is None else sample in known):
+            where = (
+                f"the {args.task} samples of these settings are numbered 0, 1, ..."
+                if known is None
+                else f"no sample of {args.data or f'the {args.group} tasks'} has that id"
+            )
+            return f"sample {sample!r} is not a sample of this run ({where})"
+        config = json.dumps([row[f] for f in config_row], sort_keys=True)
+        if config not in checked:
+            checked[config] = config_complaint(row, run)
+        return checked[config]
+
+    return check
+
+
+def config_complaint(row, run):
+    """What is wrong with a row's configuration in a run of the settings `run`, or None (row_check)."""
+    config = row["config"]
+    if config.get("name") not in PRESETS:
+        return f"its config names no method of evaluate.py ({config.get('name')!r})"
+    try:
+        p = override(PRESETS[config["name"]], **{k: v for k, v in config.items() if k != "name"})
+        want = config_fields(p)
+    except Exception as err:  # an unknown field, a value out of range or of another kind: no policy
+        return f"its config is no configuration of evaluate.py ({' '.join(str(err).split())})"
+    for f in IDENTITY:
+        if row[f] != want[f]:
+            shown = "" if f in ("key", "config") else f" ({row[f]!r}, its config gives {want[f]!r})"
+            return f"its {f} does not match its config{shown}"
+    if p.sparse:
+        keeps_outliers = PRESETS[p.name].exact.outliers
+        try:
+            ref = make_policy(
+                p.name, score_rule=run["score_rule"], outliers=run["outliers"] if keeps_outliers else None
+            )
+        except ValueError:
+            ref = None
+        for name, mine, run_value in (
+            ("score_rule", p.select.score_rule, ref and ref.select.score_rule),
+            ("outliers", p.exact.outliers, ref and ref.exact.outliers),
+        ):
+            if mine != run_value:
+                return f"made with {name}={mine!r}, not the {name} of run.json ({run[name]!r})"
+    return None
+
 
 def run_settings(args, max_new):
     """The settings that every result of a results folder shares (run.json), each in one spelling,
@@ -958,7 +1037,7 @@ def run(args):
     config = load_config(args.model or default_model_dir())
     check_fit(args, policies, config)
     tok = load_tokenizer(args.model, config, chat_format="plain" if args.no_chat else None)
-    samples = load_samples(args, tok)
+    samples, known = load_samples(args, tok)
     mine = samples[shard::n_shards]
     if not mine:
         raise ValueError(
@@ -978,12 +1057,12 @@ def run(args):
         )
 
     with locked(out):  # the only writer of `out` from here on; a second process is refused here
-        settings = check_resume(
+        settings, rows = check_resume(  # every row whole and of this run, else one line, nothing done
             out,
             dict(run_settings(args, max_new), max_positions=config.max_positions, skipped=skipped),
             adopt_max_new=args.max_new_tokens is None,
+            check_row=row_check(args, known),
         )
-        rows = read_rows(out)
         settings["skipped"] = skip_record(settings["skipped"], rows)
         write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
         max_new = settings["max_new_tokens"]
@@ -1057,7 +1136,7 @@ def main(argv=None):
             )
             p.add_argument("dirs", nargs="+")
             p.add_argument("--out", required=True)
-            return results.merge(p.parse_args(join_dash_values(argv[1:])))
+            return results.merge(p.parse_args(join_dash_values(argv[1:])), check_row=row_check())
         args = build_parser().parse_args(join_dash_values(argv))
         args.argv = argv
         return run(args)

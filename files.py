@@ -23,16 +23,22 @@ def data_dir() -> Path:
     return Path(os.environ.get("KVOFFLOAD_DATA") or REPO.parent / "shared" / "data")
 
 
-def read_jsonl(path, check=None) -> list:
-    """The objects of a JSONL file, one per non-empty line.
+def read_jsonl(path, check=None, numbered=False) -> list:
+    """The objects of a JSONL file, one per non-empty line; numbered=True: (line number, object) pairs.
 
     A malformed line raises ValueError naming the file and line, and so does a line for which
     check(obj) returns a complaint (a string); a file that is not UTF-8 text (a binary file given by
-    mistake) raises ValueError naming the file. Every JSONL reader of the project goes through it
-    (Text2JSON, NeedleBench, results folders).
+    mistake) raises ValueError naming the file, and so does one that cannot be read. Every JSONL reader
+    of the project goes through it (Text2JSON, NeedleBench, results folders).
     """
     rows, lineno = [], 0
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
         try:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -44,7 +50,7 @@ def read_jsonl(path, check=None) -> list:
                 complaint = check(obj) if check else None
                 if complaint:
                     raise ValueError(f"{path}:{lineno}: {complaint}")
-                rows.append(obj)
+                rows.append((lineno, obj) if numbered else obj)
         except UnicodeDecodeError:
             raise ValueError(
                 f"{path}: not UTF-8 text after line {lineno} (a binary file?): "

@@ -1,12 +1,14 @@
 """evaluate.py never loses a finished result, never shows a traceback, and never accepts an input it
-then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, and the one-line
-errors (first words, exit code 2, no traceback), on a tiny random-weight model.
+then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, damaged results
+folders, and the one-line errors (first words, exit code 2, no traceback), on a tiny random-weight
+model.
 
 Where signals and exit codes matter (Ctrl-C, two processes at once, a lock holder killed with -9)
 the CLI runs as a subprocess."""
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -436,3 +438,264 @@ def test_a_folder_without_results_is_not_bound_to_its_settings(base, ckpt, tmp_p
     assert json.loads((out / "run.json").read_text())["seed"] == 1
     rc, err = run_main(["--model", ckpt, *QUICK, "--seed", "2", "--out", out], capsys)  # now it has results
     one_line_error(rc, err, f"{out} holds results made with seed=1, not 2")
+
+
+# ---------------------------------------------------------------------------- a folder is trusted only when whole
+# issue 19: a row is used only if it is a whole, valid row of this run, and run.json is readable whenever
+# rows are; otherwise resume and merge stop before any work with one line naming the file, the line and
+# what to do, and leave the folder as it was (samples.jsonl byte for byte).
+
+
+def test_a_row_has_exactly_the_fields_evaluate_sample_writes(base):
+    """results.ROW_FIELDS is the one list of a row's fields (check_rows reads by it): evaluate_sample's
+    rows have exactly those, in that order, and a LongProc row adds exactly TASK_ROW_FIELDS["longproc"]."""
+    for row in results.read_rows(base):
+        assert list(row) == list(results.ROW_FIELDS)
+    longproc = evaluate.score_sample("longproc", "x", {"gold": "a\tb\n1\t2\n"})
+    text2json = evaluate.score_sample("text2json", "x", {"gold": '[{"name": "a"}]'})
+    assert set(longproc) - set(text2json) == set(results.TASK_ROW_FIELDS["longproc"])
+    assert set(text2json) <= set(results.ROW_FIELDS)
+
+
+def edit_row(n, **changes):
+    """Damage: line n of samples.jsonl with fields changed (None: the field removed)."""
+
+    def damage(folder):
+        lines = (folder / "samples.jsonl").read_text().splitlines()
+        row = json.loads(lines[n - 1])
+        for k, v in changes.items():
+            row.pop(k) if v is None else row.__setitem__(k, v)
+        lines[n - 1] = json.dumps(row, ensure_ascii=False)  # NaN and Infinity as Python writes them
+        (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+
+    return damage
+
+
+def append_line(n=None, text=None, **changes):
+    """Damage: a copy of line n (with fields changed), or the line `text`, added at the end."""
+
+    def damage(folder):
+        lines = (folder / "samples.jsonl").read_text().splitlines()
+        if text is None:
+            row = dict(json.loads(lines[n - 1]), **changes)
+            lines.append(json.dumps(row, ensure_ascii=False))
+        else:
+            lines.append(text)
+        (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+
+    return damage
+
+
+def write_file(name, text):
+    def damage(folder):
+        (folder / name).write_text(text)
+
+    return damage
+
+
+def edit_run(**changes):
+    """Damage: run.json with fields changed (None: the field removed)."""
+
+    def damage(folder):
+        run = json.loads((folder / "run.json").read_text())
+        for k, v in changes.items():
+            run.pop(k) if v is None else run.__setitem__(k, v)
+        (folder / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+
+    return damage
+
+
+def delete(name):
+    return lambda folder: (folder / name).unlink()
+
+
+def cut_last_line(folder):
+    text = (folder / "samples.jsonl").read_text()
+    (folder / "samples.jsonl").write_text(text[: len(text) - 40])
+
+
+ROWS = "DIR/samples.jsonl"
+FIX = "delete the line to redo it, or rerun into a fresh --out"
+RUN_FIX = "restore it, or rerun into a fresh --out"
+# the base folder's lines: 1 full/0, 2 oracle/0, 3 full/1, 4 oracle/1 (QUICK: 2 samples x full, oracle)
+DAMAGED = [
+    # (issue case: the damage, the command on the damaged folder DIR, its one line)
+    ("2: a row without key", edit_row(1, key=None), "run", f"{ROWS}:1: not a whole row: no key: {FIX}"),
+    ("2: a row without key", edit_row(1, key=None), "merge", f"{ROWS}:1: not a whole row: no key: {FIX}"),
+    (
+        "2: a line [1,2,3]",
+        append_line(text="[1,2,3]"),
+        "run",
+        f"{ROWS}:5: a JSON list, not a row (a JSON object): {FIX}",
+    ),
+    (
+        "2: a line [1,2,3]",
+        append_line(text="[1,2,3]"),
+        "merge",
+        f"{ROWS}:5: a JSON list, not a row (a JSON object): {FIX}",
+    ),
+    (
+        "2: run.json holds a JSON list",
+        write_file("run.json", "[1, 2]\n"),
+        "run",
+        f"DIR/run.json: a JSON list, not the settings of a run (a JSON object): {RUN_FIX}",
+    ),
+    (
+        "2: run.json holds a JSON list",
+        write_file("run.json", "[1, 2]\n"),
+        "merge",
+        f"DIR/run.json: a JSON list, not the settings of a run (a JSON object): {RUN_FIX}",
+    ),
+    (
+        "5: a duplicated row, identical",
+        append_line(1),
+        "run",
+        f"{ROWS}:5: a second row of sample '0' for full (the first is line 1): delete one of the two "
+        "lines (both, to redo it), or rerun into a fresh --out",
+    ),
+    (
+        "5: a duplicated row, another value",
+        append_line(2, kl=0.5),
+        "run",
+        f"{ROWS}:5: a second row of sample '0' for oracle @0.03125 (the first is line 2): delete one",
+    ),
+    (
+        "5: a duplicated row, identical",
+        append_line(1),
+        "merge",
+        f"{ROWS}:5: a second row of sample '0' for full (the first is line 1): delete one",
+    ),
+    (
+        "6: fact_accuracy NaN",
+        edit_row(2, fact_accuracy=math.nan),
+        "run",
+        f"{ROWS}:2: fact_accuracy is NaN, not a finite number: {FIX}",
+    ),
+    (
+        "6: fact_accuracy NaN",
+        edit_row(2, fact_accuracy=math.nan),
+        "merge",
+        f"{ROWS}:2: fact_accuracy is NaN, not a finite number: {FIX}",
+    ),
+    (
+        "6: an infinite number",
+        edit_row(4, bytes_per_step=-math.inf),
+        "run",
+        f"{ROWS}:4: bytes_per_step is -Infinity, not a finite number: {FIX}",
+    ),
+    (
+        "7: a row for sample zzz, not in the run",
+        append_line(2, sample="zzz"),
+        "run",
+        f"{ROWS}:5: sample 'zzz' is not a sample of this run (the text2json samples of these settings "
+        f"are numbered 0, 1, ...): {FIX}",
+    ),
+    (
+        "8: run.json deleted, rows present",
+        delete("run.json"),
+        "run --max-new-tokens 7",
+        f"{ROWS} holds results but DIR/run.json is missing, so the settings they were made with are "
+        "unknown: restore run.json, or rerun into a fresh --out",
+    ),
+    (
+        "8: run.json deleted, rows present",
+        delete("run.json"),
+        "merge",
+        "DIR is not a results folder (no run.json / samples.jsonl)",
+    ),
+    (
+        "11: run.json is not JSON",
+        write_file("run.json", "not json\n"),
+        "run",
+        f"DIR/run.json: not valid JSON (Expecting value, line 1 column 1): {RUN_FIX}",
+    ),
+    (
+        "11: run.json is not JSON",
+        write_file("run.json", "not json\n"),
+        "merge",
+        f"DIR/run.json: not valid JSON (Expecting value, line 1 column 1): {RUN_FIX}",
+    ),
+    # the smaller ones: each way a row or run.json can be other than this version writes it
+    ("a line cut short", cut_last_line, "run", f"{ROWS}:4: not valid JSON ("),
+    ("a number as text", edit_row(1, kl="0"), "run", f'{ROWS}:1: kl is "0", not a number or null: {FIX}'),
+    ("a field no row has", edit_row(3, note="checked"), "run", f"{ROWS}:3: 'note' is a field no row has"),
+    (
+        "a row of another task",
+        edit_row(3, task="needle"),
+        "run",
+        f"{ROWS}:3: a needle row, in a folder of text2json results (run.json): {FIX}",
+    ),
+    (
+        "a row of another max_new_tokens",
+        edit_row(3, max_new_tokens=89),
+        "run",
+        f"{ROWS}:3: made with max_new_tokens=89, where run.json says 4: {FIX}",
+    ),
+    (
+        "a budget edited in the row",
+        edit_row(2, budget=0.5),
+        "run",
+        f"{ROWS}:2: its budget does not match its config (0.5, its config gives 0.03125): {FIX}",
+    ),
+    (
+        "a budget edited in the config",
+        edit_row(2, config=dict(make_policy("oracle").params(), budget=0.5)),
+        "merge",
+        f"{ROWS}:2: its key does not match its config: {FIX}",
+    ),
+    (
+        "a config of no method",
+        edit_row(1, config={"name": "magic"}),
+        "run",
+        f"{ROWS}:1: its config names no method of evaluate.py ('magic'): {FIX}",
+    ),
+    (
+        "a config another run's settings make",
+        edit_row(
+            2,
+            key=make_policy("oracle", score_rule="mean_query").key(),
+            config=make_policy("oracle", score_rule="mean_query").params(),
+            oracle_key=make_policy("oracle", score_rule="mean_query").key(),
+        ),
+        "run",
+        f"{ROWS}:2: made with score_rule='mean_query', not the score_rule of run.json (None): {FIX}",
+    ),
+    (
+        "run.json without max_new_tokens",
+        edit_run(max_new_tokens=None),
+        "run",
+        f"DIR/run.json: not a whole run.json: no max_new_tokens: {RUN_FIX}",
+    ),
+    (
+        "run.json with a number as text",
+        edit_run(seed="0"),
+        "merge",
+        f'DIR/run.json: seed is "0", not an integer: {RUN_FIX}',
+    ),
+    ("run.json of an older evaluate.py", edit_run(format=None), "run", "DIR holds results of an older"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, damage, command, line", DAMAGED, ids=[f"{c[0]} ({c[2].split()[0]})" for c in DAMAGED]
+)
+def test_a_damaged_folder_is_refused_in_one_line_and_left_as_it_was(
+    case, damage, command, line, base, ckpt, tmp_path, capsys, monkeypatch
+):
+    folder = copy_with_rows(base, tmp_path / "dir", lambda r: True)
+    damage(folder)
+    files = lambda: {f.name: f.read_bytes() for f in folder.iterdir() if f.name != results.LOCK_NAME}
+    before = files()
+
+    def forbidden(*a, **k):
+        raise AssertionError("a damaged folder must stop the run before any work")
+
+    monkeypatch.setattr(evaluate, "load_model", forbidden)
+    if command.startswith("run"):
+        argv = ["--model", ckpt, *QUICK, *command.split()[1:], "--out", folder]
+    else:
+        argv = ["merge", folder, "--out", tmp_path / "merged"]
+    rc, err = run_main(argv, capsys)
+    one_line_error(rc, err, line.replace("DIR", str(folder)))
+    assert files() == before  # samples.jsonl byte for byte, run.json too, and no file added
+    assert not (tmp_path / "merged" / "samples.jsonl").exists()

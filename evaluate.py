@@ -83,6 +83,7 @@ import kvcache
 import results
 import tasks
 import text2json
+from files import check_cache_dir
 from kvcache import (
     POLICIES,
     PRESETS,
@@ -359,7 +360,7 @@ def shadowkv_outliers(args):
             value = float(text)
         except ValueError:
             value = -1
-        if value >= 1 and value == int(value):
+        if math.isfinite(value) and value >= 1 and value == int(value):
             return int(value)
         if 0 <= value < 1:
             return value if value else 0
@@ -376,6 +377,9 @@ def check_inputs(args):
     """Every check that needs no model: runs before any loading or work (bad input -> ValueError)."""
     if args.n < 1:
         raise ValueError(f"--n {args.n} must be >= 1")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be >= 1")
+    check_out_option(args.out)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.dtype not in DTYPES:
@@ -391,7 +395,17 @@ def check_inputs(args):
     if args.model is not None:
         check_model_dir(Path(args.model))
     check_data(args.task, args.data)
+    check_cache_dir()  # the converted default model and fitted grids are written there
     return configurations(args)
+
+
+def check_out_option(out, option="--out"):
+    """An empty --out (an unset shell variable: --out $OUT) would put the results folder, lock included,
+    into the current folder: refused."""
+    if out is not None and not out.strip():
+        raise ValueError(
+            f"{option} {out!r} is empty: give a results folder path (is the variable you passed unset?)"
+        )
 
 
 def check_model_dir(path):
@@ -1136,7 +1150,11 @@ def main(argv=None):
             )
             p.add_argument("dirs", nargs="+")
             p.add_argument("--out", required=True)
-            return results.merge(p.parse_args(join_dash_values(argv[1:])), check_row=row_check())
+            margs = p.parse_args(join_dash_values(argv[1:]))
+            for d in margs.dirs:
+                check_out_option(d, "merge DIR")
+            check_out_option(margs.out)
+            return results.merge(margs, check_row=row_check())
         args = build_parser().parse_args(join_dash_values(argv))
         args.argv = argv
         return run(args)

@@ -1,7 +1,7 @@
 """evaluate.py never loses a finished result, never shows a traceback, and never accepts an input it
 then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, damaged results
-folders, and the one-line errors (first words, exit code 2, no traceback), on a tiny random-weight
-model.
+folders, the paths and environment it writes to, and the one-line errors (first words, exit code 2,
+no traceback), on a tiny random-weight model.
 
 Where signals and exit codes matter (Ctrl-C, two processes at once, a lock holder killed with -9)
 the CLI runs as a subprocess."""
@@ -21,11 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import convert_gguf
 import evaluate
+import model
 import results
+import text2json
 from conftest import make_tiny_checkpoint
 from kvcache import make_policy
-from model import default_model_path
+from model import default_model_path, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -699,3 +702,160 @@ def test_a_damaged_folder_is_refused_in_one_line_and_left_as_it_was(
     one_line_error(rc, err, line.replace("DIR", str(folder)))
     assert files() == before  # samples.jsonl byte for byte, run.json too, and no file added
     assert not (tmp_path / "merged" / "samples.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- checked at the start
+# issue 19: every path and environment variable the program writes to, and every option, is checked
+# before any work: one line each.
+
+REFUSED_AT_START = [
+    # (issue case, options after `--model CKPT QUICK --out OUT` (or a merge), environment, the one line)
+    (
+        "1: --outliers inf",
+        ["--methods", "full,shadowkv", "--outliers", "inf"],
+        {},
+        "bad --outliers 'inf': an int count of chunks, a share of the prompt below 1, or 'budget'",
+    ),
+    (
+        "1: --outliers 1e400",
+        ["--methods", "full,shadowkv", "--outliers", "1e400"],
+        {},
+        "bad --outliers '1e400'",
+    ),
+    (
+        "3: KVOFFLOAD_CACHE is a file",
+        [],
+        {"KVOFFLOAD_CACHE": "FILE"},
+        "KVOFFLOAD_CACHE=FILE is a file, not a folder: set KVOFFLOAD_CACHE to a writable folder",
+    ),
+    (
+        "3: KVOFFLOAD_CACHE is inside a file",
+        [],
+        {"KVOFFLOAD_CACHE": "FILE/cache"},
+        "KVOFFLOAD_CACHE=FILE/cache cannot be created (Not a directory): set KVOFFLOAD_CACHE to a writable",
+    ),
+    (
+        "9: --out '' (an unset $OUT)",
+        ["--out", ""],
+        {},
+        "--out '' is empty: give a results folder path (is the variable you passed unset?)",
+    ),
+    (
+        "9: merge --out ''",
+        ["merge", "BASE", "--out", ""],
+        {},
+        "--out '' is empty: give a results folder path",
+    ),
+    ("9: merge ''", ["merge", "", "--out", "OUT"], {}, "merge DIR '' is empty: give a results folder path"),
+    (
+        "12: HOME unusable, no KVOFFLOAD_CACHE",
+        [],
+        {"HOME": "/proc/self", "KVOFFLOAD_CACHE": None},
+        "the cache folder /proc/self/.cache/kvoffload (~/.cache/kvoffload with HOME=/proc/self; "
+        "KVOFFLOAD_CACHE is not set) cannot be created (No such file or directory): set KVOFFLOAD_CACHE "
+        "to a writable folder",
+    ),
+    ("--workers -3", ["--workers", "-3"], {}, "--workers -3 must be >= 1"),
+    ("--workers 0", ["--workers", "0"], {}, "--workers 0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("case, options, env, line", REFUSED_AT_START, ids=[c[0] for c in REFUSED_AT_START])
+def test_paths_environment_and_options_are_checked_at_the_start(
+    case, options, env, line, base, ckpt, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("not a folder\n")
+    names = {"FILE": str(tmp_path / "file"), "BASE": str(base), "OUT": str(tmp_path / "out")}
+    fill = lambda text: [text := text.replace(k, v) for k, v in names.items()][-1]
+    for k, v in env.items():
+        monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, fill(v))
+    cwd = tmp_path / "cwd"  # where an empty --out would have written the folder
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a bad path or option must stop before any loading")
+
+    monkeypatch.setattr(evaluate, "load_model", forbidden)
+    monkeypatch.setattr(evaluate, "load_tokenizer", forbidden)
+    argv = [fill(a) for a in options]
+    if argv[:1] != ["merge"]:
+        argv = ["--model", ckpt, *QUICK, "--out", tmp_path / "out", *argv]
+    rc, err = run_main(argv, capsys)
+    one_line_error(rc, err, fill(line))
+    assert not (tmp_path / "out").exists() and list(cwd.iterdir()) == []
+
+
+MODEL_CLI = [
+    # (issue case, program, options, environment, the one line)
+    (
+        "10: model.py --max-new-tokens 0",
+        model.main,
+        ["--max-new-tokens", "0"],
+        {},
+        "--max-new-tokens 0 must be >= 1",
+    ),
+    (
+        "10: model.py --max-new-tokens -1",
+        model.main,
+        ["--max-new-tokens", "-1"],
+        {},
+        "--max-new-tokens -1 must be",
+    ),
+    (
+        "3: model.py, KVOFFLOAD_CACHE is a file",
+        model.main,
+        [],
+        {"KVOFFLOAD_CACHE": "FILE"},
+        "KVOFFLOAD_CACHE=FILE is a file, not a folder",
+    ),
+    (
+        "3: convert_gguf.py, KVOFFLOAD_CACHE is a file",
+        convert_gguf.main,
+        None,
+        {"KVOFFLOAD_CACHE": "FILE"},
+        "KVOFFLOAD_CACHE=FILE is a file, not a folder",
+    ),
+    (
+        "12: model.py, HOME unusable",
+        model.main,
+        [],
+        {"HOME": "/proc/self", "KVOFFLOAD_CACHE": None},
+        "the cache folder /proc/self/.cache/kvoffload (~/.cache/kvoffload with HOME=/proc/self;",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, program, options, env, line", MODEL_CLI, ids=[c[0] for c in MODEL_CLI])
+def test_model_and_convert_refuse_as_evaluate_does(
+    case, program, options, env, line, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("not a folder\n")
+    for k, v in env.items():
+        monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(
+            k, v.replace("FILE", str(tmp_path / "file"))
+        )
+
+    def forbidden(*a, **k):
+        raise AssertionError("a bad option must stop before any loading")
+
+    monkeypatch.setattr(model, "load_model", forbidden)
+    monkeypatch.setattr(convert_gguf, "convert", forbidden)
+    rc = program([] if options is None else ["--prompt", "hi", *options])
+    one_line_error(rc, capsys.readouterr().err, line.replace("FILE", str(tmp_path / "file")))
+
+
+def test_a_data_file_with_a_byte_order_mark_is_read(ckpt, tmp_path, capsys):
+    """Some Windows editors start a UTF-8 file with a byte-order mark: it is read as the same file."""
+    tok = load_tokenizer(ckpt)
+    rows = text2json.generate(1, 2048, tok, seed=0)
+    data = tmp_path / "bom.jsonl"
+    data.write_text(
+        "".join(json.dumps(dict(problem=r["problem"], answer=r["answer"])) + "\n" for r in rows), "utf-8-sig"
+    )
+    assert data.read_bytes()[:3] == b"\xef\xbb\xbf"
+    out = tmp_path / "out"
+    argv = ["--model", ckpt, *QUICK, "--n", "1", "--workers", "1", "--data", data, "--out", out]
+    rc, err = run_main(argv, capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert {r["sample"] for r in results.read_rows(out)} == {"0"}

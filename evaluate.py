@@ -42,7 +42,8 @@ Re-running with the same --out skips finished (configuration, sample) pairs; sam
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
 A resume (or merge) uses a folder only when every row is a whole, valid row of its run and run.json is
 readable (results.check_rows, row_check): else it stops before any work, naming the file and line.
-Ctrl-C stops the run (exit code 130) and says how many samples are saved; the same command resumes.
+Ctrl-C stops the run (exit code 130) and says how many samples are saved;
+the same command resumes. A full disk says the same, and leaves no temporary file.
 A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
 sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
 prompt runs it with full attention: summary.json counts both (`skipped`, `fell_back`) and summary.md
@@ -64,6 +65,7 @@ so that one --out given to every rank is never shared:  merge DIR-shard*of8 --ou
 """
 
 import argparse
+import errno
 import json
 import math
 import multiprocessing
@@ -1023,12 +1025,17 @@ def no_fit_message(args, skipped, max_positions, max_new):
     )
 
 
-def interrupted(out, mine, policies, before):
-    """Ctrl-C: what is saved (samples.jsonl is rewritten atomically after every sample) and how to go on."""
+def saved_samples(out, mine, policies):
+    """How many of the samples `mine` have a saved row for every configuration of `policies`."""
     keys = {p.key() for p in policies}
     rows = read_rows(out)
     done = {s["id"] for s in mine} & {r["sample"] for r in rows}
-    saved = sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
+    return sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
+
+
+def interrupted(out, mine, policies, before):
+    """Ctrl-C: what is saved (samples.jsonl is rewritten atomically after every sample) and how to go on."""
+    saved = saved_samples(out, mine, policies)
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the progress line
     print(
@@ -1037,6 +1044,12 @@ def interrupted(out, mine, policies, before):
         file=sys.stderr,
     )
     return 130
+
+
+def not_written(err, saved):
+    """The one line of a write that failed (a full disk): which file, why, what is saved, what to do."""
+    fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+    return f"cannot write {err.filename} ({err.strerror}): {saved}; {fix}, then run the same command again"
 
 
 def run(args):
@@ -1078,17 +1091,16 @@ def run(args):
             check_row=row_check(args, known),
         )
         settings["skipped"] = skip_record(settings["skipped"], rows)
-        write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
         max_new = settings["max_new_tokens"]
-
         finished = {(r["key"], r["sample"]) for r in rows}
         fits = [s for s in mine if s["id"] not in skipped]
         todo = [(s, [p for p in policies if (p.key(), s["id"]) not in finished]) for s in fits]
         todo = [(s, ps) for s, ps in todo if ps]
         before = len(fits) - len(todo)
-        if before:
-            print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
         try:
+            write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+            if before:
+                print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
             if todo:
                 print(
                     f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
@@ -1113,11 +1125,18 @@ def run(args):
                         progress(before + i + 1, len(fits), start, before)
                 finally:
                     done.close()  # stops the worker pool now, also on Ctrl-C
+            if not rows:
+                raise ValueError(
+                    f"the run gave no result in {out}: every sample was skipped (see the warnings)"
+                )
+            _, table, notes = write_summary(out, rows, settings)
         except KeyboardInterrupt:
             return interrupted(out, mine, policies, before)
-        if not rows:
-            raise ValueError(f"the run gave no result in {out}: every sample was skipped (see the warnings)")
-        _, table, notes = write_summary(out, rows, settings)
+        except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
+            if err.filename is None:
+                raise
+            saved = f"{saved_samples(out, mine, policies)} of {len(mine)} samples are saved in {out}"
+            raise ValueError(not_written(err, saved)) from None
     print(table)
     for note in notes:
         if not note.split(":")[0].endswith(".png"):
@@ -1154,12 +1173,20 @@ def main(argv=None):
             for d in margs.dirs:
                 check_out_option(d, "merge DIR")
             check_out_option(margs.out)
-            return results.merge(margs, check_row=row_check())
+            try:
+                return results.merge(margs, check_row=row_check())
+            except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
+                if err.filename is None:
+                    raise
+                raise ValueError(not_written(err, "the merge did not finish")) from None
         args = build_parser().parse_args(join_dash_values(argv))
         args.argv = argv
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except OSError as e:  # anything else the system refused: one line, not a traceback
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before a run's first sample or during a merge: nothing is half-written
         print("interrupted before any result was written: run the same command again", file=sys.stderr)

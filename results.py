@@ -3,7 +3,7 @@
 A results folder holds run.json (the settings every result shares), samples.jsonl (one line per
 configuration and sample), summary.json and summary.md (rebuilt from samples.jsonl, so a merge of
 shards is a concatenation) and PNG plots. Every file is written atomically: an interruption leaves
-the old version or the new one.
+the old version or the new one, and a failed write (a full disk) leaves no temporary file.
 
 A folder is read only as a whole (check_resume, merge): run.json must be readable whenever there are
 rows, and every row must be a whole, valid row of that run (ROW_FIELDS, check_rows); anything else is
@@ -17,6 +17,7 @@ ends, however it ends (kill -9 included), so a crash never leaves a folder locke
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -170,8 +171,9 @@ def locked(out, reads=()):
         except OSError as err:
             raise ValueError(f"cannot create the results folder {out}: {err.strerror}") from None
         _take(fd, out, fcntl.LOCK_EX, held)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid only names the holder; a full disk says so later
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         for d in map(Path, reads):
             if d.resolve() != out.resolve() and (d / LOCK_NAME).is_file():
                 try:
@@ -369,11 +371,32 @@ def check_rows(out, lines, run, check_row=None):
     return [row for _, row in lines]
 
 
-def write_atomic(path, text):
-    """Write a file so that an interruption leaves the old or the new version, never half of one."""
+def write_atomic(path, data):
+    """Write a file (text or bytes) so that an interruption leaves the old or the new version, never
+    half of one. A failure (a full disk) removes the temporary file and raises OSError naming `path`."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as err:  # also Ctrl-C or SIGTERM in the middle
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+
+
+def strict_json(obj):
+    """obj with every NaN or infinity as None (null: not defined), so that strict JSON readers read it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def write_rows(out, rows):
@@ -518,8 +541,9 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
             mine, ref = s["values"]["fact_accuracy"], full["values"]["fact_accuracy"]
             both = ~(mine.isnan() | ref.isnan())  # the samples both have
             mine, ref = mine.where(both, math.nan), ref.where(both, math.nan)
-            s["retention"] = float(mine.nanmean() / ref.nanmean())
-            s["ci"]["retention"] = interval(bootstrap_means(mine, index) / bootstrap_means(ref, index))
+            if both.any():  # else no sample in common with full attention: no retention
+                s["retention"] = float(mine.nanmean() / ref.nanmean())
+                s["ci"]["retention"] = interval(bootstrap_means(mine, index) / bootstrap_means(ref, index))
     for s in summary:
         rs = groups[s["key"]]
         del s["values"]
@@ -675,8 +699,15 @@ def plot_sweep(summary, axis, column, path, xlabel):
             ax.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return True
+
+
+def save_png(fig, path):
+    """A figure as a PNG file, written atomically (write_atomic): a full disk leaves no half image."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic(path, png.getvalue())
 
 
 def plot_depth(summary, path):
@@ -700,7 +731,7 @@ def plot_depth(summary, path):
     ax.set_title("facts recovered against depth")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return True
 
 
@@ -722,7 +753,7 @@ def plot_recall_heatmap(summary, path):
     ax.set_title("oracle recall per layer")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return True
 
 
@@ -786,7 +817,7 @@ def write_summary(out, rows, run):
     The returned table includes the lines under it (table_notes)."""
     summary = summarize(rows)
     sample_notes = annotate(summary, rows, run)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_atomic(out / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
     notes = sample_notes + make_plots(out, summary)
     table = "\n\n".join([markdown_table(summary, run["task"])] + table_notes(summary, run))
     dtype_note = (

@@ -1,12 +1,13 @@
 """evaluate.py never loses a finished result, never shows a traceback, and never accepts an input it
 then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, damaged results
-folders, the paths and environment it writes to, and the one-line errors (first words, exit code 2,
-no traceback), on a tiny random-weight model.
+folders, a full disk, the paths and environment it writes to, and the one-line errors (first words,
+exit code 2, no traceback), on a tiny random-weight model.
 
 Where signals and exit codes matter (Ctrl-C, two processes at once, a lock holder killed with -9)
 the CLI runs as a subprocess."""
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -859,3 +860,92 @@ def test_a_data_file_with_a_byte_order_mark_is_read(ckpt, tmp_path, capsys):
     rc, err = run_main(argv, capsys)
     assert rc == 0 and "Traceback" not in err, err
     assert {r["sample"] for r in results.read_rows(out)} == {"0"}
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+@contextlib.contextmanager
+def small_disk(path, size="256k"):
+    """A tmpfs of `size` at path (True), or a plain folder where it cannot be mounted (False: not root)."""
+    path.mkdir()
+    try:
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+            ).returncode
+            == 0
+        )
+    except OSError:
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def full_disk_open(name):
+    """open() for results.write_atomic as on a full disk: the temporary file of `name` is created, and
+    writing it fails with ENOSPC (where no tmpfs can be mounted)."""
+    real = open
+
+    def fake(path, mode="r", *a, **k):
+        f = real(path, mode, *a, **k)
+        if Path(path).name == name + ".tmp":
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return f
+
+    return fake
+
+
+FULL_DISK = [
+    # (issue case, free bytes left once the finished folder is on the disk, the file that cannot be written)
+    ("4: the disk fills while the summary is written", 4096, "summary.json"),
+    ("4: the disk is full from the start", 0, "run.json"),
+]
+
+
+@pytest.mark.parametrize("case, room, name", FULL_DISK, ids=[c[0] for c in FULL_DISK])
+def test_a_full_disk_says_what_is_saved_and_leaves_no_temporary_file(
+    case, room, name, base, ckpt, tmp_path, capsys, monkeypatch
+):
+    """On a small tmpfs when it can be mounted (root), else with write_atomic's open() failing as on a
+    full disk. The finished rows are there (a resume that only rewrites run.json and the summary):
+    one page left holds the new run.json but not summary.json (over 4 KiB)."""
+    assert (base / "summary.json").stat().st_size > 4096 and (base / "run.json").stat().st_size < 4096
+    disk = tmp_path / "disk"
+    with small_disk(disk) as mounted:
+        out = disk / "out"
+        out.mkdir()
+        for f in ("run.json", "samples.jsonl", results.LOCK_NAME):
+            shutil.copy(base / f, out / f)
+        rows = (out / "samples.jsonl").read_bytes()
+        if mounted:
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            (disk / "filler").write_bytes(b"\0" * (free - room))
+        else:
+            monkeypatch.setattr(results, "open", full_disk_open(name), raising=False)
+        rc, err = run_main(["--model", ckpt, *QUICK, "--out", out], capsys)
+        one_line_error(
+            rc,
+            err.replace(f"skipped 2 of 2 samples: finished in {out}\n", ""),
+            f"cannot write {out / name} (No space left on device): 2 of 2 samples are saved in {out}; "
+            "free some space, then run the same command again",
+        )
+        assert [f.name for f in out.iterdir() if f.name.endswith(".tmp")] == []
+        assert (out / "samples.jsonl").read_bytes() == rows
+
+
+# ---------------------------------------------------------------------------- strict JSON
+
+
+def test_summary_json_is_strict_json_when_a_configuration_shares_no_sample_with_full(base):
+    """full attention on sample 0 only, the oracle on sample 1 only (a resumed run with other --methods):
+    no retention (None), and summary.json holds no NaN that a strict JSON reader would refuse."""
+    rows = [r for r in results.read_rows(base) if (r["method"] == "full") == (r["sample"] == "0")]
+    summary = results.summarize([dict(r, fact_accuracy=0.5) for r in rows])
+    assert [s["retention"] for s in summary] == [1.0, None]
+    text = json.dumps(results.strict_json(summary), allow_nan=False)
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))

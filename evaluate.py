@@ -42,7 +42,7 @@ Re-running with the same --out skips finished (configuration, sample) pairs; sam
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
 A resume (or merge) uses a folder only when every row is a whole, valid row of its run and run.json is
 readable (results.check_rows, row_check): else it stops before any work, naming the file and line.
-Ctrl-C stops the run (exit code 130) and says how many samples are saved;
+Ctrl-C stops the run (exit code 130; SIGTERM 143, SIGHUP 129) and says how many samples are saved;
 the same command resumes. A full disk says the same, and leaves no temporary file.
 A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
 sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
@@ -73,6 +73,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -930,6 +931,8 @@ _WORKER = {}  # a worker process's model and tokenizer (inherited through fork, 
 
 def _init_worker(model, tok):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent stops them
+    for s in STOP_SIGNALS:  # not the parent's handler (Stop): the pool ends its workers with SIGTERM
+        signal.signal(s, signal.SIG_DFL)
     torch.set_num_threads(DECODE_THREADS)
     _WORKER.update(model=model, tok=tok)
 
@@ -1025,6 +1028,35 @@ def no_fit_message(args, skipped, max_positions, max_new):
     )
 
 
+class Stop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a job scheduler, a closed terminal): stops a run as Ctrl-C does, with the
+    signal's exit code (128 + its number: 143, 129)."""
+
+    def __init__(self, signum):
+        self.signal = signal.Signals(signum).name
+        self.code = 128 + signum
+        super().__init__(self.signal)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum, frame):
+    for s in STOP_SIGNALS:  # once: a second signal does not break the clean-up of the first
+        signal.signal(s, signal.SIG_IGN)
+    raise Stop(signum)
+
+
+def stop_code(stop):
+    """The exit code of a run stopped by `stop` (a KeyboardInterrupt): 130 for Ctrl-C, 128 + signal."""
+    return getattr(stop, "code", 130)
+
+
+def stopped_by(stop):
+    """'' for Ctrl-C, ' (SIGTERM)' or ' (SIGHUP)' for a Stop: what the interrupted line says."""
+    return f" ({stop.signal})" if isinstance(stop, Stop) else ""
+
+
 def saved_samples(out, mine, policies):
     """How many of the samples `mine` have a saved row for every configuration of `policies`."""
     keys = {p.key() for p in policies}
@@ -1033,17 +1065,18 @@ def saved_samples(out, mine, policies):
     return sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
 
 
-def interrupted(out, mine, policies, before):
-    """Ctrl-C: what is saved (samples.jsonl is rewritten atomically after every sample) and how to go on."""
+def interrupted(out, mine, policies, before, stop):
+    """Ctrl-C, SIGTERM, SIGHUP: what is saved (samples.jsonl is rewritten atomically after every
+    sample) and how to go on; returns the exit code (stop_code)."""
     saved = saved_samples(out, mine, policies)
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the progress line
     print(
-        f"interrupted: {saved} of {len(mine)} samples are saved in {out} ({saved - before} by this run); "
-        "run the same command again to resume",
+        f"interrupted{stopped_by(stop)}: {saved} of {len(mine)} samples are saved in {out} "
+        f"({saved - before} by this run); run the same command again to resume",
         file=sys.stderr,
     )
-    return 130
+    return stop_code(stop)
 
 
 def not_written(err, saved):
@@ -1130,8 +1163,8 @@ def run(args):
                     f"the run gave no result in {out}: every sample was skipped (see the warnings)"
                 )
             _, table, notes = write_summary(out, rows, settings)
-        except KeyboardInterrupt:
-            return interrupted(out, mine, policies, before)
+        except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
+            return interrupted(out, mine, policies, before, stop)
         except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
             if err.filename is None:
                 raise
@@ -1160,8 +1193,12 @@ def join_dash_values(argv):
 
 
 def main(argv=None):
-    """Entry point; bad input is one `error: ...` line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Entry point; bad input is one `error: ...` line on stderr and exit code 2, Ctrl-C exit code 130,
+    SIGTERM 143 and SIGHUP 129 (each says what is saved)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         if argv[:1] == ["merge"]:
             p = _Parser(
@@ -1188,9 +1225,16 @@ def main(argv=None):
     except OSError as e:  # anything else the system refused: one line, not a traceback
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before a run's first sample or during a merge: nothing is half-written
-        print("interrupted before any result was written: run the same command again", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        # before a run's first sample, or during a merge: nothing is half-written
+        print(
+            f"interrupted{stopped_by(stop)} before any result was written: run the same command again",
+            file=sys.stderr,
+        )
+        return stop_code(stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

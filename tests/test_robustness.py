@@ -1,7 +1,7 @@
 """evaluate.py never loses a finished result, never shows a traceback, and never accepts an input it
-then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, damaged results
-folders, a full disk, the paths and environment it writes to, and the one-line errors (first words,
-exit code 2, no traceback), on a tiny random-weight model.
+then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, SIGTERM and SIGHUP,
+damaged results folders, a full disk, the paths and environment it writes to, and the one-line errors
+(first words, exit code 2, no traceback), on a tiny random-weight model.
 
 Where signals and exit codes matter (Ctrl-C, two processes at once, a lock holder killed with -9)
 the CLI runs as a subprocess."""
@@ -936,6 +936,54 @@ def test_a_full_disk_says_what_is_saved_and_leaves_no_temporary_file(
         )
         assert [f.name for f in out.iterdir() if f.name.endswith(".tmp")] == []
         assert (out / "samples.jsonl").read_bytes() == rows
+
+
+# ---------------------------------------------------------------------------- SIGTERM, SIGHUP
+
+
+STOPS = [
+    # (how the run is stopped, to whom, exit code)
+    ("SIGTERM", "the parent (kill PID)", 143),
+    ("SIGHUP", "the process group (a closed terminal)", 129),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, target, code", STOPS, ids=[s[0] for s in STOPS])
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(name, target, code, ckpt, tmp_path):
+    """As Ctrl-C (test above): the exit code 128 + the signal, no traceback from the parent or a worker,
+    the last line says what is saved and how to resume, and no temporary file is left."""
+    out = tmp_path / "stopped"
+    argv = [sys.executable, "evaluate.py", "--model", ckpt, "--n", 4, "--tokens", 2048]
+    argv += ["--max-new-tokens", 64, "--methods", "full,oracle", "--workers", 2, "--out", out]
+    p = subprocess.Popen(
+        list(map(str, argv)),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (out / "samples.jsonl").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run ended before the first sample was saved: make it longer"
+        sig = getattr(signal, name)
+        os.kill(p.pid, sig) if "parent" in target else os.killpg(p.pid, sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == code and "Traceback" not in err, err
+    saved = len({r["sample"] for r in results.read_rows(out)})
+    assert 1 <= saved < 4
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted ({name}): {saved} of 4 samples are saved in {out} ({saved} by this run); "
+        "run the same command again to resume"
+    ), err
+    assert [f.name for f in out.iterdir() if f.name.endswith(".tmp")] == []
 
 
 # ---------------------------------------------------------------------------- strict JSON

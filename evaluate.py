@@ -40,7 +40,10 @@ Results folder (--out): samples.jsonl (one line per configuration and sample, wi
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
 Re-running with the same --out skips finished (configuration, sample) pairs; samples.jsonl is
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
-Ctrl-C stops the run (exit code 130) and says how many samples are saved; the same command resumes.
+A resume (or merge) uses a folder only when every row is a whole, valid row of its run and run.json is
+readable (results.check_rows, row_check): else it stops before any work, naming the file and line.
+Ctrl-C stops the run (exit code 130; SIGTERM 143, SIGHUP 129) and says how many samples are saved;
+the same command resumes. A full disk says the same, and leaves no temporary file.
 A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
 sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
 prompt runs it with full attention: summary.json counts both (`skipped`, `fell_back`) and summary.md
@@ -62,12 +65,15 @@ so that one --out given to every rank is never shared:  merge DIR-shard*of8 --ou
 """
 
 import argparse
+import errno
 import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -81,6 +87,7 @@ import results
 import skew
 import tasks
 import text2json
+from files import check_cache_dir
 from kvcache import (
     POLICIES,
     PRESETS,
@@ -358,7 +365,7 @@ def shadowkv_outliers(args):
             value = float(text)
         except ValueError:
             value = -1
-        if value >= 1 and value == int(value):
+        if math.isfinite(value) and value >= 1 and value == int(value):
             return int(value)
         if 0 <= value < 1:
             return value if value else 0
@@ -375,6 +382,9 @@ def check_inputs(args):
     """Every check that needs no model: runs before any loading or work (bad input -> ValueError)."""
     if args.n < 1:
         raise ValueError(f"--n {args.n} must be >= 1")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be >= 1")
+    check_out_option(args.out)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.dtype not in DTYPES:
@@ -390,7 +400,17 @@ def check_inputs(args):
     if args.model is not None:
         check_model_dir(Path(args.model))
     check_data(args.task, args.data)
+    check_cache_dir()  # the converted default model and fitted grids are written there
     return configurations(args)
+
+
+def check_out_option(out, option="--out"):
+    """An empty --out (an unset shell variable: --out $OUT) would put the results folder, lock included,
+    into the current folder: refused."""
+    if out is not None and not out.strip():
+        raise ValueError(
+            f"{option} {out!r} is empty: give a results folder path (is the variable you passed unset?)"
+        )
 
 
 def check_model_dir(path):
@@ -430,10 +450,17 @@ def load_samples(args, tok):
     """All samples of the run as dicts: `id`, `problem`, `gold` (the reference answer text), `new_cap`
     (the paper's new-token limit for the task) and what the task's scorer needs. Sharding happens
     later, so every shard sees the same set. Bad data fails here, before the model loads: the loaders
-    check every row (text2json.load, tasks.load_longproc), and ids must be distinct."""
+    check every row (text2json.load, tasks.load_longproc), and ids must be distinct.
+
+    Returns (samples, known): `known` is the set of every sample id of the data file, whatever --n
+    (a results folder may hold samples of a larger --n), or None where the samples are generated and
+    numbered 0, 1, ... (see row_check)."""
+    known = None
     if args.task == "text2json":
         if args.data:
-            rows = text2json.load(args.data)[: args.n]
+            rows = text2json.load(args.data)
+            known = {text2json.sample_id(r, i) for i, r in enumerate(rows)}
+            rows = rows[: args.n]
         else:
             rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
         samples = [
@@ -454,8 +481,9 @@ def load_samples(args, tok):
             for i, r in enumerate(rows)
         ]
     else:
-        rows = tasks.load_longproc(args.data, args.group)[: args.n]
-        rows = [tasks.cut_page(r, args.tokens, tok) for r in rows]
+        rows = tasks.load_longproc(args.data, args.group)
+        known = {str(r["task_id"]) for r in rows}
+        rows = [tasks.cut_page(r, args.tokens, tok) for r in rows[: args.n]]
         samples = [
             dict(r, id=str(r["task_id"]), gold=r["gt"], new_cap=tasks.LONGPROC_MAX_NEW[args.group])
             for r in rows
@@ -467,7 +495,7 @@ def load_samples(args, tok):
                 f"duplicate sample id {s['id']!r} in the {args.task} data: every sample needs its own id"
             )
         seen.add(s["id"])
-    return samples
+    return samples, known
 
 
 def auto_max_new_tokens(samples, tok):
@@ -736,6 +764,74 @@ def config_fields(p):
 
 # ============================================================================ the run
 
+INDEX = re.compile(r"0|[1-9][0-9]*")  # the id of a generated sample: its index
+# the fields of a row that say what was computed (its identity, its oracle, every column of its
+# configuration but the display label): a row's must be what its `config` gives (config_complaint)
+IDENTITY = ("key", "config", "oracle_key") + tuple(f for f in results.CONFIG_FIELDS if f != "label")
+
+
+def row_check(args=None, known=None):
+    """check_row for results.check_rows (resume and merge): what is wrong with a row's sample or
+    configuration in a run of the settings `run` (run.json), or None.
+
+    The sample must be one of the run's data: an id of the data file (`known`, load_samples), or for
+    generated samples an index 0, 1, ... (whatever --n: a folder may hold a larger run's samples);
+    merge loads no data (args None) and leaves the sample unchecked. The configuration must be one
+    this evaluate.py makes with the run's settings: its `config` rebuilds a policy (its preset with
+    those fields), whose key and parameter columns (config_fields) are the row's, and whose
+    score_rule and outliers are the run's (as `configurations` sets them). The display fields (label,
+    legends, axes, order) are not compared: they do not change a number. Each configuration is
+    checked once."""
+    checked = {}
+    config_row = ("key",) + results.CONFIG_FIELDS + results.ROW_CONFIG
+
+    def check(row, run):
+        sample = row["sample"]
+        if args is not None and not (INDEX.fullmatch(sample) if known is None else sample in known):
+            where = (
+                f"the {args.task} samples of these settings are numbered 0, 1, ..."
+                if known is None
+                else f"no sample of {args.data or f'the {args.group} tasks'} has that id"
+            )
+            return f"sample {sample!r} is not a sample of this run ({where})"
+        config = json.dumps([row[f] for f in config_row], sort_keys=True)
+        if config not in checked:
+            checked[config] = config_complaint(row, run)
+        return checked[config]
+
+    return check
+
+
+def config_complaint(row, run):
+    """What is wrong with a row's configuration in a run of the settings `run`, or None (row_check)."""
+    config = row["config"]
+    if config.get("name") not in PRESETS:
+        return f"its config names no method of evaluate.py ({config.get('name')!r})"
+    try:
+        p = override(PRESETS[config["name"]], **{k: v for k, v in config.items() if k != "name"})
+        want = config_fields(p)
+    except Exception as err:  # an unknown field, a value out of range or of another kind: no policy
+        return f"its config is no configuration of evaluate.py ({' '.join(str(err).split())})"
+    for f in IDENTITY:
+        if row[f] != want[f]:
+            shown = "" if f in ("key", "config") else f" ({row[f]!r}, its config gives {want[f]!r})"
+            return f"its {f} does not match its config{shown}"
+    if p.sparse:
+        keeps_outliers = PRESETS[p.name].exact.outliers
+        try:
+            ref = make_policy(
+                p.name, score_rule=run["score_rule"], outliers=run["outliers"] if keeps_outliers else None
+            )
+        except ValueError:
+            ref = None
+        for name, mine, run_value in (
+            ("score_rule", p.select.score_rule, ref and ref.select.score_rule),
+            ("outliers", p.exact.outliers, ref and ref.exact.outliers),
+        ):
+            if mine != run_value:
+                return f"made with {name}={mine!r}, not the {name} of run.json ({run[name]!r})"
+    return None
+
 
 def run_settings(args, max_new):
     """The settings that every result of a results folder shares (run.json), each in one spelling,
@@ -848,6 +944,8 @@ _WORKER = {}  # a worker process's model, tokenizer and calibrations (inherited 
 
 def _init_worker(model, tok, calibration):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent stops them
+    for s in STOP_SIGNALS:  # not the parent's handler (Stop): the pool ends its workers with SIGTERM
+        signal.signal(s, signal.SIG_DFL)
     torch.set_num_threads(DECODE_THREADS)
     _WORKER.update(model=model, tok=tok, calibration=calibration)
 
@@ -956,20 +1054,61 @@ def no_fit_message(args, skipped, max_positions, max_new):
     )
 
 
-def interrupted(out, mine, policies, before):
-    """Ctrl-C: what is saved (samples.jsonl is rewritten atomically after every sample) and how to go on."""
+class Stop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a job scheduler, a closed terminal): stops a run as Ctrl-C does, with the
+    signal's exit code (128 + its number: 143, 129)."""
+
+    def __init__(self, signum):
+        self.signal = signal.Signals(signum).name
+        self.code = 128 + signum
+        super().__init__(self.signal)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum, frame):
+    for s in STOP_SIGNALS:  # once: a second signal does not break the clean-up of the first
+        signal.signal(s, signal.SIG_IGN)
+    raise Stop(signum)
+
+
+def stop_code(stop):
+    """The exit code of a run stopped by `stop` (a KeyboardInterrupt): 130 for Ctrl-C, 128 + signal."""
+    return getattr(stop, "code", 130)
+
+
+def stopped_by(stop):
+    """'' for Ctrl-C, ' (SIGTERM)' or ' (SIGHUP)' for a Stop: what the interrupted line says."""
+    return f" ({stop.signal})" if isinstance(stop, Stop) else ""
+
+
+def saved_samples(out, mine, policies):
+    """How many of the samples `mine` have a saved row for every configuration of `policies`."""
     keys = {p.key() for p in policies}
     rows = read_rows(out)
     done = {s["id"] for s in mine} & {r["sample"] for r in rows}
-    saved = sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
+    return sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
+
+
+def interrupted(out, mine, policies, before, stop):
+    """Ctrl-C, SIGTERM, SIGHUP: what is saved (samples.jsonl is rewritten atomically after every
+    sample) and how to go on; returns the exit code (stop_code)."""
+    saved = saved_samples(out, mine, policies)
     if sys.stderr.isatty():
         print(file=sys.stderr)  # end the progress line
     print(
-        f"interrupted: {saved} of {len(mine)} samples are saved in {out} ({saved - before} by this run); "
-        "run the same command again to resume",
+        f"interrupted{stopped_by(stop)}: {saved} of {len(mine)} samples are saved in {out} "
+        f"({saved - before} by this run); run the same command again to resume",
         file=sys.stderr,
     )
-    return 130
+    return stop_code(stop)
+
+
+def not_written(err, saved):
+    """The one line of a write that failed (a full disk): which file, why, what is saved, what to do."""
+    fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+    return f"cannot write {err.filename} ({err.strerror}): {saved}; {fix}, then run the same command again"
 
 
 def run(args):
@@ -984,7 +1123,7 @@ def run(args):
     config = load_config(args.model or default_model_dir())
     check_fit(args, policies, config)
     tok = load_tokenizer(args.model, config, chat_format="plain" if args.no_chat else None)
-    samples = load_samples(args, tok)
+    samples, known = load_samples(args, tok)
     mine = samples[shard::n_shards]
     if not mine:
         raise ValueError(
@@ -1004,24 +1143,23 @@ def run(args):
         )
 
     with locked(out):  # the only writer of `out` from here on; a second process is refused here
-        settings = check_resume(
+        settings, rows = check_resume(  # every row whole and of this run, else one line, nothing done
             out,
             dict(run_settings(args, max_new), max_positions=config.max_positions, skipped=skipped),
             adopt_max_new=args.max_new_tokens is None,
+            check_row=row_check(args, known),
         )
-        rows = read_rows(out)
         settings["skipped"] = skip_record(settings["skipped"], rows)
-        write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
         max_new = settings["max_new_tokens"]
-
         finished = {(r["key"], r["sample"]) for r in rows}
         fits = [s for s in mine if s["id"] not in skipped]
         todo = [(s, [p for p in policies if (p.key(), s["id"]) not in finished]) for s in fits]
         todo = [(s, ps) for s, ps in todo if ps]
         before = len(fits) - len(todo)
-        if before:
-            print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
         try:
+            write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+            if before:
+                print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
             if todo:
                 print(
                     f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
@@ -1046,11 +1184,18 @@ def run(args):
                         progress(before + i + 1, len(fits), start, before)
                 finally:
                     done.close()  # stops the worker pool now, also on Ctrl-C
-        except KeyboardInterrupt:
-            return interrupted(out, mine, policies, before)
-        if not rows:
-            raise ValueError(f"the run gave no result in {out}: every sample was skipped (see the warnings)")
-        _, table, notes = write_summary(out, rows, settings)
+            if not rows:
+                raise ValueError(
+                    f"the run gave no result in {out}: every sample was skipped (see the warnings)"
+                )
+            _, table, notes = write_summary(out, rows, settings)
+        except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
+            return interrupted(out, mine, policies, before, stop)
+        except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
+            if err.filename is None:
+                raise
+            saved = f"{saved_samples(out, mine, policies)} of {len(mine)} samples are saved in {out}"
+            raise ValueError(not_written(err, saved)) from None
     print(table)
     for note in notes:
         if not note.split(":")[0].endswith(".png"):
@@ -1074,8 +1219,12 @@ def join_dash_values(argv):
 
 
 def main(argv=None):
-    """Entry point; bad input is one `error: ...` line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Entry point; bad input is one `error: ...` line on stderr and exit code 2, Ctrl-C exit code 130,
+    SIGTERM 143 and SIGHUP 129 (each says what is saved)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
     try:
         if argv[:1] == ["merge"]:
             p = _Parser(
@@ -1083,16 +1232,35 @@ def main(argv=None):
             )
             p.add_argument("dirs", nargs="+")
             p.add_argument("--out", required=True)
-            return results.merge(p.parse_args(join_dash_values(argv[1:])))
+            margs = p.parse_args(join_dash_values(argv[1:]))
+            for d in margs.dirs:
+                check_out_option(d, "merge DIR")
+            check_out_option(margs.out)
+            try:
+                return results.merge(margs, check_row=row_check())
+            except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
+                if err.filename is None:
+                    raise
+                raise ValueError(not_written(err, "the merge did not finish")) from None
         args = build_parser().parse_args(join_dash_values(argv))
         args.argv = argv
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before a run's first sample or during a merge: nothing is half-written
-        print("interrupted before any result was written: run the same command again", file=sys.stderr)
-        return 130
+    except OSError as e:  # anything else the system refused: one line, not a traceback
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        # before a run's first sample, or during a merge: nothing is half-written
+        print(
+            f"interrupted{stopped_by(stop)} before any result was written: run the same command again",
+            file=sys.stderr,
+        )
+        return stop_code(stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from tokenizers import Tokenizer as HFTokenizer
 import convert_gguf
 import kvcache
 from convert_gguf import default_model_path
+from files import check_cache_dir
 
 ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -1094,12 +1095,19 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     try:
+        if args.max_new_tokens < 1:  # as evaluate.py: 0 would print an empty answer and exit 0
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+        if args.model is None:
+            check_cache_dir()  # the default model is converted into it on first use
         model, tokenizer = load_model(
             args.model, dtype=args.dtype, device=args.device, chat_format="plain" if args.no_chat else None
         )
         print(chat(model, tokenizer, args.prompt, args.max_new_tokens))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except OSError as e:  # anything else the system refused: one line, not a traceback
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

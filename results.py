@@ -3,7 +3,11 @@
 A results folder holds run.json (the settings every result shares), samples.jsonl (one line per
 configuration and sample), summary.json and summary.md (rebuilt from samples.jsonl, so a merge of
 shards is a concatenation) and PNG plots. Every file is written atomically: an interruption leaves
-the old version or the new one.
+the old version or the new one, and a failed write (a full disk) leaves no temporary file.
+
+A folder is read only as a whole (check_resume, merge): run.json must be readable whenever there are
+rows, and every row must be a whole, valid row of that run (ROW_FIELDS, check_rows); anything else is
+a one-line error naming the file and line, before any work.
 
 A results folder has one writer at a time: `locked(out)` holds an exclusive flock on `out/.lock`
 for the whole run (or merge), and a second process on the same folder is refused at its start
@@ -13,6 +17,7 @@ ends, however it ends (kill -9 included), so a crash never leaves a folder locke
 
 import contextlib
 import fcntl
+import io
 import json
 import math
 import os
@@ -88,6 +93,39 @@ RUN_FIELDS = (
     "score_rule",
     "chat",
 )
+# A samples.jsonl row has exactly these fields, in the order evaluate.evaluate_sample writes them, each
+# holding (checked wherever a results folder is read, `check_rows`): str, int, num (a finite number),
+# bool, dict, strs (a list of strings), nums (a list of finite numbers), records (per gold record its
+# depth, tokens and hits); "?" = or null. A task's own scores add TASK_ROW_FIELDS.
+# fmt: off
+ROW_FIELDS = {
+    # the configuration (evaluate.config_fields)
+    "key": "str", "config": "dict", "method": "str", "label": "str", "budget": "num?", "chunk_size": "int?",
+    "rank": "num?", "bits": "str?", "residual": "int?", "kv_bits": "str?", "axes": "strs", "legends": "dict",
+    "order": "int", "oracle_key": "str?",
+    # the sample
+    "sample": "str", "task": "str", "prompt_tokens": "int", "max_new_tokens": "int", "gold_tokens": "int",
+    # the gold-forced facts (evaluate.fact_record)
+    "fact_accuracy": "num?", "field_accuracy": "num?", "fact_nll": "num?", "fact_tokens": "int?",
+    "per_record": "records?",
+    # the task score (evaluate.score_sample)
+    "score": "num?", "field_recall": "num?",
+    # fidelity, selection and memory (evaluate.policy_record), then the free-running answer
+    "new_tokens": "int?", "steps": "int", "sparse": "bool", "agreement": "num?", "kl": "num?",
+    "oracle_recall": "num?", "attention_mass": "num?", "landmark_error": "num?", "key_error": "num?",
+    "recall_per_layer": "nums?", "mass_per_layer": "nums?", "device_kv_fraction": "num",
+    "bytes_per_step": "num?", "prediction": "str?",
+}
+TASK_ROW_FIELDS = {"longproc": {"precision": "num?", "recall": "num?", "extracted": "num?"}}
+# run.json: these settings (RUN_FIELDS and the format) always, the others when present
+RUN_KINDS = {
+    "format": "int", "task": "task", "model": "str", "data": "str?", "tokens": "int", "seed": "int",
+    "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "group": "str?", "outliers": "scalar?",
+    "score_rule": "str?", "chat": "bool", "command": "str", "max_positions": "int?", "skipped": "counts",
+}
+# fmt: on
+ROW_FIX = "delete the line to redo it, or rerun into a fresh --out"
+RUN_FIX = "restore it, or rerun into a fresh --out"
 
 
 LOCK_NAME = ".lock"  # in every results folder; holds the pid of its last writer
@@ -135,8 +173,9 @@ def locked(out, reads=()):
         except OSError as err:
             raise ValueError(f"cannot create the results folder {out}: {err.strerror}") from None
         _take(fd, out, fcntl.LOCK_EX, held)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid only names the holder; a full disk says so later
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         for d in map(Path, reads):
             if d.resolve() != out.resolve() and (d / LOCK_NAME).is_file():
                 try:
@@ -180,21 +219,186 @@ def is_empty(out):
 
 
 def read_rows(out):
-    """The finished (configuration, sample) rows of a results folder ([] for a new folder)."""
+    """The rows of a results folder's samples.jsonl as they are ([] without one): for tests and for
+    re-reading what this process wrote. Whatever reads a folder it did not just write uses
+    `read_lines` + `check_rows` (resume, merge), which take a row only if it is whole and of the run."""
+    return [row for _, row in read_lines(out)]
+
+
+def read_lines(out):
+    """[(line number, object)] of a results folder's samples.jsonl ([] for a new folder); a line that
+    is no JSON is a one-line ValueError naming the file and line."""
     path = Path(out) / "samples.jsonl"
-    if not path.is_file():
+    if not path.exists():
         return []
     try:
-        return read_jsonl(path)
+        return read_jsonl(path, numbered=True)
     except ValueError as err:
-        raise ValueError(f"{err}: delete the line to redo it") from None
+        raise ValueError(f"{err}: {ROW_FIX}") from None
 
 
-def write_atomic(path, text):
-    """Write a file so that an interruption leaves the old or the new version, never half of one."""
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_record(r):
+    return (
+        isinstance(r, dict)
+        and r.keys() == {"depth", "tokens", "hits"}
+        and (r["depth"] is None or _is_num(r["depth"]))
+        and _is_int(r["tokens"])
+        and _is_int(r["hits"])
+    )
+
+
+KINDS = {  # the kinds of ROW_FIELDS and RUN_KINDS: (in words, for the one-line errors; the test)
+    "str": ("a string", lambda x: isinstance(x, str)),
+    "int": ("an integer", _is_int),
+    "num": ("a number", _is_num),
+    "bool": ("true or false", lambda x: isinstance(x, bool)),
+    "dict": ("an object", lambda x: isinstance(x, dict)),
+    "strs": ("a list of strings", lambda x: isinstance(x, list) and all(isinstance(v, str) for v in x)),
+    "nums": ("a list of numbers", lambda x: isinstance(x, list) and all(map(_is_num, x))),
+    "records": ("a list of {depth, tokens, hits}", lambda x: isinstance(x, list) and all(map(_is_record, x))),
+    "task": ("text2json, needle or longproc", lambda x: x in ("text2json", "needle", "longproc")),
+    "scalar": ("a number or a string", lambda x: _is_num(x) or isinstance(x, str)),
+    "counts": ("an object of integers", lambda x: isinstance(x, dict) and all(map(_is_int, x.values()))),
+}
+
+
+def _has_kind(x, kind):
+    """Whether x is of the kind (KINDS; a trailing '?' allows null). Whether its numbers are finite
+    is checked apart (`_not_finite`)."""
+    return (kind.endswith("?") and x is None) or KINDS[kind.rstrip("?")][1](x)
+
+
+def _not_finite(x):
+    """The first NaN or infinity in x (a JSON value), or None: JSON readers of Python accept NaN and
+    Infinity, strict ones do not, and no mean or interval survives one."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return x
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+    return next((v for v in map(_not_finite, values) if v is not None), None)
+
+
+def _kind_complaint(fields, obj, what):
+    """What is wrong with the object `what` (a row, run.json) against {field: kind}, or None: a missing
+    field, one not among them, a NaN or infinity, a value of another kind."""
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return f"not a whole {what}: no {', '.join(missing[:3])}{more}"
+    unknown = [f for f in obj if f not in fields]
+    if unknown:
+        return f"{unknown[0]!r} is a field no {what} has"
+    for f, kind in fields.items():
+        bad = _not_finite(obj[f])
+        if bad is not None:
+            return f"{f} is {json.dumps(bad)}, not a finite number"
+        if not _has_kind(obj[f], kind):
+            shown = json.dumps(obj[f], ensure_ascii=False)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            null = " or null" if kind.endswith("?") else ""
+            return f"{f} is {shown}, not {KINDS[kind.rstrip('?')][0]}{null}"
+    return None
+
+
+def _json_kind(obj):
+    """'a JSON list', 'a JSON string', ...: what a line holds instead of an object."""
+    kind = {list: "list", str: "string", bool: "true or false", type(None): "null"}.get(type(obj), "number")
+    return f"a JSON {kind}"
+
+
+def read_run(out):
+    """The settings of a results folder (run.json), checked; None if it has none. A file that is no
+    JSON object of the settings this version writes (RUN_KINDS) is a one-line ValueError naming it."""
+    path = Path(out) / "run.json"
+    if not path.exists():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}): {RUN_FIX}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (a binary file?): {RUN_FIX}") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read it ({err.strerror}): {RUN_FIX}") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path}: {_json_kind(run)}, not the settings of a run (a JSON object): {RUN_FIX}")
+    if "format" not in run and all(f in run for f in RUN_FIELDS):
+        check_format(out, run)  # a folder of an older evaluate.py
+    fields = {f: k for f, k in RUN_KINDS.items() if f in RUN_FIELDS + ("format",) or f in run}
+    complaint = _kind_complaint(fields, run, "run.json")
+    if complaint:
+        raise ValueError(f"{path}: {complaint}: {RUN_FIX}")
+    check_format(out, run)
+    return run
+
+
+def check_rows(out, lines, run, check_row=None):
+    """The rows of `lines` (read_lines), each checked to be a whole, valid row of the run `run` (its
+    settings): an object with exactly the fields a row has (ROW_FIELDS, TASK_ROW_FIELDS), each of its
+    kind, every number finite, of the run's task and max_new_tokens, of a sample and configuration the
+    run's settings make (check_row(row, run): a complaint or None; evaluate.row_check), and one row
+    per (configuration, sample). The first row that is not is a one-line ValueError naming the file,
+    the line and what to do; nothing is used, so nothing half-right reaches a mean."""
+    path = Path(out) / "samples.jsonl"
+    fields = ROW_FIELDS | TASK_ROW_FIELDS.get(run["task"], {})
+    seen = {}
+    for lineno, row in lines:
+        if not isinstance(row, dict):
+            complaint = f"{_json_kind(row)}, not a row (a JSON object)"
+        else:
+            complaint = _kind_complaint(fields, row, "row")
+        if not complaint and row["task"] != run["task"]:
+            complaint = f"a {row['task']} row, in a folder of {run['task']} results (run.json)"
+        if not complaint and row["max_new_tokens"] != run["max_new_tokens"]:
+            complaint = f"made with max_new_tokens={row['max_new_tokens']}, where run.json says {run['max_new_tokens']}"
+        if not complaint and check_row is not None:
+            complaint = check_row(row, run)
+        if complaint:
+            raise ValueError(f"{path}:{lineno}: {complaint}: {ROW_FIX}")
+        first = seen.setdefault((row["key"], row["sample"]), lineno)
+        if first != lineno:
+            raise ValueError(
+                f"{path}:{lineno}: a second row of sample {row['sample']!r} for {_name(row)} (the first is "
+                f"line {first}): delete one of the two lines (both, to redo it), or rerun into a fresh --out"
+            )
+    return [row for _, row in lines]
+
+
+def write_atomic(path, data):
+    """Write a file (text or bytes) so that an interruption leaves the old or the new version, never
+    half of one. A failure (a full disk) removes the temporary file and raises OSError naming `path`."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as err:  # also Ctrl-C or SIGTERM in the middle
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+
+
+def strict_json(obj):
+    """obj with every NaN or infinity as None (null: not defined), so that strict JSON readers read it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def write_rows(out, rows):
@@ -339,8 +543,9 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
             mine, ref = s["values"]["fact_accuracy"], full["values"]["fact_accuracy"]
             both = ~(mine.isnan() | ref.isnan())  # the samples both have
             mine, ref = mine.where(both, math.nan), ref.where(both, math.nan)
-            s["retention"] = float(mine.nanmean() / ref.nanmean())
-            s["ci"]["retention"] = interval(bootstrap_means(mine, index) / bootstrap_means(ref, index))
+            if both.any():  # else no sample in common with full attention: no retention
+                s["retention"] = float(mine.nanmean() / ref.nanmean())
+                s["ci"]["retention"] = interval(bootstrap_means(mine, index) / bootstrap_means(ref, index))
     for s in summary:
         rs = groups[s["key"]]
         del s["values"]
@@ -496,8 +701,15 @@ def plot_sweep(summary, axis, column, path, xlabel):
             ax.set_xscale("log", base=2)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return True
+
+
+def save_png(fig, path):
+    """A figure as a PNG file, written atomically (write_atomic): a full disk leaves no half image."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_atomic(path, png.getvalue())
 
 
 def plot_depth(summary, path):
@@ -521,7 +733,7 @@ def plot_depth(summary, path):
     ax.set_title("facts recovered against depth")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return True
 
 
@@ -543,7 +755,7 @@ def plot_recall_heatmap(summary, path):
     ax.set_title("oracle recall per layer")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return True
 
 
@@ -607,7 +819,7 @@ def write_summary(out, rows, run):
     The returned table includes the lines under it (table_notes)."""
     summary = summarize(rows)
     sample_notes = annotate(summary, rows, run)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_atomic(out / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
     notes = sample_notes + make_plots(out, summary)
     table = "\n\n".join([markdown_table(summary, run["task"])] + table_notes(summary, run))
     dtype_note = (
@@ -624,16 +836,24 @@ def write_summary(out, rows, run):
     return summary, table, notes
 
 
-def check_resume(out, run, adopt_max_new):
-    """A folder can only be continued with the settings it was made with. Without an explicit
-    --max-new-tokens the folder's own value is kept (the automatic one depends on --n). A folder
-    whose run left no sample (stopped before its first one) holds nothing to mix with: any settings
-    may start it again. The samples an earlier run skipped (`skipped`) carry over."""
-    path = out / "run.json"
-    if not path.is_file() or not read_rows(out):
-        return run
-    old = json.loads(path.read_text())
-    check_format(out, old)
+def check_resume(out, run, adopt_max_new, check_row=None):
+    """The settings and the rows of a run continued in `out`: (settings, rows).
+
+    A folder can only be continued with the settings it was made with, and only if every row in it is a
+    whole, valid row of them (check_rows): anything else stops the run before any work, with one line.
+    Without an explicit --max-new-tokens the folder's own value is kept (the automatic one depends on
+    --n). A folder whose run left no sample (stopped before its first one) holds nothing to mix with:
+    any settings may start it again. Rows without run.json are refused: the settings they were made
+    with are unknown. The samples an earlier run skipped (`skipped`) carry over."""
+    lines = read_lines(out)
+    if not lines:
+        return run, []
+    old = read_run(out)
+    if old is None:
+        raise ValueError(
+            f"{out / 'samples.jsonl'} holds results but {out / 'run.json'} is missing, so the settings "
+            "they were made with are unknown: restore run.json, or rerun into a fresh --out"
+        )
     if adopt_max_new:
         run = dict(run, max_new_tokens=old["max_new_tokens"])
     for f in RUN_FIELDS:
@@ -642,7 +862,8 @@ def check_resume(out, run, adopt_max_new):
                 f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}: "
                 "use another --out or the same settings"
             )
-    return dict(run, skipped=dict(old.get("skipped") or {}, **run.get("skipped", {})))
+    rows = check_rows(out, lines, run, check_row)
+    return dict(run, skipped=dict(old.get("skipped") or {}, **run.get("skipped", {}))), rows
 
 
 def check_format(folder, run):
@@ -696,9 +917,10 @@ def annotate(summary, rows, run):
     return notes
 
 
-def merge(args):
+def merge(args, check_row=None):
     """`python evaluate.py merge DIR... --out DIR` (args.dirs, args.out): concatenate the shards'
-    samples and rebuild the summary.
+    samples and rebuild the summary. Every input is read as a resume reads its folder: run.json must be
+    readable and every row a whole, valid row of it (check_rows, with check_row), else nothing is written.
 
     Nothing finished is lost: the target must be new, empty or one of the inputs; it is locked as a
     run locks its folder, and the inputs are read under a shared lock (no run writes them meanwhile);
@@ -718,15 +940,15 @@ def merge(args):
             )
         runs, rows, seen, skipped = [], [], {}, {}
         for d in dirs:
-            runs.append(json.loads((d / "run.json").read_text()))
-            check_format(d, runs[-1])
+            lines = read_lines(d)
+            runs.append(read_run(d))
             for f in RUN_FIELDS:
                 if runs[-1].get(f) != runs[0].get(f):
                     raise ValueError(
                         f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with {runs[0].get(f)!r}"
                     )
             skipped.update(runs[-1].get("skipped") or {})
-            for r in read_rows(d):
+            for r in check_rows(d, lines, runs[-1], check_row):
                 k = (r["key"], r["sample"])
                 if k not in seen:
                     seen[k] = (r, d)

@@ -1,12 +1,15 @@
 """evaluate.py never loses a finished result, never shows a traceback, and never accepts an input it
-then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, and the one-line
-errors (first words, exit code 2, no traceback), on a tiny random-weight model.
+then runs wrongly: the results folder's one-writer lock, merge's refusals, Ctrl-C, SIGTERM and SIGHUP,
+damaged results folders, a full disk, the paths and environment it writes to, and the one-line errors
+(first words, exit code 2, no traceback), on a tiny random-weight model.
 
 Where signals and exit codes matter (Ctrl-C, two processes at once, a lock holder killed with -9)
 the CLI runs as a subprocess."""
 
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,11 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import convert_gguf
 import evaluate
+import model
 import results
+import text2json
 from conftest import make_tiny_checkpoint
 from kvcache import make_policy
-from model import default_model_path
+from model import default_model_path, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -436,3 +442,558 @@ def test_a_folder_without_results_is_not_bound_to_its_settings(base, ckpt, tmp_p
     assert json.loads((out / "run.json").read_text())["seed"] == 1
     rc, err = run_main(["--model", ckpt, *QUICK, "--seed", "2", "--out", out], capsys)  # now it has results
     one_line_error(rc, err, f"{out} holds results made with seed=1, not 2")
+
+
+# ---------------------------------------------------------------------------- a folder is trusted only when whole
+# issue 19: a row is used only if it is a whole, valid row of this run, and run.json is readable whenever
+# rows are; otherwise resume and merge stop before any work with one line naming the file, the line and
+# what to do, and leave the folder as it was (samples.jsonl byte for byte).
+
+
+def test_a_row_has_exactly_the_fields_evaluate_sample_writes(base):
+    """results.ROW_FIELDS is the one list of a row's fields (check_rows reads by it): evaluate_sample's
+    rows have exactly those, in that order, and a LongProc row adds exactly TASK_ROW_FIELDS["longproc"]."""
+    for row in results.read_rows(base):
+        assert list(row) == list(results.ROW_FIELDS)
+    longproc = evaluate.score_sample("longproc", "x", {"gold": "a\tb\n1\t2\n"})
+    text2json = evaluate.score_sample("text2json", "x", {"gold": '[{"name": "a"}]'})
+    assert set(longproc) - set(text2json) == set(results.TASK_ROW_FIELDS["longproc"])
+    assert set(text2json) <= set(results.ROW_FIELDS)
+
+
+def edit_row(n, **changes):
+    """Damage: line n of samples.jsonl with fields changed (None: the field removed)."""
+
+    def damage(folder):
+        lines = (folder / "samples.jsonl").read_text().splitlines()
+        row = json.loads(lines[n - 1])
+        for k, v in changes.items():
+            row.pop(k) if v is None else row.__setitem__(k, v)
+        lines[n - 1] = json.dumps(row, ensure_ascii=False)  # NaN and Infinity as Python writes them
+        (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+
+    return damage
+
+
+def append_line(n=None, text=None, **changes):
+    """Damage: a copy of line n (with fields changed), or the line `text`, added at the end."""
+
+    def damage(folder):
+        lines = (folder / "samples.jsonl").read_text().splitlines()
+        if text is None:
+            row = dict(json.loads(lines[n - 1]), **changes)
+            lines.append(json.dumps(row, ensure_ascii=False))
+        else:
+            lines.append(text)
+        (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+
+    return damage
+
+
+def write_file(name, text):
+    def damage(folder):
+        (folder / name).write_text(text)
+
+    return damage
+
+
+def edit_run(**changes):
+    """Damage: run.json with fields changed (None: the field removed)."""
+
+    def damage(folder):
+        run = json.loads((folder / "run.json").read_text())
+        for k, v in changes.items():
+            run.pop(k) if v is None else run.__setitem__(k, v)
+        (folder / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+
+    return damage
+
+
+def delete(name):
+    return lambda folder: (folder / name).unlink()
+
+
+def cut_last_line(folder):
+    text = (folder / "samples.jsonl").read_text()
+    (folder / "samples.jsonl").write_text(text[: len(text) - 40])
+
+
+ROWS = "DIR/samples.jsonl"
+FIX = "delete the line to redo it, or rerun into a fresh --out"
+RUN_FIX = "restore it, or rerun into a fresh --out"
+# the base folder's lines: 1 full/0, 2 oracle/0, 3 full/1, 4 oracle/1 (QUICK: 2 samples x full, oracle)
+DAMAGED = [
+    # (issue case: the damage, the command on the damaged folder DIR, its one line)
+    ("2: a row without key", edit_row(1, key=None), "run", f"{ROWS}:1: not a whole row: no key: {FIX}"),
+    ("2: a row without key", edit_row(1, key=None), "merge", f"{ROWS}:1: not a whole row: no key: {FIX}"),
+    (
+        "2: a line [1,2,3]",
+        append_line(text="[1,2,3]"),
+        "run",
+        f"{ROWS}:5: a JSON list, not a row (a JSON object): {FIX}",
+    ),
+    (
+        "2: a line [1,2,3]",
+        append_line(text="[1,2,3]"),
+        "merge",
+        f"{ROWS}:5: a JSON list, not a row (a JSON object): {FIX}",
+    ),
+    (
+        "2: run.json holds a JSON list",
+        write_file("run.json", "[1, 2]\n"),
+        "run",
+        f"DIR/run.json: a JSON list, not the settings of a run (a JSON object): {RUN_FIX}",
+    ),
+    (
+        "2: run.json holds a JSON list",
+        write_file("run.json", "[1, 2]\n"),
+        "merge",
+        f"DIR/run.json: a JSON list, not the settings of a run (a JSON object): {RUN_FIX}",
+    ),
+    (
+        "5: a duplicated row, identical",
+        append_line(1),
+        "run",
+        f"{ROWS}:5: a second row of sample '0' for full (the first is line 1): delete one of the two "
+        "lines (both, to redo it), or rerun into a fresh --out",
+    ),
+    (
+        "5: a duplicated row, another value",
+        append_line(2, kl=0.5),
+        "run",
+        f"{ROWS}:5: a second row of sample '0' for oracle @0.03125 (the first is line 2): delete one",
+    ),
+    (
+        "5: a duplicated row, identical",
+        append_line(1),
+        "merge",
+        f"{ROWS}:5: a second row of sample '0' for full (the first is line 1): delete one",
+    ),
+    (
+        "6: fact_accuracy NaN",
+        edit_row(2, fact_accuracy=math.nan),
+        "run",
+        f"{ROWS}:2: fact_accuracy is NaN, not a finite number: {FIX}",
+    ),
+    (
+        "6: fact_accuracy NaN",
+        edit_row(2, fact_accuracy=math.nan),
+        "merge",
+        f"{ROWS}:2: fact_accuracy is NaN, not a finite number: {FIX}",
+    ),
+    (
+        "6: an infinite number",
+        edit_row(4, bytes_per_step=-math.inf),
+        "run",
+        f"{ROWS}:4: bytes_per_step is -Infinity, not a finite number: {FIX}",
+    ),
+    (
+        "7: a row for sample zzz, not in the run",
+        append_line(2, sample="zzz"),
+        "run",
+        f"{ROWS}:5: sample 'zzz' is not a sample of this run (the text2json samples of these settings "
+        f"are numbered 0, 1, ...): {FIX}",
+    ),
+    (
+        "8: run.json deleted, rows present",
+        delete("run.json"),
+        "run --max-new-tokens 7",
+        f"{ROWS} holds results but DIR/run.json is missing, so the settings they were made with are "
+        "unknown: restore run.json, or rerun into a fresh --out",
+    ),
+    (
+        "8: run.json deleted, rows present",
+        delete("run.json"),
+        "merge",
+        "DIR is not a results folder (no run.json / samples.jsonl)",
+    ),
+    (
+        "11: run.json is not JSON",
+        write_file("run.json", "not json\n"),
+        "run",
+        f"DIR/run.json: not valid JSON (Expecting value, line 1 column 1): {RUN_FIX}",
+    ),
+    (
+        "11: run.json is not JSON",
+        write_file("run.json", "not json\n"),
+        "merge",
+        f"DIR/run.json: not valid JSON (Expecting value, line 1 column 1): {RUN_FIX}",
+    ),
+    # the smaller ones: each way a row or run.json can be other than this version writes it
+    ("a line cut short", cut_last_line, "run", f"{ROWS}:4: not valid JSON ("),
+    ("a number as text", edit_row(1, kl="0"), "run", f'{ROWS}:1: kl is "0", not a number or null: {FIX}'),
+    ("a field no row has", edit_row(3, note="checked"), "run", f"{ROWS}:3: 'note' is a field no row has"),
+    (
+        "a row of another task",
+        edit_row(3, task="needle"),
+        "run",
+        f"{ROWS}:3: a needle row, in a folder of text2json results (run.json): {FIX}",
+    ),
+    (
+        "a row of another max_new_tokens",
+        edit_row(3, max_new_tokens=89),
+        "run",
+        f"{ROWS}:3: made with max_new_tokens=89, where run.json says 4: {FIX}",
+    ),
+    (
+        "a budget edited in the row",
+        edit_row(2, budget=0.5),
+        "run",
+        f"{ROWS}:2: its budget does not match its config (0.5, its config gives 0.03125): {FIX}",
+    ),
+    (
+        "a budget edited in the config",
+        edit_row(2, config=dict(make_policy("oracle").params(), budget=0.5)),
+        "merge",
+        f"{ROWS}:2: its key does not match its config: {FIX}",
+    ),
+    (
+        "a config of no method",
+        edit_row(1, config={"name": "magic"}),
+        "run",
+        f"{ROWS}:1: its config names no method of evaluate.py ('magic'): {FIX}",
+    ),
+    (
+        "a config another run's settings make",
+        edit_row(
+            2,
+            key=make_policy("oracle", score_rule="mean_query").key(),
+            config=make_policy("oracle", score_rule="mean_query").params(),
+            oracle_key=make_policy("oracle", score_rule="mean_query").key(),
+        ),
+        "run",
+        f"{ROWS}:2: made with score_rule='mean_query', not the score_rule of run.json (None): {FIX}",
+    ),
+    (
+        "run.json without max_new_tokens",
+        edit_run(max_new_tokens=None),
+        "run",
+        f"DIR/run.json: not a whole run.json: no max_new_tokens: {RUN_FIX}",
+    ),
+    (
+        "run.json with a number as text",
+        edit_run(seed="0"),
+        "merge",
+        f'DIR/run.json: seed is "0", not an integer: {RUN_FIX}',
+    ),
+    ("run.json of an older evaluate.py", edit_run(format=None), "run", "DIR holds results of an older"),
+]
+
+
+@pytest.mark.parametrize(
+    "case, damage, command, line", DAMAGED, ids=[f"{c[0]} ({c[2].split()[0]})" for c in DAMAGED]
+)
+def test_a_damaged_folder_is_refused_in_one_line_and_left_as_it_was(
+    case, damage, command, line, base, ckpt, tmp_path, capsys, monkeypatch
+):
+    folder = copy_with_rows(base, tmp_path / "dir", lambda r: True)
+    damage(folder)
+    files = lambda: {f.name: f.read_bytes() for f in folder.iterdir() if f.name != results.LOCK_NAME}
+    before = files()
+
+    def forbidden(*a, **k):
+        raise AssertionError("a damaged folder must stop the run before any work")
+
+    monkeypatch.setattr(evaluate, "load_model", forbidden)
+    if command.startswith("run"):
+        argv = ["--model", ckpt, *QUICK, *command.split()[1:], "--out", folder]
+    else:
+        argv = ["merge", folder, "--out", tmp_path / "merged"]
+    rc, err = run_main(argv, capsys)
+    one_line_error(rc, err, line.replace("DIR", str(folder)))
+    assert files() == before  # samples.jsonl byte for byte, run.json too, and no file added
+    assert not (tmp_path / "merged" / "samples.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- checked at the start
+# issue 19: every path and environment variable the program writes to, and every option, is checked
+# before any work: one line each.
+
+REFUSED_AT_START = [
+    # (issue case, options after `--model CKPT QUICK --out OUT` (or a merge), environment, the one line)
+    (
+        "1: --outliers inf",
+        ["--methods", "full,shadowkv", "--outliers", "inf"],
+        {},
+        "bad --outliers 'inf': an int count of chunks, a share of the prompt below 1, or 'budget'",
+    ),
+    (
+        "1: --outliers 1e400",
+        ["--methods", "full,shadowkv", "--outliers", "1e400"],
+        {},
+        "bad --outliers '1e400'",
+    ),
+    (
+        "3: KVOFFLOAD_CACHE is a file",
+        [],
+        {"KVOFFLOAD_CACHE": "FILE"},
+        "KVOFFLOAD_CACHE=FILE is a file, not a folder: set KVOFFLOAD_CACHE to a writable folder",
+    ),
+    (
+        "3: KVOFFLOAD_CACHE is inside a file",
+        [],
+        {"KVOFFLOAD_CACHE": "FILE/cache"},
+        "KVOFFLOAD_CACHE=FILE/cache cannot be created (Not a directory): set KVOFFLOAD_CACHE to a writable",
+    ),
+    (
+        "9: --out '' (an unset $OUT)",
+        ["--out", ""],
+        {},
+        "--out '' is empty: give a results folder path (is the variable you passed unset?)",
+    ),
+    (
+        "9: merge --out ''",
+        ["merge", "BASE", "--out", ""],
+        {},
+        "--out '' is empty: give a results folder path",
+    ),
+    ("9: merge ''", ["merge", "", "--out", "OUT"], {}, "merge DIR '' is empty: give a results folder path"),
+    (
+        "12: HOME unusable, no KVOFFLOAD_CACHE",
+        [],
+        {"HOME": "/proc/self", "KVOFFLOAD_CACHE": None},
+        "the cache folder /proc/self/.cache/kvoffload (~/.cache/kvoffload with HOME=/proc/self; "
+        "KVOFFLOAD_CACHE is not set) cannot be created (No such file or directory): set KVOFFLOAD_CACHE "
+        "to a writable folder",
+    ),
+    ("--workers -3", ["--workers", "-3"], {}, "--workers -3 must be >= 1"),
+    ("--workers 0", ["--workers", "0"], {}, "--workers 0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("case, options, env, line", REFUSED_AT_START, ids=[c[0] for c in REFUSED_AT_START])
+def test_paths_environment_and_options_are_checked_at_the_start(
+    case, options, env, line, base, ckpt, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("not a folder\n")
+    names = {"FILE": str(tmp_path / "file"), "BASE": str(base), "OUT": str(tmp_path / "out")}
+    fill = lambda text: [text := text.replace(k, v) for k, v in names.items()][-1]
+    for k, v in env.items():
+        monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, fill(v))
+    cwd = tmp_path / "cwd"  # where an empty --out would have written the folder
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a bad path or option must stop before any loading")
+
+    monkeypatch.setattr(evaluate, "load_model", forbidden)
+    monkeypatch.setattr(evaluate, "load_tokenizer", forbidden)
+    argv = [fill(a) for a in options]
+    if argv[:1] != ["merge"]:
+        argv = ["--model", ckpt, *QUICK, "--out", tmp_path / "out", *argv]
+    rc, err = run_main(argv, capsys)
+    one_line_error(rc, err, fill(line))
+    assert not (tmp_path / "out").exists() and list(cwd.iterdir()) == []
+
+
+MODEL_CLI = [
+    # (issue case, program, options, environment, the one line)
+    (
+        "10: model.py --max-new-tokens 0",
+        model.main,
+        ["--max-new-tokens", "0"],
+        {},
+        "--max-new-tokens 0 must be >= 1",
+    ),
+    (
+        "10: model.py --max-new-tokens -1",
+        model.main,
+        ["--max-new-tokens", "-1"],
+        {},
+        "--max-new-tokens -1 must be",
+    ),
+    (
+        "3: model.py, KVOFFLOAD_CACHE is a file",
+        model.main,
+        [],
+        {"KVOFFLOAD_CACHE": "FILE"},
+        "KVOFFLOAD_CACHE=FILE is a file, not a folder",
+    ),
+    (
+        "3: convert_gguf.py, KVOFFLOAD_CACHE is a file",
+        convert_gguf.main,
+        None,
+        {"KVOFFLOAD_CACHE": "FILE"},
+        "KVOFFLOAD_CACHE=FILE is a file, not a folder",
+    ),
+    (
+        "12: model.py, HOME unusable",
+        model.main,
+        [],
+        {"HOME": "/proc/self", "KVOFFLOAD_CACHE": None},
+        "the cache folder /proc/self/.cache/kvoffload (~/.cache/kvoffload with HOME=/proc/self;",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, program, options, env, line", MODEL_CLI, ids=[c[0] for c in MODEL_CLI])
+def test_model_and_convert_refuse_as_evaluate_does(
+    case, program, options, env, line, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "file").write_text("not a folder\n")
+    for k, v in env.items():
+        monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(
+            k, v.replace("FILE", str(tmp_path / "file"))
+        )
+
+    def forbidden(*a, **k):
+        raise AssertionError("a bad option must stop before any loading")
+
+    monkeypatch.setattr(model, "load_model", forbidden)
+    monkeypatch.setattr(convert_gguf, "convert", forbidden)
+    rc = program([] if options is None else ["--prompt", "hi", *options])
+    one_line_error(rc, capsys.readouterr().err, line.replace("FILE", str(tmp_path / "file")))
+
+
+def test_a_data_file_with_a_byte_order_mark_is_read(ckpt, tmp_path, capsys):
+    """Some Windows editors start a UTF-8 file with a byte-order mark: it is read as the same file."""
+    tok = load_tokenizer(ckpt)
+    rows = text2json.generate(1, 2048, tok, seed=0)
+    data = tmp_path / "bom.jsonl"
+    data.write_text(
+        "".join(json.dumps(dict(problem=r["problem"], answer=r["answer"])) + "\n" for r in rows), "utf-8-sig"
+    )
+    assert data.read_bytes()[:3] == b"\xef\xbb\xbf"
+    out = tmp_path / "out"
+    argv = ["--model", ckpt, *QUICK, "--n", "1", "--workers", "1", "--data", data, "--out", out]
+    rc, err = run_main(argv, capsys)
+    assert rc == 0 and "Traceback" not in err, err
+    assert {r["sample"] for r in results.read_rows(out)} == {"0"}
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+@contextlib.contextmanager
+def small_disk(path, size="256k"):
+    """A tmpfs of `size` at path (True), or a plain folder where it cannot be mounted (False: not root)."""
+    path.mkdir()
+    try:
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+            ).returncode
+            == 0
+        )
+    except OSError:
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def full_disk_open(name):
+    """open() for results.write_atomic as on a full disk: the temporary file of `name` is created, and
+    writing it fails with ENOSPC (where no tmpfs can be mounted)."""
+    real = open
+
+    def fake(path, mode="r", *a, **k):
+        f = real(path, mode, *a, **k)
+        if Path(path).name == name + ".tmp":
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return f
+
+    return fake
+
+
+FULL_DISK = [
+    # (issue case, free bytes left once the finished folder is on the disk, the file that cannot be written)
+    ("4: the disk fills while the summary is written", 4096, "summary.json"),
+    ("4: the disk is full from the start", 0, "run.json"),
+]
+
+
+@pytest.mark.parametrize("case, room, name", FULL_DISK, ids=[c[0] for c in FULL_DISK])
+def test_a_full_disk_says_what_is_saved_and_leaves_no_temporary_file(
+    case, room, name, base, ckpt, tmp_path, capsys, monkeypatch
+):
+    """On a small tmpfs when it can be mounted (root), else with write_atomic's open() failing as on a
+    full disk. The finished rows are there (a resume that only rewrites run.json and the summary):
+    one page left holds the new run.json but not summary.json (over 4 KiB)."""
+    assert (base / "summary.json").stat().st_size > 4096 and (base / "run.json").stat().st_size < 4096
+    disk = tmp_path / "disk"
+    with small_disk(disk) as mounted:
+        out = disk / "out"
+        out.mkdir()
+        for f in ("run.json", "samples.jsonl", results.LOCK_NAME):
+            shutil.copy(base / f, out / f)
+        rows = (out / "samples.jsonl").read_bytes()
+        if mounted:
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            (disk / "filler").write_bytes(b"\0" * (free - room))
+        else:
+            monkeypatch.setattr(results, "open", full_disk_open(name), raising=False)
+        rc, err = run_main(["--model", ckpt, *QUICK, "--out", out], capsys)
+        one_line_error(
+            rc,
+            err.replace(f"skipped 2 of 2 samples: finished in {out}\n", ""),
+            f"cannot write {out / name} (No space left on device): 2 of 2 samples are saved in {out}; "
+            "free some space, then run the same command again",
+        )
+        assert [f.name for f in out.iterdir() if f.name.endswith(".tmp")] == []
+        assert (out / "samples.jsonl").read_bytes() == rows
+
+
+# ---------------------------------------------------------------------------- SIGTERM, SIGHUP
+
+
+STOPS = [
+    # (how the run is stopped, to whom, exit code)
+    ("SIGTERM", "the parent (kill PID)", 143),
+    ("SIGHUP", "the process group (a closed terminal)", 129),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, target, code", STOPS, ids=[s[0] for s in STOPS])
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(name, target, code, ckpt, tmp_path):
+    """As Ctrl-C (test above): the exit code 128 + the signal, no traceback from the parent or a worker,
+    the last line says what is saved and how to resume, and no temporary file is left."""
+    out = tmp_path / "stopped"
+    argv = [sys.executable, "evaluate.py", "--model", ckpt, "--n", 4, "--tokens", 2048]
+    argv += ["--max-new-tokens", 64, "--methods", "full,oracle", "--workers", 2, "--out", out]
+    p = subprocess.Popen(
+        list(map(str, argv)),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (out / "samples.jsonl").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run ended before the first sample was saved: make it longer"
+        sig = getattr(signal, name)
+        os.kill(p.pid, sig) if "parent" in target else os.killpg(p.pid, sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == code and "Traceback" not in err, err
+    saved = len({r["sample"] for r in results.read_rows(out)})
+    assert 1 <= saved < 4
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted ({name}): {saved} of 4 samples are saved in {out} ({saved} by this run); "
+        "run the same command again to resume"
+    ), err
+    assert [f.name for f in out.iterdir() if f.name.endswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------------------- strict JSON
+
+
+def test_summary_json_is_strict_json_when_a_configuration_shares_no_sample_with_full(base):
+    """full attention on sample 0 only, the oracle on sample 1 only (a resumed run with other --methods):
+    no retention (None), and summary.json holds no NaN that a strict JSON reader would refuse."""
+    rows = [r for r in results.read_rows(base) if (r["method"] == "full") == (r["sample"] == "0")]
+    summary = results.summarize([dict(r, fact_accuracy=0.5) for r in rows])
+    assert [s["retention"] for s in summary] == [1.0, None]
+    text = json.dumps(results.strict_json(summary), allow_nan=False)
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))

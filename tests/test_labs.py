@@ -271,3 +271,9 @@ def test_a_student_exception_is_one_line_with_its_place():
     )
     verdict = checks.check_merge(lambda a, la, b, lb: a[None])  # a wrong shape: said, not raised
     assert not verdict and "shape" in verdict.message, verdict.message
+
+
+def test_every_check_is_in_a_lab():
+    sources = "".join(p.read_text() for p in (Path(checks.__file__).parent / "src").glob("*_lab_*.py"))
+    for name in SOLUTIONS:
+        assert f"checks.check_{name}({name})" in sources, f"no lab calls check_{name}"

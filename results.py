@@ -113,7 +113,7 @@ ROW_FIELDS = {
     # fidelity, selection and memory (evaluate.policy_record), then the free-running answer
     "new_tokens": "int?", "steps": "int", "sparse": "bool", "agreement": "num?", "kl": "num?",
     "oracle_recall": "num?", "attention_mass": "num?", "landmark_error": "num?", "key_error": "num?",
-    "recall_per_layer": "nums?", "mass_per_layer": "nums?", "device_kv_fraction": "num",
+    "recall_per_layer": "nums?", "mass_per_layer": "nums?", "hit_rate": "num?", "device_kv_fraction": "num",
     "bytes_per_step": "num?", "prediction": "str?",
 }
 TASK_ROW_FIELDS = {"longproc": {"precision": "num?", "recall": "num?", "extracted": "num?"}}

@@ -74,14 +74,15 @@ import re
 import signal
 import sys
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+import claims
 import kvcache
 import results
 import skew
@@ -126,6 +127,7 @@ DEFAULT_METHODS = ",".join(
 DEFAULT_N = (
     6  # samples of the default run: 3 rounds of 2 workers, within 10 minutes from a fresh clone (README)
 )
+DEFAULT_CLAIMS_N = 4  # samples per task of `python evaluate.py claims`: within 20 minutes on 2 cores (README)
 DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
 ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded): the same shapes in every run
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
@@ -476,7 +478,7 @@ def load_samples(args, tok):
                 r,
                 id=str(i),
                 new_cap=MAX_NEW_CAP,
-                gold="\n".join(f"{j}. {nd['gold_standard_answer']}" for j, nd in enumerate(r["needles"], 1)),
+                gold=tasks.needle_answer(r["needles"]),
             )
             for i, r in enumerate(rows)
         ]
@@ -856,26 +858,51 @@ def run_settings(args, max_new):
     )
 
 
-def progress(done, total, start, first):
-    """One line on stderr: a bar, samples done, elapsed time and the ETA from this run's pace."""
-    elapsed = time.time() - start
-    eta = elapsed / (done - first) * (total - done) if done > first else float("nan")
-    bar = "#" * round(20 * done / total) + "." * (20 - round(20 * done / total))
-    clock = lambda s: "?" if math.isnan(s) else f"{int(s) // 60}m{int(s) % 60:02d}s"
-    end = "\r" if sys.stderr.isatty() and done < total else "\n"
-    print(
-        f"[{bar}] {done}/{total} samples  elapsed {clock(elapsed)}  ETA {clock(eta)}",
-        end=end,
-        file=sys.stderr,
-        flush=True,
+def progress(done, total, what="samples"):
+    """A tqdm bar on stderr: samples done, elapsed time and the ETA from this run's pace (samples done
+    before this run, `done`, do not count towards the pace). On a terminal it redraws one line; in a
+    log file (stderr not a terminal) every sample gets a line of its own (`_Lines`)."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=done,
+        unit=what[:-1],
+        desc=what,
+        file=sys.stderr if tty else _Lines(sys.stderr),
+        mininterval=0.1 if tty else 0,
+        dynamic_ncols=tty,
+        ncols=None if tty else 80,
+        leave=tty,  # a log already has the last line; a terminal keeps the bar
     )
 
 
+class _Lines:
+    """A file for tqdm that turns each redraw of the bar ('\\r' + text) into a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.strip("\r\n").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
 def gold_tokens(task, sample, tok):
-    """(gold ids, fact fields, record depths) of a sample: for Text2JSON the answer as the model would
-    write it and its fact tokens (text2json.fact_tokens); for the other tasks the gold text, no facts."""
-    if task != "text2json":
-        return tok.encode(sample["gold"]), None, None
+    """(gold ids, fact fields, record depths) of a sample, the facts found by the tokenizer's character
+    offsets: Text2JSON, the answer as the model would write it and its field values
+    (text2json.fact_tokens), each record at the depth of its sentence; NeedleBench, the needles'
+    keywords in their answer lines (tasks.needle_fact_tokens), each at its needle's depth; LongProc,
+    the cells of the gold table (tasks.tsv_fact_tokens), no depths."""
+    if task == "needle":
+        ids, fields = tasks.needle_fact_tokens(sample["needles"], tok)
+        return ids, fields, [nd["depth"] for nd in sample["needles"]]
+    if task == "longproc":
+        ids, fields = tasks.tsv_fact_tokens(sample["gold"], tok)
+        return ids, fields, [None] * (max((f["record"] for f in fields), default=-1) + 1)
     try:
         ids, fields = text2json.fact_tokens(sample["gold"], tok)
     except (ValueError, TypeError) as err:
@@ -1111,8 +1138,11 @@ def not_written(err, saved):
     return f"cannot write {err.filename} ({err.strerror}): {saved}; {fix}, then run the same command again"
 
 
-def run(args):
-    policies = check_inputs(args)
+def run(args, policies=None):
+    """One run (the module docstring): the configurations of the command line, or `policies` given
+    (`python evaluate.py claims` gives its own)."""
+    configs = check_inputs(args)
+    policies = configs if policies is None else policies
     shard, n_shards = parse_shard(args.shard)
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
@@ -1169,8 +1199,7 @@ def run(args):
                 model, tok = load_model(
                     args.model, dtype=args.dtype, device=device, chat_format="plain" if args.no_chat else None
                 )
-                start = time.time()
-                progress(before, len(fits), start, before)
+                bar = progress(before, len(fits))
                 jobs = [
                     (sample, ps, max_new, args.task, i == 0, settings["free_run"])
                     for i, (sample, ps) in enumerate(todo)
@@ -1178,12 +1207,13 @@ def run(args):
                 workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
                 done = run_jobs(model, tok, jobs, workers, calibrations(model, tok, policies))
                 try:
-                    for i, sample_rows in enumerate(done):
+                    for sample_rows in done:
                         rows += sample_rows
                         write_rows(out, rows)  # after every sample: an interruption loses no finished sample
-                        progress(before + i + 1, len(fits), start, before)
+                        bar.update(1)
                 finally:
                     done.close()  # stops the worker pool now, also on Ctrl-C
+                    bar.close()
             if not rows:
                 raise ValueError(
                     f"the run gave no result in {out}: every sample was skipped (see the warnings)"
@@ -1202,6 +1232,68 @@ def run(args):
             print(f"note: {note}", file=sys.stderr)
     files = ["samples.jsonl", "summary.json", "summary.md"] + sorted(f.name for f in out.glob("*.png"))
     print(f"results in {out}/: {', '.join(files)}")
+    return 0
+
+
+CLAIM_OPTIONS = dict(  # a run's options that choose configurations: claims chooses its own
+    task="text2json",
+    methods=DEFAULT_METHODS,
+    budgets=str(DEFAULT_BUDGET),
+    chunk_sizes=None,
+    ranks=None,
+    bits=None,
+    residual=0,
+    kv_bits=None,
+    score_rule=None,
+)
+
+
+def run_claims(args):
+    """`python evaluate.py claims`: every configuration the paper's claims need (claims.configurations),
+    once each, as two runs in one results folder, OUT/text2json and OUT/needle (each resumable, shardable
+    and mergeable like any run), then claims.md, claims.json and one figure per claim in OUT (claims.py
+    decides each claim by its rule). The NeedleBench run needs its data (files.data_dir()); without it,
+    or when its prompts do not fit the model, the retrieval claim is inconclusive and the rest stand.
+    Only the gold-forced rows are decoded (the claims rest on fact accuracy) unless --free-run."""
+    for name, default in CLAIM_OPTIONS.items():
+        if getattr(args, name) != default:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"claims runs its own configurations and tasks: drop {option}")
+    out = Path(args.out or "results/claims")
+    check_out_option(str(out))
+    results.check_folder(out)
+    outliers = shadowkv_outliers(args)  # the Text2JSON run's; the NeedleBench run uses the same
+    configs = claims.configurations(outliers)
+    rows, missing, samples = {}, {}, {}
+    for task, policies in configs.items():
+        sub = argparse.Namespace(**vars(args))
+        sub.task, sub.out, sub.shard = task, str(out / task), args.shard
+        sub.free_run = False if args.free_run is None else args.free_run
+        sub.outliers = None if outliers is None else str(outliers)
+        print(f"claims: the {task} run ({len(policies)} configurations) into {sub.out}", file=sys.stderr)
+        try:
+            code = run(sub, list(policies.values()))
+        except (FileNotFoundError, ValueError) as err:
+            if task == "text2json":  # every claim but one needs it
+                raise
+            missing[task] = " ".join(str(err).split())  # no data, prompts that do not fit: said, not fatal
+            print(f"claims: no {task} results: {missing[task]}", file=sys.stderr)
+            continue
+        if code != 0:
+            return code  # interrupted: what is saved stays, the same command resumes
+        rows[task] = results.read_rows(out / task)
+        samples[task] = len({r["sample"] for r in rows[task]})
+    settings = dict(
+        command="python evaluate.py " + " ".join(args.argv),
+        model="default" if is_default_model(args.model) else str(Path(args.model).resolve()),
+        samples=samples,
+    )
+    text = claims.write(out, claims.Evidence(rows, configs, missing), settings)
+    print(text.split("\n\n## ")[0])
+    print(
+        f"claims in {out}/: claims.md, claims.json, "
+        + ", ".join(sorted(f.name for f in out.glob("claim*.png")))
+    )
     return 0
 
 
@@ -1242,6 +1334,16 @@ def main(argv=None):
                 if err.filename is None:
                     raise
                 raise ValueError(not_written(err, "the merge did not finish")) from None
+        if argv[:1] == ["claims"]:
+            p = build_parser()
+            p.prog, p.description = (
+                "evaluate.py claims",
+                "Check the paper's claims, each by its rule (claims.py).",
+            )
+            p.set_defaults(n=DEFAULT_CLAIMS_N)
+            args = p.parse_args(join_dash_values(argv[1:]))
+            args.argv = argv
+            return run_claims(args)
         args = build_parser().parse_args(join_dash_values(argv))
         args.argv = argv
         return run(args)

@@ -449,7 +449,7 @@ def resample_index(n, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
     return torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _per_sample(rs, samples, metric):
+def per_sample(rs, samples, metric):
     """[n] float64 of one configuration's per-sample values in the order of `samples` (NaN = none)."""
     by = {r["sample"]: r.get(metric) for r in rs}
     values = [math.nan if by.get(s) is None else float(by[s]) for s in samples]
@@ -511,7 +511,7 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
             ("extraction_rate", "extracted"),
         ):  # longproc
             metrics[m] = None if _mean(r.get(k) for r in rs) is None else 100 * _mean(r.get(k) for r in rs)
-        values = {m: _per_sample(rs, samples, m) for m in SAMPLE_METRICS}
+        values = {m: per_sample(rs, samples, m) for m in SAMPLE_METRICS}
         summary.append(
             dict(
                 key=key,

@@ -21,7 +21,10 @@ import re
 import string
 from pathlib import Path
 
+import yaml
+
 from files import data_dir, read_jsonl
+from text2json import span_tokens
 
 _SHARED = data_dir()
 NEEDLE_DIR = _SHARED / "needlebench"  # a convenience default only
@@ -187,6 +190,44 @@ def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_
     return samples
 
 
+def needle_answer(needles):
+    """The gold answer of a NeedleBench prompt: each needle's answer on its own numbered line, in the
+    order of the questions."""
+    return "\n".join(f"{j}. {nd['gold_standard_answer']}" for j, nd in enumerate(needles, 1))
+
+
+def needle_fact_tokens(needles, tokenizer):
+    """(ids of needle_answer(needles), fields): per needle its keyword (`arg2`, what the scorer looks
+    for) in its answer line and the tokens that carry it, so a gold-forced decode can measure the
+    needles' facts as Text2JSON's (text2json.fact_tokens). A keyword that its answer does not spell
+    out gives no tokens. Fields: `record` (the needle), `key` "keyword", `value`, `span`, `tokens`."""
+    text, fields = needle_answer(needles), []
+    start = 0
+    for j, nd in enumerate(needles):
+        line = f"{j + 1}. {nd['gold_standard_answer']}"
+        at = line.find(nd["arg2"])
+        span = (start + at, start + at + len(nd["arg2"])) if at >= 0 else (0, 0)
+        fields.append(dict(record=j, key="keyword", value=nd["arg2"], span=span))
+        start += len(line) + 1
+    return span_tokens(tokenizer, text, fields)
+
+
+def tsv_fact_tokens(gold, tokenizer):
+    """(ids of the gold table, fields): per cell of every row under the header, its characters and the
+    tokens that carry them: LongProc's facts are the cells of the rows to extract. Fields: `record` (the
+    row, 0 = the first under the header), `key` (its column), `value`, `span`, `tokens`."""
+    lines, fields, start = gold.split("\n"), [], 0
+    header = lines[0].split("\t")
+    start = len(lines[0]) + 1
+    for n, line in enumerate(lines[1:]):
+        at = start
+        for key, cell in zip(header, line.split("\t")):
+            fields.append(dict(record=n, key=key, value=cell, span=(at, at + len(cell))))
+            at += len(cell) + 1
+        start += len(line) + 1
+    return span_tokens(tokenizer, gold, fields)
+
+
 def score_needles(prediction, sample):
     """A needle is found when its `arg2` keyword appears in the answer, case-sensitive, as the
     paper's evaluator counts it. Returns `score` (mean over needles, in [0, 1]), `per_depth`
@@ -226,38 +267,19 @@ LONGPROC_MAX_NEW = {"0.5k": 1024, "2k": 3072, "8k": 9216}
 
 
 def read_prompts_yaml(path):
-    """The templates of a prompts.yaml: top-level `KEY: |-` / `KEY: |` block scalars (or
-    `KEY: plain text`). Just enough YAML for LongProc's file, without a YAML dependency;
-    anything else is an error rather than a silently wrong prompt."""
+    """The templates of LongProc's prompts.yaml ({name: text}), read with PyYAML's safe loader."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (point load_longproc at your LongProc copy)")
-    out, key, block, style = {}, None, [], None
-
-    def close():
-        if key is not None and style is not None:
-            indent = min((len(ln) - len(ln.lstrip(" ")) for ln in block if ln.strip()), default=0)
-            text = "\n".join(ln[indent:] for ln in block).rstrip("\n")
-            out[key] = text if style == "|-" else text + "\n"
-
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if style is not None and (line.startswith((" ", "\t")) or not line.strip()):
-            block.append(line)
-            continue
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        m = re.fullmatch(r"([A-Za-z_][\w-]*):\s*(.*)", line)
-        if not m:
-            raise ValueError(f"{path}:{lineno}: unsupported YAML (only top-level 'KEY: |-' blocks are read)")
-        close()
-        key, value, block = m.group(1), m.group(2).strip(), []
-        if value in ("|", "|-"):
-            style = value
-        else:
-            style = None
-            out[key] = value.strip("\"'")
-    close()
-    return out
+    try:
+        prompts = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(prompts, dict):
+        raise ValueError(
+            f"{path}: expected templates by name (a YAML mapping), got a {type(prompts).__name__}"
+        )
+    return prompts
 
 
 def load_longproc(data_dir=LONGPROC_DIR, group="8k"):

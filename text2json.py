@@ -291,7 +291,13 @@ def fact_tokens(gold, tokenizer):
     `tokenizer.encode_offsets`) overlaps the field's value span; a token that also holds the opening
     quote still counts. Returns (ids, fields): fields as `value_spans`, plus `tokens` (a list of token
     indices, empty for an empty value)."""
-    text, fields = value_spans(gold)
+    return span_tokens(tokenizer, *value_spans(gold))
+
+
+def span_tokens(tokenizer, text, fields):
+    """(ids of text, fields with `tokens`): each field's `span` (start, end characters) mapped to the
+    indices of the tokens whose character spans (the tokenizer's offsets) overlap it. Every task's
+    fact tokens go through here (Text2JSON, NeedleBench keywords, LongProc cells: tasks.py)."""
     ids, offsets = tokenizer.encode_offsets(text)
     for f in fields:
         start, end = f["span"]

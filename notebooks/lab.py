@@ -124,9 +124,10 @@ class QueryRecorder:
 def prefill(model, prompt_ids, record=False):
     """Full-attention prefill of prompt_ids (one forward pass). Returns (cache, logits of the last token).
 
-    With record=True the cache is wrapped in a QueryRecorder, returned instead of the bare cache.
+    With record=True the cache is wrapped in a QueryRecorder, returned instead of the bare cache. The
+    cache keeps the prompt's queries too, for the policies built from them (LRQK).
     """
-    cache = FullCache(model.config.n_layers)
+    cache = FullCache(model.config.n_layers, keep_queries=True)
     wrapped = QueryRecorder(cache) if record else cache
     logits = model(torch.tensor([prompt_ids]), wrapped, last_only=True)[0, -1]  # [vocab]
     return wrapped, logits
@@ -153,16 +154,17 @@ def cut_prompt(full, prompt_len):
 
 
 @torch.inference_mode()
-def decode_policies(model, full, policies, steps, first=None, feed=None, track=False):
+def decode_policies(model, full, policies, steps, first=None, feed=None, track=False, calibration=None):
     """Decode every policy from one prefilled full cache, as one batch (kvcache.StackedCache).
 
     full: a full-attention cache holding exactly the prompt. Free-running (feed None): every row
     starts from `first` (the prefill's prediction, exact for every policy) and then reads its own
     greedy tokens. Teacher forcing (feed a token list): every row reads feed[i] at step i, the way
     evaluate.py measures fidelity. track=True makes the caches record recall against the oracle
-    (cache.stats). Returns (caches, logits [P, steps, vocab]); logits[:, i] follow the i-th token read.
+    (cache.stats). calibration: InfiniGen's (skew.calibration), for the policies that need it. Returns
+    (caches, logits [P, steps, vocab]); logits[:, i] follow the i-th token read.
     """
-    caches = [from_prefill(full, override(p, track=track), model.rope) for p in policies]
+    caches = [from_prefill(full, override(p, track=track), model.rope, calibration=calibration) for p in policies]
     stacked = StackedCache(caches)
     x = torch.full((len(caches), 1), first if feed is None else feed[0])  # [P, 1]
     logits = []

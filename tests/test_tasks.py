@@ -500,7 +500,10 @@ def test_prompts_yaml_reader_blocks_and_errors(tmp_path):
     p.write_text("# c\nA: |-\n  one\n\n    two\nB: |\n  x\nC: plain\n")
     assert tasks.read_prompts_yaml(p) == {"A": "one\n\n  two", "B": "x\n", "C": "plain"}
     p.write_text("- a list\n")
-    with pytest.raises(ValueError, match="p.yaml:1"):
+    with pytest.raises(ValueError, match="p.yaml: expected templates by name"):
+        tasks.read_prompts_yaml(p)
+    p.write_text("A: [unclosed\n")
+    with pytest.raises(ValueError, match="p.yaml: not valid YAML"):
         tasks.read_prompts_yaml(p)
 
 

@@ -26,6 +26,7 @@ torch.set_num_threads(2)
 import lab
 from model import load_model, ModelConfig, Rope
 from kvcache import SparseCache, from_kv, from_prefill, make_policy, POLICIES, OUTLIER_SHARE
+import skew
 
 model, tok = load_model()  # SmolLM2-135M-Instruct, converted once into ~/.cache/kvoffload
 cfg = model.config
@@ -147,7 +148,11 @@ T_MID = 16 * 1024
 base = random_cache(T_MID)
 rows = []
 for name in POLICIES:
-    cache = from_prefill(base, make_policy(name), Rope(one_layer))
+    policy = make_policy(name)
+    if policy.sparse and (policy.select.needs_queries or policy.select.needs_calibration):
+        print(f"{name:10s} builds from the prefill's queries or a calibration: see benchmarks/memory_table.py")
+        continue
+    cache = from_prefill(base, policy, Rope(one_layer))
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 32, 1, 128, generator=g).bfloat16()  # [1, n_heads, 1, head_dim]
     kv = torch.randn(1, 8, 1, 128, generator=g).bfloat16()  # [1, kv_heads, 1, head_dim]
@@ -199,15 +204,19 @@ for name, summ, exact, dev, moved in rows:
 # %%
 policies = [make_policy(name, outliers=OUTLIER_SHARE if name == "shadowkv" else None) for name in POLICIES]
 first = int(logits.argmax())  # the prefill's prediction: exact for every policy
-caches, _ = lab.decode_policies(model, full, policies, steps=4, first=first)
+caches, _ = lab.decode_policies(model, full, policies, steps=4, first=first, calibration=skew.calibration(model, tok))
 for p, cache in zip(policies, caches):
     m = cache.memory()
-    sel = cache.split.selected if isinstance(cache, SparseCache) else 0
+    sparse = isinstance(cache, SparseCache)
+    sel = cache.split.selected if sparse else 0
     per_step = cache.bytes_fetched / 4
-    expected = sel * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (1 if p.keys.source == "low_rank" else 2)  # V only when keys are rebuilt
-    check = f"as {p.keys.kv_bits}" if p.keys.kv_bits else per_step == expected
+    heads = cfg.n_heads if sparse and p.select.per == "query_head" else cfg.n_kv_heads  # LRQK, InfiniGen: per query head
+    layers = cfg.n_layers - (p.select.dense_layers if sparse else 0)  # InfiniGen's first 2 layers select nothing
+    expected = sel * layers * heads * cfg.head_dim * 4 * (1 if p.keys.source == "low_rank" else 2)  # V only when keys are rebuilt
+    check = (f"as {p.keys.kv_bits}" if p.keys.kv_bits else
+             f"only the misses ({cache.stats.hits / cache.stats.selected:.0%} hits)" if p.keys.resident else per_step == expected)
     print(f"{p.label():15s} device {m['device_fraction']:6.1%} of bf16 KV, fetched {per_step / 1024:7.1f} KiB per step"
-          f" = {sel} tokens x {cfg.n_layers} layers x {'V' if p.keys.source == 'low_rank' else 'K+V'}: {check}")
+          f" = {sel} tokens x {layers} layers x {heads} heads x {'V' if p.keys.source == 'low_rank' else 'K+V'}: {check}")
 
 # %% [markdown]
 # On a 1K-token prompt the fixed 64-token local window is 6% of the prompt, so every sparse policy's

@@ -1,0 +1,390 @@
+"""The paper's claims, each decided by a rule written before any run: `python evaluate.py claims`.
+
+A reproduction is judged claim by claim. evaluate.py runs every configuration the claims need, once
+each (Text2JSON, and NeedleBench for the retrieval claim), and this module reads their rows and decides
+each claim on the gold-forced fact accuracy (evaluate.py's `fact_accuracy`: the share of the answer's
+fact tokens predicted top-1), with 95% paired-bootstrap intervals (results.resample_index): every
+difference is taken over the same resampled samples.
+
+Every claim below is a function whose code is its rule, with the rule in words above it (RULE_*). The
+rules use one margin, MARGIN, fixed here before any run: a difference of fact accuracy whose interval
+stays within MARGIN of 0 is "within noise", one whose interval ends beyond it is a real loss. A verdict
+is "reproduced", "not reproduced" or "inconclusive" (the interval allows both, or a configuration
+could not be measured: no NeedleBench data, prompts that do not fit the model); inconclusive verdicts
+say why. `write` puts claims.md, claims.json and one figure per claim in the results folder.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from kvcache import OUTLIER_SHARE, make_policy
+from results import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    bootstrap_means,
+    interval,
+    per_sample,
+    resample_index,
+    write_atomic,
+)
+
+MARGIN = 0.03  # of fact accuracy (3 points): "within noise" / "a real loss", for every rule below
+BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
+CHUNKS = (1, 2, 4, 8, 16)  # claim 4's chunk sizes (chunk 1: the oracle, which selects as mean c1 does)
+BASELINES = ("arkvale", "lrqk", "infinigen")
+METRIC = "fact_accuracy"
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+
+
+def configurations(outliers=OUTLIER_SHARE) -> dict:
+    """{task: {name: policy}}: every configuration the claims compare, each once. outliers: ShadowKV's,
+    the same in both tasks (the run's --outliers; by default scaled to short prompts, kvcache.OUTLIER_SHARE),
+    so that its loss on the two tasks is measured at the same budget."""
+    shadowkv = dict(outliers=outliers)
+    text2json = {
+        "full": make_policy("full"),
+        "oracle": make_policy("oracle"),
+        "shadowkv": make_policy("shadowkv", **shadowkv),
+        "shadowkv x10": make_policy("shadowkv", budget=10 * BUDGET, **shadowkv),
+        "svd": make_policy("svd"),
+        **{f"mean c{c}": make_policy("mean", chunk_size=c) for c in CHUNKS if c > 1},
+        "quantized 2b": make_policy("quantized"),
+        "quantized 4b": make_policy("quantized", landmark_bits="4"),
+        "paper": make_policy("paper"),
+        **{name: make_policy(name) for name in BASELINES},
+    }
+    needle = {"full": text2json["full"], "shadowkv": text2json["shadowkv"]}
+    return {"text2json": text2json, "needle": needle}
+
+
+# ------------------------------------------------------------------------------------------- evidence
+class Evidence:
+    """The rows of the claims' runs, by task and configuration name, and their bootstrap statistics."""
+
+    def __init__(self, rows: dict, configs: dict, missing: dict | None = None):
+        """rows: {task: samples.jsonl rows}; configs: configurations(); missing: {task: why it has no rows}."""
+        self.missing = dict(missing or {})
+        self.values = {}  # {task: {name: [n] per-sample fact accuracy}}
+        self.index = {}  # {task: [R, n] resampled sample indices}
+        for seed, (task, policies) in enumerate(configs.items()):
+            by_key = {}
+            for r in rows.get(task, []):
+                by_key.setdefault(r["key"], []).append(r)
+            samples = sorted({r["sample"] for rs in by_key.values() for r in rs})
+            if not samples:
+                self.missing.setdefault(task, f"no {task} results")
+                continue
+            # independent tasks resample independently (claim 7 compares the two)
+            self.index[task] = resample_index(len(samples), seed=BOOTSTRAP_SEED + seed)
+            self.values[task] = {
+                name: per_sample(by_key[p.key()], samples, METRIC)
+                for name, p in policies.items()
+                if p.key() in by_key
+            }
+
+    def absent(self, task, *names):
+        """Why these configurations cannot be compared (a line), or None."""
+        if task in self.missing:
+            return self.missing[task]
+        lost = [
+            n for n in names if n not in self.values.get(task, {}) or bool(self.values[task][n].isnan().all())
+        ]
+        return f"no {task} result for {', '.join(lost)}" if lost else None
+
+    def resampled(self, task, name, minus=None) -> torch.Tensor:
+        """[R] bootstrap means of a configuration's fact accuracy, or of its paired difference to `minus`."""
+        v = self.values[task][name]
+        return bootstrap_means(v if minus is None else v - self.values[task][minus], self.index[task])
+
+    def estimate(self, task, name, minus=None) -> list:
+        """[mean, lo, hi]: the fact accuracy (or paired difference) over the samples, with its interval."""
+        v = self.values[task][name] if minus is None else self.values[task][name] - self.values[task][minus]
+        return [float(v.nanmean()), *(interval(self.resampled(task, name, minus)) or [math.nan] * 2)]
+
+
+@dataclass
+class Finding:
+    """One claim's outcome: its verdict, the figures it rests on ({label: [mean, lo, hi]}), why (when
+    inconclusive), and what the figure draws."""
+
+    verdict: str
+    figures: dict
+    reason: str = ""
+    bars: tuple = ()  # (task, names) drawn as bars of fact accuracy; or a trend / two losses, see plot
+
+
+# --------------------------------------------------------------------------------------------- rules
+RULE_LOSS = (
+    "reproduced if the difference's 95% interval lies below 0; not reproduced if its lower end is above "
+    f"-{MARGIN} (no loss as large as {MARGIN}); inconclusive otherwise"
+)
+RULE_CLOSE = (
+    f"reproduced if the difference's 95% interval lies within (-{MARGIN}, +{MARGIN}); not reproduced if "
+    f"it lies entirely below -{MARGIN} or above +{MARGIN}; inconclusive otherwise"
+)
+
+
+def loses(d) -> str:
+    """RULE_LOSS on a difference [mean, lo, hi] (a configuration minus its reference)."""
+    if d[2] < 0:
+        return REPRODUCED
+    if d[1] > -MARGIN:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def close(d) -> str:
+    """RULE_CLOSE on a difference [mean, lo, hi]."""
+    if -MARGIN < d[1] and d[2] < MARGIN:
+        return REPRODUCED
+    if d[2] < -MARGIN or d[1] > MARGIN:
+        return NOT_REPRODUCED
+    return INCONCLUSIVE
+
+
+def all_of(verdicts) -> str:
+    """Several parts: reproduced if every part is, not reproduced if any part is not, else inconclusive."""
+    if all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
+
+
+def compare(ev, name, ref, rule, task="text2json") -> Finding:
+    """A finding from one paired difference (name - ref) decided by `rule` (loses or close)."""
+    why = ev.absent(task, name, ref)
+    if why:
+        return Finding(INCONCLUSIVE, {}, why)
+    d = ev.estimate(task, name, ref)
+    figures = {name: ev.estimate(task, name), ref: ev.estimate(task, ref), f"{name} - {ref}": d}
+    return Finding(rule(d), figures, bars=(task, (ref, name)))
+
+
+# ------------------------------------------------------------------------------------------- claims
+def claim_shadowkv_loses(ev):
+    """1. ShadowKV loses facts that full attention keeps: shadowkv - full, RULE_LOSS."""
+    return compare(ev, "shadowkv", "full", loses)
+
+
+def claim_budget_does_not_help(ev):
+    """2. Raising ShadowKV's budget tenfold (3.125% to 31.25%) does not bring it to the oracle at 3.125%:
+    shadowkv x10 - oracle, RULE_LOSS (reproduced: still below the oracle)."""
+    return compare(ev, "shadowkv x10", "oracle", loses)
+
+
+def claim_low_rank_loses(ev):
+    """3. Low-rank keys alone lose facts: svd (oracle selection, rank-r keys attended) - oracle, RULE_LOSS."""
+    return compare(ev, "svd", "oracle", loses)
+
+
+RULE_TREND = (
+    "reproduced if mean c8 - oracle has a 95% interval below 0 and so has the least-squares slope of fact "
+    "accuracy against log2(chunk size) over chunks 1, 2, 4, 8, 16 (chunk 1 = the oracle); not reproduced if "
+    f"the lower end of mean c8 - oracle is above -{MARGIN} or the slope's interval lies above 0; "
+    "inconclusive otherwise"
+)
+
+
+def claim_chunks_lose(ev):
+    """4. Chunk landmarks alone lose facts (mean c8 - oracle, RULE_LOSS), and smaller chunks help: fact
+    accuracy falls from chunk 1 to 16 (RULE_TREND: the slope against log2 chunk, with its interval)."""
+    names = ["oracle"] + [f"mean c{c}" for c in CHUNKS[1:]]
+    why = ev.absent("text2json", *names)
+    if why:
+        return Finding(INCONCLUSIVE, {}, why)
+    c8 = compare(ev, "mean c8", "oracle", loses)
+    x = torch.tensor([math.log2(c) for c in CHUNKS], dtype=torch.float64)  # [5]
+    x = x - x.mean()
+    means = torch.stack([ev.resampled("text2json", n) for n in names], dim=1)  # [R, 5]
+    slopes = (means - means.mean(1, keepdim=True)) @ x / (x @ x)  # [R] per resample
+    point = torch.stack([ev.values["text2json"][n].nanmean() for n in names])  # [5]
+    slope = [float((point - point.mean()) @ x / (x @ x)), *(interval(slopes) or [math.nan] * 2)]
+    trend = REPRODUCED if slope[2] < 0 else NOT_REPRODUCED if slope[1] > 0 else INCONCLUSIVE
+    verdict = all_of([c8.verdict, trend])
+    figures = {**c8.figures, **{n: ev.estimate("text2json", n) for n in names}, "slope per doubling": slope}
+    return Finding(verdict, figures, bars=("trend", tuple(names)))
+
+
+def claim_quantized_close(ev):
+    """5. 2-bit and 4-bit token landmarks are within noise of the oracle: quantized 2b - oracle and
+    quantized 4b - oracle, each RULE_CLOSE, both needed."""
+    parts = [compare(ev, f"quantized {b}b", "oracle", close) for b in (2, 4)]
+    why = "; ".join(p.reason for p in parts if p.reason)
+    figures = {k: v for p in parts for k, v in p.figures.items()}
+    return Finding(
+        all_of([p.verdict for p in parts]),
+        figures,
+        why,
+        ("text2json", ("oracle", "quantized 2b", "quantized 4b")),
+    )
+
+
+def claim_kv4_close(ev):
+    """6. The paper's full configuration (4-bit K/V) stays close to `quantized` alone: paper - quantized 2b,
+    RULE_CLOSE."""
+    return compare(ev, "paper", "quantized 2b", close)
+
+
+RULE_RETRIEVAL = (
+    "with L = the loss of fact accuracy of shadowkv against full (full - shadowkv) on each task, "
+    "bootstrapped over each task's own samples: reproduced if L(Text2JSON) has a 95% interval above 0 and "
+    "L(Text2JSON) - 2 L(NeedleBench) has one above 0 (the retrieval loss under half the Text2JSON loss); "
+    "not reproduced if L(Text2JSON) - 2 L(NeedleBench) has one below 0; inconclusive otherwise"
+)
+
+
+def claim_retrieval_hides_the_loss(ev):
+    """7. The paper's thesis: retrieval hides the loss. ShadowKV's loss against full attention on
+    NeedleBench retrieval (gold-forced on the needles' answers, their keywords as the facts) is much
+    smaller than on Text2JSON at the same budget (RULE_RETRIEVAL)."""
+    why = ev.absent("text2json", "shadowkv", "full") or ev.absent("needle", "shadowkv", "full")
+    if why:
+        return Finding(INCONCLUSIVE, {}, why)
+    loss = {t: ev.resampled(t, "full", "shadowkv") for t in ("text2json", "needle")}  # [R] each
+    point = {t: ev.estimate(t, "full", "shadowkv")[0] for t in loss}
+    gap = loss["text2json"] - 2 * loss["needle"]  # independent resamples, taken together
+    figures = {
+        "loss on Text2JSON": ev.estimate("text2json", "full", "shadowkv"),
+        "loss on NeedleBench": ev.estimate("needle", "full", "shadowkv"),
+        "L(Text2JSON) - 2 L(NeedleBench)": [point["text2json"] - 2 * point["needle"], *interval(gap)],
+    }
+    t2j, g = figures["loss on Text2JSON"], figures["L(Text2JSON) - 2 L(NeedleBench)"]
+    verdict = REPRODUCED if t2j[1] > 0 and g[1] > 0 else NOT_REPRODUCED if g[2] < 0 else INCONCLUSIVE
+    return Finding(verdict, figures, bars=("losses", ()))
+
+
+def claim_baselines_fall_below(ev):
+    """8. Each other baseline (ArkVale, LRQK, InfiniGen) falls below the paper's method: baseline - paper,
+    each RULE_LOSS, all three needed."""
+    parts = [compare(ev, b, "paper", loses) for b in BASELINES]
+    why = "; ".join(p.reason for p in parts if p.reason)
+    figures = {k: v for p in parts for k, v in p.figures.items()}
+    return Finding(all_of([p.verdict for p in parts]), figures, why, ("text2json", ("paper", *BASELINES)))
+
+
+@dataclass(frozen=True)
+class Claim:
+    number: int
+    statement: str
+    section: str  # its PAPER.md section
+    compared: str
+    rule: str
+    decide: object  # Evidence -> Finding
+
+
+CLAIMS = (
+    Claim(1, "ShadowKV loses facts that full attention keeps", "The problem", "shadowkv vs full", RULE_LOSS,
+          claim_shadowkv_loses),
+    Claim(2, "Raising ShadowKV's budget tenfold (3.125% to 31.25%) does not bring it to the oracle at 3.125%",
+          "The problem", "shadowkv x10 vs oracle", RULE_LOSS, claim_budget_does_not_help),
+    Claim(3, "Low-rank keys alone lose facts", "The problem", "svd vs oracle", RULE_LOSS, claim_low_rank_loses),
+    Claim(4, "Chunk landmarks alone lose facts, and smaller chunks help", "The problem",
+          "mean c8 vs oracle; mean c1 (= oracle), c2, c4, c8, c16", RULE_TREND, claim_chunks_lose),
+    Claim(5, "2-bit and 4-bit token landmarks are within noise of the oracle", "The paper's method",
+          "quantized 2b, quantized 4b vs oracle", RULE_CLOSE, claim_quantized_close),
+    Claim(6, "The paper's full configuration (4-bit K/V) stays close to quantized landmarks alone",
+          "The paper's method", "paper vs quantized 2b", RULE_CLOSE, claim_kv4_close),
+    Claim(7, "Retrieval hides the loss: ShadowKV loses much less on NeedleBench retrieval than on Text2JSON",
+          "The problem", "full vs shadowkv on NeedleBench and on Text2JSON", RULE_RETRIEVAL,
+          claim_retrieval_hides_the_loss),
+    Claim(8, "Each other baseline (ArkVale, LRQK, InfiniGen) falls below the paper's method",
+          "The paper's other baselines", "arkvale, lrqk, infinigen vs paper", RULE_LOSS,
+          claim_baselines_fall_below),
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- output
+def decide(ev) -> list:
+    """[(claim, finding)] for every claim."""
+    return [(c, c.decide(ev)) for c in CLAIMS]
+
+
+def _fmt(label, triple) -> str:
+    """'0.370 [0.320, 0.416]', or signed for a difference or a slope: '-0.318 [-0.356, -0.277]'."""
+    spec = "+.3f" if " - " in label or label.startswith("slope") else ".3f"
+    mean, lo, hi = triple
+    return f"{mean:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def plot(ev, claim, finding, path) -> bool:
+    """The claim's figure: fact accuracy of the compared configurations with their 95% intervals (bars),
+    the trend against the chunk size (claim 4), or the two tasks' losses (claim 7). False: nothing to draw."""
+    if finding.verdict == INCONCLUSIVE and not finding.figures:
+        return False
+    kind, names = finding.bars
+    fig = Figure(figsize=(5.2, 3.4))
+    ax = fig.subplots()
+    if kind == "trend":
+        points = [finding.figures[n] for n in names]
+        ax.errorbar(CHUNKS, [p[0] for p in points], yerr=_err(points), marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("chunk size (1 = the oracle)")
+    else:
+        labels = list(names) if kind != "losses" else ["Text2JSON", "NeedleBench"]
+        points = [finding.figures[n] for n in names] if kind != "losses" else [
+            finding.figures["loss on Text2JSON"], finding.figures["loss on NeedleBench"]]  # fmt: skip
+        ax.bar(range(len(points)), [p[0] for p in points], yerr=_err(points), capsize=4, color="#7a9cc6")
+        ax.set_xticks(range(len(points)), labels, fontsize=8)
+    ax.set_ylabel("fact accuracy" if kind != "losses" else "loss of fact accuracy (full - shadowkv)")
+    ax.set_title(f"claim {claim.number}: {finding.verdict}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _err(points):
+    """matplotlib's yerr [2, n] from [mean, lo, hi] triples."""
+    return [[p[0] - p[1] for p in points], [p[2] - p[0] for p in points]]
+
+
+def write(out, ev, settings: dict) -> str:
+    """claims.md, claims.json and claimN.png in the folder `out`; returns claims.md's text."""
+    out = Path(out)
+    found = decide(ev)
+    lines = [
+        "# The paper's claims, each checked by a rule written before the run",
+        "",
+        f"`{settings.get('command', '')}`",
+        "",
+        f"Model {settings.get('model')}; "
+        + "; ".join(f"{t}: {n} samples" for t, n in settings.get("samples", {}).items())
+        + f". Gold-forced fact accuracy, 95% intervals of a paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, seed "
+        f"{BOOTSTRAP_SEED}); margin {MARGIN} of fact accuracy. The rules are in claims.py, next to each claim.",
+        "",
+        "| # | claim | verdict |",
+        "|---|---|---|",
+        *[f"| {c.number} | {c.statement} | **{f.verdict}** |" for c, f in found],
+    ]
+    records = []
+    for c, f in found:
+        figure = f"claim{c.number}.png" if plot(ev, c, f, out / f"claim{c.number}.png") else None
+        lines += [
+            "",
+            f"## {c.number}. {c.statement}",
+            "",
+            f'PAPER.md "{c.section}". Compared: {c.compared}.',
+            "",
+        ]
+        lines += [f"- {label}: {_fmt(label, v)}" for label, v in f.figures.items()]
+        lines += [
+            "",
+            f"Rule: {c.rule}.",
+            "",
+            f"Verdict: **{f.verdict}**" + (f" ({f.reason})" if f.reason else ""),
+        ]
+        if figure:
+            lines += ["", f"![claim {c.number}]({figure})"]
+        records.append(
+            dict(number=c.number, statement=c.statement, section=c.section, compared=c.compared, rule=c.rule,
+                 verdict=f.verdict, reason=f.reason, figures=f.figures, figure=figure)
+        )  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    write_atomic(out / "claims.md", text)
+    write_atomic(
+        out / "claims.json", json.dumps(dict(settings, margin=MARGIN, claims=records), indent=1) + "\n"
+    )
+    return text

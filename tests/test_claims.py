@@ -1,0 +1,200 @@
+"""claims.py's rules on hand-made results (each verdict reached, and each reason for an inconclusive one),
+and `python evaluate.py claims` end to end on a tiny model: it resumes like a run, and its claims.md
+does not depend on the worker count."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import claims
+import evaluate
+from claims import INCONCLUSIVE, MARGIN, NOT_REPRODUCED, REPRODUCED, Evidence
+from conftest import make_tiny_checkpoint
+
+CONFIGS = claims.configurations()
+
+
+def rows_of(task, values):
+    """samples.jsonl-like rows: values {configuration name: per-sample fact accuracies}."""
+    return [
+        dict(key=CONFIGS[task][name].key(), sample=str(i), fact_accuracy=v)
+        for name, vs in values.items()
+        for i, v in enumerate(vs)
+    ]
+
+
+def shifted(base, delta, noise=0.0):
+    """base + delta, with +-noise alternating over the samples (a difference that changes sign)."""
+    return [b + delta + (noise if i % 2 else -noise) for i, b in enumerate(base)]
+
+
+BASE = [0.55, 0.62, 0.70, 0.48, 0.66, 0.59, 0.73, 0.51]  # full attention's fact accuracy on 8 samples
+
+
+def evidence(t2j, needle=None, missing=None):
+    rows = {"text2json": rows_of("text2json", t2j)}
+    if needle is not None:
+        rows["needle"] = rows_of("needle", needle)
+    return Evidence(rows, CONFIGS, missing)
+
+
+@pytest.mark.parametrize(
+    "delta, noise, verdict",
+    [
+        (-0.20, 0.0, REPRODUCED),  # a clear loss
+        (-0.01, 0.0, REPRODUCED),  # a small loss, but a certain one: the interval excludes 0
+        (0.0, 0.005, NOT_REPRODUCED),  # no loss: the interval holds 0 and ends above -MARGIN
+        (-0.05, 0.15, INCONCLUSIVE),  # the interval allows both
+    ],
+)
+def test_loss_rule(delta, noise, verdict):
+    ev = evidence({"full": BASE, "shadowkv": shifted(BASE, delta, noise)})
+    found = claims.claim_shadowkv_loses(ev)
+    assert found.verdict == verdict, found.figures
+    mean, lo, hi = found.figures["shadowkv - full"]
+    assert lo <= mean <= hi and mean == pytest.approx(delta, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "delta2, delta4, verdict",
+    [
+        (0.0, -0.01, REPRODUCED),  # both within the margin
+        (-0.10, 0.0, NOT_REPRODUCED),  # 2-bit loses more than the margin: one part fails
+        (0.0, 2 * MARGIN, NOT_REPRODUCED),  # 4-bit clearly above: not "within noise" either
+    ],
+)
+def test_close_rule_needs_both_parts(delta2, delta4, verdict):
+    ev = evidence(
+        {"oracle": BASE, "quantized 2b": shifted(BASE, delta2), "quantized 4b": shifted(BASE, delta4)}
+    )
+    assert claims.claim_quantized_close(ev).verdict == verdict
+
+
+def test_close_rule_inconclusive_when_the_interval_crosses_the_margin():
+    ev = evidence({"paper": shifted(BASE, -0.03, 0.1), "quantized 2b": BASE})
+    assert claims.claim_kv4_close(ev).verdict == INCONCLUSIVE
+
+
+def test_chunk_trend():
+    """Falling with the chunk size: reproduced; rising: not reproduced, whatever mean c8 does alone."""
+    falling = {
+        "oracle": BASE,
+        **{f"mean c{c}": shifted(BASE, -0.05 * i) for i, c in enumerate((2, 4, 8, 16), 1)},
+    }
+    found = claims.claim_chunks_lose(evidence(falling))
+    assert found.verdict == REPRODUCED and found.figures["slope per doubling"][2] < 0
+    rising = {
+        "oracle": BASE,
+        **{f"mean c{c}": shifted(BASE, 0.02 * i) for i, c in enumerate((2, 4, 8, 16), 1)},
+    }
+    assert claims.claim_chunks_lose(evidence(rising)).verdict == NOT_REPRODUCED
+
+
+def test_retrieval_rule():
+    t2j = {"full": BASE, "shadowkv": shifted(BASE, -0.30)}
+    small = {"full": BASE[:6], "shadowkv": shifted(BASE[:6], -0.02)}  # needle: a small loss
+    large = {"full": BASE[:6], "shadowkv": shifted(BASE[:6], -0.28)}  # as large as Text2JSON's
+    assert claims.claim_retrieval_hides_the_loss(evidence(t2j, small)).verdict == REPRODUCED
+    assert claims.claim_retrieval_hides_the_loss(evidence(t2j, large)).verdict == NOT_REPRODUCED
+    noisy = {"full": BASE[:6], "shadowkv": shifted(BASE[:6], -0.13, 0.2)}
+    assert claims.claim_retrieval_hides_the_loss(evidence(t2j, noisy)).verdict == INCONCLUSIVE
+
+
+def test_missing_data_is_inconclusive_with_its_reason():
+    ev = evidence({"full": BASE, "shadowkv": shifted(BASE, -0.3)}, missing={"needle": "no NeedleBench data"})
+    found = claims.claim_retrieval_hides_the_loss(ev)
+    assert found.verdict == INCONCLUSIVE and found.reason == "no NeedleBench data"
+    found = claims.claim_baselines_fall_below(ev)
+    assert found.verdict == INCONCLUSIVE and "no text2json result for arkvale, paper" in found.reason
+    assert claims.claim_shadowkv_loses(ev).verdict == REPRODUCED  # the rest still stand
+
+
+def test_baselines_all_needed():
+    below = {"paper": BASE, **{b: shifted(BASE, -0.2) for b in claims.BASELINES}}
+    assert claims.claim_baselines_fall_below(evidence(below)).verdict == REPRODUCED
+    one_above = dict(below, lrqk=shifted(BASE, 0.05))
+    assert claims.claim_baselines_fall_below(evidence(one_above)).verdict == NOT_REPRODUCED
+
+
+def test_write_gives_a_verdict_a_rule_and_a_figure_per_claim(tmp_path):
+    values = {name: shifted(BASE, -0.1 * (name != "full")) for name in CONFIGS["text2json"]}
+    text = claims.write(tmp_path, evidence(values, {"full": BASE, "shadowkv": BASE}), dict(command="x"))
+    record = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["number"] for c in record["claims"]] == list(range(1, 9)) and record["margin"] == MARGIN
+    for c in record["claims"]:
+        assert c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) and c["rule"] in text
+        assert (tmp_path / c["figure"]).is_file()
+
+
+# ------------------------------------------------------------------------------------ end to end
+TINY_CLAIMS = ["--tokens", "2048", "--n", "2", "--max-new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path, _ = make_tiny_checkpoint(
+        "LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama", max_position_embeddings=4096
+    )
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_claims_resume_and_do_not_depend_on_the_workers(ckpt, tmp_path, monkeypatch):
+    one = tmp_path / "one"
+    assert (
+        evaluate.main(["claims", "--model", str(ckpt), *TINY_CLAIMS, "--workers", "1", "--out", str(one)])
+        == 0
+    )
+    two = tmp_path / "two"
+    assert (
+        evaluate.main(["claims", "--model", str(ckpt), *TINY_CLAIMS, "--workers", "2", "--out", str(two)])
+        == 0
+    )
+    body = lambda d: (d / "claims.md").read_text().split("\n", 3)[3]  # the command line differs
+    assert body(one) == body(two)
+    for task in ("text2json", "needle"):
+        if (one / task / "samples.jsonl").is_file():
+            assert (one / task / "samples.jsonl").read_bytes() == (two / task / "samples.jsonl").read_bytes()
+    # the same command again: nothing is decoded, the same claims are written
+    before = (one / "claims.md").read_text()
+    monkeypatch.setattr(
+        evaluate, "load_model", lambda *a, **k: pytest.fail("a finished claims run loads no model")
+    )
+    assert (
+        evaluate.main(["claims", "--model", str(ckpt), *TINY_CLAIMS, "--workers", "1", "--out", str(one)])
+        == 0
+    )
+    assert (one / "claims.md").read_text() == before
+    # an interrupted run (a configuration of a sample missing) resumes just that
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one, resumed)
+    rows = [json.loads(line) for line in (resumed / "text2json" / "samples.jsonl").read_text().splitlines()]
+    drop = CONFIGS["text2json"]["lrqk"].key()
+    kept = [r for r in rows if (r["key"], r["sample"]) != (drop, "1")]
+    (resumed / "text2json" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    monkeypatch.undo()
+    assert (
+        evaluate.main(["claims", "--model", str(ckpt), *TINY_CLAIMS, "--workers", "1", "--out", str(resumed)])
+        == 0
+    )
+    assert body(resumed) == body(one)
+
+
+@pytest.mark.parametrize("bad", [["--methods", "full,oracle"], ["--budgets", "0.1"], ["--task", "needle"]])
+def test_claims_refuse_options_that_choose_configurations(bad, capsys):
+    assert evaluate.main(["claims", *bad]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: claims runs its own configurations and tasks: drop --")
+        and err.count("\n") == 1
+    )

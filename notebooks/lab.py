@@ -164,7 +164,9 @@ def decode_policies(model, full, policies, steps, first=None, feed=None, track=F
     (cache.stats). calibration: InfiniGen's (skew.calibration), for the policies that need it. Returns
     (caches, logits [P, steps, vocab]); logits[:, i] follow the i-th token read.
     """
-    caches = [from_prefill(full, override(p, track=track), model.rope, calibration=calibration) for p in policies]
+    caches = [
+        from_prefill(full, override(p, track=track), model.rope, calibration=calibration) for p in policies
+    ]
     stacked = StackedCache(caches)
     x = torch.full((len(caches), 1), first if feed is None else feed[0])  # [P, 1]
     logits = []

@@ -1268,6 +1268,9 @@ def run_claims(args):
     for task, policies in configs.items():
         sub = argparse.Namespace(**vars(args))
         sub.task, sub.out, sub.shard = task, str(out / task), args.shard
+        sub.data = (
+            args.data if task == "text2json" else None
+        )  # --data is the Text2JSON file; the rest: files.data_dir()
         sub.free_run = False if args.free_run is None else args.free_run
         sub.outliers = None if outliers is None else str(outliers)
         print(f"claims: the {task} run ({len(policies)} configurations) into {sub.out}", file=sys.stderr)
@@ -1276,7 +1279,11 @@ def run_claims(args):
         except (FileNotFoundError, ValueError) as err:
             if task == "text2json":  # every claim but one needs it
                 raise
-            missing[task] = " ".join(str(err).split())  # no data, prompts that do not fit: said, not fatal
+            missing[task] = (  # no data, prompts that do not fit: said, not fatal
+                f"no NeedleBench data in {tasks.NEEDLE_DIR}: set KVOFFLOAD_DATA to the folder holding needlebench/"
+                if isinstance(err, FileNotFoundError)
+                else " ".join(str(err).split())
+            )
             print(f"claims: no {task} results: {missing[task]}", file=sys.stderr)
             continue
         if code != 0:

@@ -52,6 +52,11 @@ def child(tree, tokens, sample, methods):
         m, tok, samples[sample], policies, max_new, args.task, False, evaluate.free_running(args), calibration
     )
     seconds = time.perf_counter() - t0
+    if not rows:  # evaluate_sample skipped it (its warning says why)
+        raise SystemExit(
+            f"error: the sample of --tokens {tokens} does not fit the model's {m.config.max_positions} "
+            "positions: give fewer --tokens"
+        )
     print(json.dumps(dict(seconds=seconds, rows=rows)))
 
 

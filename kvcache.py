@@ -143,6 +143,17 @@ class Select:
         """Whether the landmarks need a calibration of the model (InfiniGen's skews, skew.py)."""
         return self.landmarks == "skewed"
 
+    @property
+    def is_exact_top_k(self) -> bool:
+        """Whether this is the oracle's own rule: every exact key a landmark, scored softmax_max per KV
+        head. Its selection is then the one the tracking pass computes as the oracle's (SparseCache.attend)."""
+        return (self.landmarks, self.chunk_size, self.score_rule, self.per) == (
+            "keys",
+            1,
+            "softmax_max",
+            "kv_head",
+        )
+
     def check(self):
         if self.landmarks not in LANDMARK_KINDS:
             raise ValueError(f"unknown landmarks {self.landmarks!r}: choose from {', '.join(LANDMARK_KINDS)}")
@@ -743,6 +754,10 @@ class FullCache:
                 self.prompt_len = k.shape[2]  # the first call is the prefill
             if self.keep_queries:
                 self.q[layer] = q
+            # The model hands k, v as transposed views of [B, T, n_kv_heads, d]. One head-major copy
+            # here saves a strided read of the whole prompt at every later step: every policy built
+            # from this prefill (from_prefill) scores, gathers and tracks on views of these tensors.
+            k, v = k.contiguous(), v.contiguous()  # [B, n_kv_heads, T, d]
         self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
         self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
         return full_attention(q, self.k[layer], self.v[layer])
@@ -778,7 +793,7 @@ class SparseCache:
         # "next_query", layer L's query computed from layer L - 1's input, at layer L - 1's call
         self.asks = policy.select.asks
         self.speculated = [None] * n_layers  # per layer the query speculated for it [n_heads, Tq, d]
-        self.stats = Stats(n_layers)
+        self.stats = Stats(n_layers, self.device)
         self.last_selected = [None] * n_layers  # per layer [P, S] positions, last decode step
 
     @property
@@ -890,11 +905,19 @@ class SparseCache:
         if st.marks is None:  # a dense layer: every token is exact
             out, _ = attention_lse(qf, st.exact.k, st.exact.v, mask)
             if self.policy.track:
-                self.stats.add(layer, torch.ones(H), torch.ones(H), None)  # all attended, all of the mass
+                every = torch.ones(H, device=q.device)  # [H] all attended, all of the mass
+                self.stats.add(layer, every, every)
             return out.view(1, n_heads, Tq, d).to(q.dtype)
 
         # 1. Score the landmarks, keep the top-k chunks per KV head (or per query head).
-        idx = self.select(layer, q_select)  # [P, S] middle rows
+        exact = self._exact_pass(layer, qg) if self.policy.track else None
+        if exact is not None and self.policy.select.is_exact_top_k and not self.split.outlier_chunks:
+            # The speed-up of a tracked oracle: its selection is the tracking pass's oracle, token for
+            # token (same logits, same rule, same budget), so the exact scores are computed once, not
+            # once to select and again to track.
+            idx = exact[1]  # [H, S]
+        else:
+            idx = self.select(layer, q_select)  # [P, S] middle rows
 
         # 2. Start fetching the selected rows from CPU memory (async on a GPU) ...
         fetch = self._start_fetch(layer, st, idx)
@@ -914,7 +937,7 @@ class SparseCache:
 
         self.last_selected[layer] = idx + self.split.sink  # [P, S] absolute positions
         if self.policy.track:
-            self._track(layer, qg, idx, sel_k, st)
+            self._track(layer, qg, idx, sel_k, st, exact)
         return out.view(1, n_heads, Tq, d).to(q.dtype)
 
     def _selection_query(self, layer, st, qg, k) -> torch.Tensor:
@@ -990,10 +1013,18 @@ class SparseCache:
         self.stats.add_hits(int(hit.sum()), hit.numel())
         return rows
 
-    def _track(self, layer, qg, idx, sel_k, st):
+    def _exact_pass(self, layer, qg):
+        """The tracking pass's exact scores: the logits of the queries qg [H, G, Tq, d] against every
+        exact middle key, [H, G, Tq, M], and the oracle's selection from them at this policy's budget,
+        [H, S] (PAPER.md "The paper's method", the oracle)."""
+        logits = landmarks.landmark_logits(qg, self.stats.exact_k[layer])  # [H, G, Tq, M]
+        oracle = landmarks.select_topk(landmarks.scores_from_logits(logits), self.split.selected)  # [H, S]
+        return logits, oracle
+
+    def _track(self, layer, qg, idx, sel_k, st, exact):
         """Selection recall against the oracle, attention mass captured, key rebuild error.
 
-        One exact pass: the logits of the query against the exact middle keys give both the
+        One exact pass (`exact`, from _exact_pass): the logits of the query against the exact middle keys give both the
         oracle's selection (same rule, same budget) and, with the exact tokens, the exact attention
         weights whose share on the attended tokens is the attention mass: the weight on (selected +
         outlier) middle tokens + sink + local + generated, over the weight on every token, each
@@ -1004,8 +1035,7 @@ class SparseCache:
         H, G, Tq, d = qg.shape
         split = self.split
         k_mid = self.stats.exact_k[layer]  # [H, M, d]
-        logits = landmarks.landmark_logits(qg, k_mid)  # [H, G, Tq, M]
-        oracle = landmarks.select_topk(landmarks.scores_from_logits(logits), split.selected)  # [H, S]
+        logits, oracle = exact  # [H, G, Tq, M], [H, S] (_exact_pass)
         attended = idx
         if split.outlier_chunks:  # ShadowKV also attends its outlier tokens exactly
             out_pos = (
@@ -1033,7 +1063,7 @@ class SparseCache:
         key_err = None
         if self.policy.keys.source == "low_rank":
             true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
-            key_err = ((sel_k.float() - true_k).pow(2).sum() / true_k.pow(2).sum()).item()
+            key_err = (sel_k.float() - true_k).pow(2).sum() / true_k.pow(2).sum()  # 0-d
         self.stats.add(layer, recall, mass.mean((1, 2)), key_err)
 
     # ---------------------------------------------------------------- memory accounting
@@ -1154,11 +1184,13 @@ def from_prefill(prefill: FullCache, policy: Policy, rope, row: int = 0, calibra
 class Stats:
     """Per-layer running means of the selection statistics (PAPER.md "The paper's method", the oracle)."""
 
-    def __init__(self, n_layers):
-        self.recall = torch.zeros(n_layers)  # sum over steps of the mean over KV heads
-        self.mass = torch.zeros(n_layers)
-        self.key_err = torch.zeros(n_layers)
-        self.steps = torch.zeros(n_layers)
+    def __init__(self, n_layers, device="cpu"):
+        # The sums stay on the cache's device, a step adding 0-d tensors in place: reading each
+        # statistic out with .item() would make every tracked layer of every step wait for the GPU.
+        self.recall = torch.zeros(n_layers, device=device)  # [n_layers] sum over steps of the mean over heads
+        self.mass = torch.zeros(n_layers, device=device)
+        self.key_err = torch.zeros(n_layers, device=device)
+        self.steps = torch.zeros(n_layers, device=device)
         self.landmark_error = [None] * n_layers  # relative squared error of quantized landmarks
         self.exact_k = [None] * n_layers
         self.hits = 0  # Keys.resident: selected rows that were on the device already ...
@@ -1168,10 +1200,12 @@ class Stats:
         self.hits += hits
         self.selected += selected
 
-    def add(self, layer, recall, mass, key_err):
-        self.recall[layer] += recall.mean().item()
-        self.mass[layer] += mass.mean().item()
-        self.key_err[layer] += key_err or 0.0
+    def add(self, layer, recall, mass, key_err=None):
+        """One step of one layer: recall and mass per head ([H] each), key_err a 0-d tensor or None."""
+        self.recall[layer] += recall.mean()
+        self.mass[layer] += mass.mean()
+        if key_err is not None:
+            self.key_err[layer] += key_err
         self.steps[layer] += 1
 
     def summary(self):

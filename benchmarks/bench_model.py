@@ -5,7 +5,7 @@ side by side in one process, and the same protocol: prefill the prompt into a KV
 (only the last position's logits), then 128 greedy steps, one token each. Prints the median
 of a few repeats and model.py's speed as a multiple of transformers' (target: >= 1.0x).
 
-    python benchmarks/bench_model.py [--prompt-len 2048] [--new-tokens 128] [--repeats 3] [--threads 2]
+    python benchmarks/bench_model.py [--prompt-len 2048] [--new-tokens 128] [--repeats 5] [--threads 2]
 """
 
 import argparse
@@ -53,7 +53,7 @@ def main():
     p.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="float32")
     args = p.parse_args()
@@ -79,8 +79,9 @@ def main():
     )
     run_ours(ours, prompt[:, :64], 4), run_hf(hf, prompt[:, :64], 4)  # warm-up
     times = {"model.py": [], "transformers": []}
-    for r in range(args.repeats):  # alternate, so machine noise hits both alike
-        for name, fn, m in (("model.py", run_ours, ours), ("transformers", run_hf, hf)):
+    both = [("model.py", run_ours, ours), ("transformers", run_hf, hf)]
+    for r in range(args.repeats):  # alternate, and which goes first too, so machine noise hits both alike
+        for name, fn, m in both if r % 2 == 0 else both[::-1]:
             pre, dec, tokens = fn(m, prompt, args.new_tokens)
             times[name].append((pre, dec, tokens))
             print(f"  repeat {r}: {name:12s} prefill {pre:6.2f}s  decode {dec:6.2f}s", flush=True)

@@ -11,7 +11,12 @@ decode step (all layers in turn, as a model runs them), median over steps, per p
   - Round robin: each repeat runs one decode step of every policy in turn, so a slow spell of the
     machine hits all policies alike and the ratios to `full` are measured side by side.
 
-Part 2 (issue target: 2-bit `quantized` build overhead at most 10% of the prefill forward): the
+Part 2 (issue target: scoring 2-bit landmarks within 6x of its streaming bound at 64K): the
+landmark scoring of the 2-bit `quantized` caches of part 1 alone (`landmarks.score`, every layer in
+turn), against the time it takes to read their packed codes and scales once at the machine's
+measured read bandwidth (a sum over 256 MiB, median of 5): bytes read per step / bandwidth.
+
+Part 3 (issue target: 2-bit `quantized` build overhead at most 10% of the prefill forward): the
 default model prefills an 8K-token prompt once (timed), then every policy builds its summary from
 that prefill (`kvcache.from_prefill`: SVD, landmarks, quantization), timed, as a share of it.
 
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import landmarks  # noqa: E402
 from kvcache import FullCache, from_kv, from_prefill, make_policy  # noqa: E402
 from model import ModelConfig, Rope, load_model  # noqa: E402
 
@@ -69,6 +75,7 @@ def decode_attention(lengths, repeats, layers):
     print("| policy | " + " | ".join(f"{T // 1024}K" for T in lengths) + " |")
     print("|---|" + "---:|" * len(lengths))
     rows = {}
+    scoring = []  # per length: (landmark bytes per layer, median scoring ms per layer) of 2-bit quantized
     for T in lengths:
         g = torch.Generator().manual_seed(T)
         ks = [
@@ -93,6 +100,7 @@ def decode_attention(lengths, repeats, layers):
                     times[label].append((time.perf_counter() - t0) / layers)
         for label, ts in times.items():
             rows.setdefault(label, []).append(1e3 * statistics.median(ts))
+        scoring.append(score_time(caches["quantized 2b"], q, repeats, layers))
         del caches, full
     for label, times in rows.items():
         ratio = (
@@ -101,6 +109,47 @@ def decode_attention(lengths, repeats, layers):
             else " (" + ", ".join(f"{t / f:.2f}x" for t, f in zip(times, rows["full"])) + " of full)"
         )
         print(f"| {label} | " + " | ".join(f"{t:.2f}" for t in times) + f" |{ratio}")
+    print()
+    return scoring
+
+
+@torch.inference_mode()
+def score_time(cache, q, repeats, layers):
+    """(bytes of landmarks per layer, median ms per layer) of scoring a cache's landmarks alone."""
+    select = cache.policy.select
+    qg = q[0].view(3, 3, 1, 64)  # [H, G, Tq, d]
+    times = []
+    for rep in range(repeats + 3):
+        t0 = time.perf_counter()
+        for layer in range(layers):
+            landmarks.score(qg, cache.layers[layer].marks, select.score_rule, select.per)  # [H, N]
+        if rep >= 3:
+            times.append((time.perf_counter() - t0) / layers)
+    nbytes = statistics.mean(cache.layers[layer].marks.nbytes(None) for layer in range(layers))
+    return nbytes, 1e3 * statistics.median(times)
+
+
+def read_bandwidth():
+    """Bytes per second this machine reads from memory: a sum over 256 MiB, median of 5."""
+    x = torch.ones(64 << 20)  # [64M] float32, 256 MiB: far beyond the CPU caches
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def scoring_bound(lengths, scoring):
+    bw = read_bandwidth()
+    print(f"## Scoring 2-bit landmarks against its streaming bound (read bandwidth {bw / 1e9:.1f} GB/s)\n")
+    print(
+        "| prompt | landmark bytes per layer | scoring (ms per layer) | streaming bound (ms) | x of bound |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for T, (nbytes, ms) in zip(lengths, scoring):
+        bound = 1e3 * nbytes / bw
+        print(f"| {T // 1024}K | {nbytes / 2**20:.2f} MiB | {ms:.3f} | {bound:.3f} | {ms / bound:.1f}x |")
     print()
 
 
@@ -138,7 +187,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    decode_attention(args.lengths, args.repeats, args.layers)
+    scoring = decode_attention(args.lengths, args.repeats, args.layers)
+    scoring_bound(args.lengths, scoring)
     if not args.skip_build:
         build_overhead(args.build_tokens)
 

@@ -473,6 +473,25 @@ def test_shadowkv_attention_mass_counts_outliers_once():
     assert cache.stats.summary()["attention_mass"] == pytest.approx(25 / 33, abs=1e-6)
 
 
+def test_a_tracked_oracle_selects_as_an_untracked_one():
+    """A tracked oracle takes its selection from the tracking pass (SparseCache._exact_pass) instead of
+    scoring twice: the same tokens and the same outputs, bit for bit, as the oracle that does not track."""
+    cfg = tiny_config(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8)
+    g = torch.Generator().manual_seed(3)
+    k = [torch.randn(1, 2, 96, 8, generator=g) for _ in range(2)]  # [1, H, T, d] per layer
+    v = [torch.randn(1, 2, 96, 8, generator=g) for _ in range(2)]
+    caches = [
+        from_kv(k, v, make_policy("oracle", local=8, budget=0.125, track=t), Rope(cfg)) for t in (False, True)
+    ]
+    for step in range(3):
+        q, k1, v1 = (torch.randn(1, h, 1, 8, generator=g) for h in (4, 2, 2))  # [1, heads, 1, d]
+        outs = [[c.attend(layer, q, k1, v1, torch.tensor([96 + step])) for layer in range(2)] for c in caches]
+        for layer in range(2):
+            assert torch.equal(caches[0].last_selected[layer], caches[1].last_selected[layer])
+            assert torch.equal(outs[0][layer], outs[1][layer])
+    assert caches[1].stats.summary()["oracle_recall"] == 1.0
+
+
 @pytest.mark.parametrize("rule", ["softmax_max", "mean_query"])
 def test_a_removed_landmark_is_never_selected(rule):
     """Landmark 1's logit is so large that every other probability underflows to 0: the tie at 0 must not

@@ -146,7 +146,8 @@ class Select:
     @property
     def is_exact_top_k(self) -> bool:
         """Whether this is the oracle's own rule: every exact key a landmark, scored softmax_max per KV
-        head. Its selection is then the one the tracking pass computes as the oracle's (SparseCache.attend)."""
+        head. Its selection is then the one the tracking pass computes as the oracle's
+        (SparseCache.attend)."""
         return (self.landmarks, self.chunk_size, self.score_rule, self.per) == (
             "keys",
             1,
@@ -915,7 +916,7 @@ class SparseCache:
             # The speed-up of a tracked oracle: its selection is the tracking pass's oracle, token for
             # token (same logits, same rule, same budget), so the exact scores are computed once, not
             # once to select and again to track.
-            idx = exact[1]  # [H, S]
+            _, idx = exact  # [H, S] the oracle's selection
         else:
             idx = self.select(layer, q_select)  # [P, S] middle rows
 
@@ -1024,11 +1025,11 @@ class SparseCache:
     def _track(self, layer, qg, idx, sel_k, st, exact):
         """Selection recall against the oracle, attention mass captured, key rebuild error.
 
-        One exact pass (`exact`, from _exact_pass): the logits of the query against the exact middle keys give both the
-        oracle's selection (same rule, same budget) and, with the exact tokens, the exact attention
-        weights whose share on the attended tokens is the attention mass: the weight on (selected +
-        outlier) middle tokens + sink + local + generated, over the weight on every token, each
-        counted once (ShadowKV's outlier tokens are middle tokens that also sit among the exact ones).
+        One exact pass (`exact`, from _exact_pass): the logits of the query against the exact middle
+        keys give both the oracle's selection (same rule, same budget) and, with the exact tokens, the
+        exact attention weights whose share on the attended tokens is the attention mass: the weight on
+        (selected + outlier) middle tokens + sink + local + generated, over the weight on every token,
+        each counted once (ShadowKV's outlier tokens are middle tokens that also sit among the exact ones).
         A policy that selects per query head is scored per query head: its recall is the share of its
         KV head's oracle tokens each query head attends, its mass each query head's own.
         """
@@ -1187,7 +1188,7 @@ class Stats:
     def __init__(self, n_layers, device="cpu"):
         # The sums stay on the cache's device, a step adding 0-d tensors in place: reading each
         # statistic out with .item() would make every tracked layer of every step wait for the GPU.
-        self.recall = torch.zeros(n_layers, device=device)  # [n_layers] sum over steps of the mean over heads
+        self.recall = torch.zeros(n_layers, device=device)  # [n_layers] sum over steps of the head mean
         self.mass = torch.zeros(n_layers, device=device)
         self.key_err = torch.zeros(n_layers, device=device)
         self.steps = torch.zeros(n_layers, device=device)

@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
 import model  # noqa: E402
-from kvcache import PRESETS, StackedCache, from_prefill, override  # noqa: E402
+from kvcache import PRESETS, from_prefill, override  # noqa: E402
 
 
 class Timed:
@@ -60,24 +60,28 @@ class Timed:
 
 
 def decode(m, prefilled, policies, gold, steps, tracked):
-    """Decode `steps` gold-forced steps of full attention and `policies` from one prefill.
+    """Decode `steps` gold-forced steps of full attention and `policies` from one prefill, through the
+    run's own forwards (evaluate.forward_rows, padded to ROWS_PER_FORWARD rows; evaluate.GoldRow).
     Returns (per step the forward's seconds, per policy name per step its attend's seconds)."""
     configs = [PRESETS["full"], *policies]
-    caches = [
-        Timed(from_prefill(prefilled, override(p, track=tracked and p.sparse), m.rope)) for p in configs
+    rows = [
+        evaluate.GoldRow(
+            p, Timed(from_prefill(prefilled, override(p, track=tracked and p.sparse), m.rope)), gold
+        )
+        for p in configs
     ]
     forward, spent = [], {p.name: [] for p in policies}
-    for s in range(steps):
-        pad = [evaluate.IdleRow(caches[0].seq_len) for _ in range(evaluate.ROWS_PER_FORWARD - len(caches))]
-        x = torch.tensor(
-            [gold[s]] * len(caches) + [0] * len(pad)
-        )  # [ROWS_PER_FORWARD] this step's gold token
-        before = [c.seconds for c in caches]
+    for _ in range(steps):
+        before = [r.cache.seconds for r in rows]
         t0 = time.perf_counter()
-        m(x[:, None], StackedCache(caches + pad))
+        logits = evaluate.forward_rows(m, rows, m.embed_tokens.weight.device)  # [len(rows), vocab]
         forward.append(time.perf_counter() - t0)
-        for p, c, b in zip(policies, caches[1:], before[1:]):
-            spent[p.name].append(c.seconds - b)
+        # as the run does: each row against full attention's (row 0); the next step feeds the next gold token
+        ref_logp, ref_top = torch.log_softmax(logits[0], dim=-1), int(logits[0].argmax())  # [vocab], top-1
+        for r, row_logits in zip(rows, logits):
+            r.observe(row_logits, ref_logp, ref_top)
+        for p, r, b in zip(policies, rows[1:], before[1:]):
+            spent[p.name].append(r.cache.seconds - b)
     return forward, spent
 
 
@@ -94,12 +98,12 @@ def op_counts(m, prefilled, policies, gold, steps=3):
     counts once, not with the kernels it calls), under torch.profiler over `steps` steps."""
     counts = {}
     for p in policies:
-        cache = Labelled(from_prefill(prefilled, override(p, track=True), m.rope))
+        row = evaluate.GoldRow(p, Labelled(from_prefill(prefilled, override(p, track=True), m.rope)), gold)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for s in range(steps):
-                pad = [evaluate.IdleRow(cache.seq_len) for _ in range(evaluate.ROWS_PER_FORWARD - 1)]
-                x = torch.tensor([gold[s]] + [0] * len(pad))  # [ROWS_PER_FORWARD]
-                m(x[:, None], StackedCache([cache] + pad))
+            for _ in range(steps):
+                logits = evaluate.forward_rows(m, [row], m.embed_tokens.weight.device)[0]  # [vocab]
+                # no reference row here: the row is its own; the next step feeds the next gold token
+                row.observe(logits, torch.log_softmax(logits, dim=-1), int(logits.argmax()))
         direct = [
             e
             for e in prof.events()

@@ -43,7 +43,8 @@ rewritten atomically after every sample, and the summary and plots are rebuilt f
 A resume (or merge) uses a folder only when every row is a whole, valid row of its run and run.json is
 readable (results.check_rows, row_check): else it stops before any work, naming the file and line.
 Ctrl-C stops the run (exit code 130; SIGTERM 143, SIGHUP 129) and says how many samples are saved;
-the same command resumes. A full disk says the same, and leaves no temporary file.
+the same command resumes. A full disk says the same, and leaves no temporary file; so does a worker
+process that dies mid-sample (the OOM killer), after the samples before its own are saved.
 A folder has one writer at a time (results.locked): a second run on it is refused at its start. A
 sample whose prompt does not fit the model is skipped, and a configuration whose budget exceeds a
 prompt runs it with full attention: summary.json counts both (`skipped`, `fell_back`) and summary.md
@@ -65,10 +66,12 @@ so that one --out given to every rank is never shared:  merge DIR-shard*of8 --ou
 """
 
 import argparse
+import contextlib
 import errno
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
@@ -966,19 +969,34 @@ def is_default_model(path):
     return path is None or Path(path).resolve() == default_model_path().resolve()
 
 
-_WORKER = {}  # a worker process's model, tokenizer and calibrations (inherited through fork, never pickled)
+class WorkerLost(RuntimeError):
+    """A worker process ended without sending its sample's rows (the OOM killer, a kill -9)."""
 
 
-def _init_worker(model, tok, calibration):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every worker: the parent stops them
-    for s in STOP_SIGNALS:  # not the parent's handler (Stop): the pool ends its workers with SIGTERM
+def _serve(conn, inherited, model, tok, calibration):
+    """A worker process (run_jobs): decode each job the parent sends on `conn`, send back its rows (or
+    its exception), until the parent closes the pipe. Ctrl-C reaches every process of the terminal:
+    a worker ignores it and the parent ends it. SIGTERM and SIGHUP end it at once (not the parent's
+    handler, Stop): mid-sample, a worker has nothing to save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+    for c in inherited:  # the parent's ends of the earlier workers' pipes: theirs to close, not ours
+        c.close()
     torch.set_num_threads(DECODE_THREADS)
-    _WORKER.update(model=model, tok=tok, calibration=calibration)
-
-
-def _work(job):
-    return evaluate_sample(_WORKER["model"], _WORKER["tok"], *job, calibration=_WORKER["calibration"])
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:  # the run is over, or the parent is gone
+            return
+        try:
+            reply = (True, evaluate_sample(model, tok, *job, calibration=calibration))
+        except Exception as err:  # raised again in the parent, as if the sample ran there
+            reply = (False, err)
+        try:
+            conn.send(reply)
+        except BrokenPipeError:  # the parent is gone (kill -9): nobody wants the rows
+            return
 
 
 def run_jobs(model, tok, jobs, workers, calibration=None):
@@ -990,6 +1008,13 @@ def run_jobs(model, tok, jobs, workers, calibration=None):
     overhead and memory traffic rather than arithmetic, so a second core does more as a second process
     on the next sample than as a second thread in the same one (measured: 73 s per sample with 1
     thread, 75 s with 2).
+
+    Each worker is a forked process (it shares the loaded weights copy-on-write) with a pipe of its own
+    and one job at a time. Not multiprocessing.Pool: its workers share one job queue behind a lock,
+    and a worker killed while it waits on that queue (SIGHUP from a closed terminal reaches the whole
+    process group) keeps the lock forever, so the pool's own shutdown then waits forever. Here a
+    worker that ends at any point only closes its own pipe: the parent raises WorkerLost, or, when
+    the run is stopped, ends the other workers and returns.
     """
     if workers <= 1:
         threads = torch.get_num_threads()
@@ -1000,9 +1025,69 @@ def run_jobs(model, tok, jobs, workers, calibration=None):
         finally:
             torch.set_num_threads(threads)
         return
-    ctx = multiprocessing.get_context("fork")  # the workers share the loaded weights copy-on-write
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model, tok, calibration)) as pool:
-        yield from pool.imap(_work, jobs)
+    ctx = multiprocessing.get_context("fork")
+    pool = {}  # the parent's end of each worker's pipe -> its process
+    try:
+        for _ in range(workers):
+            mine, theirs = ctx.Pipe()
+            args = (theirs, list(pool), model, tok, calibration)
+            worker = ctx.Process(target=_serve, args=args, daemon=True)
+            worker.start()
+            theirs.close()  # the worker holds the only copy of its end: its pipe ends when it does
+            pool[mine] = worker
+        yield from _in_order(pool, jobs)
+    finally:
+        for conn, worker in pool.items():
+            worker.terminate()  # SIGTERM; one that has already ended is left as it is
+            worker.join()
+            conn.close()
+
+
+def _in_order(pool, jobs):
+    """Hand each idle worker of `pool` the next job, and yield the jobs' rows in the jobs' order (a
+    sample that finishes early waits in `ahead` for the ones before it). A sample that fails (its
+    exception, or its worker lost) is raised in its turn, so the samples before it are still yielded
+    (and saved); no job is handed out after it. A worker ended by SIGTERM or SIGHUP stops the run at
+    once, as the parent's own handler does (Stop)."""
+    todo = iter(enumerate(jobs))
+    busy = {}  # conn -> the index of the job its worker decodes
+    ahead = {}  # job index -> (True, its rows) or (False, the exception to raise), before its turn
+    following = 0  # the index of the next job to yield
+
+    def hand_out(conn):
+        i, job = next(todo, (None, None))
+        if job is not None:
+            busy[conn] = i
+            with contextlib.suppress(BrokenPipeError):  # a worker that has ended: wait() below says so
+                conn.send(job)
+
+    for conn in pool:
+        hand_out(conn)
+    while busy:
+        for conn in multiprocessing.connection.wait(list(busy)):
+            i = busy.pop(conn)
+            try:
+                ahead[i] = conn.recv()  # (True, the sample's rows) or (False, its exception)
+            except (EOFError, OSError):  # the worker ended mid-sample, or mid-reply
+                worker = pool[conn]
+                worker.join()
+                if -worker.exitcode in STOP_SIGNALS:
+                    raise Stop(-worker.exitcode) from None
+                lost = f"the worker process decoding sample {jobs[i][0]['id']} ended"
+                ahead[i] = (False, WorkerLost(f"{lost} ({exit_reason(worker.exitcode)}) without its rows"))
+            if all(ok for ok, _ in ahead.values()):
+                hand_out(conn)
+        while following in ahead:
+            ok, reply = ahead.pop(following)
+            if not ok:
+                raise reply
+            yield reply
+            following += 1
+
+
+def exit_reason(code):
+    """How a process ended, from its exit code: 'killed by SIGKILL' for -9, else 'exit code N'."""
+    return f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
 
 
 def calibrations(model, tok, policies):
@@ -1221,6 +1306,12 @@ def run(args, policies=None):
             _, table, notes = write_summary(out, rows, settings)
         except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
             return interrupted(out, mine, policies, before, stop)
+        except WorkerLost as err:  # e.g. the OOM killer: what is saved, and how to go on
+            saved = f"{saved_samples(out, mine, policies)} of {len(mine)} samples are saved in {out}"
+            raise ValueError(
+                f"{err}: {saved}; if the machine ran out of memory, give fewer --workers, then run the "
+                "same command again"
+            ) from None
         except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
             if err.filename is None:
                 raise

@@ -1087,7 +1087,7 @@ def _in_order(pool, jobs):
 
 def exit_reason(code):
     """How a process ended, from its exit code: 'killed by SIGKILL' for -9, else 'exit code N'."""
-    return f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def calibrations(model, tok, policies):
@@ -1203,6 +1203,11 @@ def saved_samples(out, mine, policies):
     return sum(keys <= {r["key"] for r in rows if r["sample"] == i} for i in done)
 
 
+def saved_line(out, mine, policies):
+    """'N of M samples are saved in OUT': what the one line of a run that failed midway says is kept."""
+    return f"{saved_samples(out, mine, policies)} of {len(mine)} samples are saved in {out}"
+
+
 def interrupted(out, mine, policies, before, stop):
     """Ctrl-C, SIGTERM, SIGHUP: what is saved (samples.jsonl is rewritten atomically after every
     sample) and how to go on; returns the exit code (stop_code)."""
@@ -1307,7 +1312,7 @@ def run(args, policies=None):
         except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
             return interrupted(out, mine, policies, before, stop)
         except WorkerLost as err:  # e.g. the OOM killer: what is saved, and how to go on
-            saved = f"{saved_samples(out, mine, policies)} of {len(mine)} samples are saved in {out}"
+            saved = saved_line(out, mine, policies)
             raise ValueError(
                 f"{err}: {saved}; if the machine ran out of memory, give fewer --workers, then run the "
                 "same command again"
@@ -1315,7 +1320,7 @@ def run(args, policies=None):
         except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
             if err.filename is None:
                 raise
-            saved = f"{saved_samples(out, mine, policies)} of {len(mine)} samples are saved in {out}"
+            saved = saved_line(out, mine, policies)
             raise ValueError(not_written(err, saved)) from None
     print(table)
     for note in notes:

@@ -16,25 +16,30 @@ cache, `bytes_per_step` fetched from CPU memory).
 
 The decoding plan (PAPER.md "Benchmarks": the task needs many facts from all over the prompt):
   1. each prompt is prefilled ONCE, with full attention; every configuration's cache is built from
-     that prefill (`KVCache.from_prefill`), and the first answer token is predicted from the prefill
+     that prefill (`kvcache.from_prefill`), and the first answer token is predicted from the prefill
      logits, so it is exact for every configuration;
   2. gold-forced rows: full attention and every configuration are fed the gold answer (written as
-     the model is asked to write it, `text2json.answer_text`), one token per decode step, so every
-     policy selects at every step exactly as when writing that answer. At each step a row records
-     its top-1 token and the gold token's log-probability: `fact_accuracy` (the share of the answer's
-     fact tokens, the tokens of the field values, predicted top-1), `field_accuracy`, `fact_nll`; and,
-     against the full-attention row on the same path, `agreement` and `kl`, with the selection
-     statistics. A small model that cannot plan the whole list can still look up each fact when it
-     is shown the answer so far, which is what a sparse policy can take away;
+     the model is asked to write it, `text2json.answer_text`), so that at every answer position a
+     policy selects exactly as its decode step would when writing that answer. By default each
+     configuration's whole answer goes through the model at once, in blocks of positions (the
+     teacher-forced pass, `forced_logits`, PAPER.md "Gold-forced rows": every position selects on its
+     own; LRQK's rows, whose selection depends on the last step, take the decode loop); --decode-loop
+     feeds every row one token per decode step (the reference the pass is tested against; run.json
+     records which, `gold_path`). At each position a
+     row records its top-1 token and the gold token's log-probability: `fact_accuracy` (the share of
+     the answer's fact tokens, the tokens of the field values, predicted top-1), `field_accuracy`,
+     `fact_nll`; and, against the full-attention row on the same path, `agreement` and `kl`, with the
+     selection statistics. A small model that cannot plan the whole list can still look up each fact
+     when it is shown the answer so far, which is what a sparse policy can take away;
   3. free-running rows (--free-run; on by default except for Text2JSON on the embedded default
      model, which writes no valid list with any policy, full attention included): every
      configuration's own greedy answer, scored with the task's rule.
-  All rows decode in one step loop, in forwards of exactly ROWS_PER_FORWARD rows (padded with idle
-  rows), with DECODE_THREADS torch threads: torch's CPU matmul rounds a row differently at another
-  batch size or thread count (but not with other rows beside it), so with fixed shapes a sample's
-  numbers are the same however a run is split (resumed, sharded, one or two workers), and the
-  weights are still read once per step for up to ROWS_PER_FORWARD rows. The
-  summary adds 95% intervals from a paired bootstrap over samples (results.bootstrap).
+  Every sample runs with DECODE_THREADS torch threads, and every forward has a fixed shape: a
+  configuration's teacher-forced blocks (forced_block: from the model, the prompt and the policy), and
+  the decode loop's forwards of exactly ROWS_PER_FORWARD rows (padded with idle rows). torch's CPU
+  matmul rounds a row differently at another batch size or thread count (but not with other rows
+  beside it), so a sample's numbers are the same however a run is split (resumed, sharded, one or two
+  workers). The summary adds 95% intervals from a paired bootstrap over samples (results.bootstrap).
 
 Results folder (--out): samples.jsonl (one line per configuration and sample, with the prediction),
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.

@@ -105,10 +105,11 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
         return torch.empty(H, 0, dtype=torch.int64, device=scores.device)
     kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # [H, 1] the k-th largest
     keep = scores >= kth  # [H, N]
-    counts = keep.sum(dim=1)  # [H] k, or more when scores tie the k-th (a nan is never kept)
-    has_nan = scores.isnan().any()
-    if bool((counts != k).any() | has_nan):  # the rare cases, behind one check (one GPU sync)
-        if bool(has_nan):
+    counts = keep.sum(dim=1)  # [H] k, or more when scores tie the k-th
+    # A nan ranks above every number in topk, so a row holding one has kth = nan, keeps nothing and
+    # counts 0: the rare cases, behind one check (one GPU sync), include it.
+    if bool((counts != k).any()):
+        if bool(scores.isnan().any()):
             raise ValueError("select_topk: scores contain nan")
         # ties at the k-th score: take them lowest index first
         above = scores > kth  # [H, N]

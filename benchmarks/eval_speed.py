@@ -45,7 +45,7 @@ def child(path, tokens, sample, methods):
     max_new = evaluate.auto_max_new_tokens(samples, tok)  # over the run's samples, as the run does
     calibration = evaluate.calibrations(m, tok, policies)
     torch.set_num_threads(evaluate.DECODE_THREADS)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = evaluate.evaluate_sample(
         m,
         tok,
@@ -58,25 +58,25 @@ def child(path, tokens, sample, methods):
         not args.decode_loop,
         calibration,
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if not rows:  # evaluate_sample skipped it (its warning says why)
         raise SystemExit(
             f"error: the sample of --tokens {tokens} does not fit the model's {m.config.max_positions} "
             "positions: give fewer --tokens"
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    print(json.dumps(dict(seconds=seconds, peak_mib=peak, rows=rows)))
+    print(json.dumps(dict(seconds=seconds, cpu=cpu, peak_mib=peak, rows=rows)))
 
 
 def measure(path, tokens, sample, methods):
-    """(seconds, peak MiB, rows) of one sample through `path`, timed in a fresh process."""
+    """(seconds, CPU seconds, peak MiB, rows) of one sample through `path`, timed in a fresh process."""
     cmd = [sys.executable, __file__, "--child", path, "--tokens", str(tokens), "--sample", str(sample)]
     cmd += ["--methods", methods] if methods else []
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise SystemExit(f"error: timing the {path} failed:\n{done.stderr.strip()}")
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    return got["seconds"], got["peak_mib"], got["rows"]
+    return got["seconds"], got["cpu"], got["peak_mib"], got["rows"]
 
 
 def largest_difference(a, b):
@@ -111,26 +111,31 @@ def main():
 
     print(f"one sample (#{args.sample}) of the default run, methods {args.methods or 'default'}, 1 thread")
     print(
-        "| prompt tokens | loop (s) | pass (s) | loop / pass | peak MiB loop | peak MiB pass | largest row difference |"
+        "| prompt tokens | answer positions | loop (s) | pass (s) | loop / pass | CPU time loop / pass | "
+        "peak MiB loop | peak MiB pass | largest row difference |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for tokens in args.tokens:
-        times, peaks, rows = {"loop": [], "pass": []}, {"loop": [], "pass": []}, {}
+        (times, cpus, peaks), rows = ({"loop": [], "pass": []} for _ in range(3)), {}
         for r in range(args.repeats):
             order = ["loop", "pass"] if r % 2 == 0 else ["pass", "loop"]
             for path in order:
-                seconds, peak, rows[path] = measure(path, tokens, args.sample, args.methods)
+                seconds, cpu, peak, rows[path] = measure(path, tokens, args.sample, args.methods)
                 times[path].append(seconds)
+                cpus[path].append(cpu)
                 peaks[path].append(peak)
                 print(
-                    f"  {tokens} tokens, repeat {r + 1}, {path}: {seconds:.1f} s, {peak:.0f} MiB",
+                    f"  {tokens} tokens, repeat {r + 1}, {path}: {seconds:.1f} s ({cpu:.1f} s CPU), {peak:.0f} MiB",
                     file=sys.stderr,
                 )
         f, label, diff = largest_difference(rows["loop"], rows["pass"])
         loop, forced = statistics.median(times["loop"]), statistics.median(times["pass"])
+        cpu = statistics.median(cpus["loop"]) / statistics.median(cpus["pass"])
+        first = rows["pass"][0]
         print(
-            f"| {rows['pass'][0]['prompt_tokens']} | {loop:.1f} | {forced:.1f} | {loop / forced:.2f}x | "
-            f"{max(peaks['loop']):.0f} | {max(peaks['pass']):.0f} | {f} of {label}: {diff:.1e} |"
+            f"| {first['prompt_tokens']} | {first['gold_tokens']} | {loop:.1f} | {forced:.1f} | "
+            f"{loop / forced:.2f}x | {cpu:.2f}x | {max(peaks['loop']):.0f} | {max(peaks['pass']):.0f} | "
+            f"{f} of {label}: {diff:.1e} |"
         )
 
 

@@ -115,7 +115,10 @@ class Finding:
     verdict: str
     figures: dict
     reason: str = ""
-    bars: tuple = ()  # (task, names) drawn as bars of fact accuracy; or a trend / two losses, see plot
+    decided: tuple = ()  # the labels of `figures` the rule decides on: what the claim's figure draws
+    rule: str = (
+        "loss"  # which lines the figure marks: "loss" (0 and -MARGIN), "close" (+-MARGIN), "above" (0)
+    )
 
 
 # --------------------------------------------------------------------------------------------- rules
@@ -161,7 +164,7 @@ def compare(ev, name, ref, rule, task="text2json") -> Finding:
         return Finding(INCONCLUSIVE, {}, why)
     d = ev.estimate(task, name, ref)
     figures = {name: ev.estimate(task, name), ref: ev.estimate(task, ref), f"{name} - {ref}": d}
-    return Finding(rule(d), figures, bars=(task, (ref, name)))
+    return Finding(rule(d), figures, decided=(f"{name} - {ref}",), rule="close" if rule is close else "loss")
 
 
 # ------------------------------------------------------------------------------------------- claims
@@ -206,7 +209,7 @@ def claim_chunks_lose(ev):
     trend = REPRODUCED if slope[2] < 0 else NOT_REPRODUCED if slope[1] > 0 else INCONCLUSIVE
     verdict = all_of([c8.verdict, trend])
     figures = {**c8.figures, **{n: ev.estimate("text2json", n) for n in names}, "slope per doubling": slope}
-    return Finding(verdict, figures, bars=("trend", tuple(names)))
+    return Finding(verdict, figures, decided=(*c8.decided, "slope per doubling"))
 
 
 def claim_quantized_close(ev):
@@ -215,12 +218,8 @@ def claim_quantized_close(ev):
     parts = [compare(ev, f"quantized {b}b", "oracle", close) for b in (2, 4)]
     why = "; ".join(p.reason for p in parts if p.reason)
     figures = {k: v for p in parts for k, v in p.figures.items()}
-    return Finding(
-        all_of([p.verdict for p in parts]),
-        figures,
-        why,
-        ("text2json", ("oracle", "quantized 2b", "quantized 4b")),
-    )
+    decided = tuple(d for p in parts for d in p.decided)
+    return Finding(all_of([p.verdict for p in parts]), figures, why, decided, rule="close")
 
 
 def claim_kv4_close(ev):
@@ -254,7 +253,9 @@ def claim_retrieval_hides_the_loss(ev):
     }
     t2j, g = figures["loss on Text2JSON"], figures["L(Text2JSON) - 2 L(NeedleBench)"]
     verdict = REPRODUCED if t2j[1] > 0 and g[1] > 0 else NOT_REPRODUCED if g[2] < 0 else INCONCLUSIVE
-    return Finding(verdict, figures, bars=("losses", ()))
+    return Finding(
+        verdict, figures, decided=("loss on Text2JSON", "L(Text2JSON) - 2 L(NeedleBench)"), rule="above"
+    )
 
 
 def claim_baselines_fall_below(ev):
@@ -263,7 +264,8 @@ def claim_baselines_fall_below(ev):
     parts = [compare(ev, b, "paper", loses) for b in BASELINES]
     why = "; ".join(p.reason for p in parts if p.reason)
     figures = {k: v for p in parts for k, v in p.figures.items()}
-    return Finding(all_of([p.verdict for p in parts]), figures, why, ("text2json", ("paper", *BASELINES)))
+    decided = tuple(d for p in parts for d in p.decided)
+    return Finding(all_of([p.verdict for p in parts]), figures, why, decided)
 
 
 @dataclass(frozen=True)
@@ -310,26 +312,28 @@ def _fmt(label, triple) -> str:
     return f"{mean:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
-def plot(ev, claim, finding, path) -> bool:
-    """The claim's figure: fact accuracy of the compared configurations with their 95% intervals (bars),
-    the trend against the chunk size (claim 4), or the two tasks' losses (claim 7). False: nothing to draw."""
-    if finding.verdict == INCONCLUSIVE and not finding.figures:
+def plot(claim, finding, path) -> bool:
+    """The claim's figure: what its rule decides on (`Finding.decided`: paired differences, claim 4's slope,
+    claim 7's losses), each with its 95% interval, against the lines of the rule: 0 and the margin. A
+    "close" rule shades the band within +-MARGIN (within noise); a "loss" rule the band from -MARGIN to 0
+    (a loss smaller than the margin: not a real loss, not ruled out). False: nothing to draw."""
+    points = [(label, finding.figures[label]) for label in finding.decided if label in finding.figures]
+    if not points:
         return False
-    kind, names = finding.bars
-    fig = Figure(figsize=(5.2, 3.4))
+    fig = Figure(figsize=(6.0, 1.2 + 0.45 * len(points)))
     ax = fig.subplots()
-    if kind == "trend":
-        points = [finding.figures[n] for n in names]
-        ax.errorbar(CHUNKS, [p[0] for p in points], yerr=_err(points), marker="o", capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("chunk size (1 = the oracle)")
-    else:
-        labels = list(names) if kind != "losses" else ["Text2JSON", "NeedleBench"]
-        points = [finding.figures[n] for n in names] if kind != "losses" else [
-            finding.figures["loss on Text2JSON"], finding.figures["loss on NeedleBench"]]  # fmt: skip
-        ax.bar(range(len(points)), [p[0] for p in points], yerr=_err(points), capsize=4, color="#7a9cc6")
-        ax.set_xticks(range(len(points)), labels, fontsize=8)
-    ax.set_ylabel("fact accuracy" if kind != "losses" else "loss of fact accuracy (full - shadowkv)")
+    y = range(len(points))[::-1]  # the first decided quantity on top
+    ax.errorbar([p[0] for _, p in points], y, xerr=_err([p for _, p in points]), fmt="o", capsize=4)
+    ax.set_yticks(list(y), [label for label, _ in points], fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    if finding.rule == "close":
+        ax.axvspan(-MARGIN, MARGIN, color="#9bc59d", alpha=0.35, label=f"within noise (+-{MARGIN})")
+    elif finding.rule == "loss":
+        ax.axvspan(-MARGIN, 0, color="#e0b07a", alpha=0.35, label=f"a loss under the margin ({MARGIN})")
+    if finding.rule != "above":
+        ax.legend(fontsize=7, loc="best")
+    ax.set_ylim(-0.7, len(points) - 0.3)
+    ax.set_xlabel("difference of fact accuracy (95% interval)", fontsize=8)
     ax.set_title(f"claim {claim.number}: {finding.verdict}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -337,7 +341,7 @@ def plot(ev, claim, finding, path) -> bool:
 
 
 def _err(points):
-    """matplotlib's yerr [2, n] from [mean, lo, hi] triples."""
+    """matplotlib's xerr [2, n] from [mean, lo, hi] triples."""
     return [[p[0] - p[1] for p in points], [p[2] - p[0] for p in points]]
 
 
@@ -361,7 +365,7 @@ def write(out, ev, settings: dict) -> str:
     ]
     records = []
     for c, f in found:
-        figure = f"claim{c.number}.png" if plot(ev, c, f, out / f"claim{c.number}.png") else None
+        figure = f"claim{c.number}.png" if plot(c, f, out / f"claim{c.number}.png") else None
         lines += [
             "",
             f"## {c.number}. {c.statement}",

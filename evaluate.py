@@ -16,25 +16,30 @@ cache, `bytes_per_step` fetched from CPU memory).
 
 The decoding plan (PAPER.md "Benchmarks": the task needs many facts from all over the prompt):
   1. each prompt is prefilled ONCE, with full attention; every configuration's cache is built from
-     that prefill (`KVCache.from_prefill`), and the first answer token is predicted from the prefill
+     that prefill (`kvcache.from_prefill`), and the first answer token is predicted from the prefill
      logits, so it is exact for every configuration;
   2. gold-forced rows: full attention and every configuration are fed the gold answer (written as
-     the model is asked to write it, `text2json.answer_text`), one token per decode step, so every
-     policy selects at every step exactly as when writing that answer. At each step a row records
-     its top-1 token and the gold token's log-probability: `fact_accuracy` (the share of the answer's
-     fact tokens, the tokens of the field values, predicted top-1), `field_accuracy`, `fact_nll`; and,
-     against the full-attention row on the same path, `agreement` and `kl`, with the selection
-     statistics. A small model that cannot plan the whole list can still look up each fact when it
-     is shown the answer so far, which is what a sparse policy can take away;
+     the model is asked to write it, `text2json.answer_text`), so that at every answer position a
+     policy selects exactly as its decode step would when writing that answer. By default each
+     configuration's whole answer goes through the model at once, in blocks of positions (the
+     teacher-forced pass, `forced_logits`, PAPER.md "Gold-forced rows": every position selects on its
+     own; LRQK's rows, whose selection depends on the last step, take the decode loop); --decode-loop
+     feeds every row one token per decode step (the reference the pass is tested against; run.json
+     records which, `gold_path`). At each position a
+     row records its top-1 token and the gold token's log-probability: `fact_accuracy` (the share of
+     the answer's fact tokens, the tokens of the field values, predicted top-1), `field_accuracy`,
+     `fact_nll`; and, against the full-attention row on the same path, `agreement` and `kl`, with the
+     selection statistics. A small model that cannot plan the whole list can still look up each fact
+     when it is shown the answer so far, which is what a sparse policy can take away;
   3. free-running rows (--free-run; on by default except for Text2JSON on the embedded default
      model, which writes no valid list with any policy, full attention included): every
      configuration's own greedy answer, scored with the task's rule.
-  All rows decode in one step loop, in forwards of exactly ROWS_PER_FORWARD rows (padded with idle
-  rows), with DECODE_THREADS torch threads: torch's CPU matmul rounds a row differently at another
-  batch size or thread count (but not with other rows beside it), so with fixed shapes a sample's
-  numbers are the same however a run is split (resumed, sharded, one or two workers), and the
-  weights are still read once per step for up to ROWS_PER_FORWARD rows. The
-  summary adds 95% intervals from a paired bootstrap over samples (results.bootstrap).
+  Every sample runs with DECODE_THREADS torch threads, and every forward has a fixed shape: a
+  configuration's teacher-forced blocks (forced_block: from the model, the prompt and the policy), and
+  the decode loop's forwards of exactly ROWS_PER_FORWARD rows (padded with idle rows). torch's CPU
+  matmul rounds a row differently at another batch size or thread count (but not with other rows
+  beside it), so a sample's numbers are the same however a run is split (resumed, sharded, one or two
+  workers). The summary adds 95% intervals from a paired bootstrap over samples (results.bootstrap).
 
 Results folder (--out): samples.jsonl (one line per configuration and sample, with the prediction),
 summary.json (one row per configuration), summary.md (the table), run.json (the settings), PNG plots.
@@ -98,6 +103,7 @@ from kvcache import (
     SWEEP_AXES,
     SparseCache,
     StackedCache,
+    TeacherForced,
     from_prefill,
     make_policy,
     oracle_of,
@@ -242,6 +248,12 @@ def build_parser():
         default=None,
         help="also decode each configuration's own answer for the task score (default: on, except "
         "Text2JSON on the embedded default model)",
+    )
+    p.add_argument(
+        "--decode-loop",
+        action="store_true",
+        help="decode the gold-forced rows step by step too, one token per forward, instead of the "
+        "teacher-forced pass (the reference the pass is tested against; about 4x slower)",
     )
     p.add_argument(
         "--shard", help="i/n: run samples i, i+n, i+2n, ... (default under torchrun: RANK/WORLD_SIZE)"
@@ -560,15 +572,20 @@ class GoldRow:
         return self.gold[self.steps]  # the gold token after the `steps` positions predicted so far
 
     def observe(self, logits, ref_logp, ref_top):
-        """This step's logits [vocab], against full attention's on the same gold path (log-probs
-        ref_logp [vocab] and top-1 ref_top)."""
-        top = int(logits.argmax())
-        self.steps += 1
-        logp = torch.log_softmax(logits, dim=-1)  # [vocab]
-        self.matches += top == ref_top
-        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())  # KL(full || this row)
-        self.out.append(top)
-        self.gold_logp.append(float(logp[self.gold[self.steps]]))
+        """The logits [n, vocab] of the next n answer positions (a decode step: n = 1; a teacher-forced
+        block: more), against full attention's on the same gold path (log-probs ref_logp [n, vocab] and
+        top-1 ref_top [n])."""
+        n = logits.shape[0]
+        top = logits.argmax(dim=-1)  # [n]
+        logp = torch.log_softmax(logits, dim=-1)  # [n, vocab]
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # [n] KL(full || this row)
+        following = torch.tensor(self.gold[self.steps + 1 : self.steps + 1 + n], device=logits.device)  # [n]
+        self.matches += int((top == ref_top).sum())
+        for x in kl.tolist():  # one position at a time, as the decode loop adds them
+            self.kl += x
+        self.out += top.tolist()
+        self.gold_logp += logp.gather(1, following[:, None])[:, 0].tolist()
+        self.steps += n
         self.done = self.steps + 1 >= len(self.gold)
 
 
@@ -626,16 +643,50 @@ def forward_rows(model, rows, device):
     return torch.cat(logits)  # [len(rows), vocab]
 
 
+FORCED_BLOCK_BYTES = 1 << 28  # a teacher-forced block's largest tensors stay within 256 MiB (forced_block)
+
+
+def forced_block(model, cache, n) -> int:
+    """How many answer positions one forward of the teacher-forced pass takes, for a cache that will hold
+    n more tokens: as many as keep the largest per-position tensors of a block (a query's exact scores
+    over every token, its logits, its selected K/V rows) within FORCED_BLOCK_BYTES, so memory stays
+    bounded at the longest prompts (the default model's whole answer is one block). It depends on the
+    model, the prompt and the policy only, never on the machine, so a sample's numbers do not either."""
+    c = model.config
+    per_position = [c.n_heads * (cache.seq_len + n), c.vocab_size]  # float32 values
+    if isinstance(cache, SparseCache):
+        per_position.append(2 * c.n_heads * cache.split.selected * c.head_dim)
+    return max(1, FORCED_BLOCK_BYTES // (4 * max(per_position)))
+
+
+def forced_logits(model, row, device):
+    """The teacher-forced pass of a gold row (PAPER.md "Gold-forced rows"): its whole answer through the
+    model in blocks of positions (forced_block), each answer token selecting as its decode step would
+    (kvcache.TeacherForced). Yields (a, logits [Tq, vocab]) per block, a = the block's first position."""
+    inputs = row.gold[row.steps : len(row.gold) - 1]  # the gold tokens still to feed, one per position
+    cache = TeacherForced(row.cache)
+    block = forced_block(model, row.cache, len(inputs))
+    for a in range(0, len(inputs), block):
+        x = torch.tensor([inputs[a : a + block]], device=device)  # [1, Tq]
+        yield a, model(x, cache)[0]  # [Tq, vocab]
+
+
 @torch.inference_mode()
-def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=True, calibration=None):
+def decode_sample(
+    model, ids, policies, gold_ids, max_new, stop_ids=(), free=True, calibration=None, forced=True
+):
     """Prefill `ids` once, then decode every configuration from it (the module docstring's plan).
 
     Gold rows, one per configuration and always one for full attention (the reference): position 0
-    is predicted from the prefill logits (exact for all), then each decode step feeds the next gold
-    token, one token per step, so a sparse policy selects at every step as it would when writing the
-    answer itself (the first max_new gold tokens); each gold row's step is compared with the
-    reference's step. Free rows (free=True): each configuration's own greedy answer, up to max_new
-    tokens or a stop token.
+    is predicted from the prefill logits (exact for all), then every later position is fed the gold
+    token before it, so a sparse policy selects at every position as it would when writing the answer
+    itself (the first max_new gold tokens); each gold row's position is compared with the reference's.
+    forced (the default): each gold row goes through the teacher-forced pass (`forced_logits`: one
+    forward per configuration, every position selecting on its own), but for the policies whose
+    selection depends on the last step's state (kvcache.Select.steps_only: LRQK), which step through
+    the decode loop with the free rows; forced=False: every gold row steps through the decode loop, one
+    token per step (the reference the pass is tested against). Free rows (free=True): each
+    configuration's own greedy answer, up to max_new tokens or a stop token, always in the loop.
 
     calibration: {channels: skew.calibration} for the policies that need one (InfiniGen).
 
@@ -673,17 +724,38 @@ def decode_sample(model, ids, policies, gold_ids, max_new, stop_ids=(), free=Tru
         r.out = [] if first in stop else [first]
         r.done = first in stop or limit <= 1
     ref = gold[full.key()]  # full attention on the gold path: what every gold row is compared with
-    active = [r for r in [*gold.values(), *rows.values()] if not r.done]
+    stepping = list(rows.values())  # the rows of the decode loop
+    if forced:
+        ref_logp, ref_top = [], []  # [n, vocab], [n]: the reference at every answer position
+        for _, logits in forced_logits(model, ref, device):
+            ref_logp.append(torch.log_softmax(logits, dim=-1))
+            ref_top.append(logits.argmax(dim=-1))
+            ref.observe(logits, ref_logp[-1], ref_top[-1])
+        if ref_logp:
+            ref_logp, ref_top = torch.cat(ref_logp), torch.cat(ref_top)
+        for r in gold.values():
+            if r is ref or r.done:
+                continue
+            if isinstance(r.cache, SparseCache) and r.policy.select.steps_only:
+                stepping.append(r)
+                continue
+            for a, logits in forced_logits(model, r, device):
+                r.observe(logits, ref_logp[a : a + len(logits)], ref_top[a : a + len(logits)])
+    else:
+        stepping = [*gold.values(), *stepping]
+    active = [r for r in stepping if not r.done]
     while active:
         logits = forward_rows(model, active, device)  # [len(active), vocab]
-        if ref in active:  # the gold rows step together, so the reference steps whenever they do
-            ref_logits = logits[active.index(ref)]  # [vocab]
-            ref_logp, ref_top = torch.log_softmax(ref_logits, dim=-1), int(ref_logits.argmax())  # [vocab]
+        if ref in active:  # the decode loop's gold rows step together: the reference steps when they do
+            ref_logits = logits[active.index(ref)][None]  # [1, vocab]
+            step_ref = torch.log_softmax(ref_logits, dim=-1), ref_logits.argmax(dim=-1)  # [1, vocab], [1]
         for r, row_logits in zip(active, logits):
-            if isinstance(r, GoldRow):
-                r.observe(row_logits, ref_logp, ref_top)
-            else:
+            if isinstance(r, FreeRow):
                 r.observe(row_logits)
+            elif forced:  # compared with the teacher-forced reference at the row's position
+                r.observe(row_logits[None], ref_logp[r.steps : r.steps + 1], ref_top[r.steps : r.steps + 1])
+            else:
+                r.observe(row_logits[None], *step_ref)
         active = [r for r in active if not r.done]
     return gold, rows
 
@@ -853,6 +925,7 @@ def run_settings(args, max_new):
         dtype=str(DTYPES[args.dtype]).removeprefix("torch."),
         max_new_tokens=max_new,
         free_run=free_running(args),
+        gold_path="loop" if args.decode_loop else "pass",
         group=args.group if args.task == "longproc" else None,
         outliers=shadowkv_outliers(args),
         score_rule=args.score_rule,
@@ -913,9 +986,12 @@ def gold_tokens(task, sample, tok):
     return ids, fields, text2json.record_depths(sample["problem"], sample["gold"])
 
 
-def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_run=True, calibration=None):
+def evaluate_sample(
+    model, tok, sample, policies, max_new, task, verbose, free_run=True, forced=True, calibration=None
+):
     """Decode one sample under every configuration still to do; returns its samples.jsonl rows.
-    free_run=False skips the free rows: no prediction, no task score."""
+    free_run=False skips the free rows: no prediction, no task score. forced=False decodes the gold rows
+    step by step too (decode_sample)."""
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     if len(ids) >= model.config.max_positions:
         print(
@@ -927,7 +1003,7 @@ def evaluate_sample(model, tok, sample, policies, max_new, task, verbose, free_r
     gold_ids, fields, depths = gold_tokens(task, sample, tok)
     sparse = [p for p in policies if p.sparse]
     gold, free = decode_sample(
-        model, ids, sparse, gold_ids, max_new, tok.stop_ids, free=free_run, calibration=calibration
+        model, ids, sparse, gold_ids, max_new, tok.stop_ids, free_run, calibration, forced
     )
     if verbose:
         for p in sparse:
@@ -1290,8 +1366,9 @@ def run(args, policies=None):
                     args.model, dtype=args.dtype, device=device, chat_format="plain" if args.no_chat else None
                 )
                 bar = progress(before, len(fits))
+                forced = settings["gold_path"] == "pass"
                 jobs = [
-                    (sample, ps, max_new, args.task, i == 0, settings["free_run"])
+                    (sample, ps, max_new, args.task, i == 0, settings["free_run"], forced)
                     for i, (sample, ps) in enumerate(todo)
                 ]
                 workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1

@@ -144,6 +144,17 @@ class Select:
         return self.landmarks == "skewed"
 
     @property
+    def steps_only(self) -> bool:
+        """Whether selection depends on the state the last decode step left: LRQK fits each new query to
+        the rows resident from the last step, and updates its factors (LowRankQK.step). Such a policy
+        cannot select every position of a known answer in one pass (SparseCache.attend_forced): it
+        decodes step by step. (Stepping its positions one after the other inside one forward would be
+        the same arithmetic, but LRQK's updates amplify last-bit differences: tried on a default
+        sample, 13% of its selections stayed the decode loop's and its logits drifted up to 16 apart,
+        where every other policy keeps 100% and 1e-4. So its rows are the decode loop's, bit for bit.)"""
+        return self.landmarks == "lowrank_qk"
+
+    @property
     def is_exact_top_k(self) -> bool:
         """Whether this is the oracle's own rule: every exact key a landmark, scored softmax_max per KV
         head. Its selection is then the one the tracking pass computes as the oracle's
@@ -696,6 +707,7 @@ class LayerState:
     keys: OffloadedKeys | LowRankKeys | None
     exact: ExactTokens
     resident: "Resident | None" = None  # Keys.resident: the rows selected at the last step, on the device
+    exact_k: torch.Tensor | None = None  # [H, M, d] Policy.track: the exact middle keys the statistics read
 
 
 @dataclass
@@ -762,6 +774,9 @@ class FullCache:
         self.kbuf[layer], self.k[layer] = append(self.kbuf[layer], self.k[layer], k)  # [B, n_kv_heads, S, d]
         self.vbuf[layer], self.v[layer] = append(self.vbuf[layer], self.v[layer], v)
         return full_attention(q, self.k[layer], self.v[layer])
+
+    # teacher forcing (SparseCache.attend_forced): exact causal attention is already each position's own
+    attend_forced = attend
 
     def budget_line(self) -> str:
         return f"budget = all {self.prompt_len} tokens (full attention)"
@@ -839,9 +854,8 @@ class SparseCache:
             pos = torch.arange(split.middle.start, split.middle.stop, device=k.device)  # [M]
             self._offload(layer, "k", self.rope.invert(k_mid, pos) if p.keys.kv_pre_rope else k_mid)
         self._offload(layer, "v", v_mid)
-        if p.track:
-            self.stats.exact_k[layer] = k_mid  # for recall / mass statistics only, not counted (a view)
-        state = LayerState(marks, keys, exact)
+        # the exact middle keys, for the recall / mass statistics only (a view, not counted)
+        state = LayerState(marks, keys, exact, exact_k=k_mid if p.track else None)
         if isinstance(marks, landmarks.LowRankQK):  # LRQK's prefill selects with its last query's A_Q
             state.resident = self._first_selection(marks, k_mid, v_mid)
         return state
@@ -873,18 +887,21 @@ class SparseCache:
             self.store.put(layer, name, quantize.quantize(rows, quantize.parse_format(spec)))
 
     # ---------------------------------------------------------------- decode
-    def select(self, layer, qg) -> torch.Tensor:
+    def select(self, layer, qg, each_position=False) -> torch.Tensor:
         """Step 1 of a decode step: the middle rows [P, S] (sorted, relative to the middle) that the
         selection query qg [H, G, Tq, d] reads: the landmarks' top-k chunks per KV head (P = H), or per
-        query head (P = H * G, Select.per), expanded to tokens."""
+        query head (P = H * G, Select.per), expanded to tokens. each_position (the teacher-forced pass,
+        `attend_forced`): every one of the Tq positions selects its own rows by the same rule, [P, Tq, S]."""
         split, select = self.split, self.policy.select
-        scores = landmarks.score(qg, self.layers[layer].marks, select.score_rule, select.per)  # [P, N]
-        chunks = landmarks.select_topk(scores, split.k_chunks)  # [P, k_chunks]
+        marks = self.layers[layer].marks
+        scores = landmarks.score(qg, marks, select.score_rule, select.per, each_position)  # [P, (Tq,) N]
+        chunks = landmarks.select_topk(scores.flatten(0, -2), split.k_chunks)  # [P (* Tq), k_chunks]
+        chunks = chunks.view(*scores.shape[:-1], -1)  # [P, (Tq,) k_chunks]
         if split.chunk == 1:
             return chunks
-        return (chunks[:, :, None] * split.chunk + torch.arange(split.chunk, device=qg.device)).flatten(
-            1
-        )  # [P, S]
+        return (chunks[..., None] * split.chunk + torch.arange(split.chunk, device=qg.device)).flatten(
+            -2
+        )  # [P, (Tq,) S]
 
     def attend(self, layer, q, k, v, pos, next_query=None):
         """One decode step of one layer: select, fetch, attend (PAPER.md "ShadowKV, precisely").
@@ -906,7 +923,7 @@ class SparseCache:
         if st.marks is None:  # a dense layer: every token is exact
             out, _ = attention_lse(qf, st.exact.k, st.exact.v, mask)
             if self.policy.track:
-                every = torch.ones(H, device=q.device)  # [H] all attended, all of the mass
+                every = torch.ones(H, 1, device=q.device)  # [H, 1] all attended, all of the mass
                 self.stats.add(layer, every, every)
             return out.view(1, n_heads, Tq, d).to(q.dtype)
 
@@ -916,7 +933,7 @@ class SparseCache:
             # The speed-up of a tracked oracle: its selection is the tracking pass's oracle, token for
             # token (same logits, same rule, same budget), so the exact scores are computed once, not
             # once to select and again to track.
-            _, idx = exact  # [H, S] the oracle's selection
+            idx = exact[2]  # [H, S] the oracle's selection
         else:
             idx = self.select(layer, q_select)  # [P, S] middle rows
 
@@ -937,9 +954,120 @@ class SparseCache:
         out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
 
         self.last_selected[layer] = idx + self.split.sink  # [P, S] absolute positions
-        if self.policy.track:
-            self._track(layer, qg, idx, sel_k, st, exact)
+        if self.policy.track:  # one selection for the step; its attention mass at its last position
+            probs, lse, oracle = exact  # [H, G, Tq, M], [H, G, Tq, 1], [H, S]
+            last = (probs[:, :, -1:], lse[:, :, -1:], oracle[:, None])  # ..., [H, 1, S]
+            self._track(layer, qg[:, :, -1:], idx[:, None], sel_k[:, None], st, last)
         return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+    def attend_forced(self, layer, q, k, v, pos, next_query=None):
+        """A teacher-forced block of one layer: the Tq new tokens are the next tokens of a known answer
+        (the gold-forced rows of an evaluation, PAPER.md "Gold-forced rows"), and each selects, fetches
+        and attends as its own decode step would (`attend` with one token): scores [P, Tq, N], the top-k
+        of every position, its own rows, and the answer tokens up to itself. So one call does the work
+        of Tq decode steps in a few large ops; only the shapes of the products change, so only the last
+        bits may. Not for a policy whose selection depends on the last step's state (Select.steps_only:
+        LRQK), which decodes step by step.
+
+        Unlike `attend` with Tq > 1 (one multi-token query step: the positions select once, together,
+        their scores summed: PAPER.md "ShadowKV, precisely"), no position here sees a later one.
+        """
+        if self.policy.select.steps_only:
+            raise ValueError(
+                f"the {self.policy.name} policy fits each new query to the rows the last decode step left: "
+                "it cannot be teacher-forced in one pass; decode it one token per step (attend)"
+            )
+        st = self.layers[layer]
+        B, n_heads, Tq, d = q.shape
+        H = k.shape[1]
+        G = n_heads // H
+        split = self.split
+        if next_query is not None and layer + 1 < len(self.layers):
+            self.speculated[layer + 1] = next_query[0]  # [n_heads, Tq, d]
+        qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d]
+        qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
+        q_select = self._selection_query(layer, st, qg, k) if st.marks is not None else None
+        st.exact.append(k[0], v[0])  # the block's tokens: position i sees the prompt and the answer up to i
+        L = st.exact.k.shape[1]
+        mask = torch.ones(Tq, L, dtype=torch.bool, device=q.device).tril(L - Tq).repeat(G, 1)  # [G*Tq, L]
+        if st.marks is None:  # a dense layer: every token is exact
+            out, _ = attention_lse(qf, st.exact.k, st.exact.v, mask)
+            if self.policy.track:
+                every = torch.ones(H, Tq, device=q.device)  # [H, Tq] all attended, all of the mass
+                self.stats.add(layer, every, every)
+            return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+        # 1. Each position scores the landmarks and keeps its own top-k chunks.
+        exact = self._exact_pass(layer, qg, each_position=True) if self.policy.track else None
+        if exact is not None and self.policy.select.is_exact_top_k and not split.outlier_chunks:
+            idx = exact[2]  # [H, Tq, S] the oracle's selections (see `attend`)
+        else:
+            idx = self.select(layer, q_select, each_position=True)  # [P, Tq, S] middle rows
+        P, _, S = idx.shape
+
+        # 2. Fetch every position's rows (resident ones: only what the position before did not hold).
+        if self.policy.keys.resident:
+            got = self._fetch_resident_forced(layer, st, idx)  # per name [P, Tq*S, d]
+        else:
+            got = self._finish_fetch(
+                st, idx.view(P, Tq * S), self._start_fetch(layer, st, idx.view(P, -1)), d
+            )
+
+        # 3. Attention over the exact tokens, causal over the answer ...
+        out_a, lse_a = attention_lse(qf, st.exact.k, st.exact.v, mask)  # [H, G*Tq, d], [H, G*Tq]
+
+        # 4. ... and each position over its own selected rows: a batch of P * Tq attentions, merged.
+        sel_k = st.keys.selected(got, idx.view(P, Tq * S), split, self.rope, q.dtype)  # [P, Tq*S, d]
+        rows_k, rows_v = sel_k.reshape(P * Tq, S, d), got["v"].reshape(P * Tq, S, d)  # [P*Tq, S, d]
+        if P == H:  # the G query heads of a KV head's group share its selection
+            out_b, lse_b = attention_lse(qg.transpose(1, 2).reshape(H * Tq, G, d), rows_k, rows_v)
+            out_b = out_b.view(H, Tq, G, d).transpose(1, 2).reshape(H, G * Tq, d)  # [H, G*Tq, d]
+            lse_b = lse_b.view(H, Tq, G).transpose(1, 2).reshape(H, G * Tq)  # [H, G*Tq]
+        else:  # each query head attends its own selection
+            out_b, lse_b = attention_lse(qg.reshape(P * Tq, 1, d), rows_k, rows_v)  # [P*Tq, 1, d], [P*Tq, 1]
+            out_b, lse_b = out_b.view(H, G * Tq, d), lse_b.view(H, G * Tq)
+        out = merge_attention(out_a, lse_a, out_b, lse_b)  # [H, G*Tq, d]
+
+        self.last_selected[layer] = idx + split.sink  # [P, Tq, S] absolute positions
+        if self.policy.track:
+            self._track(layer, qg, idx, sel_k.view(P, Tq, S, d), st, exact)
+        return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+    def _fetch_resident_forced(self, layer, st, idx) -> dict:
+        """The rows of a teacher-forced block for a policy that keeps them resident (Keys.resident:
+        ArkVale's pages): position i finds on the device what position i - 1 selected (the block's first
+        position: what the last call left, st.resident), as its decode step would, and only the other
+        rows, the misses, are fetched and counted. A row selected again is the bytes fetched at the start
+        of its run (or resident from the last call): every copy of a (head, row) is the same, so each
+        selected row is read from any of them. Returns per name [P, Tq*S, d]; leaves st.resident as the
+        block's last position has it, and counts the hits."""
+        P, Tq, S = idx.shape
+        H, M = st.exact.k.shape[0], self.split.n_chunks * self.split.chunk
+        before = idx[:, :-1]  # [P, Tq - 1, S] the selection each later position finds on the device
+        if st.resident is not None:
+            before = torch.cat([st.resident.idx[:, None], before], dim=1)  # [P, Tq, S]
+        after = idx[:, Tq - before.shape[1] :].contiguous()  # [P, T', S] the positions that have one
+        slot = torch.searchsorted(before.contiguous(), after).clamp_(max=S - 1)  # [P, T', S]
+        hit = torch.zeros_like(idx, dtype=torch.bool)  # [P, Tq, S]
+        hit[:, Tq - before.shape[1] :] = before.gather(2, slot) == after
+        miss = (~hit).nonzero(as_tuple=True)  # ([n], [n], [n]): head, position and place of each miss
+        names = st.keys.fetched
+        fetched = self.store.fetch(layer, names, idx[miss], heads=miss[0] // (P // H)).wait()  # [n, d] each
+        head = torch.arange(P, device=idx.device)
+        have = miss[0] * M + idx[miss]  # [n] (head, row) of each fetched copy
+        sources = dict(zip(names, fetched))
+        if st.resident is not None:  # the rows the last call left on the device
+            have = torch.cat([(head[:, None] * M + st.resident.idx).flatten(), have])  # [P*S + n]
+            sources = {n: torch.cat([st.resident.rows[n].flatten(0, 1), sources[n]]) for n in names}
+        have, order = have.sort(stable=True)
+        want = (head[:, None, None] * M + idx).flatten()  # [P*Tq*S]
+        at = order[torch.searchsorted(have, want)]  # each selected row's copy
+        rows = {n: sources[n][at].view(P, Tq * S, -1) for n in names}  # [P, Tq*S, d]
+        st.resident = Resident(
+            idx[:, -1], {n: r.view(P, Tq, S, -1)[:, -1].contiguous() for n, r in rows.items()}
+        )
+        self.stats.add_hits(int(hit.sum()), hit.numel())
+        return rows
 
     def _selection_query(self, layer, st, qg, k) -> torch.Tensor:
         """The query step 1 scores the landmarks with, [H, G, Tq, d']: this step's own query; the one the
@@ -1014,58 +1142,73 @@ class SparseCache:
         self.stats.add_hits(int(hit.sum()), hit.numel())
         return rows
 
-    def _exact_pass(self, layer, qg):
-        """The tracking pass's exact scores: the logits of the queries qg [H, G, Tq, d] against every
-        exact middle key, [H, G, Tq, M], and the oracle's selection from them at this policy's budget,
-        [H, S] (PAPER.md "The paper's method", the oracle)."""
-        logits = landmarks.landmark_logits(qg, self.stats.exact_k[layer])  # [H, G, Tq, M]
-        oracle = landmarks.select_topk(landmarks.scores_from_logits(logits), self.split.selected)  # [H, S]
-        return logits, oracle
+    def _exact_pass(self, layer, qg, each_position=False):
+        """The tracking pass: the softmax of the queries qg [H, G, Tq, d] over every exact middle key,
+        probs [H, G, Tq, M], with its log-sum-exp [H, G, Tq, 1] (for the attention mass, `_track`), and the
+        oracle's selection from them at this policy's budget, [H, S] (PAPER.md "The paper's method", the
+        oracle), or each position's, [H, Tq, S]."""
+        logits = landmarks.landmark_logits(qg, self.layers[layer].exact_k)  # [H, G, Tq, M]
+        probs = logits.softmax(dim=-1)  # [H, G, Tq, M]
+        # the largest probability is exp(max logit - lse): the lse without another pass over the logits
+        lse = logits.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()  # [H, G, Tq, 1]
+        scores = landmarks.softmax_max(probs, each_position)  # [H, (Tq,) M]
+        oracle = landmarks.select_topk(scores.flatten(0, -2), self.split.selected)  # [H (* Tq), S]
+        return probs, lse, oracle.view(*scores.shape[:-1], -1)  # ..., [H, (Tq,) S]
 
     def _track(self, layer, qg, idx, sel_k, st, exact):
-        """Selection recall against the oracle, attention mass captured, key rebuild error.
+        """Selection recall against the oracle, attention mass captured, key rebuild error, at Ts query
+        positions: qg [H, G, Ts, d] their queries, idx [P, Ts, S] the middle rows each attends, sel_k
+        [P, Ts, S, d] their keys, exact = (logits [H, G, Ts, M], oracle [H, Ts, S]) from _exact_pass. A
+        decode step tracks its one selection at its last position (Ts = 1); a teacher-forced block
+        (`attend_forced`) each position's own (Ts = Tq), each position seeing the answer up to itself.
 
-        One exact pass (`exact`, from _exact_pass): the logits of the query against the exact middle
-        keys give both the oracle's selection (same rule, same budget) and, with the exact tokens, the
-        exact attention weights whose share on the attended tokens is the attention mass: the weight on
-        (selected + outlier) middle tokens + sink + local + generated, over the weight on every token,
-        each counted once (ShadowKV's outlier tokens are middle tokens that also sit among the exact ones).
-        A policy that selects per query head is scored per query head: its recall is the share of its
-        KV head's oracle tokens each query head attends, its mass each query head's own.
+        One exact pass: the softmax of the query over the exact middle keys gives both the oracle's
+        selection (same rule, same budget) and, with the exact tokens, the exact attention weights whose
+        share on the attended tokens is the attention mass: the weight on (selected + outlier) middle
+        tokens + sink + local + generated, over the weight on every token, each counted once (ShadowKV's
+        outlier tokens are middle tokens that also sit among the exact ones). A policy that selects per
+        query head is scored per query head: its recall is the share of its KV head's oracle tokens each
+        query head attends, its mass each query head's own.
         """
-        H, G, Tq, d = qg.shape
+        H, G, Ts, d = qg.shape
         split = self.split
-        k_mid = self.stats.exact_k[layer]  # [H, M, d]
-        logits, oracle = exact  # [H, G, Tq, M], [H, S] (_exact_pass)
+        k_mid = self.layers[layer].exact_k  # [H, M, d]
+        probs, lse_mid, oracle = exact  # [H, G, Ts, M], [H, G, Ts, 1], [H, Ts, S]
         attended = idx
         if split.outlier_chunks:  # ShadowKV also attends its outlier tokens exactly
             out_pos = (
                 st.exact.prompt_pos[:, split.sink : split.sink + split.outlier_tokens] - split.sink
             )  # [H, n_out*c]
-            attended = torch.cat([idx, out_pos], dim=1)
-        hit = torch.zeros(idx.shape[0], k_mid.shape[1], dtype=torch.bool, device=k_mid.device).scatter_(
-            1, attended, True
-        )  # [P, M]
-        if idx.shape[0] == H:
-            recall = hit.gather(1, oracle).float().mean(1)  # [H]
-            hit_w = hit[:, None, None]  # [H, 1, 1, M]
+            attended = torch.cat([idx, out_pos[:, None].expand(-1, Ts, -1)], dim=2)  # [H, Ts, S + n_out*c]
+        P = idx.shape[0]
+        hit = torch.zeros(P, Ts, k_mid.shape[1], dtype=torch.bool, device=k_mid.device).scatter_(
+            2, attended, True
+        )  # [P, Ts, M]
+        if P == H:
+            recall = hit.gather(2, oracle).float().mean(2)  # [H, Ts]
+            attended = attended[:, None].expand(-1, G, -1, -1)  # [H, G, Ts, S'] each query head's rows
         else:  # per query head
-            per_q = hit.view(H, G, -1)  # [H, G, M]
-            recall = per_q.gather(2, oracle[:, None].expand(-1, G, -1)).float().mean((1, 2))  # [H]
-            hit_w = per_q[:, :, None]  # [H, G, 1, M]
-        # exact attention weights of the last query position over prompt middle + exact tokens
-        q_last = qg[:, :, -1:]  # later generated tokens are masked for earlier queries: use the last one
+            per_q = hit.view(H, G, Ts, -1)  # [H, G, Ts, M]
+            recall = per_q.gather(3, oracle[:, None].expand(-1, G, -1, -1)).float().mean((1, 3))  # [H, Ts]
+            attended = attended.view(H, G, Ts, -1)  # [H, G, Ts, S']
+        # the exact softmax over prompt middle + exact tokens: the middle's weights are probs * e^(lse_mid - lse)
         rest = st.exact.k
         if split.outlier_chunks:  # the outlier tokens are in the middle already: count them once
             rest = torch.cat([rest[:, : split.sink], rest[:, split.sink + split.outlier_tokens :]], dim=1)
-        logits_rest = landmarks.landmark_logits(q_last, rest)  # [H, G, 1, sink + local + Tg]
-        lse = torch.logsumexp(torch.cat([logits[:, :, -1:], logits_rest], dim=-1), dim=-1, keepdim=True)
-        mass = ((logits[:, :, -1:] - lse).exp() * hit_w).sum(-1) + (logits_rest - lse).exp().sum(-1)
+        logits_rest = landmarks.landmark_logits(qg, rest)  # [H, G, Ts, sink + local + Tg]
+        if Ts > 1:  # position i of a forced block sees the answer up to itself (the last Ts exact tokens)
+            R = rest.shape[1]
+            sees = torch.ones(Ts, R, dtype=torch.bool, device=qg.device).tril(R - Ts)  # [Ts, R]
+            logits_rest = logits_rest.masked_fill(~sees, float("-inf"))
+        lse = torch.logaddexp(lse_mid, logits_rest.logsumexp(dim=-1, keepdim=True))  # [H, G, Ts, 1]
+        middle = probs.gather(3, attended).sum(-1) * (lse_mid - lse)[..., 0].exp()  # [H, G, Ts]
+        mass = middle + (logits_rest - lse).exp().sum(-1)  # [H, G, Ts]
         key_err = None
         if self.policy.keys.source == "low_rank":
-            true_k = k_mid.gather(1, idx[..., None].expand(-1, -1, d)).float()
-            key_err = (sel_k.float() - true_k).pow(2).sum() / true_k.pow(2).sum()  # 0-d
-        self.stats.add(layer, recall, mass.mean((1, 2)), key_err)
+            true_k = k_mid[:, None].expand(-1, Ts, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, d))
+            err = (sel_k.float() - true_k.float()).pow(2).sum((0, 2, 3))  # [Ts]
+            key_err = err / true_k.float().pow(2).sum((0, 2, 3))  # [Ts]
+        self.stats.add(layer, recall, mass.mean(1), key_err)
 
     # ---------------------------------------------------------------- memory accounting
     def memory(self, exact_bytes=2) -> dict:
@@ -1193,7 +1336,6 @@ class Stats:
         self.key_err = torch.zeros(n_layers, device=device)
         self.steps = torch.zeros(n_layers, device=device)
         self.landmark_error = [None] * n_layers  # relative squared error of quantized landmarks
-        self.exact_k = [None] * n_layers
         self.hits = 0  # Keys.resident: selected rows that were on the device already ...
         self.selected = 0  # ... of all the rows selected
 
@@ -1202,12 +1344,14 @@ class Stats:
         self.selected += selected
 
     def add(self, layer, recall, mass, key_err=None):
-        """One step of one layer: recall and mass per head ([H] each), key_err a 0-d tensor or None."""
-        self.recall[layer] += recall.mean()
-        self.mass[layer] += mass.mean()
+        """Ts decode positions of one layer: recall and mass per head and position ([H, Ts] each), key_err
+        per position ([Ts]) or None. Each position counts once, as one decode step: the mean over the
+        heads of a position, summed over the positions."""
+        self.recall[layer] += recall.mean(0).sum()
+        self.mass[layer] += mass.mean(0).sum()
         if key_err is not None:
-            self.key_err[layer] += key_err
-        self.steps[layer] += 1
+            self.key_err[layer] += key_err.sum()
+        self.steps[layer] += recall.shape[1]
 
     def summary(self):
         n = self.steps.clamp(min=1)
@@ -1253,6 +1397,24 @@ class StackedCache:
             for i, c in enumerate(self.caches)
         ]
         return torch.cat(outs, dim=0)  # [B, n_heads, T, head_dim]
+
+
+class TeacherForced:
+    """A cache fed a known answer several tokens per call (teacher forcing: the gold-forced rows of an
+    evaluation, PAPER.md "Gold-forced rows"): the model's `attend` calls go to the cache's
+    `attend_forced`, where each new token selects, fetches and attends as its own decode step would.
+    model(answer_ids, TeacherForced(cache)) is then the decode loop's arithmetic in one forward."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.asks = cache.asks
+
+    @property
+    def seq_len(self) -> int:
+        return self.cache.seq_len
+
+    def attend(self, layer, q, k, v, pos, **asked):
+        return self.cache.attend_forced(layer, q, k, v, pos, **asked)
 
 
 # -------------------------------------------------------------------- attention pieces

@@ -70,9 +70,16 @@ def landmark_logits(q: Tensor, landmarks) -> Tensor:
     return logits.view(H, G, Tq, -1)
 
 
-def scores_from_logits(logits: Tensor) -> Tensor:
-    """[H_kv, G, Tq, N] logits -> [H_kv, N]: softmax over N, sum over positions, max over the group."""
-    probs = logits.softmax(dim=-1)  # [H, G, Tq, N]
+def scores_from_logits(logits: Tensor, each_position: bool = False) -> Tensor:
+    """[H_kv, G, Tq, N] logits -> [H_kv, N]: softmax over N, sum over the Tq positions, max over the group.
+    each_position: no sum, one score row per position, [H_kv, Tq, N] (see `score`)."""
+    return softmax_max(logits.softmax(dim=-1), each_position)
+
+
+def softmax_max(probs: Tensor, each_position: bool = False) -> Tensor:
+    """The rest of the rule, from the softmax probs [H_kv, G, Tq, N]: [H_kv, N] or [H_kv, Tq, N]."""
+    if each_position:
+        return probs.amax(dim=1)  # [H, Tq, N]
     per_head = probs[:, :, 0] if probs.shape[2] == 1 else probs.sum(dim=2)  # [H, G, N] (one position: no sum)
     return per_head.amax(dim=1)  # [H, N]
 
@@ -98,10 +105,11 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
         return torch.empty(H, 0, dtype=torch.int64, device=scores.device)
     kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # [H, 1] the k-th largest
     keep = scores >= kth  # [H, N]
-    counts = keep.sum(dim=1)  # [H] k, or more when scores tie the k-th (a nan is never kept)
-    has_nan = scores.isnan().any()
-    if bool((counts != k).any() | has_nan):  # the rare cases, behind one check (one GPU sync)
-        if bool(has_nan):
+    counts = keep.sum(dim=1)  # [H] k, or more when scores tie the k-th
+    # A nan ranks above every number in topk, so a row holding one has kth = nan, keeps nothing and
+    # counts 0: the rare cases, behind one check (one GPU sync), include it.
+    if bool((counts != k).any()):
+        if bool(scores.isnan().any()):
             raise ValueError("select_topk: scores contain nan")
         # ties at the k-th score: take them lowest index first
         above = scores > kth  # [H, N]
@@ -459,7 +467,7 @@ SCORE_RULES = ("softmax_max", "mean_query", "dot")
 GRANULARITIES = ("kv_head", "query_head")  # who selects: each KV head for its group, or each query head
 
 
-def score(q: Tensor, marks, rule: str = "softmax_max", per: str = "kv_head") -> Tensor:
+def score(q: Tensor, marks, rule: str = "softmax_max", per: str = "kv_head", each_position=False) -> Tensor:
     """One score per landmark and KV head, [H_kv, N] float32, or per query head, [H_kv * G, N]. q: [H_kv, G,
     Tq, d], the queries of the G query heads of each KV head's GQA group (for LRQK its coordinates).
 
@@ -472,6 +480,11 @@ def score(q: Tensor, marks, rule: str = "softmax_max", per: str = "kv_head") -> 
     positions, then averaged over the group (ArkVale, PAPER.md "ArkVale") or kept per query head.
     per="query_head" skips the group step: every query head selects its own landmarks.
 
+    The Tq positions: a decode step of Tq new tokens selects once for all of them (the sum above:
+    PAPER.md "ShadowKV, precisely", "summed over query positions"). each_position=True skips that sum
+    and scores every position on its own, [P, Tq, N], exactly as a decode step of that one position
+    would (Tq = 1): what a teacher-forced pass over a known answer needs (PAPER.md "Gold-forced rows").
+
     Landmarks in `marks.removed` (ShadowKV's outlier chunks, already attended exactly) leave before the
     softmax, so they take no share of any head's sum, and score -inf, so they are never selected:
     masking the logits alone is not enough, since when every other probability underflows to 0 the
@@ -480,27 +493,31 @@ def score(q: Tensor, marks, rule: str = "softmax_max", per: str = "kv_head") -> 
     if q.dim() != 4:
         raise ValueError(f"score: expected q [H_kv, G, Tq, d], got shape {tuple(q.shape)}")
     H, G, Tq, _ = q.shape
-    if q.dim() != 4 or marks.shape[0] not in (H, H * G) or marks.shape[2] != q.shape[3]:
+    if marks.shape[0] not in (H, H * G) or marks.shape[2] != q.shape[3]:
         raise ValueError(
             f"score: landmarks {marks.shape} do not match q {tuple(q.shape)} (need q [H_kv, G, Tq, d] with "
             "one landmark set per KV head or per query head)"
         )
+    sum_positions = (lambda x: x.sum(dim=2)) if not each_position else (lambda x: x)
     if rule == "mean_query":
         if per != "kv_head":
             raise ValueError("the mean_query rule scores with the group's mean query: it selects per KV head")
         qm = q.float().mean(dim=1, keepdim=True)  # [H, 1, Tq, d]
-        scores = marks.logits(qm).sum(dim=2)[:, 0] * math.sqrt(q.shape[-1])  # [H, N], the 1/sqrt(d) undone
+        scores = sum_positions(marks.logits(qm))[:, 0] * math.sqrt(
+            q.shape[-1]
+        )  # [H, (Tq,) N], 1/sqrt(d) undone
     else:
         logits = marks.logits(q)  # [H, G, Tq, N]
         if marks.removed is not None:  # out before the softmax
             logits = logits.masked_fill(marks.removed[:, None, None], float("-inf"))
         if rule == "dot":
-            per_head = logits.sum(dim=2)  # [H, G, N]
+            per_head = sum_positions(logits)  # [H, G, (Tq,) N]
             scores = per_head.flatten(0, 1) if per == "query_head" else per_head.mean(dim=1)
         elif per == "query_head":
-            scores = logits.softmax(dim=-1).sum(dim=2).flatten(0, 1)  # [H*G, N]
+            scores = sum_positions(logits.softmax(dim=-1)).flatten(0, 1)  # [H*G, (Tq,) N]
         else:
-            scores = scores_from_logits(logits)  # [H, N]
+            scores = scores_from_logits(logits, each_position)  # [H, (Tq,) N]
     if marks.removed is not None:  # and never selected, whatever the rule
-        scores = scores.masked_fill(marks.removed, float("-inf"))
+        removed = marks.removed if not each_position else marks.removed[:, None]  # [P, (1,) N]
+        scores = scores.masked_fill(removed, float("-inf"))
     return scores

@@ -113,7 +113,7 @@ class OffloadStore:
         for x, ts in zip(stored, parts):  # regroup the fetched parts of each entry, by their names
             got, i = dict(zip(ts, outs[i : i + len(ts)])), i + len(ts)
             rebuilt.append(got["tensor"] if isinstance(x, torch.Tensor) else replace(x, **got))
-        return Fetch(rebuilt, event, staging)
+        return Fetch(rebuilt, event, staging, next(iter(flats.values())))
 
 
 def _parts(x) -> dict:
@@ -135,14 +135,32 @@ def _rows_are_a_table(x):
 class Fetch:
     """Copies in flight. wait() makes the current stream wait for them and returns the tensors."""
 
-    def __init__(self, outs, event, staging):
+    def __init__(self, outs, event, staging, rows):
         self.outs, self.event, self.staging = outs, event, staging  # keep staging alive until the copy ends
+        self.rows = rows  # [n] which stored row each fetched row is (on the store's home)
 
     def wait(self):
-        """The fetched rows, [H, k, ...] each; quantized entries dequantized on the device."""
+        """The fetched rows, [H, k, ...] each; quantized entries dequantized on the device, each stored
+        row once however often it was fetched (a token that several heads, or several positions of a
+        teacher-forced block, select: the same bytes, so the same values)."""
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
             for out in self.outs:
                 for t in _parts(out).values():
                     t.record_stream(torch.cuda.current_stream())
-        return [out if isinstance(out, torch.Tensor) else quantize.dequantize(out) for out in self.outs]
+        if all(isinstance(out, torch.Tensor) for out in self.outs):
+            return self.outs
+        distinct, where = torch.unique(self.rows, return_inverse=True)  # [U], [n]
+        first = torch.empty_like(distinct).scatter_(0, where, torch.arange(len(where)))  # [U] one of each
+        first, where = first.to(self.outs[0].codes.device), where.to(self.outs[0].codes.device)
+        return [
+            out if isinstance(out, torch.Tensor) else _dequantize_once(out, first, where) for out in self.outs
+        ]
+
+
+def _dequantize_once(qx, first, where):
+    """qx [..., C] of n fetched rows (quantize.Quantized), dequantized: the rows `first` [U], once each,
+    then spread to every fetched row (`where` [n]: which of them each is). [..., C] float32."""
+    lead = qx.codes.shape[:-1]  # [..., n rows in all]
+    rows = quantize.map_tensors(qx, lambda t: t.reshape(-1, t.shape[-1])[first])  # [U, ...]
+    return quantize.dequantize(rows)[where].view(*lead, qx.channels)  # [..., C]

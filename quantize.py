@@ -753,7 +753,7 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     a row is x = R(grid[codes] * s / sqrt(g)) per group, and the rotation R (one Hadamard matrix, or
     Hadamard blocks for a group that is not a power of 2) is symmetric and orthonormal, so
     q . x = sum over groups of s / sqrt(g) * (R(q) . grid[codes]). The dot
-    products of each rotated d-dim piece of q with all n grid points form a small table [Q, C/d, n];
+    products of each rotated d-dim piece of q with all n grid points form a small table [C/d, n, Q];
     a landmark's score is then, per scale group, a sum of table entries picked by its codes (one
     `embedding_bag` call, reading one byte per code), times the group's scale. Other formats are
     dequantized (they are the comparison points).
@@ -770,8 +770,9 @@ def quantized_dot(q: Tensor, qx) -> Tensor:
     P, n, G = C // fmt.d, fmt.n, C // g  # pieces per row, grid points, scale groups per row
     grid = _grid_on(fmt, q.device)  # [n, d]
     q_rot = _rotate_group(q.float().reshape(H, Q, G, g)) / math.sqrt(g)  # [H, Q, G, g]: each group of q
-    table = q_rot.reshape(H, Q, P, fmt.d) @ grid.T  # [H, Q, P, n]: piece p of q . grid point j (/ sqrt(g))
-    table = table.permute(0, 2, 3, 1).reshape(H * P * n, Q)  # [H*P*n, Q]: row (h, p, j)
+    pieces = q_rot.reshape(H, Q, P, fmt.d).permute(0, 2, 3, 1)  # [H, P, d, Q]: piece p of every query
+    # [H*P*n, Q]: row (h, p, j) holds piece p of every query . grid point j (/ sqrt(g)), for the bags
+    table = (grid @ pieces).view(H * P * n, Q)
     # [H, P]: the table row of (h, p, grid point 0)
     offset = torch.arange(0, H * P * n, n, dtype=torch.int32, device=q.device).view(H, P)
     out = torch.empty(H, Q, N, device=q.device)  # [H, Q, N] float32

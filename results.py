@@ -88,6 +88,7 @@ RUN_FIELDS = (
     "dtype",
     "max_new_tokens",
     "free_run",
+    "gold_path",
     "group",
     "outliers",
     "score_rule",
@@ -120,8 +121,9 @@ TASK_ROW_FIELDS = {"longproc": {"precision": "num?", "recall": "num?", "extracte
 # run.json: these settings (RUN_FIELDS and the format) always, the others when present
 RUN_KINDS = {
     "format": "int", "task": "task", "model": "str", "data": "str?", "tokens": "int", "seed": "int",
-    "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "group": "str?", "outliers": "scalar?",
-    "score_rule": "str?", "chat": "bool", "command": "str", "max_positions": "int?", "skipped": "counts",
+    "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "gold_path": "path", "group": "str?",
+    "outliers": "scalar?", "score_rule": "str?", "chat": "bool", "command": "str", "max_positions": "int?",
+    "skipped": "counts",
 }
 # fmt: on
 ROW_FIX = "delete the line to redo it, or rerun into a fresh --out"
@@ -266,6 +268,7 @@ KINDS = {  # the kinds of ROW_FIELDS and RUN_KINDS: (in words, for the one-line 
     "records": ("a list of {depth, tokens, hits}", lambda x: isinstance(x, list) and all(map(_is_record, x))),
     "task": ("text2json, needle or longproc", lambda x: x in ("text2json", "needle", "longproc")),
     "scalar": ("a number or a string", lambda x: _is_num(x) or isinstance(x, str)),
+    "path": ("pass or loop", lambda x: x in ("pass", "loop")),
     "counts": ("an object of integers", lambda x: isinstance(x, dict) and all(map(_is_int, x.values()))),
 }
 
@@ -331,8 +334,10 @@ def read_run(out):
         raise ValueError(f"{path}: cannot read it ({err.strerror}): {RUN_FIX}") from None
     if not isinstance(run, dict):
         raise ValueError(f"{path}: {_json_kind(run)}, not the settings of a run (a JSON object): {RUN_FIX}")
-    if "format" not in run and all(f in run for f in RUN_FIELDS):
+    if "format" not in run and all(f in run for f in RUN_FIELDS if f != "gold_path"):
         check_format(out, run)  # a folder of an older evaluate.py
+    if "format" in run:  # a folder written before the teacher-forced pass decoded its gold rows step by step
+        run.setdefault("gold_path", "loop")
     fields = {f: k for f, k in RUN_KINDS.items() if f in RUN_FIELDS + ("format",) or f in run}
     complaint = _kind_complaint(fields, run, "run.json")
     if complaint:
@@ -465,16 +470,26 @@ def _compare(values, ref, index):
     return [float(d.nanmean()), *ci] if ci else None
 
 
-def _depth_accuracy(rs):
-    """Fact accuracy per depth bin (DEPTH_BINS equal shares of the prompt), pooled over samples."""
-    hits, tokens = [0] * DEPTH_BINS, [0] * DEPTH_BINS
+def _depth_accuracy(rs, samples, index):
+    """Fact accuracy per depth bin (DEPTH_BINS equal shares of the prompt), pooled over samples, and its
+    95% interval per bin from the run's paired bootstrap (`index`: each resample pools the facts of its
+    samples): ([bins] accuracy or None, [bins] [lo, hi] or None), or (None, None) without fact tokens."""
+    hits = torch.zeros(len(samples) + 1, DEPTH_BINS, dtype=torch.float64)  # [n + 1, bins]: + a row of 0s
+    tokens = torch.zeros_like(hits)
+    row_of = {s: i for i, s in enumerate(samples)}
     for r in rs:
         for rec in r.get("per_record") or []:
             if rec["depth"] is not None and rec["tokens"]:
                 b = min(int(rec["depth"] * DEPTH_BINS / 100), DEPTH_BINS - 1)
-                hits[b] += rec["hits"]
-                tokens[b] += rec["tokens"]
-    return [h / t if t else None for h, t in zip(hits, tokens)] if any(tokens) else None
+                hits[row_of[r["sample"]], b] += rec["hits"]
+                tokens[row_of[r["sample"]], b] += rec["tokens"]
+    if not tokens.any():
+        return None, None
+    total = tokens.sum(0)  # [bins]
+    accuracy = [float(h / t) if t else None for h, t in zip(hits.sum(0), total)]
+    resampled = hits[index].sum(1) / tokens[index].sum(1)  # [R, bins], NaN where a resample has no fact
+    bands = [interval(resampled[:, b]) if total[b] else None for b in range(DEPTH_BINS)]
+    return accuracy, bands
 
 
 def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
@@ -549,8 +564,10 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
     for s in summary:
         rs = groups[s["key"]]
         del s["values"]
+        depth, depth_ci = _depth_accuracy(rs, samples, index)
         s.update(
-            depth_accuracy=_depth_accuracy(rs),
+            depth_accuracy=depth,
+            depth_ci=depth_ci,
             recall_per_layer=_mean_lists(r["recall_per_layer"] for r in rs),
             mass_per_layer=_mean_lists(r["mass_per_layer"] for r in rs),
         )
@@ -713,8 +730,9 @@ def save_png(fig, path):
 
 
 def plot_depth(summary, path):
-    """Fact accuracy against the depth of the record in the prompt, one line per configuration
-    (PAPER.md "The problem": whether a policy loses the facts of some part of the prompt)."""
+    """Fact accuracy against the depth of the record in the prompt, one line per configuration with its
+    95% interval as a band (PAPER.md "The problem": whether a policy loses the facts of some part of the
+    prompt; a dip whose band overlaps the others' is noise)."""
     rows = [r for r in summary if r["depth_accuracy"] is not None]
     if not rows:
         if path.exists():
@@ -726,7 +744,11 @@ def plot_depth(summary, path):
     centres = [100 * (i + 0.5) / DEPTH_BINS for i in range(DEPTH_BINS)]
     for r in rows:
         ys = [math.nan if y is None else y for y in r["depth_accuracy"]]
-        ax.plot(centres, ys, marker="o", label=_name(r), linestyle="--" if r["method"] == "full" else "-")
+        (line,) = ax.plot(
+            centres, ys, marker="o", label=_name(r), linestyle="--" if r["method"] == "full" else "-"
+        )
+        lo, hi = ([math.nan if b is None else b[i] for b in r["depth_ci"]] for i in (0, 1))
+        ax.fill_between(centres, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xlabel("depth of the record in the prompt (%)")
     ax.set_ylabel("fact accuracy (gold-forced)")
     ax.set_xlim(0, 100)

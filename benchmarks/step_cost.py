@@ -77,9 +77,10 @@ def decode(m, prefilled, policies, gold, steps, tracked):
         logits = evaluate.forward_rows(m, rows, m.embed_tokens.weight.device)  # [len(rows), vocab]
         forward.append(time.perf_counter() - t0)
         # as the run does: each row against full attention's (row 0); the next step feeds the next gold token
-        ref_logp, ref_top = torch.log_softmax(logits[0], dim=-1), int(logits[0].argmax())  # [vocab], top-1
+        ref = logits[:1]  # [1, vocab]
+        ref_logp, ref_top = torch.log_softmax(ref, dim=-1), ref.argmax(dim=-1)  # [1, vocab], [1]
         for r, row_logits in zip(rows, logits):
-            r.observe(row_logits, ref_logp, ref_top)
+            r.observe(row_logits[None], ref_logp, ref_top)
         for p, r, b in zip(policies, rows[1:], before[1:]):
             spent[p.name].append(r.cache.seconds - b)
     return forward, spent
@@ -101,9 +102,9 @@ def op_counts(m, prefilled, policies, gold, steps=3):
         row = evaluate.GoldRow(p, Labelled(from_prefill(prefilled, override(p, track=True), m.rope)), gold)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                logits = evaluate.forward_rows(m, [row], m.embed_tokens.weight.device)[0]  # [vocab]
+                logits = evaluate.forward_rows(m, [row], m.embed_tokens.weight.device)  # [1, vocab]
                 # no reference row here: the row is its own; the next step feeds the next gold token
-                row.observe(logits, torch.log_softmax(logits, dim=-1), int(logits.argmax()))
+                row.observe(logits, torch.log_softmax(logits, dim=-1), logits.argmax(dim=-1))
         direct = [
             e
             for e in prof.events()

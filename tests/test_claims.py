@@ -128,6 +128,45 @@ def test_write_gives_a_verdict_a_rule_and_a_figure_per_claim(tmp_path):
         assert (tmp_path / c["figure"]).is_file()
 
 
+def test_each_figure_draws_what_its_rule_decides_on(tmp_path, monkeypatch):
+    """A claim's figure shows the quantities its rule decides on (paired differences, the slope, the
+    losses), each with its interval, against 0 and the margin; not the configurations' own accuracies."""
+    values = {name: shifted(BASE, -0.1 * (name != "full")) for name in CONFIGS["text2json"]}
+    ev = evidence(values, {"full": BASE, "shadowkv": shifted(BASE, -0.02)})
+    drawn = {}
+    real = claims.Figure
+
+    def watch(*a, **kw):
+        fig = real(*a, **kw)
+        drawn["fig"] = fig
+        return fig
+
+    monkeypatch.setattr(claims, "Figure", watch)
+    want = {
+        1: ["shadowkv - full"],
+        5: ["quantized 2b - oracle", "quantized 4b - oracle"],
+        4: ["mean c8 - oracle", "slope per doubling"],
+        7: ["loss on Text2JSON", "L(Text2JSON) - 2 L(NeedleBench)"],
+        8: [f"{b} - paper" for b in claims.BASELINES],
+    }
+    for claim, finding in claims.decide(ev):
+        assert claims.plot(claim, finding, tmp_path / f"c{claim.number}.png")
+        ax = drawn["fig"].axes[0]
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert labels == list(finding.decided) and all(label in finding.figures for label in labels)
+        if claim.number in want:
+            assert labels == want[claim.number]
+        lines = {round(x, 6) for line in ax.lines for x in line.get_xdata()}  # the errorbar and the 0 line
+        assert 0.0 in lines and round(finding.figures[labels[0]][0], 6) in lines
+        shaded = [p.get_x() for p in ax.patches]  # the margin band
+        if finding.rule == "close":
+            assert shaded == [pytest.approx(-MARGIN)] and ax.patches[0].get_width() == pytest.approx(
+                2 * MARGIN
+            )
+        elif finding.rule == "loss":
+            assert shaded == [pytest.approx(-MARGIN)] and ax.patches[0].get_width() == pytest.approx(MARGIN)
+
+
 # ------------------------------------------------------------------------------------ end to end
 TINY_CLAIMS = ["--tokens", "2048", "--n", "2", "--max-new-tokens", "6"]
 

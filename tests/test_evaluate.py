@@ -4,6 +4,7 @@ plain per-policy decoding, resume, shard + merge, and one-line errors on bad inp
 import json
 import shutil
 
+import matplotlib
 import pytest
 import torch
 
@@ -526,6 +527,34 @@ def test_bootstrap_is_seeded_and_covers_the_estimate():
     ).endswith("*")
 
 
+def test_fact_vs_depth_has_a_band_per_configuration(tmp_path, monkeypatch):
+    """fact_vs_depth.png draws each configuration's 95% interval per depth bin as a band: from the run's
+    paired bootstrap, each resample pooling the facts of its samples, so a bin whose facts sit in few
+    samples gets a wide band, and a bin of one sample's facts a degenerate one."""
+    full, low = [0.8, 0.6, 0.7, 0.9], [0.3, 0.6, 0.2, 0.5]
+    rows = synthetic_rows(full, low)
+    for r in rows:  # two records a sample: depth 5% (every sample), depth 95% (sample 0 only)
+        hits = round(10 * r["fact_accuracy"])
+        r["per_record"] = [dict(depth=5.0, tokens=10, hits=hits)]
+        if r["sample"] == "0":
+            r["per_record"].append(dict(depth=95.0, tokens=4, hits=2))
+    summary = results.summarize(rows)
+    for s, values in zip(summary, (full, low)):
+        first, last = s["depth_ci"][0], s["depth_ci"][-1]
+        assert s["depth_accuracy"][0] == pytest.approx(sum(round(10 * v) for v in values) / 40)
+        assert first[0] < s["depth_accuracy"][0] < first[1]  # 4 samples: a real band
+        assert s["depth_ci"][1:-1] == [None] * (results.DEPTH_BINS - 2)  # no fact there
+        assert last[0] == last[1] == s["depth_accuracy"][-1] == 0.5  # one sample's facts
+    drawn = {}
+    real = results.Figure
+    monkeypatch.setattr(results, "Figure", lambda *a, **kw: drawn.setdefault("fig", real(*a, **kw)))
+    assert results.plot_depth(summary, tmp_path / "depth.png")
+    ax = drawn["fig"].axes[0]
+    assert len(ax.lines) == len(ax.collections) == 2  # a line and a band per configuration
+    for line, band in zip(ax.lines, ax.collections):
+        assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(matplotlib.colors.to_rgb(line.get_color()))
+
+
 def test_summary_does_not_depend_on_row_order():
     full = [0.5, 0.7, 0.9, 0.6]
     rows = synthetic_rows(full, [0.4, 0.7, 0.5, 0.6])
@@ -615,3 +644,104 @@ def test_shards_merged_equal_one_run(gold_run, ckpt, tmp_path, no_plots):
     merged = ["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]
     assert evaluate.main(merged) == 0
     same_files(tmp_path / "m", gold_run)
+
+
+# ----------------------------------------------------------------------------- the teacher-forced pass
+@torch.inference_mode()
+def gold_rows(model, ids, gold_ids, policies, forced, monkeypatch, calibration=None):
+    """decode_sample's gold rows through one path, and the logits each observed ({key: [n, vocab]})."""
+    seen = {}
+    real = evaluate.GoldRow.observe
+
+    def spy(row, logits, *refs):
+        seen.setdefault(row.policy.key(), []).append(logits.clone())
+        return real(row, logits, *refs)
+
+    monkeypatch.setattr(evaluate.GoldRow, "observe", spy)
+    gold, _ = evaluate.decode_sample(
+        model, ids, policies, gold_ids, len(gold_ids), free=False, calibration=calibration, forced=forced
+    )
+    monkeypatch.setattr(evaluate.GoldRow, "observe", real)
+    return gold, {k: torch.cat(v) for k, v in seen.items()}
+
+
+def test_teacher_forced_rows_equal_the_decode_loop_every_policy(ckpt, monkeypatch):
+    """evaluate's gold rows through the teacher-forced pass and through the decode loop, every policy of
+    test_kvcache.CASES on a real tiny checkpoint: the same row figures within 1e-4; fact and field accuracy
+    differ only by fact tokens whose top-1 flips between two logits within 1e-4 (named if any). LRQK
+    keeps stepping in both paths (kvcache.Select.steps_only): its predictions are the loop's exactly."""
+    from test_kvcache import CASES, FIT
+
+    model, tok = load_model(ckpt)
+    sample, ids, gold_ids, fields = gold_sample(tok)
+    depths = text2json.record_depths(sample["problem"], sample["answer"])
+    policies = [make_policy(n, budget=0.1, **FIT, **CASES[n]) for n in CASES]
+    cal = evaluate.calibrations(model, tok, policies)
+    gold, logits = {}, {}
+    for path, forced in (("loop", False), ("pass", True)):
+        gold[path], logits[path] = gold_rows(model, ids, gold_ids, policies, forced, monkeypatch, cal)
+    flips = []
+    for p in [make_policy("full"), *policies]:
+        key, name = p.key(), p.label()
+        loop, forced = gold["loop"][key], gold["pass"][key]
+        a, b = logits["loop"][key], logits["pass"][key]  # [n, vocab] each
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-4, name
+        for i in (a.argmax(-1) != b.argmax(-1)).nonzero()[:, 0].tolist():
+            pair = [int(a[i].argmax()), int(b[i].argmax())]
+            assert abs(float(a[i, pair[0]] - a[i, pair[1]])) < 1e-4, f"{name}: position {i + 1} flips apart"
+            flips.append(f"{name} position {i + 1}")
+        if p.sparse and p.select.steps_only:
+            assert forced.out == loop.out and forced.gold_logp == loop.gold_logp  # both stepped
+        rows = [evaluate.fact_record(r, gold_ids, fields, depths) for r in (loop, forced)]
+        recs = [evaluate.policy_record(r, None, tok) for r in (loop, forced)]
+        flipped = {i + 1 for i in (a.argmax(-1) != b.argmax(-1)).nonzero()[:, 0].tolist()}
+        facts = {t for f in fields for t in f["tokens"]}
+        if not flipped & facts:
+            assert rows[0]["fact_accuracy"] == rows[1]["fact_accuracy"], name
+            assert rows[0]["field_accuracy"] == rows[1]["field_accuracy"], name
+        assert rows[1]["fact_nll"] == pytest.approx(rows[0]["fact_nll"], abs=1e-4)
+        for f in ("agreement", "kl", "oracle_recall", "attention_mass", "key_error", "hit_rate"):
+            if recs[0][f] is None:
+                assert recs[1][f] is None, (name, f)
+            else:
+                assert recs[1][f] == pytest.approx(recs[0][f], abs=1e-4), (name, f)
+        assert recs[1]["bytes_per_step"] == pytest.approx(recs[0]["bytes_per_step"], rel=1e-4), name
+        assert recs[1]["device_kv_fraction"] == recs[0]["device_kv_fraction"], name
+        assert loop.steps == forced.steps == len(gold_ids) - 1
+    print("top-1 flips between the paths:", flips or "none")
+
+
+def test_a_results_folder_records_its_path_and_never_mixes_them(ckpt, tmp_path, capsys, no_plots):
+    """run.json says which path made the gold rows (gold_path: pass, or loop with --decode-loop); a
+    resume or a merge with the other path is one line, before any work; a folder written before the
+    pass existed (no gold_path) was made by the decode loop."""
+    tiny = [
+        "--model",
+        ckpt,
+        "--n",
+        "1",
+        "--tokens",
+        "2048",
+        "--max-new-tokens",
+        "8",
+        "--methods",
+        "full,oracle",
+    ]
+    forced, loop = tmp_path / "pass", tmp_path / "loop"
+    assert run_main([*tiny, "--out", forced], capsys)[0] == 0
+    assert run_main([*tiny, "--decode-loop", "--out", loop], capsys)[0] == 0
+    assert json.loads((forced / "run.json").read_text())["gold_path"] == "pass"
+    assert json.loads((loop / "run.json").read_text())["gold_path"] == "loop"
+    before = (forced / "samples.jsonl").read_bytes()
+    rc, err = run_main([*tiny, "--n", "2", "--decode-loop", "--out", forced], capsys)
+    assert rc == 2 and "gold_path='pass', not 'loop'" in err and len(err.strip().splitlines()) == 1
+    assert (forced / "samples.jsonl").read_bytes() == before
+    rc, err = run_main(["merge", forced, loop, "--out", tmp_path / "both"], capsys)
+    assert rc == 2 and "gold_path='loop'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "both" / "samples.jsonl").exists()
+    old = json.loads((loop / "run.json").read_text())
+    del old["gold_path"]  # as evaluate.py wrote it before the teacher-forced pass
+    (loop / "run.json").write_text(json.dumps(old))
+    rc, err = run_main([*tiny, "--n", "2", "--out", loop], capsys)
+    assert rc == 2 and "gold_path='loop', not 'pass'" in err
+    assert run_main([*tiny, "--n", "2", "--decode-loop", "--out", loop], capsys)[0] == 0

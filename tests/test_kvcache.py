@@ -655,3 +655,148 @@ def test_lrqk_rank_above_head_dim_is_refused_at_build():
     q, k, v = synthetic_prefill()
     with pytest.raises(ValueError, match="qk_rank 17 gives rank 17: it must be 1 to head_dim = 16"):
         from_kv([k], [v], make_policy("lrqk", qk_rank=17), Rope(cfg), q=[q])
+
+
+# --------------------------------------------------------------------------------- the teacher-forced pass
+NEAR_TIE = 1e-6  # relative gap between the k-th and (k+1)-th scores under which two paths may pick apart
+
+
+@torch.inference_mode()
+def loop_and_pass(model, policy, prompt, steps, monkeypatch):
+    """The same policy fed the same tokens through the decode loop (one token per forward) and through
+    the teacher-forced pass (one forward): per path its logits [n, vocab], its cache, the selection of
+    every step and sparse layer ({(step, layer): [P, S]}) and, for an untracked policy (whose only
+    top-k calls are its selections), the scores each selection was made from ({(step, layer): [P, N]})."""
+    recorded = []
+    real = landmarks.select_topk
+    monkeypatch.setattr(landmarks, "select_topk", lambda s, k: recorded.append((s, k)) or real(s, k))
+    caches, logits, picks, scores = {}, {}, {}, {}
+    n, n_layers = steps.shape[1], model.config.n_layers
+    for path in ("loop", "pass"):
+        full = FullCache(n_layers, keep_queries=True)
+        model(prompt, full, last_only=True)
+        cal = calibration(model, policy.select.channels) if policy.select.needs_calibration else None
+        cache = from_prefill(full, policy, model.rope, calibration=cal)
+        sparse = [layer for layer in range(n_layers) if cache.layers[layer].marks is not None]
+        recorded.clear()  # the outlier chunks of the build are not a selection of a step
+        if path == "loop":
+            out = []
+            for i in range(n):
+                out.append(model(steps[:, i : i + 1], cache)[0])  # [1, vocab]
+                picks.setdefault(path, {}).update({(i, j): cache.last_selected[j] for j in sparse})
+            logits[path] = torch.cat(out)  # [n, vocab]
+            scores[path] = {key: s for key, (s, _) in zip(picks[path], recorded)}  # [P, N]
+        else:
+            logits[path] = model(steps, kvcache.TeacherForced(cache))[0]  # [n, vocab]
+            picks[path] = {(i, j): cache.last_selected[j][:, i] for i in range(n) for j in sparse}
+            per_layer = [s.view(-1, n, s.shape[-1]) for s, _ in recorded]  # [P, n, N] per sparse layer
+            scores[path] = {(i, j): s[:, i] for j, s in zip(sparse, per_layer) for i in range(n)}
+        caches[path] = cache
+    return logits, caches, picks, scores, recorded[0][1] if recorded else None
+
+
+def near_ties(scores, k):
+    """[P] whether the k-th and (k+1)-th best scores of each row of scores [P, N] tie within NEAR_TIE."""
+    top = scores.topk(min(k + 1, scores.shape[1]), dim=1).values  # [P, k + 1]
+    if top.shape[1] <= k:
+        return torch.zeros(scores.shape[0], dtype=torch.bool)
+    gap = top[:, k - 1] - top[:, k]
+    return gap <= NEAR_TIE * top[:, k - 1].abs().clamp(min=1e-30)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if not make_policy(n).select.steps_only])
+def test_teacher_forced_pass_equals_the_decode_loop_every_policy(tiny, name, monkeypatch):
+    """The teacher-forced pass (every answer position selecting on its own, in one forward) and the decode
+    loop (one token per step) of the same policy on the same tokens: the same rows selected at every
+    position and layer but where the k-th and (k+1)-th scores tie within NEAR_TIE (counted: those must be
+    the only differences), logits within 1e-4, the same bytes fetched, and (tracked) the same statistics
+    within 1e-4."""
+    model, prompt, steps = tiny
+    policy = make_policy(name, budget=0.1, **FIT, **CASES[name])
+    logits, caches, picks, scores, k = loop_and_pass(model, policy, prompt, steps, monkeypatch)
+    assert len(picks["loop"]) == len(picks["pass"]) == len(scores["loop"]) == len(scores["pass"]) > 0
+    differ, ties = 0, 0
+    for key, want in picks["loop"].items():
+        tied = near_ties(scores["loop"][key], k) | near_ties(scores["pass"][key], k)  # [P]
+        ties += int(tied.sum())
+        apart = (want != picks["pass"][key]).any(dim=1)  # [P] the heads whose selections differ
+        differ += int(apart.sum())
+        assert not (apart & ~tied).any(), f"{name}: step {key[0]}, layer {key[1]}: a selection differs untied"
+    print(f"{name}: {differ} selections differ, at {ties} near ties")
+    assert differ <= ties  # the allowed differences, counted
+    assert (logits["loop"] - logits["pass"]).abs().max() < 1e-4
+    if not differ:  # the same rows fetched (resident ones: the same hits and misses)
+        assert caches["pass"].bytes_fetched == caches["loop"].bytes_fetched > 0
+        assert caches["pass"].stats.hits == caches["loop"].stats.hits
+    assert caches["pass"].memory() == caches["loop"].memory()  # the resident rows the last position left
+
+    _, caches, _, _, _ = loop_and_pass(model, override(policy, track=True), prompt, steps, monkeypatch)
+    loop, forced = (caches[p].stats.summary() for p in ("loop", "pass"))
+    for stat in ("oracle_recall", "attention_mass", "key_error", "landmark_error"):
+        assert forced[stat] == pytest.approx(loop[stat], abs=1e-4), stat
+    assert forced["recall_per_layer"] == pytest.approx(loop["recall_per_layer"], abs=1e-4)
+    assert forced["mass_per_layer"] == pytest.approx(loop["mass_per_layer"], abs=1e-4)
+    assert torch.equal(caches["pass"].stats.steps, caches["loop"].stats.steps)
+
+
+def test_teacher_forced_pass_in_blocks_equals_one_block(tiny):
+    """Feeding the answer in blocks of positions (evaluate.forced_block bounds memory) changes nothing
+    but the last bits: a block sees the answer tokens of the blocks before it, and resident rows carry
+    over from one block to the next."""
+    model, prompt, steps = tiny
+    for name in ("shadowkv", "arkvale", "paper"):
+        policy = make_policy(name, budget=0.1, **FIT, **CASES[name], track=True)
+        got = {}
+        for block in (steps.shape[1], 5):
+            full = FullCache(model.config.n_layers)
+            with torch.inference_mode():
+                model(prompt, full, last_only=True)
+                cache = kvcache.TeacherForced(from_prefill(full, policy, model.rope))
+                got[block] = (
+                    torch.cat(
+                        [model(steps[:, a : a + block], cache)[0] for a in range(0, steps.shape[1], block)]
+                    ),
+                    cache.cache.stats.summary(),
+                    cache.cache.bytes_fetched,
+                )
+        (one, s1, b1), (many, s2, b2) = got.values()
+        assert (one - many).abs().max() < 1e-4
+        assert s1["oracle_recall"] == pytest.approx(s2["oracle_recall"], abs=1e-6) and b1 == b2
+        assert s1["hit_rate"] == s2["hit_rate"]
+
+
+def test_lrqk_is_not_teacher_forced(tiny):
+    """LRQK fits each new query to the rows the last step left: its selection cannot come out of one pass,
+    and attend_forced says so in one line (evaluate.decode_sample steps it instead)."""
+    model, prompt, steps = tiny
+    policy = make_policy("lrqk", budget=0.1, **FIT)
+    assert policy.select.steps_only and not make_policy("arkvale").select.steps_only
+    full = FullCache(model.config.n_layers, keep_queries=True)
+    with torch.inference_mode():
+        model(prompt, full, last_only=True)
+        cache = from_prefill(full, policy, model.rope)
+        with pytest.raises(ValueError, match="cannot be teacher-forced in one pass; decode it one token"):
+            model(steps, kvcache.TeacherForced(cache))
+
+
+def test_a_multi_token_step_selects_once_and_the_pass_per_position(tiny):
+    """The two meanings of several new tokens differ: `attend` with Tq > 1 is one query step whose
+    positions select together (scores summed over them), `attend_forced` gives each position its own
+    selection, so the first position's selection is the one a one-token step would make."""
+    model, prompt, steps = tiny
+    policy = make_policy("oracle", budget=0.1, **FIT)
+    full = FullCache(model.config.n_layers)
+    with torch.inference_mode():
+        model(prompt, full, last_only=True)
+        together, each, single = (from_prefill(full, policy, model.rope) for _ in range(3))
+        model(steps[:, :6], together)
+        model(steps[:, :6], kvcache.TeacherForced(each))
+        model(steps[:, :1], single)
+    for layer in range(model.config.n_layers):
+        assert together.last_selected[layer].shape == single.last_selected[layer].shape  # [H, S]
+        assert each.last_selected[layer].shape[1] == 6  # [H, 6, S]
+        assert torch.equal(each.last_selected[layer][:, 0], single.last_selected[layer])
+    assert any(
+        not torch.equal(together.last_selected[j], each.last_selected[j][:, -1])
+        for j in range(model.config.n_layers)
+    )

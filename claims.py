@@ -11,7 +11,8 @@ rules use one margin, MARGIN, fixed here before any run: a difference of fact ac
 stays within MARGIN of 0 is "within noise", one whose interval ends beyond it is a real loss. A verdict
 is "reproduced", "not reproduced" or "inconclusive" (the interval allows both, or a configuration
 could not be measured: no NeedleBench data, prompts that do not fit the model, fewer than
-results.MIN_SAMPLES samples, which no interval rests on); inconclusive verdicts say why. `write` puts claims.md, claims.json and one figure per claim in the results folder.
+results.MIN_SAMPLES samples, which no interval rests on); inconclusive verdicts say why.
+`write` puts claims.md, claims.json and one figure per claim in the results folder.
 """
 
 import json
@@ -80,8 +81,12 @@ class Evidence:
             by_key = {}
             for r in rows.get(task, []):
                 by_key.setdefault(r["key"], []).append(r)
-            cut = {r["sample"]: (r["max_new_tokens"], r["fact_tokens_cut"]) for rs in by_key.values() for r in rs
-                   if r.get("fact_tokens_cut")}  # fmt: skip
+            cut = {  # sample -> (max_new_tokens, fact tokens cut), where the gold answer was cut
+                r["sample"]: (r["max_new_tokens"], r["fact_tokens_cut"])
+                for rs in by_key.values()
+                for r in rs
+                if r.get("fact_tokens_cut")
+            }
             if cut:
                 self.cut[task] = (max(m for m, _ in cut.values()), sum(c for _, c in cut.values()))
             samples = sorted({r["sample"] for rs in by_key.values() for r in rs})
@@ -112,7 +117,8 @@ class Evidence:
             max_new, left_out = self.cut[task]
             return (
                 f"the {task} rows of {', '.join(lost)} score no fact token: the gold answers were cut at "
-                f"max_new_tokens={max_new}, leaving out {left_out} fact tokens (give a larger --max-new-tokens)"
+                f"max_new_tokens={max_new}, leaving out {left_out} fact tokens (give a larger "
+                "--max-new-tokens)"
             )
         if lost:
             return f"no {task} result for {', '.join(lost)}"

@@ -1185,9 +1185,10 @@ def unfit(p, config, tok):
                 f"{d} or a share up to 1"
             )
         if r < 1:
+            least = next(n for n in range(1, 4096) if select.rank(n, config.arch))
             return (
                 f"the {p.name} policy's rank, {share:g} of the model's head_dim {d}, rounds to 0: LRQK "
-                f"needs a head_dim of at least {next(n for n in range(1, 4096) if select.rank(n, config.arch))}"
+                f"needs a head_dim of at least {least}"
             )
     if select.dense_layers >= config.n_layers:
         return (

@@ -134,8 +134,8 @@ ROW_FIELDS = {
 TASK_ROW_FIELDS = {"longproc": {"precision": "num?", "recall": "num?", "extracted": "num?"}}
 # run.json: these settings (RUN_FIELDS and the format) always, the others when present
 RUN_KINDS = {
-    "format": "int", "task": "task", "model": "str", "checkpoint": "str", "data": "str?", "tokens": "int", "seed": "int",
-    "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "group": "str?", "outliers": "scalar?",
+    "format": "int", "task": "task", "model": "str", "checkpoint": "str", "data": "str?", "tokens": "int",
+    "seed": "int", "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "group": "str?", "outliers": "scalar?",
     "score_rule": "str?", "chat": "bool", "command": "str", "max_positions": "int?", "skipped": "counts",
 }
 # fmt: on
@@ -834,8 +834,8 @@ def table_notes(summary, run):
     lines = []
     if len(few) == len(summary):
         lines.append(
-            f"No 95% interval and no *: {n or 'fewer than ' + str(MIN_SAMPLES)} sample{'s' * (n != 1)}, and a bootstrap "
-            f"interval needs at least {MIN_SAMPLES} (with fewer its ends are the extreme samples "
+            f"No 95% interval and no *: {n or 'fewer than ' + str(MIN_SAMPLES)} sample{'s' * (n != 1)}, "
+            f"and a bootstrap interval needs at least {MIN_SAMPLES} (with fewer its ends are the extreme samples "
             "themselves; one sample gives an interval of zero width): run more samples (--n) to tell a "
             "difference from noise." + (facts if any(r["fact_accuracy"] is not None for r in summary) else "")
         )

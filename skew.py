@@ -64,7 +64,8 @@ def cannot_calibrate(n_ids: int, max_positions: int) -> str | None:
         return None
     return (
         f"InfiniGen cannot calibrate this model: it reads {n_ids} tokens of its calibration text "
-        f"({CALIBRATION_TEXT.name}, at most {CALIBRATION_TOKENS}), more than the model's {max_positions} positions"
+        f"({CALIBRATION_TEXT.name}, at most {CALIBRATION_TOKENS}), more than the model's {max_positions} "
+        "positions"
     )
 
 
@@ -79,7 +80,8 @@ def cache_key(model, ids, channels: float) -> str:
     h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        at = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLE, flat.numel()), device=flat.device).long()
+        k = min(WEIGHT_SAMPLE, flat.numel())
+        at = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)  # [k] exact, in ints
         h.update(name.encode() + flat[at].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

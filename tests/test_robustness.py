@@ -1655,9 +1655,10 @@ def test_lrqk_rank_follows_the_architecture(tmp_path):
 
 def test_infinigen_calibration_text_is_what_skew_py_says():
     """skew.py said its calibration text is 2,048 tokens; it is 1,551 tokens of the default model, all read."""
-    _, tok = model.load_model()
+    m, tok = model.load_model()
     ids = skew.calibration_ids(tok)
     assert len(ids) == 1551 < skew.CALIBRATION_TOKENS
+    assert len(skew.cache_key(m, ids, 0.2)) == 16  # its embedding (28M values) sampled to the last one
     assert "1,551 tokens of the default model, so that model reads all of it" in " ".join(
         skew.__doc__.split()
     )

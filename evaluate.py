@@ -46,7 +46,8 @@ summary.json (one row per configuration), summary.md (the table), run.json (the 
 Re-running with the same --out skips finished (configuration, sample) pairs; samples.jsonl is
 rewritten atomically after every sample, and the summary and plots are rebuilt from it at the end.
 A resume (or merge) uses a folder only when every row is a whole, valid row of its run and run.json is
-readable (results.check_rows, row_check): else it stops before any work, naming the file and line.
+readable (results.check_rows, row_check): else it stops before any work, naming the file and line;
+run.json records the checkpoint's fingerprint, so weights replaced in place are not resumed.
 Ctrl-C stops the run (exit code 130; SIGTERM 143, SIGHUP 129) and says how many samples are saved;
 the same command resumes. A full disk says the same, and leaves no temporary file; so does a worker
 process that dies mid-sample (the OOM killer), after the samples before its own are saved.
@@ -111,6 +112,7 @@ from kvcache import (
 )
 from model import (
     DTYPES,
+    checkpoint_fingerprint,
     default_model_dir,
     default_model_path,
     load_config,
@@ -325,8 +327,8 @@ def configurations(args):
     (`shadowkv`, `paper`, `paper_fast`, `arkvale`, `lrqk`, `infinigen`) keep their authors' structure
     and sweep only their budget.
     --kv-bits and --score-rule (one value, not a sweep) apply to every sparse policy, --outliers to
-    the policies that keep outlier chunks; `full` has one configuration. make_policy raises a
-    one-line ValueError on any bad value."""
+    the policies that keep outlier chunks (and, like a sweep, is refused where no method keeps them);
+    `full` has one configuration. make_policy raises a one-line ValueError on any bad value."""
     methods = parse_list(args.methods, str, "--methods")
     bits = parse_list(args.bits, str, "--bits") if args.bits else [None]
     for b in bits:
@@ -349,6 +351,12 @@ def configurations(args):
                 f"{option} sweeps the {axis} of {', '.join(takers)}, and no method of --methods "
                 f"{args.methods} has it: add one of them"
             )
+    keeps_outliers = [m for m in POLICIES if PRESETS[m].sparse and PRESETS[m].exact.outliers]
+    if args.outliers is not None and not set(keeps_outliers) & set(methods):
+        raise ValueError(
+            f"--outliers sets the outlier chunks of {', '.join(keeps_outliers)}, and no method of --methods "
+            f"{args.methods} keeps them: add one of them"
+        )
     outliers = shadowkv_outliers(args)
     policies = {}
     for method in methods:
@@ -443,21 +451,28 @@ def check_model_dir(path):
         )
 
 
+class NoData(FileNotFoundError):
+    """A task's data is not there (check_data): `claims` goes on without the claim that needs it."""
+
+
+class NoSampleFits(ValueError):
+    """No sample of the run can be made at --tokens (NeedleBench: too short for its needles), or none fits
+    the model's positions: `claims` goes on without the claim that needs it."""
+
+
 def check_data(task, data):
     """The data a task reads must exist (text2json without --data generates its samples)."""
     if task == "text2json":
         if data is not None and not Path(data).is_file():
-            raise FileNotFoundError(f"Text2JSON file not found: {data} (pass the path to the released JSONL)")
+            raise NoData(f"Text2JSON file not found: {data} (pass the path to the released JSONL)")
         return
     folder = Path(data) if data else (tasks.NEEDLE_DIR if task == "needle" else tasks.LONGPROC_DIR)
     needed = ("needles.jsonl", "PaulGrahamEssays.jsonl") if task == "needle" else ("prompts.yaml",)
     for name in needed:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: point --data at your {task} data folder")
+            raise NoData(f"{folder / name} not found: point --data at your {task} data folder")
     if task == "longproc" and not any(folder.glob("html_to_tsv_*.json")):
-        raise FileNotFoundError(
-            f"no html_to_tsv_<group>.json in {folder}: point --data at your LongProc folder"
-        )
+        raise NoData(f"no html_to_tsv_<group>.json in {folder}: point --data at your LongProc folder")
 
 
 # ============================================================================ samples
@@ -479,15 +494,21 @@ def load_samples(args, tok):
             known = {text2json.sample_id(r, i) for i, r in enumerate(rows)}
             rows = rows[: args.n]
         else:
-            rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
+            try:
+                rows = text2json.generate(args.n, args.tokens, tok, seed=args.seed)
+            except ValueError as err:  # said in terms of the prompt's length: the option that sets it
+                raise ValueError(f"--tokens {args.tokens}: {err}") from None
         samples = [
             dict(r, id=text2json.sample_id(r, i), gold=r["answer"], new_cap=MAX_NEW_CAP)
             for i, r in enumerate(rows)
         ]
     elif args.task == "needle":
-        rows = tasks.needle_samples(
-            args.data, args.tokens, tok, seed=args.seed, n=args.n, n_needles=N_NEEDLES
-        )
+        try:
+            rows = tasks.needle_samples(
+                args.data, args.tokens, tok, seed=args.seed, n=args.n, n_needles=N_NEEDLES
+            )
+        except tasks.BadLength as err:  # said in terms of the option that sets the length
+            raise NoSampleFits(f"--tokens {args.tokens}: {err}") from None
         samples = [
             dict(
                 r,
@@ -766,11 +787,21 @@ def fact_record(row, gold_ids, fields, depths):
     fact_accuracy: share of the fact tokens (text2json.fact_tokens) predicted top-1; field_accuracy:
     share of gold fields whose every token is; fact_nll: mean negative log-probability of the fact
     tokens; per_record: per gold record its depth in the prompt (percent), fact tokens and hits.
-    A field cut off by the new-token limit is left out whole.
+    A field cut off by the new-token limit (or the model's positions) is left out whole, and
+    fact_tokens_cut counts the fact tokens so left out: the summary says so (results.annotate).
     """
     if fields is None:
-        return dict(fact_accuracy=None, field_accuracy=None, fact_nll=None, fact_tokens=None, per_record=None)
+        names = (
+            "fact_accuracy",
+            "field_accuracy",
+            "fact_nll",
+            "fact_tokens",
+            "fact_tokens_cut",
+            "per_record",
+        )
+        return dict.fromkeys(names)  # each None
     hit = [p == g for p, g in zip(row.out, gold_ids)]
+    every = {t for f in fields for t in f["tokens"]}
     fields = [f for f in fields if f["tokens"] and f["tokens"][-1] < len(hit)]
     tokens = sorted({t for f in fields for t in f["tokens"]})
     per_record = [dict(depth=d, tokens=0, hits=0) for d in depths]
@@ -783,6 +814,7 @@ def fact_record(row, gold_ids, fields, depths):
         field_accuracy=sum(whole) / len(whole) if whole else None,
         fact_nll=-sum(row.gold_logp[t] for t in tokens) / len(tokens) if tokens else None,
         fact_tokens=len(tokens),
+        fact_tokens_cut=len(every) - len(tokens),
         per_record=per_record,
     )
 
@@ -913,12 +945,14 @@ def config_complaint(row, run):
 def run_settings(args, max_new):
     """The settings that every result of a results folder shares (run.json), each in one spelling,
     so that a resume compares meanings: `fp32` is float32, and the default model's own folder given
-    as --model is the default model."""
+    as --model is the default model. `checkpoint` (model.checkpoint_fingerprint) is what the folder
+    holds, so that weights replaced in the same folder between a run and its resume are not mixed."""
     model = "default" if is_default_model(args.model) else str(Path(args.model).resolve())
     return dict(
         format=results.RESULTS_FORMAT,
         task=args.task,
         model=model,
+        checkpoint=checkpoint_fingerprint(args.model or default_model_dir()),  # the files, not their path
         data=str(Path(args.data).resolve()) if args.data else None,
         tokens=args.tokens,
         seed=args.seed,
@@ -1186,9 +1220,10 @@ def results_folder(args, shard, n_shards):
 
 def check_fit(args, policies, config):
     """The checks that need the model's config, before any sample is made: an int SVD rank must not
-    exceed the key channels it factorizes (kv_heads x head_dim: kvcache.low_rank_keys would clamp
-    it, and report a larger cache than full attention), a share must keep at least one channel, and
-    a generated prompt of --tokens must fit the model's positions."""
+    exceed the key channels it factorizes (kv_heads x head_dim: kvcache.low_rank_keys would clamp it,
+    and report a larger cache than full attention), a share must keep at least one channel, and a
+    generated prompt of --tokens must fit the model's positions. (Each configuration's own fit to the
+    model: `unfit`.)"""
     channels = config.n_kv_heads * config.head_dim
     for rank in {p.keys.rank for p in policies if p.keys.source == "low_rank"}:
         if rank >= 1 and rank > channels:
@@ -1202,17 +1237,43 @@ def check_fit(args, policies, config):
                 f"--ranks {rank:g} keeps none of the model's {channels} key channels: "
                 f"give a share of at least {1 / channels:.3g}"
             )
-    for p in policies:  # LRQK's rank: a share of head_dim, or an int up to it
-        if p.sparse and p.select.needs_queries and p.select.qk_rank > config.head_dim:
-            raise ValueError(
-                f"the {p.name} policy's qk_rank {p.select.qk_rank:g} is above the model's head_dim "
-                f"{config.head_dim}: give at most {config.head_dim} or a share up to 1"
-            )
     if uses_tokens(args) and args.tokens >= config.max_positions:
         raise ValueError(
             f"--tokens {args.tokens} does not fit the model's {config.max_positions} positions: "
             "use a smaller --tokens (the chat template and the answer need room too)"
         )
+
+
+def unfit(p, config, tok):
+    """Why the configuration p cannot run on this model as what it is named, or None: LRQK's rank (a
+    share of head_dim, by architecture: kvcache.Select.rank) must be 1 to head_dim; a policy whose dense
+    layers are every layer of the model (InfiniGen's first 2) would be full attention under another
+    name; InfiniGen must be able to read its calibration text (skew.cannot_calibrate). A run refuses
+    such a configuration before any work (`prepare`); `claims` leaves it out and says why."""
+    if not p.sparse:
+        return None
+    select, d = p.select, config.head_dim
+    if select.needs_queries:
+        share, r = select.qk_share(config.arch), select.rank(d, config.arch)
+        if r > d:
+            return (
+                f"the {p.name} policy's qk_rank {share:g} is above the model's head_dim {d}: give at most "
+                f"{d} or a share up to 1"
+            )
+        if r < 1:
+            least = next(n for n in range(1, 4096) if select.rank(n, config.arch))
+            return (
+                f"the {p.name} policy's rank, {share:g} of the model's head_dim {d}, rounds to 0: LRQK "
+                f"needs a head_dim of at least {least}"
+            )
+    if select.dense_layers >= config.n_layers:
+        return (
+            f"the {p.name} policy attends every token in its first {select.dense_layers} layers, and the "
+            f"model has {config.n_layers}: it would be full attention under another name"
+        )
+    if select.needs_calibration:
+        return skew.cannot_calibrate(len(skew.calibration_ids(tok)), config.max_positions)
+    return None
 
 
 def uses_tokens(args):
@@ -1304,9 +1365,29 @@ def not_written(err, saved):
     return f"cannot write {err.filename} ({err.strerror}): {saved}; {fix}, then run the same command again"
 
 
-def run(args, policies=None):
-    """One run (the module docstring): the configurations of the command line, or `policies` given
-    (`python evaluate.py claims` gives its own)."""
+@dataclass
+class Plan:
+    """A run checked and ready (`prepare`): its folder locked, its finished rows read, what is left to do."""
+
+    args: argparse.Namespace
+    policies: list
+    out: Path
+    device: str
+    mine: list  # this shard's samples
+    fits: list  # those whose prompt fits the model
+    todo: list  # [(sample, the configurations it still needs)]
+    rows: list  # the rows already in the folder
+    settings: dict  # run.json
+    dropped: dict  # {configuration key: why it cannot run on this model} (prepare's drop_unfit)
+
+
+def prepare(args, policies, stack, drop_unfit=False) -> Plan:
+    """Every check of a run and the reading of its folder, before any work: the configurations of the
+    command line (or `policies` given: `python evaluate.py claims` gives its own), the model's config
+    and tokenizer, the samples, and the results folder, locked (on `stack`, a contextlib.ExitStack,
+    until the caller is done) and read whole (results.check_resume). Bad input is a ValueError; so is
+    a configuration that cannot run on the model (`unfit`), unless drop_unfit: then it is left out, and
+    the plan's `dropped` says why."""
     configs = check_inputs(args)
     policies = configs if policies is None else policies
     shard, n_shards = parse_shard(args.shard)
@@ -1319,6 +1400,11 @@ def run(args, policies=None):
     config = load_config(args.model or default_model_dir())
     check_fit(args, policies, config)
     tok = load_tokenizer(args.model, config, chat_format="plain" if args.no_chat else None)
+    dropped = {p.key(): why for p in policies if (why := unfit(p, config, tok))}
+    if dropped and not drop_unfit:
+        p = next(p for p in policies if p.key() in dropped)
+        raise ValueError(f"{dropped[p.key()]}: drop {p.name} from --methods")
+    policies = [p for p in policies if p.key() not in dropped]
     samples, known = load_samples(args, tok)
     mine = samples[shard::n_shards]
     if not mine:
@@ -1329,7 +1415,7 @@ def run(args, policies=None):
     max_new = args.max_new_tokens or auto_max_new_tokens(samples, tok)
     skipped = too_long(mine, tok, config.max_positions)
     if len(skipped) == len(mine):
-        raise ValueError(no_fit_message(args, skipped, config.max_positions, max_new))
+        raise NoSampleFits(no_fit_message(args, skipped, config.max_positions, max_new))
     if skipped:
         print(
             f"warning: skipping {len(skipped)} of {len(mine)} samples: their prompts "
@@ -1338,67 +1424,80 @@ def run(args, policies=None):
             file=sys.stderr,
         )
 
-    with locked(out):  # the only writer of `out` from here on; a second process is refused here
-        settings, rows = check_resume(  # every row whole and of this run, else one line, nothing done
-            out,
-            dict(run_settings(args, max_new), max_positions=config.max_positions, skipped=skipped),
-            adopt_max_new=args.max_new_tokens is None,
-            check_row=row_check(args, known),
+    stack.enter_context(locked(out))  # the only writer of `out` from here on; a second process is refused
+    settings, rows = check_resume(  # every row whole and of this run, else one line, nothing done
+        out,
+        dict(run_settings(args, max_new), max_positions=config.max_positions, skipped=skipped),
+        adopt_max_new=args.max_new_tokens is None,
+        check_row=row_check(args, known),
+    )
+    settings["skipped"] = skip_record(settings["skipped"], rows)
+    finished = {(r["key"], r["sample"]) for r in rows}
+    fits = [s for s in mine if s["id"] not in skipped]
+    todo = [(s, [p for p in policies if (p.key(), s["id"]) not in finished]) for s in fits]
+    todo = [(s, ps) for s, ps in todo if ps]
+    longest = max((len(gold_tokens(args.task, s, tok)[0]) for s, _ in todo), default=0)
+    if longest > settings["max_new_tokens"]:
+        print(
+            f"warning: max_new_tokens={settings['max_new_tokens']} is shorter than the longest gold answer "
+            f"({longest} tokens): the gold-forced rows stop there, so fact accuracy leaves out the facts "
+            "after it (the summary counts them); a larger --max-new-tokens scores them",
+            file=sys.stderr,
         )
-        settings["skipped"] = skip_record(settings["skipped"], rows)
-        max_new = settings["max_new_tokens"]
-        finished = {(r["key"], r["sample"]) for r in rows}
-        fits = [s for s in mine if s["id"] not in skipped]
-        todo = [(s, [p for p in policies if (p.key(), s["id"]) not in finished]) for s in fits]
-        todo = [(s, ps) for s, ps in todo if ps]
-        before = len(fits) - len(todo)
-        try:
-            write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
-            if before:
-                print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
-            if todo:
-                print(
-                    f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
-                    f"on {device}",
-                    file=sys.stderr,
-                )
-                model, tok = load_model(
-                    args.model, dtype=args.dtype, device=device, chat_format="plain" if args.no_chat else None
-                )
-                bar = progress(before, len(fits))
-                forced = settings["gold_path"] == "pass"
-                jobs = [
-                    (sample, ps, max_new, args.task, i == 0, settings["free_run"], forced)
-                    for i, (sample, ps) in enumerate(todo)
-                ]
-                workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
-                done = run_jobs(model, tok, jobs, workers, calibrations(model, tok, policies))
-                try:
-                    for sample_rows in done:
-                        rows += sample_rows
-                        write_rows(out, rows)  # after every sample: an interruption loses no finished sample
-                        bar.update(1)
-                finally:
-                    done.close()  # stops the worker pool now, also on Ctrl-C
-                    bar.close()
-            if not rows:
-                raise ValueError(
-                    f"the run gave no result in {out}: every sample was skipped (see the warnings)"
-                )
-            _, table, notes = write_summary(out, rows, settings)
-        except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
-            return interrupted(out, mine, policies, before, stop)
-        except WorkerLost as err:  # e.g. the OOM killer: what is saved, and how to go on
-            saved = saved_line(out, mine, policies)
-            raise ValueError(
-                f"{err}: {saved}; if the machine ran out of memory, give fewer --workers, then run the "
-                "same command again"
-            ) from None
-        except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
-            if err.filename is None:
-                raise
-            saved = saved_line(out, mine, policies)
-            raise ValueError(not_written(err, saved)) from None
+    return Plan(args, policies, out, device, mine, fits, todo, rows, settings, dropped)
+
+
+def execute(plan: Plan) -> int:
+    """Decode what `plan` has left to do, saving every sample as it ends, then the summary."""
+    args, policies, out, device = plan.args, plan.policies, plan.out, plan.device
+    mine, fits, todo, rows, settings = plan.mine, plan.fits, plan.todo, plan.rows, plan.settings
+    max_new = settings["max_new_tokens"]
+    before = len(fits) - len(todo)
+    try:
+        write_atomic(out / "run.json", json.dumps(settings, indent=1) + "\n")
+        if before:
+            print(f"skipped {before} of {len(mine)} samples: finished in {out}", file=sys.stderr)
+        if todo:
+            print(
+                f"{len(todo)} samples x {len(policies)} configurations, up to {max_new} new tokens, "
+                f"on {device}",
+                file=sys.stderr,
+            )
+            model, tok = load_model(
+                args.model, dtype=args.dtype, device=device, chat_format="plain" if args.no_chat else None
+            )
+            bar = progress(before, len(fits))
+            forced = settings["gold_path"] == "pass"
+            jobs = [
+                (sample, ps, max_new, args.task, i == 0, settings["free_run"], forced)
+                for i, (sample, ps) in enumerate(todo)
+            ]
+            workers = min(args.workers, len(todo)) if torch.device(device).type == "cpu" else 1
+            done = run_jobs(model, tok, jobs, workers, calibrations(model, tok, policies))
+            try:
+                for sample_rows in done:
+                    rows += sample_rows
+                    write_rows(out, rows)  # after every sample: an interruption loses no finished sample
+                    bar.update(1)
+            finally:
+                done.close()  # stops the worker pool now, also on Ctrl-C
+                bar.close()
+        if not rows:
+            raise ValueError(f"the run gave no result in {out}: every sample was skipped (see the warnings)")
+        _, table, notes = write_summary(out, rows, settings)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
+        return interrupted(out, mine, policies, before, stop)
+    except WorkerLost as err:  # e.g. the OOM killer: what is saved, and how to go on
+        saved = saved_line(out, mine, policies)
+        raise ValueError(
+            f"{err}: {saved}; if the machine ran out of memory, give fewer --workers, then run the "
+            "same command again"
+        ) from None
+    except OSError as err:  # a full disk: write_atomic names the file and leaves no temporary one
+        if err.filename is None:
+            raise
+        saved = saved_line(out, mine, policies)
+        raise ValueError(not_written(err, saved)) from None
     print(table)
     for note in notes:
         if not note.split(":")[0].endswith(".png"):
@@ -1406,6 +1505,12 @@ def run(args, policies=None):
     files = ["samples.jsonl", "summary.json", "summary.md"] + sorted(f.name for f in out.glob("*.png"))
     print(f"results in {out}/: {', '.join(files)}")
     return 0
+
+
+def run(args, policies=None):
+    """One run (the module docstring): `prepare`, then `execute`, the results folder locked throughout."""
+    with contextlib.ExitStack() as stack:
+        return execute(prepare(args, policies, stack))
 
 
 CLAIM_OPTIONS = dict(  # a run's options that choose configurations: claims chooses its own
@@ -1426,7 +1531,10 @@ def run_claims(args):
     once each, as two runs in one results folder, OUT/text2json and OUT/needle (each resumable, shardable
     and mergeable like any run), then claims.md, claims.json and one figure per claim in OUT (claims.py
     decides each claim by its rule). The NeedleBench run needs its data (files.data_dir()); without it,
-    or when its prompts do not fit the model, the retrieval claim is inconclusive and the rest stand.
+    or when its prompts cannot be made or do not fit the model, the retrieval claim is inconclusive and
+    the rest stand; a configuration the model cannot run (`unfit`) is left out, its claims inconclusive.
+    OUT is locked for the whole command, and both runs are prepared (checked, their folders locked and
+    read) before either decodes: a second claims, or a damaged or busy run folder, stops it at its start.
     Only the gold-forced rows are decoded (the claims rest on fact accuracy) unless --free-run."""
     for name, default in CLAIM_OPTIONS.items():
         if getattr(args, name) != default:
@@ -1437,38 +1545,57 @@ def run_claims(args):
     results.check_folder(out)
     outliers = shadowkv_outliers(args)  # the Text2JSON run's; the NeedleBench run uses the same
     configs = claims.configurations(outliers)
-    rows, missing, samples = {}, {}, {}
-    for task, policies in configs.items():
-        sub = argparse.Namespace(**vars(args))
-        sub.task, sub.out, sub.shard = task, str(out / task), args.shard
-        sub.data = (
-            args.data if task == "text2json" else None
-        )  # --data is the Text2JSON file; the rest: files.data_dir()
-        sub.free_run = False if args.free_run is None else args.free_run
-        sub.outliers = None if outliers is None else str(outliers)
-        print(f"claims: the {task} run ({len(policies)} configurations) into {sub.out}", file=sys.stderr)
-        try:
-            code = run(sub, list(policies.values()))
-        except (FileNotFoundError, ValueError) as err:
-            if task == "text2json":  # every claim but one needs it
-                raise
-            missing[task] = (  # no data, prompts that do not fit: said, not fatal
-                f"no NeedleBench data in {tasks.NEEDLE_DIR}: set KVOFFLOAD_DATA to the folder holding needlebench/"
-                if isinstance(err, FileNotFoundError)
-                else " ".join(str(err).split())
+    if args.n < results.MIN_SAMPLES:
+        print(
+            f"warning: --n {args.n}: every claim needs at least {results.MIN_SAMPLES} samples (claims.py), "
+            "so every one will be inconclusive",
+            file=sys.stderr,
+        )
+    rows, missing, dropped, samples, plans = {}, {}, {}, {}, {}
+    with contextlib.ExitStack() as stack:
+        # one claims run per folder, refused at its start; both runs checked before either decodes, so a
+        # damaged or busy folder of the second stops the command before any work, as it stops a run
+        stack.enter_context(locked(out))
+        for task, policies in configs.items():
+            sub = argparse.Namespace(**vars(args))
+            sub.task, sub.out, sub.shard = task, str(out / task), args.shard
+            sub.data = args.data if task == "text2json" else None  # --data: the Text2JSON file
+            sub.free_run = False if args.free_run is None else args.free_run
+            sub.outliers = None if outliers is None else str(outliers)
+            try:
+                plans[task] = prepare(sub, list(policies.values()), stack, drop_unfit=True)
+            except (NoData, NoSampleFits) as err:  # no data, prompts that do not fit: said, not fatal
+                if task == "text2json":  # every claim but one needs it
+                    raise
+                missing[task] = (
+                    f"no NeedleBench data in {tasks.NEEDLE_DIR}: set KVOFFLOAD_DATA to the folder holding "
+                    "needlebench/"
+                    if isinstance(err, NoData)
+                    else " ".join(str(err).split())
+                )
+                print(f"claims: no {task} results: {missing[task]}", file=sys.stderr)
+                continue
+            dropped[task] = {
+                n: plans[task].dropped[p.key()] for n, p in policies.items() if p.key() in plans[task].dropped
+            }
+            for name, why in dropped[task].items():
+                print(f"claims: {name} is left out of the {task} run: {why}", file=sys.stderr)
+        for task, plan in plans.items():
+            print(
+                f"claims: the {task} run ({len(plan.policies)} configurations) into {plan.out}",
+                file=sys.stderr,
             )
-            print(f"claims: no {task} results: {missing[task]}", file=sys.stderr)
-            continue
-        if code != 0:
-            return code  # interrupted: what is saved stays, the same command resumes
-        rows[task] = results.read_rows(out / task)
-        samples[task] = len({r["sample"] for r in rows[task]})
-    settings = dict(
-        command="python evaluate.py " + " ".join(args.argv),
-        model="default" if is_default_model(args.model) else str(Path(args.model).resolve()),
-        samples=samples,
-    )
-    text = claims.write(out, claims.Evidence(rows, configs, missing), settings)
+            code = execute(plan)
+            if code != 0:
+                return code  # interrupted: what is saved stays, the same command resumes
+            rows[task] = results.read_rows(out / task)
+            samples[task] = len({r["sample"] for r in rows[task]})
+        settings = dict(
+            command="python evaluate.py " + " ".join(args.argv),
+            model="default" if is_default_model(args.model) else str(Path(args.model).resolve()),
+            samples=samples,
+        )
+        text = claims.write(out, claims.Evidence(rows, configs, missing, dropped), settings)
     print(text.split("\n\n## ")[0])
     print(
         f"claims in {out}/: claims.md, claims.json, "

@@ -6,9 +6,11 @@ graph is a chain: see tests/test_imports.py).
 
 import json
 import os
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+_BAD_BYTES = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 
 
 def cache_dir() -> Path:
@@ -61,33 +63,35 @@ def read_jsonl(path, check=None, numbered=False) -> list:
 
     A malformed line raises ValueError naming the file and line, and so does a line for which
     check(obj) returns a complaint (a string); a file that is not UTF-8 text (a binary file given by
-    mistake) raises ValueError naming the file, and so does one that cannot be read. A byte-order mark
-    at the start (some Windows editors write one) is skipped. Every JSONL reader of the project goes
-    through it (Text2JSON, NeedleBench, results folders).
+    mistake) raises ValueError naming the file and the line of the first bad byte, and one that cannot
+    be read one naming the file. A byte-order mark
+    at the start (some Windows editors write one) is skipped. Bytes that are not UTF-8 are found line by
+    line, so the error names their line (a decoder reading the file in buffers fails at the buffer's
+    first line). Every JSONL reader of the project goes through it (Text2JSON, NeedleBench, results
+    folders).
     """
-    rows, lineno = [], 0
-    try:
-        f = open(path, encoding="utf-8-sig")
+    rows = []
+    try:  # undecodable bytes become lone surrogates, so each line says whether it has some (_BAD_BYTES)
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")
     except FileNotFoundError:
         raise
     except OSError as e:  # a folder, no permission
         raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
     with f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                complaint = check(obj) if check else None
-                if complaint:
-                    raise ValueError(f"{path}:{lineno}: {complaint}")
-                rows.append((lineno, obj) if numbered else obj)
-        except UnicodeDecodeError:
-            raise ValueError(
-                f"{path}: not UTF-8 text after line {lineno} (a binary file?): "
-                "give a JSONL file, one JSON object per line"
-            ) from None
+        for lineno, line in enumerate(f, 1):
+            if _BAD_BYTES.search(line):
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (a binary file?): give a JSONL file, one JSON object "
+                    "per line"
+                )
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            complaint = check(obj) if check else None
+            if complaint:
+                raise ValueError(f"{path}:{lineno}: {complaint}")
+            rows.append((lineno, obj) if numbered else obj)
     return rows

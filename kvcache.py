@@ -55,6 +55,7 @@ authors run them (PAPER.md "The paper's other baselines"). One budget accounting
 """
 
 import math
+import typing
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
@@ -97,10 +98,13 @@ class Select:
     per:           "kv_head": each KV head selects for its query heads (the paper, ShadowKV, ArkVale);
                    "query_head": each query head selects its own tokens (LRQK, InfiniGen)
     budget:        selected prompt tokens as a share of the prompt (the paper: 3.125%)
+    round_up:      select ceil(budget * T / chunk) whole chunks (ArkVale's pages, as its authors count
+                   them); False: int(budget * T) tokens rounded down to whole chunks (the paper, ShadowKV)
     min_prompt:    prompts shorter than this are not pruned at all (the fast path: 512)
-    qk_rank:       "lowrank_qk" (LRQK): the rank of the joint factorisation, a share of head_dim or an int
-                   (the authors: 16 of 128 for Llama, 32 of 128 for Qwen3), and `iterations` of each of
-                   its alternating solves (the authors: 2)
+    qk_rank:       "lowrank_qk" (LRQK): the rank of the joint factorisation, a share of head_dim or an int;
+                   None (the preset) = the authors' share for the model's architecture (QK_RANK: 16 of 128
+                   for Llama, 32 of 128 for Qwen3; `rank`), and `iterations` of each of its alternating
+                   solves (the authors: 2)
     channels:      "skewed" (InfiniGen): the share of head_dim its mask keeps by the queries' and by the
                    keys' magnitude (the two united; the authors: 20% each)
     dense_layers:  the first layers attend to every token, selecting nothing (InfiniGen: 2)
@@ -117,7 +121,8 @@ class Select:
     per: str = "kv_head"
     budget: float = 0.03125
     min_prompt: int = 0
-    qk_rank: float = 0.125
+    round_up: bool = False
+    qk_rank: float | None = None
     iterations: int = 2
     channels: float = 0.2
     dense_layers: int = 0
@@ -186,7 +191,7 @@ class Select:
             raise ValueError("the mean_query rule scores with a group's mean query: it needs per='kv_head'")
         if self.landmarks == "lowrank_qk":
             r = self.qk_rank
-            if isinstance(r, bool) or not isinstance(r, int | float) or r <= 0 or (r > 1 and r != int(r)):
+            if r is not None and (r <= 0 or (r > 1 and r != int(r))):
                 raise ValueError(f"qk_rank {r!r} must be an int >= 1 or a share of head_dim in (0, 1]")
             if not _is_int(self.iterations) or self.iterations < 1:
                 raise ValueError(f"iterations {self.iterations!r} must be an int >= 1")
@@ -222,6 +227,7 @@ class Select:
         if self.per != "kv_head":
             p.update(per=self.per)
         p.update(budget=self.budget, min_prompt=self.min_prompt)
+        p |= dict(round_up=True) if self.round_up else {}
         return p | (dict(dense_layers=self.dense_layers) if self.dense_layers else {})
 
     def label(self, preset: "Select", without=None) -> list:
@@ -253,6 +259,16 @@ class Select:
             pieces.append(f"per-{self.per.replace('_', '-')}")
         return pieces  # the budget has its own column and its own place in a configuration's key
 
+    def qk_share(self, arch=None) -> float:
+        """LRQK's rank as given (a share of head_dim, or an int), or the authors' share for the model's
+        architecture `arch` (config.json's `architectures`; QK_RANK) when the policy leaves it to them."""
+        return self.qk_rank if self.qk_rank is not None else QK_RANK.get(arch, QK_RANK_DEFAULT)
+
+    def rank(self, head_dim: int, arch=None) -> int:
+        """LRQK's rank on a model of this head_dim and architecture (it may round to 0: see check_fit)."""
+        share = self.qk_share(arch)
+        return round(share * head_dim) if share <= 1 else int(share)
+
     def build(self, k_mid, prefill: "LayerPrefill") -> landmarks.Landmarks:
         """The landmarks of one layer's middle keys k_mid [H, M, d] (post-RoPE): N per KV head (or per
         query head); LRQK and InfiniGen read more of the prefill (`LayerPrefill`)."""
@@ -266,9 +282,11 @@ class Select:
             return landmarks.PageCuboids.build(k_mid, self.chunk_size)
         if self.landmarks == "lowrank_qk":
             d = k_mid.shape[-1]
-            r = round(self.qk_rank * d) if self.qk_rank <= 1 else int(self.qk_rank)
+            r = self.rank(d, prefill.arch)
             if not 1 <= r <= d:
-                raise ValueError(f"qk_rank {self.qk_rank:g} gives rank {r}: it must be 1 to head_dim = {d}")
+                raise ValueError(
+                    f"qk_rank {self.qk_share(prefill.arch):g} gives rank {r}: it must be 1 to head_dim = {d}"
+                )
             return landmarks.LowRankQK.build(prefill.q, prefill.k, prefill.middle, r, self.iterations)
         if self.landmarks == "skewed":
             return landmarks.SkewedKeys.build(k_mid, prefill.skew, prefill.mask)
@@ -445,6 +463,13 @@ Q2 = dict(landmark_bits="2")  # HIGGS 2-bit landmarks (d=4, n=256), the paper's
 PAPER_KV = dict(kv_bits="4", kv_group="token", kv_pre_rope=True)  # 4-bit HIGGS over a whole token, pre-RoPE
 FAST = dict(score_rule="mean_query", budget=0.015625, min_prompt=512)  # the fast path's rule and split
 PER_Q = dict(score_rule="dot", per="query_head")  # LRQK, InfiniGen: each query head its own top tokens
+# ArkVale: the dot rule (no softmax), its P pages counted up as its authors count them (PAPER.md "ArkVale")
+PAGES = dict(score_rule="dot", round_up=True)
+# LRQK's rank, a share of head_dim, by architecture, as the authors set it (PAPER.md "LRQK": 32 of 128 for
+# the Qwen3 models, 16 of 128 for Llama-3.1-8B); other architectures, which the authors did not run, and
+# K/V given without a model (from_kv) get Llama's share.
+QK_RANK = {"Qwen3ForCausalLM": 0.25, "Qwen3MoeForCausalLM": 0.25}
+QK_RANK_DEFAULT = 0.125
 # ArkVale's sink and window are pages: the first 2 (32 tokens) and the last 5, a partial last page
 # included; local=65 gives exactly that (split_budget adds the remainder of the middle to the window).
 # fmt: off
@@ -458,7 +483,7 @@ PRESETS = {
     "paper":      Policy("paper",      Select("quantized", **Q2),                     Keys(**PAPER_KV),        Exact(local=64)),
     "paper_fast": Policy("paper_fast", Select("quantized", **Q2, **FAST),             Keys(kv_bits="fp8"),     Exact(sink=0.00625, local=0.00625)),
     "quest":      Policy("quest",      Select("quest", 16, sweep=CHUNK),               Keys(),                  Exact(local=64)),
-    "arkvale":    Policy("arkvale",    Select("pages", 16, score_rule="dot"),          Keys(resident=True),     Exact(sink=32, local=65)),
+    "arkvale":    Policy("arkvale",    Select("pages", 16, **PAGES),                   Keys(resident=True),     Exact(sink=32, local=65)),
     "lrqk":       Policy("lrqk",       Select("lowrank_qk", **PER_Q),                  Keys(resident=True),     Exact(local=64)),
     "infinigen":  Policy("infinigen",  Select("skewed", **PER_Q, dense_layers=2),      Keys(),                  Exact(local=0)),
 }
@@ -512,11 +537,45 @@ def oracle_of(p: Policy) -> Policy:
     return make_policy("oracle", budget=p.select.budget, score_rule=rule, kv_bits=p.keys.kv_bits)
 
 
+KIND_WORDS = {
+    int: "an int",
+    float: "a finite number",
+    str: "a string",
+    bool: "True or False",
+    type(None): "None",
+}
+
+
+def _has_kind(value, kind) -> bool:
+    """Whether value is of a field's declared type `kind` (int, float, str, bool, None): an int is not a
+    bool, a float is a finite int or float (no NaN, no infinity)."""
+    if kind is float:
+        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    if kind is int:
+        return _is_int(value)
+    return value is None if kind is type(None) else isinstance(value, kind)
+
+
+def check_kinds(obj):
+    """Every field of a part (or of the policy) of its declared type (`float | None`...): so a NaN, an
+    infinity or a number as text is one ValueError naming the field, not a TypeError deep inside a
+    comparison or a NaN that passes every range check."""
+    for f in fields(obj):
+        if f.name == "sweep":
+            continue
+        kinds = typing.get_args(f.type) or (f.type,)  # float | None -> (float, NoneType)
+        value = getattr(obj, f.name)
+        if not any(_has_kind(value, k) for k in kinds):
+            raise ValueError(f"{f.name} {value!r} must be {' or '.join(KIND_WORDS[k] for k in kinds)}")
+
+
 def check(p: Policy):
     """The parts' own checks, and the ones that span two parts."""
+    check_kinds(p)
     if not p.sparse:
         return
     for part in p.parts():
+        check_kinds(part)
         part.check()
     select, keys = p.select, p.keys
     if p.exact.outliers and select.landmarks != "mean":
@@ -585,7 +644,10 @@ def split_budget(policy: Policy, T: int) -> BudgetSplit | None:
     local = min(_tokens(exact.local, T), T - sink)
     n_chunks = (T - sink - local) // c
     local = T - sink - n_chunks * c
-    selected = max(c, int(select.budget * T) // c * c)  # the authors: int(0.03125 * T)
+    if select.round_up:  # ArkVale's authors: P = max(1, ceil(budget * T / page)) pages
+        selected = max(1, math.ceil(select.budget * T / c)) * c
+    else:  # the paper's authors: int(0.03125 * T) tokens, here in whole chunks
+        selected = max(c, int(select.budget * T) // c * c)
     if exact.outliers == "budget":  # 48 outlier chunks per 2048 selected tokens (ShadowKV's fast class)
         outliers = round(48 * selected / 2048)
     elif isinstance(exact.outliers, float):  # a share of the prompt's tokens, in whole chunks
@@ -731,6 +793,7 @@ class LayerPrefill:
     )
     skew: torch.Tensor | None = None  # [n_heads, d, d] InfiniGen's skewing matrices of this layer
     mask: torch.Tensor | None = None  # [n_heads, d] bool, its channel mask
+    arch: str | None = None  # the model's architecture (LRQK's rank follows it: Select.rank)
 
 
 # ----------------------------------------------------------------------------------- the two caches
@@ -740,14 +803,17 @@ class FullCache:
 
     `policy` is full attention, or a sparse policy whose prompt was shorter than its budget (it then
     runs as full attention: `from_kv` says so with a warning). keep_queries: keep the prefill's
-    queries too (`q`), for the policies whose landmarks need them (LRQK, Select.needs_queries).
+    queries too (`q`), for the policies whose landmarks need them (LRQK, Select.needs_queries). arch:
+    the architecture of the model that fills it (model.prefill sets it), for what a policy built from
+    it sets by architecture (LRQK's rank, Select.rank).
     """
 
     asks = ()  # nothing beyond q, k, v from the model (see SparseCache.asks)
 
-    def __init__(self, n_layers: int, policy: Policy | None = None, keep_queries: bool = False):
+    def __init__(self, n_layers: int, policy: Policy | None = None, keep_queries: bool = False, arch=None):
         self.policy = policy or PRESETS["full"]
         self.keep_queries = keep_queries
+        self.arch = arch
         self.q = [None] * n_layers  # keep_queries: per layer the prefill's [B, n_heads, T, head_dim]
         self.k = [None] * n_layers  # per layer [B, n_kv_heads, S, head_dim]
         self.v = [None] * n_layers
@@ -1258,12 +1324,22 @@ def _memory(full_bf16, offloaded, exact, summary, resident=0, on_device=0) -> di
     )
 
 
-def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=None, q=None, calibration=None):
+def from_kv(
+    k: list,
+    v: list,
+    policy: Policy | None = None,
+    rope=None,
+    device=None,
+    q=None,
+    calibration=None,
+    arch=None,
+):
     """The cache of `policy` holding the prompt K/V given per layer ([1, n_kv_heads, T, head_dim] each,
     post-RoPE; `rope` is the model's, which low-rank and pre-RoPE keys need): the one way to make a
     cache from existing keys and values (an earlier prefill, or synthetic K/V for a benchmark).
     q: the prompt's queries per layer ([1, n_heads, T, head_dim]), for the policies whose landmarks
-    need them (LRQK); calibration: InfiniGen's skews and masks (skew.calibration) for "skewed" ones.
+    need them (LRQK); calibration: InfiniGen's skews and masks (skew.calibration) for "skewed" ones;
+    arch: the model's architecture (config.json's `architectures`), for LRQK's rank (Select.rank).
 
     A SparseCache, or a FullCache for full attention and for a prompt shorter than the policy's
     budget (with a warning: it has nothing to select from).
@@ -1293,7 +1369,7 @@ def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=No
         _check_calibration(calibration, policy, len(k), k[0].shape[-1])
     cache = SparseCache(policy, rope, split, len(k), device if device is not None else k[0].device)
     for layer in range(len(k)):
-        prefill = LayerPrefill(k[layer][0], split.middle, q=None if q is None else q[layer][0])
+        prefill = LayerPrefill(k[layer][0], split.middle, q=None if q is None else q[layer][0], arch=arch)
         if calibration is not None:
             prefill.skew, prefill.mask = calibration["skew"][layer], calibration["mask"][layer]
         cache.layers[layer] = cache.build_layer(layer, k[layer][0], v[layer][0], prefill)
@@ -1301,7 +1377,8 @@ def from_kv(k: list, v: list, policy: Policy | None = None, rope=None, device=No
 
 
 def _check_calibration(calibration, policy, n_layers, head_dim):
-    """A calibration must be there and be of this model's shape: [n_layers, n_heads, d, d] skews."""
+    """A calibration must be there, be of this model's shape ([n_layers, n_heads, d, d] skews), and be
+    fitted with the policy's `channels` (its mask decides the channels: the field would do nothing)."""
     if calibration is None:
         raise ValueError(
             f"the {policy.name} policy needs its calibration of the model (skew.calibration(model, tokenizer)): "
@@ -1313,16 +1390,32 @@ def _check_calibration(calibration, policy, n_layers, head_dim):
             f"the calibration is of a model with {L} layers and head_dim {d}, not this one's {n_layers} and "
             f"{head_dim}: calibrate this model (skew.calibration)"
         )
+    fitted = calibration.get("channels")  # the mask it holds was chosen with this share, not the policy's
+    if fitted != policy.select.channels:
+        raise ValueError(
+            f"the {policy.name} policy asks for channels={policy.select.channels!r}, and the calibration "
+            f"passed was fitted with channels={fitted!r}, whose mask it would use instead: pass "
+            f"skew.calibration(model, tokenizer, channels={policy.select.channels!r})"
+        )
 
 
 def from_prefill(prefill: FullCache, policy: Policy, rope, row: int = 0, calibration=None):
     """The cache of `policy` built from the prompt K/V of row `row` of a prefilled FullCache: an
     evaluation prefills each prompt once and compares every policy on it (views, not copies). The
-    prefill's queries, if it kept them, go along (LRQK needs them); calibration: see from_kv."""
+    prefill's queries, if it kept them, go along (LRQK needs them), and so does the architecture of the
+    model that filled it (LRQK's rank); calibration: see from_kv."""
     if not isinstance(prefill, FullCache) or prefill.k[0] is None:
         raise ValueError("from_prefill: the cache holds no prompt K/V (prefill a FullCache first)")
     rows = lambda ts: None if ts[0] is None else [t[row : row + 1] for t in ts]
-    return from_kv(rows(prefill.k), rows(prefill.v), policy, rope, q=rows(prefill.q), calibration=calibration)
+    return from_kv(
+        rows(prefill.k),
+        rows(prefill.v),
+        policy,
+        rope,
+        q=rows(prefill.q),
+        calibration=calibration,
+        arch=prefill.arch,
+    )
 
 
 class Stats:

@@ -28,6 +28,7 @@ CLI: python model.py [--model DIR] --prompt "..." [--max-new-tokens N] [--dtype 
 """
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -594,6 +595,39 @@ def _open_safetensors(file):
         raise ValueError(f"{file} is not a valid safetensors file ({reason}): re-download it") from None
 
 
+FINGERPRINT_WINDOW = 256  # bytes of every tensor read at its start, middle and end (checkpoint_fingerprint)
+
+
+def checkpoint_fingerprint(path) -> str:
+    """A short hash that says whether a checkpoint folder still holds the same model: a results folder
+    records it (evaluate.py's run.json), so weights replaced in place between a run and its resume are
+    found. Cheap enough for an 8B checkpoint: config.json and tokenizer.json whole, and of every weight
+    file its size, its safetensors header (every tensor's name, dtype, shape and place) and three
+    windows of FINGERPRINT_WINDOW bytes of each tensor (start, middle, end), ~1 MB for 300 tensors. A
+    fine-tune changes nearly every value of each tensor it trains, so a window per tensor finds it
+    where a few windows per file could miss the tensors between them. Never modification times, which
+    a copy changes and an in-place edit may keep."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json"):
+        h.update(name.encode() + b"\0" + (path / name).read_bytes())
+    for file in _weight_files(path):  # their headers are checked there
+        h.update(f"{file.name} {file.stat().st_size}".encode())
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")  # the header's length, then the header (JSON)
+            header = f.read(n)
+            h.update(header)
+            for name, info in sorted(json.loads(header).items()):
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]  # relative to the end of the header
+                mid = (begin + end) // 2
+                for start in sorted({begin, mid, max(begin, end - FINGERPRINT_WINDOW)}):
+                    f.seek(8 + n + start)
+                    h.update(f.read(min(FINGERPRINT_WINDOW, end - start)))
+    return h.hexdigest()[:16]
+
+
 def load_weights(model, path, dtype, device):
     """Copy the checkpoint's tensors into a model built on the meta device, shard by shard.
 
@@ -1036,7 +1070,9 @@ def prefill(model, input_ids, policy=None, keep_queries=False, calibration=None)
     device = model.embed_tokens.weight.device
     sparse = policy is not None and policy.sparse
     full = kvcache.FullCache(
-        model.config.n_layers, keep_queries=keep_queries or sparse and policy.select.needs_queries
+        model.config.n_layers,
+        keep_queries=keep_queries or sparse and policy.select.needs_queries,
+        arch=model.config.arch,
     )
     logits = model(torch.tensor([input_ids], device=device), full, last_only=True)[0, -1]  # [vocab]
     if not sparse:
@@ -1102,7 +1138,17 @@ def main(argv=None):
         model, tokenizer = load_model(
             args.model, dtype=args.dtype, device=args.device, chat_format="plain" if args.no_chat else None
         )
-        print(chat(model, tokenizer, args.prompt, args.max_new_tokens))
+        ids = tokenizer.chat([{"role": "user", "content": args.prompt}])
+        out = generate(model, ids, args.max_new_tokens, stop_ids=tokenizer.stop_ids)
+        print(tokenizer.decode(out))
+        room = model.config.max_positions - len(ids) + 1  # decode's limit: the last token is never fed back
+        if len(out) == room < args.max_new_tokens:  # cut by the positions, not by a stop token or the limit
+            print(
+                f"note: the answer stopped after {len(out)} new tokens, at the model's "
+                f"{model.config.max_positions} positions (a {len(ids)}-token prompt), before "
+                f"--max-new-tokens {args.max_new_tokens}",
+                file=sys.stderr,
+            )
     except (ValueError, FileNotFoundError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

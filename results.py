@@ -35,7 +35,11 @@ CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "res
 # its identity (`config`, every parameter, written out in `key`), its sweep axes with a legend for each,
 # its place in the tables and the key of the oracle it is compared with (evaluate.config_fields)
 ROW_CONFIG = ("config", "axes", "legends", "order", "oracle_key")
-RESULTS_FORMAT = 2  # run.json "format": 2 = rows keyed by their configuration's parameters (not labels)
+RESULTS_FORMAT = 3  # run.json "format"; what each older one lacks, said when a folder of it is refused:
+OLD_FORMATS = {
+    1: "rows keyed by their labels, not by their configurations",
+    2: "no fingerprint of the checkpoint, so a resume cannot tell whether its weights changed",
+}
 METRICS = (
     "fact_accuracy",
     "field_accuracy",
@@ -77,11 +81,17 @@ SAMPLE_METRICS = (
 )
 BOOTSTRAP_RESAMPLES = 2000  # resamples of the paired bootstrap over samples
 BOOTSTRAP_SEED = 0
+# The fewest samples a 95% interval rests on, and with it a `*` or a claim's verdict (claims.py). Below
+# it a percentile bootstrap's interval is the range of the samples themselves (a resample repeating one
+# sample n times has probability n^-n, above 2.5% for n <= 3): one sample gives an interval of zero
+# width around it, which would mark any difference as not noise.
+MIN_SAMPLES = 4
 DEPTH_BINS = 10  # fact accuracy against depth: 10 equal shares of the prompt
 # run.json settings that must agree for a resumed (or merged) run: they change every result
 RUN_FIELDS = (
     "task",
     "model",
+    "checkpoint",
     "data",
     "tokens",
     "seed",
@@ -94,6 +104,11 @@ RUN_FIELDS = (
     "score_rule",
     "chat",
 )
+# what a setting's difference means, where its value does not say it (a hash)
+CHANGED = {
+    "checkpoint": " (another model's files: its weights, config.json or tokenizer.json changed in place, "
+    "or the folder holds another checkpoint)"
+}
 # A samples.jsonl row has exactly these fields, in the order evaluate.evaluate_sample writes them, each
 # holding (checked wherever a results folder is read, `check_rows`): str, int, num (a finite number),
 # bool, dict, strs (a list of strings), nums (a list of finite numbers), records (per gold record its
@@ -108,7 +123,7 @@ ROW_FIELDS = {
     "sample": "str", "task": "str", "prompt_tokens": "int", "max_new_tokens": "int", "gold_tokens": "int",
     # the gold-forced facts (evaluate.fact_record)
     "fact_accuracy": "num?", "field_accuracy": "num?", "fact_nll": "num?", "fact_tokens": "int?",
-    "per_record": "records?",
+    "fact_tokens_cut": "int?", "per_record": "records?",
     # the task score (evaluate.score_sample)
     "score": "num?", "field_recall": "num?",
     # fidelity, selection and memory (evaluate.policy_record), then the free-running answer
@@ -120,8 +135,8 @@ ROW_FIELDS = {
 TASK_ROW_FIELDS = {"longproc": {"precision": "num?", "recall": "num?", "extracted": "num?"}}
 # run.json: these settings (RUN_FIELDS and the format) always, the others when present
 RUN_KINDS = {
-    "format": "int", "task": "task", "model": "str", "data": "str?", "tokens": "int", "seed": "int",
-    "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "gold_path": "path", "group": "str?",
+    "format": "int", "task": "task", "model": "str", "checkpoint": "str", "data": "str?", "tokens": "int",
+    "seed": "int", "dtype": "str", "max_new_tokens": "int", "free_run": "bool", "gold_path": "path", "group": "str?",
     "outliers": "scalar?", "score_rule": "str?", "chat": "bool", "command": "str", "max_positions": "int?",
     "skipped": "counts",
 }
@@ -148,10 +163,17 @@ os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def check_folder(out):
-    """A results folder path must not name a file (a one-line error instead of a traceback later)."""
+    """A results folder path must not name a file, nor pass through a symbolic link to nothing (mkdir
+    would say only "File exists"): a one-line error instead of a traceback or a riddle later."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a results folder: give --out a folder path")
+    for path in (out, *out.parents):
+        if path.is_symlink() and not path.exists():
+            raise ValueError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create that "
+                f"folder, or give --out another path"
+            )
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{parent} is a file: --out {out} cannot be a folder inside it")
@@ -334,10 +356,8 @@ def read_run(out):
         raise ValueError(f"{path}: cannot read it ({err.strerror}): {RUN_FIX}") from None
     if not isinstance(run, dict):
         raise ValueError(f"{path}: {_json_kind(run)}, not the settings of a run (a JSON object): {RUN_FIX}")
-    if "format" not in run and all(f in run for f in RUN_FIELDS if f != "gold_path"):
-        check_format(out, run)  # a folder of an older evaluate.py
-    if "format" in run:  # a folder written before the teacher-forced pass decoded its gold rows step by step
-        run.setdefault("gold_path", "loop")
+    if run.get("format") in OLD_FORMATS or ("format" not in run and "task" in run and "model" in run):
+        check_format(out, run)  # a folder of an older evaluate.py: said as such, not as a damaged file
     fields = {f: k for f, k in RUN_KINDS.items() if f in RUN_FIELDS + ("format",) or f in run}
     complaint = _kind_complaint(fields, run, "run.json")
     if complaint:
@@ -442,10 +462,18 @@ def bootstrap_means(values, index):
     return values[index].nanmean(dim=1)  # [R]
 
 
-def interval(resampled):
-    """The 95% percentile interval [lo, hi] of resampled statistics [R] (NaN resamples ignored)."""
+def interval(resampled, n):
+    """The 95% percentile interval [lo, hi] of resampled statistics [R] (NaN resamples ignored) of n
+    samples; None when n is below MIN_SAMPLES (no interval is better than one of zero width)."""
+    if n < MIN_SAMPLES:
+        return None
     lo, hi = torch.nanquantile(resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return None if math.isnan(lo) else [lo, hi]
+
+
+def counted(values) -> int:
+    """How many samples of values [n] (NaN = missing) have a value: what an interval of them rests on."""
+    return int((~values.isnan()).sum())
 
 
 def resample_index(n, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
@@ -462,18 +490,19 @@ def per_sample(rs, samples, metric):
 
 
 def _compare(values, ref, index):
-    """[diff, lo, hi] of mean(values - ref) over the samples both have, or None."""
+    """[diff, lo, hi] of mean(values - ref) over the samples both have (lo, hi None: too few samples for
+    an interval, `interval`), or None when they have none in common."""
     d = values - ref  # NaN where either lacks the sample
     if bool(d.isnan().all()):
         return None
-    ci = interval(bootstrap_means(d, index))
-    return [float(d.nanmean()), *ci] if ci else None
+    return [float(d.nanmean()), *(interval(bootstrap_means(d, index), counted(d)) or (None, None))]
 
 
 def _depth_accuracy(rs, samples, index):
     """Fact accuracy per depth bin (DEPTH_BINS equal shares of the prompt), pooled over samples, and its
     95% interval per bin from the run's paired bootstrap (`index`: each resample pools the facts of its
-    samples): ([bins] accuracy or None, [bins] [lo, hi] or None), or (None, None) without fact tokens."""
+    samples; none for a bin whose facts come from fewer than MIN_SAMPLES samples): ([bins] accuracy or
+    None, [bins] [lo, hi] or None), or (None, None) without fact tokens."""
     hits = torch.zeros(len(samples) + 1, DEPTH_BINS, dtype=torch.float64)  # [n + 1, bins]: + a row of 0s
     tokens = torch.zeros_like(hits)
     row_of = {s: i for i, s in enumerate(samples)}
@@ -488,7 +517,8 @@ def _depth_accuracy(rs, samples, index):
     total = tokens.sum(0)  # [bins]
     accuracy = [float(h / t) if t else None for h, t in zip(hits.sum(0), total)]
     resampled = hits[index].sum(1) / tokens[index].sum(1)  # [R, bins], NaN where a resample has no fact
-    bands = [interval(resampled[:, b]) if total[b] else None for b in range(DEPTH_BINS)]
+    with_facts = (tokens > 0).sum(0)  # [bins] the samples a bin's facts come from
+    bands = [interval(resampled[:, b], int(with_facts[b])) for b in range(DEPTH_BINS)]
     return accuracy, bands
 
 
@@ -542,7 +572,7 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
     for s in summary:
         scale = {m: 100 if m in ("score", "field_recall") else 1 for m in SAMPLE_METRICS}
         s["ci"] = {
-            m: None if s[m] is None else _scaled(interval(bootstrap_means(v, index)), scale[m])
+            m: None if s[m] is None else _scaled(interval(bootstrap_means(v, index), counted(v)), scale[m])
             for m, v in s["values"].items()
         }
         oracle = next((o for o in summary if o["key"] == s["oracle_key"]), None)
@@ -560,7 +590,8 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
             mine, ref = mine.where(both, math.nan), ref.where(both, math.nan)
             if both.any():  # else no sample in common with full attention: no retention
                 s["retention"] = float(mine.nanmean() / ref.nanmean())
-                s["ci"]["retention"] = interval(bootstrap_means(mine, index) / bootstrap_means(ref, index))
+                ratio = bootstrap_means(mine, index) / bootstrap_means(ref, index)  # [R]
+                s["ci"]["retention"] = interval(ratio, int(both.sum()))
     for s in summary:
         rs = groups[s["key"]]
         del s["values"]
@@ -575,7 +606,7 @@ def summarize(rows, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED):
 
 
 def _scaled(triple, scale):
-    return None if triple is None else [scale * x for x in triple]
+    return None if triple is None else [None if x is None else scale * x for x in triple]
 
 
 def _fmt(x, spec):
@@ -589,10 +620,13 @@ def _with_ci(r, m, spec):
 
 
 def _vs(r, name, m, spec):
-    """'-0.021 [-0.040, -0.002] *': a paired difference, * when its interval excludes 0 (not noise)."""
+    """'-0.021 [-0.040, -0.002] *': a paired difference, * when its interval excludes 0 (not noise);
+    '-0.021' alone for too few samples (MIN_SAMPLES): no interval, so no *."""
     d = r[name].get(m)
     if d is None:
         return "–"
+    if d[1] is None:
+        return f"{d[0]:+{spec}}"
     return f"{d[0]:+{spec}} [{d[1]:+{spec}}, {d[2]:+{spec}}]" + (" *" if d[1] > 0 or d[2] < 0 else "")
 
 
@@ -799,6 +833,8 @@ def make_plots(out, summary):
             notes.append(f"{name}: skipped, the sweep has one value of {column} per configuration")
     if plot_depth(summary, out / "fact_vs_depth.png"):
         notes.append("fact_vs_depth.png: fact accuracy against the depth of the record in the prompt")
+    elif all(r["fact_accuracy"] is None for r in summary) and any(r.get("fact_tokens_cut") for r in summary):
+        notes.append("fact_vs_depth.png: skipped, no fact token was scored: max_new_tokens cut them all")
     else:
         notes.append("fact_vs_depth.png: skipped, the task has no fact tokens")
     if plot_recall_heatmap(summary, out / "recall_per_layer.png"):
@@ -812,14 +848,31 @@ def table_notes(summary, run):
     """The lines printed under the table: how to read the intervals, and what the free-running score
     was when it is not a column (PAPER.md "Benchmarks": the paper's score needs the whole list)."""
     n = len({r["n"] for r in summary}) == 1 and summary[0]["n"]
+    few = [_name(r) for r in summary if r["n"] < MIN_SAMPLES]
+    facts = (
+        " Fact accuracy: share of the gold answer's value tokens predicted top-1 with the gold answer so far "
+        "as input."
+    )
     lines = []
-    if any(r["fact_accuracy"] is not None for r in summary):
+    if len(few) == len(summary):
+        lines.append(
+            f"No 95% interval and no *: {n or 'fewer than ' + str(MIN_SAMPLES)} sample{'s' * (n != 1)}, "
+            f"and a bootstrap interval needs at least {MIN_SAMPLES} (with fewer its ends are the extreme samples "
+            "themselves; one sample gives an interval of zero width): run more samples (--n) to tell a "
+            "difference from noise." + (facts if any(r["fact_accuracy"] is not None for r in summary) else "")
+        )
+    elif any(r["fact_accuracy"] is not None for r in summary):
         lines.append(
             f"[a, b]: 95% interval of a paired bootstrap over the {n or ''} samples "
             f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); vs full / vs oracle: "
             "difference to full attention / to the oracle of the same budget, * where its interval "
-            "excludes 0 (not noise). Fact accuracy: share of the gold answer's value tokens "
-            "predicted top-1 with the gold answer so far as input."
+            "excludes 0 (not noise)."
+            + (
+                f" No interval and no * for {', '.join(few)}: fewer than {MIN_SAMPLES} samples."
+                if few
+                else ""
+            )
+            + facts
         )
     if run["task"] == "text2json" and all(r["score"] is None for r in summary):
         lines.append(
@@ -881,7 +934,7 @@ def check_resume(out, run, adopt_max_new, check_row=None):
     for f in RUN_FIELDS:
         if old.get(f) != run[f]:
             raise ValueError(
-                f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}: "
+                f"{out} holds results made with {f}={old.get(f)!r}, not {run[f]!r}{CHANGED.get(f, '')}: "
                 "use another --out or the same settings"
             )
     rows = check_rows(out, lines, run, check_row)
@@ -889,12 +942,15 @@ def check_resume(out, run, adopt_max_new, check_row=None):
 
 
 def check_format(folder, run):
-    """A folder written before rows were keyed by their configuration's parameters (RESULTS_FORMAT) cannot
-    be resumed or merged: its keys are display labels, which do not say every parameter."""
-    if run.get("format") != RESULTS_FORMAT:
+    """A folder written by an older evaluate.py (RESULTS_FORMAT, OLD_FORMATS) cannot be resumed or merged:
+    its rows or its settings lack what this version compares (labels that do not say every parameter,
+    no checkpoint fingerprint)."""
+    old = run.get("format", 1)
+    if old != RESULTS_FORMAT:
+        what = OLD_FORMATS.get(old, "a format this version does not know")
         raise ValueError(
-            f"{folder} holds results of an older evaluate.py (rows keyed by their labels, not by their "
-            f"configurations): give a new --out, or delete {folder} to run it again"
+            f"{folder} holds results of an older evaluate.py (format {old}: {what}): give a new --out, or "
+            f"delete {folder} to run it again"
         )
 
 
@@ -907,8 +963,10 @@ def skip_record(skipped, rows):
 def annotate(summary, rows, run):
     """Add to each summary row what its mean leaves out, and return the lines that say it under
     the table: `skipped`, the run's samples with no result at all (their prompt does not fit the
-    model), and `fell_back`, the samples this configuration ran with full attention because the
-    prompt is shorter than its budget (kvcache: sink + local window + the selection)."""
+    model), `fell_back`, the samples this configuration ran with full attention because the
+    prompt is shorter than its budget (kvcache: sink + local window + the selection), and
+    `fact_tokens_cut`, the fact tokens of gold answers longer than max_new_tokens (or than the
+    model's positions allow) that its fact accuracy does not score."""
     skipped = run.get("skipped") or {}
     for r in summary:
         share = r.get("sparse_share")
@@ -923,6 +981,26 @@ def annotate(summary, rows, run):
             f"{len(ids)} of {total} samples skipped, no result in any configuration: their prompts "
             f"({token_span(skipped.values())} tokens with the chat template) do not fit the model's "
             f"{run.get('max_positions')} positions (ids {shown})"
+        )
+    cut = {}  # sample -> (fact tokens scored, fact tokens cut): the same for every configuration
+    for row in rows:
+        if row.get("fact_tokens_cut") is not None:
+            cut[row["sample"]] = max(
+                cut.get(row["sample"], (0, 0)), (row["fact_tokens"], row["fact_tokens_cut"])
+            )
+    for r in summary:
+        r["fact_tokens_cut"] = sum(
+            cut[x["sample"]][1] for x in rows if x["key"] == r["key"] and x["sample"] in cut
+        )
+    left_out = sum(c for _, c in cut.values())
+    if left_out:
+        total = sum(a + c for a, c in cut.values())
+        hit = sum(c > 0 for _, c in cut.values())
+        notes.append(
+            f"fact accuracy leaves out {left_out} of the {total} fact tokens of the gold answers ({hit} of "
+            f"{len(cut)} samples): the gold-forced rows stop after max_new_tokens={run['max_new_tokens']} "
+            "tokens (or at the model's positions), before the end of the longer answers; a larger "
+            "--max-new-tokens scores them"
         )
     for r in summary:
         if r.get("hit_rate") is not None:
@@ -968,6 +1046,7 @@ def merge(args, check_row=None):
                 if runs[-1].get(f) != runs[0].get(f):
                     raise ValueError(
                         f"{d} was run with {f}={runs[-1].get(f)!r}, {args.dirs[0]} with {runs[0].get(f)!r}"
+                        f"{CHANGED.get(f, '')}: merge only folders of one run's settings"
                     )
             skipped.update(runs[-1].get("skipped") or {})
             for r in check_rows(d, lines, runs[-1], check_row):

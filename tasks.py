@@ -120,6 +120,11 @@ def insert_needles(haystack, needle_ids, depths):
     return tokens, offsets
 
 
+class BadLength(ValueError):
+    """No prompt of the length asked for can be made from the data (too short for the needles, longer
+    than the haystack)."""
+
+
 def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_NEEDLES, length_buffer=None):
     """`n` parallel-retrieval prompts of about `target_tokens` tokens, built as the paper builds
     them (PAPER.md, "Confirmed against the authors' code", NeedleBench v2).
@@ -153,9 +158,10 @@ def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_
         buffer = len(tokenizer.encode(needle_prompt("", needles))) if length_buffer is None else length_buffer
         hay_len = target_tokens - buffer - sum(map(len, needle_ids))
         if hay_len < 10 * n_needles:
-            raise ValueError(
-                f"target_tokens={target_tokens} is too short for {n_needles} needles and their "
-                f"questions ({buffer} + {sum(map(len, needle_ids))} tokens before any haystack)"
+            raise BadLength(
+                f"a {target_tokens}-token NeedleBench prompt is too short for {n_needles} needles and their "
+                f"questions ({buffer} + {sum(map(len, needle_ids))} tokens before any haystack): ask for a "
+                "longer prompt"
             )
         haystack = []
         for text in order:
@@ -163,8 +169,9 @@ def needle_samples(data_dir, target_tokens, tokenizer, seed=0, n=1, n_needles=N_
             if len(haystack) >= hay_len:
                 break
         else:
-            raise ValueError(
-                f"target_tokens={target_tokens} is longer than the whole haystack ({len(haystack)} tokens)"
+            raise BadLength(
+                f"a {target_tokens}-token NeedleBench prompt is longer than the whole haystack "
+                f"({len(haystack)} tokens): ask for a shorter prompt"
             )
         tokens, offsets = insert_needles(haystack[:hay_len], needle_ids, depths)
         document = tokenizer.decode(tokens)

@@ -546,8 +546,8 @@ def _draw_records(domain, n_records, n_mentions, rng):
             names.append(name)
         elif tries > 50 * (n_records + n_mentions):
             raise ValueError(
-                f"cannot draw {n_records + n_mentions} distinct {domain} names; "
-                f"use a shorter target_tokens or a larger tokens_per_record"
+                f"cannot draw {n_records + n_mentions} distinct {domain} names for one prompt: "
+                "ask for a shorter prompt"
             )
     records = [{"name": nm, **spec["draw"](rng)} for nm in names[:n_records]]
     return records, names[n_records:]
@@ -609,7 +609,9 @@ def generate(n, target_tokens, tokenizer, seed=0, tokens_per_record=200, domains
         if d not in DOMAINS:
             raise ValueError(f"unknown domain {d!r}; choose from {sorted(DOMAINS)}")
     if target_tokens < 256:
-        raise ValueError(f"target_tokens={target_tokens} is too short for a Text2JSON prompt (use >= 256)")
+        raise ValueError(
+            f"a {target_tokens}-token Text2JSON prompt is too short: ask for at least 256 tokens"
+        )
     count = lambda text: len(tokenizer.encode(text))
     samples = []
     for i in range(n):
@@ -632,8 +634,9 @@ def generate(n, target_tokens, tokenizer, seed=0, tokens_per_record=200, domains
         base = count(_build(domain, entity_sentences, [], 0, para_sizes))
         if base > 0.9 * target_tokens:
             raise ValueError(
-                f"target_tokens={target_tokens} leaves no room for filler; "
-                f"raise it or raise tokens_per_record"
+                f"a {target_tokens}-token Text2JSON prompt is too short for this tokenizer: its "
+                f"{n_records} records and {len(mentions)} other names alone take {base} tokens, more "
+                f"than 90% of it, leaving no room for the text around them: ask for a longer prompt"
             )
         fillers.extend(next(stream) for _ in range(64))
         per_filler = (count(" ".join(fillers)) + 1) / len(fillers)
@@ -648,7 +651,10 @@ def generate(n, target_tokens, tokenizer, seed=0, tokens_per_record=200, domains
                 per_filler = max((n_tokens - base) / k, 1.0)
             k = max(0, k + round((target_tokens - n_tokens) / per_filler))
         if abs(n_tokens - target_tokens) > 0.1 * target_tokens:
-            raise ValueError(f"could not fit a {target_tokens}-token prompt (got {n_tokens})")
+            raise ValueError(
+                f"could not fit a {target_tokens}-token Text2JSON prompt (got {n_tokens} tokens): ask for "
+                "another length"
+            )
         samples.append(
             {
                 "problem": prompt,

@@ -105,7 +105,7 @@ def main():
     full, rope = FullCache(1, keep_queries=True), Rope(one_layer)
     full.k, full.v, full.q, full.prompt_len = [k], [v], [q], T
     skews, masks = skew.fit_layer(q[0], k[0])
-    calibration = dict(skew=skews[None], mask=masks[None])
+    calibration = dict(skew=skews[None], mask=masks[None], channels=0.2)  # fit_layer's default share
     bf16_per_token = 2 * 8 * 128 * 2  # K and V, bf16, per token per layer
     print(
         f"Llama-3.1-8B shapes, {T} prompt tokens, {cfg.n_layers} layers; bf16 KV = "

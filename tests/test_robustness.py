@@ -23,10 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import claims
 import convert_gguf
 import evaluate
+import kvcache
 import model
 import results
+import skew
+import tasks
 import text2json
 from conftest import make_tiny_checkpoint
 from kvcache import make_policy
@@ -1138,3 +1142,524 @@ def test_summary_json_is_strict_json_when_a_configuration_shares_no_sample_with_
     assert [s["retention"] for s in summary] == [1.0, None]
     text = json.dumps(results.strict_json(summary), allow_nan=False)
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+
+
+# ---------------------------------------------------------------------------- issue 30: no silently wrong number
+# What looked right and was not: a checkpoint changed between a run and its resume, one sample called
+# significant, a gold answer cut without a word, InfiniGen's calibration of another model, claims that
+# went on past a damaged folder, options that did nothing, convert_gguf.py taking --help for a folder,
+# messages that named the wrong thing, lab checks that blamed the student for a missing model.
+
+SMALL_SAMPLE = {  # a Text2JSON sample short enough for a model of 1024 positions (byte-level tokenizer)
+    "problem": "Alice is 30 and lives in Oslo. Bob is 41 and lives in Rome. List the people as JSON.",
+    "answer": json.dumps(
+        [dict(name="Alice", age="30", city="Oslo"), dict(name="Bob", age="41", city="Rome")]
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def models30(ckpt, tmp_path_factory):
+    """The tiny checkpoints issue 30 needs besides `ckpt` (2 layers, head_dim 16, 4096 positions)."""
+    root = tmp_path_factory.mktemp("models30")
+    make = lambda name, **kw: make_tiny_checkpoint("LlamaForCausalLM", root / name, **kw)[0]
+    return dict(
+        deep=make("deep", num_hidden_layers=4, max_position_embeddings=4096),  # InfiniGen selects in 2 of 4
+        short=make("short", num_hidden_layers=4, max_position_embeddings=1024),  # < its calibration text
+        narrow=make("narrow", hidden_size=16, max_position_embeddings=4096),  # head_dim 4: LRQK's rank 0
+        other=make("other", seed=1, max_position_embeddings=4096),  # ckpt's shapes, other weights
+    )
+
+
+@pytest.fixture(scope="module")
+def swapped(ckpt, models30, tmp_path_factory):
+    """A copy of ckpt in its own folder, run (shard 0/2 into `before`), then its weights replaced in place
+    by another checkpoint's (same shapes) and run again (shard 1/2 into `after`): (folder, before, after)."""
+    root = tmp_path_factory.mktemp("swapped")
+    model_dir = shutil.copytree(ckpt, root / "model")
+    run = lambda shard, out: evaluate.main(
+        ["--model", str(model_dir), *QUICK, "--workers", "1", "--shard", shard, "--out", str(out)]
+    )
+    assert run("0/2", root / "before") == 0
+    shutil.copy(models30["other"] / "model.safetensors", model_dir / "model.safetensors")
+    assert run("1/2", root / "after") == 0
+    return model_dir, root / "before", root / "after"
+
+
+def needle_data():
+    if not (tasks.NEEDLE_DIR / "needles.jsonl").is_file():
+        pytest.skip(f"no NeedleBench data in {tasks.NEEDLE_DIR}")
+
+
+def damaged_needle_folder(ctx):
+    needle_data()
+    (ctx.out / "needle").mkdir(parents=True)
+    (ctx.out / "needle" / "samples.jsonl").write_text("not json\n")
+    return ctx.claims
+
+
+def busy_claims_folder(ctx):
+    ctx.hold(ctx.out)  # a claims run that has started on OUT
+    return ctx.claims
+
+
+def busy_needle_folder(ctx):
+    needle_data()
+    ctx.hold(ctx.out / "needle")  # a run (or a claims run in its needle part) writing OUT/needle
+    return ctx.claims
+
+
+def no_calibration_text(ctx):
+    ctx.monkeypatch.setattr(skew, "CALIBRATION_TEXT", ctx.tmp / "calibration.txt")
+    return ["--model", ctx.models["deep"], *QUICK, "--methods", "full,infinigen"]
+
+
+def empty_calibration_text(ctx):
+    (ctx.tmp / "calibration.txt").write_text("")
+    return no_calibration_text(ctx)
+
+
+def bad_bytes_on_line_2(ctx):
+    (ctx.tmp / "bad.jsonl").write_bytes(json.dumps(SMALL_SAMPLE).encode() + b'\n{"problem": "x\xff"}\n')
+    return ["--model", ctx.ckpt, *QUICK, "--n", "1", "--data", ctx.tmp / "bad.jsonl"]
+
+
+def dangling_out(ctx):
+    ctx.out.symlink_to(ctx.tmp / "gone" / "results")
+    return ["--model", ctx.ckpt, *QUICK]
+
+
+def short_model_with_infinigen(ctx):
+    (ctx.tmp / "small.jsonl").write_text(json.dumps(SMALL_SAMPLE) + "\n")
+    argv = ["--model", ctx.models["short"], *QUICK, "--n", "1", "--data", ctx.tmp / "small.jsonl"]
+    return argv + ["--methods", "full,infinigen"]
+
+
+SILENTLY_WRONG = [
+    # (issue item: the case, what the command is given (a list, or a function of the test's context),
+    #  the one line it must print, the folder that must stay byte for byte as it was)
+    (
+        "1: weights replaced in the --model folder, then the run resumed",
+        lambda ctx: ["--model", ctx.swapped[0], *QUICK, "--shard", "0/2", "--out", ctx.copy(ctx.swapped[1])],
+        "OUT holds results made with checkpoint='",
+        "OUT",
+    ),
+    (
+        "1: merge of a run before and a run after the weights were replaced",
+        lambda ctx: ["merge", ctx.swapped[1], ctx.swapped[2], "--out", ctx.out],
+        "AFTER was run with checkpoint='",
+        "AFTER",
+    ),
+    (
+        "5: claims on a damaged NeedleBench folder",
+        damaged_needle_folder,
+        "OUT/needle/samples.jsonl:1: not valid JSON",
+        "OUT",
+    ),
+    (
+        "5: a second claims on the same --out",
+        busy_claims_folder,
+        "OUT is in use by another evaluate.py",
+        "OUT",
+    ),
+    ("5: claims while a run writes OUT/needle", busy_needle_folder, "OUT/needle is in use by another", "OUT"),
+    (
+        "6: --outliers without a shadowkv method",
+        ["--model", "CKPT", *QUICK, "--outliers", "48"],
+        "--outliers sets the outlier chunks of shadowkv, and no method of --methods full,oracle keeps them",
+        None,
+    ),
+    (
+        "6: LRQK on head_dim 4, where its rank (1/8) rounds to 0",
+        ["--model", "NARROW", *QUICK, "--methods", "full,lrqk"],
+        "the lrqk policy's rank, 0.125 of the model's head_dim 4, rounds to 0: LRQK needs a head_dim of at "
+        "least 5: drop lrqk from --methods",
+        None,
+    ),
+    (
+        "4: InfiniGen on a model whose every layer is dense",
+        ["--model", "CKPT", *QUICK, "--methods", "full,infinigen"],
+        "the infinigen policy attends every token in its first 2 layers, and the model has 2: it would be "
+        "full attention under another name: drop infinigen from --methods",
+        None,
+    ),
+    (
+        "4: InfiniGen on a model of fewer positions than its calibration text",
+        short_model_with_infinigen,
+        "InfiniGen cannot calibrate this model: it reads 2048 tokens of its calibration text "
+        "(calibration.txt, at most 2048), more than the model's 1024 positions: drop infinigen",
+        None,
+    ),
+    (
+        "4: calibration.txt missing",
+        no_calibration_text,
+        "InfiniGen's calibration text TMP/calibration.txt cannot be read (No such file or directory)",
+        None,
+    ),
+    (
+        "4: calibration.txt empty",
+        empty_calibration_text,
+        "InfiniGen's calibration text TMP/calibration.txt is empty",
+        None,
+    ),
+    (
+        "8: bad bytes on line 2 of --data",
+        bad_bytes_on_line_2,
+        "TMP/bad.jsonl:2: not UTF-8 text (a binary file?)",
+        None,
+    ),
+    (
+        "8: --out a symbolic link to nothing",
+        dangling_out,
+        "OUT is a symbolic link to TMP/gone/results, which does not exist: create that folder",
+        None,
+    ),
+    (
+        "8: --task needle --tokens 512, too short for the needles",
+        lambda ctx: needle_data() or ["--model", ctx.ckpt, *QUICK, "--task", "needle", "--tokens", "512"],
+        "--tokens 512: a 512-token NeedleBench prompt is too short for 11 needles and their questions (",
+        None,
+    ),
+    (
+        "8: --tokens 512, too short for the tokenizer's records",
+        ["--model", "CKPT", *QUICK, "--tokens", "512"],
+        "--tokens 512: a 512-token Text2JSON prompt is too short for this tokenizer: its 3 records and 2 other "
+        "names alone take",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize("case, given, line, watched", SILENTLY_WRONG, ids=[c[0] for c in SILENTLY_WRONG])
+def test_what_looked_right_and_was_not_is_one_line_before_any_work(
+    case, given, line, watched, ckpt, models30, swapped, tmp_path, capsys, monkeypatch
+):
+    """Each case stops before any model is loaded, with one line that names what to fix, and leaves
+    every results folder it was given as it was."""
+    holders = []
+    ctx = Namespace(
+        tmp=tmp_path,
+        out=tmp_path / "out",
+        ckpt=ckpt,
+        models=models30,
+        swapped=swapped,
+        monkeypatch=monkeypatch,
+        copy=lambda folder: shutil.copytree(folder, tmp_path / "out"),
+        hold=lambda folder: holders.append(hold_lock(folder)),
+        claims=[
+            "claims",
+            "--model",
+            ckpt,
+            "--n",
+            "2",
+            "--tokens",
+            "3000",
+            "--max-new-tokens",
+            "4",
+        ],  # needles fit
+    )
+    names = {"OUT": ctx.out, "TMP": tmp_path, "CKPT": ckpt, "NARROW": models30["narrow"], "AFTER": swapped[2]}
+    fill = lambda text: [text := str(text).replace(k, str(v)) for k, v in names.items()][-1]
+    try:
+        argv = [fill(a) for a in (given(ctx) if callable(given) else given)]
+        if argv[0] != "merge" and "--out" not in argv:
+            argv += ["--out", ctx.out]
+        folder = Path(fill(watched)) if watched else None
+        files = lambda: {
+            f: f.read_bytes() for f in folder.rglob("*") if f.is_file() and f.name != results.LOCK_NAME
+        }
+        before = files() if folder else None
+
+        def forbidden(*a, **k):
+            raise AssertionError("the case must stop before any model is loaded")
+
+        monkeypatch.setattr(evaluate, "load_model", forbidden)
+        rc, err = run_main(argv, capsys)
+        if (
+            argv[0] == "claims"
+        ):  # claims says what it leaves out as it checks both runs: those lines, then the error
+            said = err.strip().splitlines()
+            assert all(x.startswith(("warning: ", "claims: ")) for x in said[:-1]), err
+            err = said[-1] + "\n"
+        one_line_error(rc, err, fill(line))
+        if folder:
+            assert files() == before
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait()
+
+
+def rows_of_samples(base, values):
+    """samples.jsonl rows of `base`'s sample 0, one per configuration and sample: values {method: [fact
+    accuracy per sample]} (the samples numbered 0, 1, ...)."""
+    rows = [r for r in results.read_rows(base) if r["sample"] == "0"]
+    return [dict(r, sample=str(i), fact_accuracy=v) for r in rows for i, v in enumerate(values[r["method"]])]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_too_few_samples_give_no_interval_and_no_star(n, base):
+    """2: one sample made a 95% interval of zero width and marked any difference `*`; below MIN_SAMPLES a
+    bootstrap interval is the range of the samples. Now no interval, no star, and the note says why."""
+    rows = rows_of_samples(base, {"full": [0.5, 0.6, 0.7][:n], "oracle": [0.3, 0.4, 0.5][:n]})
+    summary = results.summarize(rows)
+    oracle = next(r for r in summary if r["method"] == "oracle")
+    assert oracle["ci"]["fact_accuracy"] is None and oracle["ci"]["retention"] is None
+    d, lo, hi = oracle["vs_full"]["fact_accuracy"]
+    assert d == pytest.approx(-0.2) and lo is None and hi is None
+    assert results._vs(oracle, "vs_full", "fact_accuracy", ".3f") == "-0.200"  # no interval, no *
+    table = results.markdown_table(summary, "text2json")
+    assert "*" not in table and "[" not in table
+    notes = results.table_notes(summary, json.loads((base / "run.json").read_text()))
+    assert notes[0].startswith(
+        f"No 95% interval and no *: {n} sample{'s' * (n > 1)}, and a bootstrap interval needs"
+    )
+
+
+def test_a_claim_needs_at_least_min_samples(base):
+    """2: `claims --n 1` decided claims from one sample; every rule now names the minimum, and a claim
+    on fewer samples is inconclusive, saying why."""
+    configs = claims.configurations()
+    ev = claims.Evidence(
+        {
+            "text2json": [
+                dict(key=configs["text2json"][m].key(), sample="0", fact_accuracy=v)
+                for m, v in (("full", 0.7), ("shadowkv", 0.2))
+            ]
+        },  # fmt: skip
+        configs,
+    )
+    found = claims.claim_shadowkv_loses(ev)
+    assert found.verdict == claims.INCONCLUSIVE
+    assert (
+        found.reason
+        == "1 text2json sample with a result for shadowkv, full: a claim needs at least 4 (run more with --n)"
+    )
+    for rule in (claims.RULE_LOSS, claims.RULE_CLOSE, claims.RULE_TREND, claims.RULE_RETRIEVAL):
+        assert rule.endswith(f"inconclusive too with fewer than {results.MIN_SAMPLES} samples that have a result "
+                             "for every configuration compared (below that the interval is the range of the "
+                             "samples, and one sample's has zero width)")  # fmt: skip
+
+
+def test_a_gold_answer_cut_by_max_new_tokens_is_said(ckpt, tmp_path, capsys):
+    """3: --max-new-tokens shorter than the gold answer cut the gold-forced rows silently: the fact
+    accuracy of a prefix, or no column at all. Now one line at the start, a note at the end and in
+    summary.md with how many fact tokens were left out, and each row counts them."""
+    out = tmp_path / "cut"
+    rc, err = run_main(["--model", ckpt, *QUICK, "--n", "1", "--workers", "1", "--out", out], capsys)
+    assert rc == 0, err
+    rows = results.read_rows(out)
+    cut = {r["fact_tokens_cut"] for r in rows}
+    assert len(cut) == 1 and cut.pop() > 0 and {r["fact_tokens"] for r in rows} == {0}
+    left_out = rows[0]["fact_tokens_cut"]
+    lines = err.splitlines()
+    assert lines[0].startswith("warning: max_new_tokens=4 is shorter than the longest gold answer (")
+    note = (
+        f"fact accuracy leaves out {left_out} of the {left_out} fact tokens of the gold answers (1 of 1 samples): "
+        "the gold-forced rows stop after max_new_tokens=4 tokens"
+    )
+    assert any(line.startswith("note: " + note) for line in lines), err
+    md = (out / "summary.md").read_text()
+    assert f"- {note}" in md
+    assert "- fact_vs_depth.png: skipped, no fact token was scored: max_new_tokens cut them all" in md
+
+
+def test_claims_say_a_cut_answer_not_a_missing_result():
+    """3: `claims` said "no needle result" where the needle rows existed and every fact was cut."""
+    configs = claims.configurations()
+    t2j = [dict(key=configs["text2json"][m].key(), sample=str(i), fact_accuracy=0.5) for m in ("full", "shadowkv")
+           for i in range(4)]  # fmt: skip
+    needle = [
+        dict(key=configs["needle"][m].key(), sample=str(i), fact_accuracy=None, fact_tokens=0, fact_tokens_cut=11,
+             max_new_tokens=4)
+        for m in ("full", "shadowkv") for i in range(4)
+    ]  # fmt: skip
+    found = claims.claim_retrieval_hides_the_loss(
+        claims.Evidence({"text2json": t2j, "needle": needle}, configs)
+    )
+    assert found.verdict == claims.INCONCLUSIVE
+    assert found.reason == (
+        "the needle rows of shadowkv, full score no fact token: the gold answers were cut at max_new_tokens=4, "
+        "leaving out 44 fact tokens (give a larger --max-new-tokens)"
+    )
+
+
+@pytest.fixture
+def calibrate(models30, ckpt, tmp_path, monkeypatch):
+    """InfiniGen's calibration in a cache folder of its own (tmp_path/cache/infinigen):
+    calibrate(name of a models30 checkpoint, or "ckpt", or a (model, tokenizer) pair) -> its dict."""
+    monkeypatch.setenv("KVOFFLOAD_CACHE", str(tmp_path / "cache"))
+    folders = dict(models30, ckpt=ckpt)
+
+    def calibrate(m, channels=0.2):
+        m, tok = model.load_model(folders[m]) if isinstance(m, str) else m
+        return skew.calibration(m, tok, channels)
+
+    return calibrate
+
+
+def test_infinigen_calibration_is_keyed_by_every_weight(calibrate, models30, tmp_path):
+    """4: the cache key (config and the first row of each q/k projection) missed a fine-tune of other
+    weights, and the base model's skews were used. A change to layer 0's MLP changes every later layer's
+    queries: a calibration of its own."""
+    base_model, tok = model.load_model(models30["deep"])
+    tuned, _ = model.load_model(models30["deep"])
+    with torch.no_grad():
+        tuned.layers[0].mlp.down_proj.weight.mul_(1.5)  # a fine-tune that leaves every q/k projection alone
+    a, b = calibrate((base_model, tok)), calibrate((tuned, tok))
+    assert len(list((tmp_path / "cache" / "infinigen").glob("*.pt"))) == 2
+    assert not torch.equal(a["skew"][1:], b["skew"][1:])
+    assert torch.equal(calibrate((base_model, tok))["skew"], a["skew"])  # read back from its own file
+
+
+def test_a_folder_where_the_calibration_file_belongs_is_one_line(calibrate, tmp_path):
+    """4: a folder at the cache file's place was taken for a damaged file, then failed deep in os.replace."""
+    calibrate("deep")
+    (path,) = (tmp_path / "cache" / "infinigen").glob("*.pt")
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ValueError) as err:
+        calibrate("deep")
+    assert str(err.value).startswith(
+        f"{path} is a folder, where InfiniGen's calibration of this model is cached"
+    )
+    assert "\n" not in str(err.value)
+
+
+def test_another_models_calibration_file_is_said_and_refitted(calibrate, tmp_path, capsys):
+    """4: a calibration file of another model's shapes (copied in, renamed) was used, and failed later in a
+    worker naming no file. Now one line names it, and this model's calibration replaces it."""
+    own = calibrate("deep")  # 4 layers
+    (path,) = (tmp_path / "cache" / "infinigen").glob("*.pt")
+    calibrate("ckpt")  # 2 layers
+    (other,) = set((tmp_path / "cache" / "infinigen").glob("*.pt")) - {path}
+    shutil.copy(other, path)
+    capsys.readouterr()
+    got = calibrate("deep")
+    assert capsys.readouterr().err == (
+        f"warning: {path} holds another model's calibration (skews [2, 4, 16, 16], this model's are "
+        "[4, 4, 16, 16]): fitting this model's in its place\n"
+    )
+    assert torch.equal(got["skew"], own["skew"])
+
+
+def test_a_calibration_decides_the_channels_it_was_fitted_with(calibrate, models30):
+    """6: a parameter that a passed calibration overrides (`channels`) did nothing: the mask came from
+    the calibration. Now a calibration of other channels is refused, naming both."""
+    m, tok = model.load_model(models30["deep"])
+    ids = tok.chat([{"role": "user", "content": "word " * 300}])
+    cal = calibrate((m, tok))  # channels 0.2
+    with pytest.raises(ValueError) as err:
+        model.prefill(m, ids, make_policy("infinigen", channels=0.3), calibration=cal)
+    assert str(err.value).startswith(
+        "the infinigen policy asks for channels=0.3, and the calibration passed was fitted with channels=0.2"
+    )
+
+
+NAN, INF = math.nan, math.inf
+BAD_VALUES = [
+    # (method, field, value, the one ValueError's words): each was accepted, or a TypeError or
+    # OverflowError from deep inside, on 42ddb2d
+    ("oracle", "budget", "0.1", "budget '0.1' must be a finite number"),
+    ("lrqk", "qk_rank", NAN, "qk_rank nan must be a finite number or None"),
+    ("lrqk", "qk_rank", INF, "qk_rank inf must be a finite number or None"),
+    ("svd", "rank", NAN, "rank nan must be a finite number or None"),
+    ("svd", "rank", INF, "rank inf must be a finite number or None"),
+    ("svd", "rank", "0.1", "rank '0.1' must be a finite number or None"),
+    ("quantized", "landmark_bits", 2, "landmark_bits 2 must be a string or None"),
+    ("oracle", "kv_bits", 4, "kv_bits 4 must be a string or None"),
+    ("quantized", "residual_bits", 0.5, "residual_bits 0.5 must be a string"),
+    ("arkvale", "resident", "no", "resident 'no' must be True or False"),
+    ("paper", "kv_pre_rope", "yes", "kv_pre_rope 'yes' must be True or False"),
+    ("oracle", "offload", "no", "offload 'no' must be True or False"),
+    ("oracle", "track", 1, "track 1 must be True or False"),
+]
+
+
+@pytest.mark.parametrize(
+    "method, name, value, words", BAD_VALUES, ids=[f"{r[1]}={r[2]!r}" for r in BAD_VALUES]
+)
+def test_make_policy_raises_one_value_error_for_every_bad_value(method, name, value, words):
+    with pytest.raises(ValueError) as err:
+        make_policy(method, **{name: value})
+    assert str(err.value) == words
+
+
+CONVERT_ARGS = [
+    # (issue 30 item 7: what convert_gguf.py is given, its exit code, the first words of what it prints)
+    (["--help"], 0, "usage: convert_gguf.py [-h] [OUT_DIR]"),
+    (
+        ["SmolLM2-135M-Instruct.Q4_1.gguf"],
+        2,
+        "error: OUT_DIR SmolLM2-135M-Instruct.Q4_1.gguf names a GGUF file",
+    ),
+    (["a", "b"], 2, "error: unrecognized arguments: b (usage: convert_gguf.py [-h] [OUT_DIR])"),
+    (["--force"], 2, "error: unrecognized arguments: --force (usage: convert_gguf.py [-h] [OUT_DIR])"),
+]
+
+
+@pytest.mark.parametrize("argv, code, first", CONVERT_ARGS, ids=[" ".join(c[0]) for c in CONVERT_ARGS])
+def test_convert_gguf_has_a_real_argument_parser(argv, code, first, tmp_path, capsys, monkeypatch):
+    """7: `convert_gguf.py --help` converted the default model into a 517 MB folder named --help, and a
+    .gguf argument was taken as the output folder. Nothing is converted, nothing is written."""
+    monkeypatch.chdir(tmp_path)
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing may be converted")
+
+    monkeypatch.setattr(convert_gguf, "convert", forbidden)
+    monkeypatch.setattr(convert_gguf, "find_gguf", forbidden)
+    assert convert_gguf.main(argv) == code
+    printed = capsys.readouterr()
+    text = printed.out if code == 0 else printed.err
+    assert text.startswith(first) and "Traceback" not in printed.err, printed
+    if code:
+        assert printed.err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_py_says_when_the_answer_stops_at_the_models_positions(models30, capsys):
+    """8: model.py stopped at the model's positions without a note."""
+    rc = model.main(["--model", str(models30["short"]), "--prompt", "word " * 200, "--max-new-tokens", "100"])
+    err = capsys.readouterr().err
+    prompt = int(err.split("(a ")[-1].split("-token prompt)")[0]) if "-token prompt)" in err else None
+    assert rc == 0 and prompt, err
+    assert err == (
+        f"note: the answer stopped after {1024 - prompt + 1} new tokens, at the model's 1024 positions "
+        f"(a {prompt}-token prompt), before --max-new-tokens 100\n"
+    )
+
+
+# ---------------------------------------------------------------------------- issue 30 item 10: the authors' details
+
+
+def test_arkvale_counts_its_pages_up():
+    """ArkVale's fork selects P = max(1, ceil(budget * T / 16)) pages (PAPER.md "ArkVale"): at the default
+    run's 2117-token prompts 3.125% is 66.2 tokens, 5 pages, where rounding down gave 4."""
+    split = kvcache.split_budget(make_policy("arkvale"), 2117)
+    assert (split.selected, split.k_chunks) == (80, 5)
+    assert kvcache.split_budget(make_policy("mean"), 2117).selected == 64  # the others keep int(budget * T)
+
+
+def test_lrqk_rank_follows_the_architecture(tmp_path):
+    """The authors run LRQK at rank head_dim / 8 on Llama and head_dim / 4 on Qwen3 (PAPER.md "LRQK"):
+    the tiny Llama has head_dim 16, the tiny Qwen3 32."""
+    ranks = {}
+    for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        path, _ = make_tiny_checkpoint(arch, tmp_path / arch)
+        m, tok = model.load_model(path)
+        ids = tok.chat([{"role": "user", "content": "word " * 300}])
+        cache, _ = model.prefill(m, ids, make_policy("lrqk"))
+        ranks[arch] = {st.marks.shape[2] for st in cache.layers}
+    assert ranks == {"LlamaForCausalLM": {16 // 8}, "Qwen3ForCausalLM": {32 // 4}}
+
+
+def test_infinigen_calibration_text_is_what_skew_py_says():
+    """skew.py said its calibration text is 2,048 tokens; it is 1,551 tokens of the default model, all read."""
+    m, tok = model.load_model()
+    ids = skew.calibration_ids(tok)
+    assert len(ids) == 1551 < skew.CALIBRATION_TOKENS
+    assert len(skew.cache_key(m, ids, 0.2)) == 16  # its embedding (28M values) sampled to the last one
+    assert "1,551 tokens of the default model, so that model reads all of it" in " ".join(
+        skew.__doc__.split()
+    )

@@ -240,7 +240,7 @@ BAD_DATA = [
         row(answer='[{"city": "Oslo"}]', id="x9") + "\n",
         "t.jsonl:1: sample 'x9': gold answer must be a JSON list of objects",
     ),
-    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "t.jsonl: not UTF-8 text"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", "t.jsonl:1: not UTF-8 text"),
 ]
 
 

@@ -1395,10 +1395,11 @@ CLAIM_OPTIONS = dict(  # a run's options that choose configurations: claims choo
 
 def run_claims(args):
     """`python evaluate.py claims`: every configuration the paper's claims need (claims.configurations),
-    once each, as two runs in one results folder, OUT/text2json and OUT/needle (each resumable, shardable
-    and mergeable like any run), then claims.md, claims.json and one figure per claim in OUT (claims.py
-    decides each claim by its rule). The NeedleBench run needs its data (files.data_dir()); without it,
-    or when its prompts do not fit the model, the retrieval claim is inconclusive and the rest stand.
+    once each, as three runs in one results folder, OUT/text2json, OUT/needle and OUT/ruler (RULER's tasks
+    claims.RULER_TASKS; each resumable, shardable and mergeable like any run), then claims.md, claims.json
+    and one figure per claim in OUT (claims.py decides each claim by its rule). The NeedleBench run needs
+    its data and RULER's essay haystack the essays (files.data_dir()); without them, or when the prompts do
+    not fit the model, that retrieval claim is inconclusive and the rest stand.
     Only the gold-forced rows are decoded (the claims rest on fact accuracy) unless --free-run."""
     for name, default in CLAIM_OPTIONS.items():
         if getattr(args, name) != default:
@@ -1412,7 +1413,7 @@ def run_claims(args):
     rows, missing, samples = {}, {}, {}
     for task, policies in configs.items():
         sub = argparse.Namespace(**vars(args))
-        sub.task, sub.out, sub.shard = task, str(out / task), args.shard
+        sub.task, sub.out, sub.shard = claims.TASK_SPECS.get(task, task), str(out / task), args.shard
         sub.data = (
             args.data if task == "text2json" else None
         )  # --data is the Text2JSON file; the rest: files.data_dir()
@@ -1426,7 +1427,7 @@ def run_claims(args):
                 raise
             missing[task] = (  # no data, prompts that do not fit: said, not fatal
                 f"no NeedleBench data in {tasks.NEEDLE_DIR}: set KVOFFLOAD_DATA to the folder holding needlebench/"
-                if isinstance(err, FileNotFoundError)
+                if isinstance(err, FileNotFoundError) and task == "needle"
                 else " ".join(str(err).split())
             )
             print(f"claims: no {task} results: {missing[task]}", file=sys.stderr)

@@ -6,13 +6,13 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import claims
 import evaluate
 from claims import INCONCLUSIVE, MARGIN, NOT_REPRODUCED, REPRODUCED, Evidence
 from conftest import make_tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 CONFIGS = claims.configurations()
 
 
@@ -203,14 +203,6 @@ def ckpt(tmp_path_factory):
         "LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama", max_position_embeddings=4096
     )
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

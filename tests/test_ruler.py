@@ -7,7 +7,6 @@ import re
 from collections import Counter
 
 import pytest
-import torch
 
 import evaluate
 import results
@@ -15,6 +14,7 @@ import ruler
 from conftest import make_tiny_checkpoint
 from files import data_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 ESSAYS = data_dir() / "needlebench" / "PaulGrahamEssays.jsonl"
 needs_essays = pytest.mark.skipif(
     not ESSAYS.is_file(), reason=f"Paul Graham essays not found at {ESSAYS} (set KVOFFLOAD_DATA)"
@@ -266,14 +266,6 @@ def test_score_reads_the_answer_as_ruler_does():
 def ckpt(tmp_path_factory):
     path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("ckpt") / "llama")
     return path  # 2048 positions, byte-level tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_evaluate_runs_ruler_tasks_resumes_and_tables_them(ckpt, tmp_path, capsys):

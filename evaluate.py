@@ -395,8 +395,12 @@ def shadowkv_outliers(args):
 
 def check_inputs(args):
     """Every check that needs no model: runs before any loading or work (bad input -> ValueError)."""
-    if args.task not in TASKS[:3]:
-        ruler.task_names(args.task)  # else an unknown task: one line that names the choices
+    if args.task not in TASKS[:3] and not ruler.is_spec(args.task):
+        raise ValueError(
+            f"unknown --task {args.task!r}: choose from {', '.join(TASKS)} or ruler:NAME[,NAME...]"
+        )
+    if ruler.is_spec(args.task):
+        ruler.task_names(args.task)  # an unknown RULER task: one line that names them
     if args.n < 1:
         raise ValueError(f"--n {args.n} must be >= 1")
     if args.workers < 1:

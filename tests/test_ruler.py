@@ -301,7 +301,8 @@ def test_evaluate_runs_ruler_tasks_resumes_and_tables_them(ckpt, tmp_path, capsy
     [
         ("ruler:niah_single_1", "2049", "--tokens 2049 does not fit the model's 2048 positions"),
         ("ruler:nope", "1024", "unknown RULER task 'nope'"),
-        ("rulers", "1024", "bad task 'rulers'"),
+        ("rulers", "1024", "unknown --task 'rulers': choose from text2json, needle, longproc, ruler or"),
+        ("ruler:", "1024", "bad task 'ruler:': write ruler, or ruler:NAME"),
         ("ruler:niah_single_1", "150", "--tokens 150 is too short for RULER's niah_single_1"),
     ],
 )

@@ -291,7 +291,9 @@ def _niah(spec, size, rng, essay):
     keys_asked = [keys[i] for i in queried]
     query = keys_asked[0] if len(keys_asked) == 1 else ", ".join(keys_asked[:-1]) + ", and " + keys_asked[-1]
     problem = template.format(type_needle_v=kind, context=context, query=query)
-    gold_values = [v for i in queried for v in values[i]]
+    # the gold: each asked key's values in the order the text gives them (the needles are shuffled)
+    where = {v: (at, j) for j, ((_, _, v), (_, at)) in enumerate(zip(needles, placed))}
+    gold_values = [v for i in queried for v in sorted(values[i], key=where.get)]
     depth_of = {v: d for (_, _, v), (d, _) in zip(needles, placed)}
     return dict(
         problem=problem,

@@ -80,10 +80,11 @@ def test_niah_needles_keys_and_values(task):
         asked = [k for k in dict.fromkeys(keys) if k in question]
         assert len(asked) == spec["queries"]
         asked.sort(key=question.index)
-        per_key = spec["values"]  # the gold: each asked key's values, key after key
+        per_key = spec["values"]  # the gold: each asked key's values, key after key, in text order
         for j, k in enumerate(asked):
             mine = s["values"][j * per_key : (j + 1) * per_key]
-            assert sorted(mine) == sorted(nd["value"] for nd in s["needles"] if nd["key"] == k)
+            in_text = sorted((nd["position"], nd["value"]) for nd in s["needles"] if nd["key"] == k)
+            assert mine == [v for _, v in in_text]
         assert len(s["values"]) == len(asked) * per_key
         assert s["answer_prefix"].startswith(" The special magic") and question.endswith("text?")
         single = spec["queries"] * spec["values"] == 1

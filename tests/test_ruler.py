@@ -286,6 +286,16 @@ def test_evaluate_runs_ruler_tasks_resumes_and_tables_them(ckpt, tmp_path, capsy
     assert full["ruler_average"]["fact_accuracy"] == pytest.approx(mean)
     md = (out / "summary.md").read_text()
     assert "| policy | budget | niah_single_1 | vt | cwe | average |" in md and "RULER score" in md
+    # two shards merged give the same rows and tables as the one run
+    shards = [tmp_path / f"s{i}" for i in (0, 1)]
+    for i, d in enumerate(shards):
+        assert evaluate.main(argv[:-1] + [str(d), "--shard", f"{i}/2"]) == 0
+    assert evaluate.main(["merge", *map(str, shards), "--out", str(tmp_path / "merged")]) == 0
+    merged = results.read_rows(tmp_path / "merged")
+    key = lambda r: (r["key"], r["sample"])
+    assert sorted(merged, key=key) == sorted(rows, key=key)
+    tables = lambda d: (d / "summary.md").read_text().split("\n\n", 3)[3]  # after the command line
+    assert tables(tmp_path / "merged") == tables(out)
     capsys.readouterr()
     assert evaluate.main(argv) == 0  # resumed: nothing left to do
     assert "skipped 6 of 6 samples: finished" in capsys.readouterr().err

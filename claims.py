@@ -1,7 +1,7 @@
 """The paper's claims, each decided by a rule written before any run: `python evaluate.py claims`.
 
 A reproduction is judged claim by claim. evaluate.py runs every configuration the claims need, once
-each (Text2JSON, and NeedleBench for the retrieval claim), and this module reads their rows and decides
+each (Text2JSON, NeedleBench and RULER for the retrieval claims), and this module reads their rows and decides
 each claim on the gold-forced fact accuracy (evaluate.py's `fact_accuracy`: the share of the answer's
 fact tokens predicted top-1), with 95% paired-bootstrap intervals (results.resample_index): every
 difference is taken over the same resampled samples.
@@ -11,8 +11,9 @@ rules use one margin, MARGIN, fixed here before any run: a difference of fact ac
 stays within MARGIN of 0 is "within noise", one whose interval ends beyond it is a real loss. A verdict
 is "reproduced", "not reproduced" or "inconclusive" (the interval allows both, or a configuration
 could not be measured: no NeedleBench data, prompts that do not fit the model, fewer than
-results.MIN_SAMPLES samples, which no interval rests on); inconclusive verdicts say why.
-`write` puts claims.md, claims.json and one figure per claim in the results folder.
+results.MIN_SAMPLES samples, which no interval rests on); inconclusive verdicts say why. `write` puts
+claims.md, claims.json and one figure per claim in the results folder, and beside the claims, without a
+verdict, ShadowKV's and the paper's method's loss on each RULER task group.
 """
 
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+import ruler
 from kvcache import OUTLIER_SHARE, make_policy
 from results import (
     BOOTSTRAP_RESAMPLES,
@@ -41,6 +43,16 @@ BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
 CHUNKS = (1, 2, 4, 8, 16)  # claim 4's chunk sizes (chunk 1: the oracle, which selects as mean c1 does)
 BASELINES = ("arkvale", "lrqk", "infinigen")
 METRIC = "fact_accuracy"
+# the RULER run of the claims: the single-needle tasks (claim 9) and one task of each other group, at
+# DEFAULT_CLAIMS_N samples each (evaluate.py); the retrieval group is represented by its single-needle tasks
+RULER_TASKS = ruler.SINGLE_NEEDLE + ("vt", "cwe", "fwe")
+TASK_SPECS = {"ruler": "ruler:" + ",".join(RULER_TASKS)}  # the --task of each run whose name differs
+# the parts of the RULER run the claims read, each bootstrapped over its own samples (Evidence)
+RULER_PARTS = {
+    "ruler single-needle": ruler.SINGLE_NEEDLE,
+    **{f"ruler {g}": tuple(t for t in RULER_TASKS if t in tasks) for g, tasks in ruler.GROUPS.items()},
+}
+GROUP_METHODS = ("shadowkv", "paper")  # whose loss on each RULER group is reported (no verdict)
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 
@@ -62,7 +74,8 @@ def configurations(outliers=OUTLIER_SHARE) -> dict:
         **{name: make_policy(name) for name in BASELINES},
     }
     needle = {"full": text2json["full"], "shadowkv": text2json["shadowkv"]}
-    return {"text2json": text2json, "needle": needle}
+    rulers = {name: text2json[name] for name in ("full", *GROUP_METHODS)}
+    return {"text2json": text2json, "needle": needle, "ruler": rulers}
 
 
 # ------------------------------------------------------------------------------------------- evidence
@@ -71,9 +84,17 @@ class Evidence:
 
     def __init__(self, rows: dict, configs: dict, missing: dict | None = None, dropped: dict | None = None):
         """rows: {task: samples.jsonl rows}; configs: configurations(); missing: {task: why it has no rows};
-        dropped: {task: {name: why that configuration cannot run on the model}} (evaluate.unfit)."""
+        dropped: {task: {name: why that configuration cannot run on the model}} (evaluate.unfit). The RULER
+        run is also read as its parts (RULER_PARTS: its rows of those tasks), after the tasks."""
         self.missing = dict(missing or {})
         self.dropped = dict(dropped or {})
+        rows, configs = dict(rows), dict(configs)
+        if "ruler" in configs:
+            for part, names in RULER_PARTS.items():
+                rows[part] = [r for r in rows.get("ruler", []) if ruler.subtask(r["sample"]) in names]
+                configs[part] = configs["ruler"]
+                if "ruler" in self.missing:
+                    self.missing[part] = self.missing["ruler"]
         self.values = {}  # {task: {name: [n] per-sample fact accuracy}}
         self.index = {}  # {task: [R, n] resampled sample indices}
         self.cut = {}  # {task: (max_new_tokens, fact tokens left out)} of rows whose gold answers were cut
@@ -287,24 +308,30 @@ def claim_retrieval_hides_the_loss(ev):
     """7. The paper's thesis: retrieval hides the loss. ShadowKV's loss against full attention on
     NeedleBench retrieval (gold-forced on the needles' answers, their keywords as the facts) is much
     smaller than on Text2JSON at the same budget (RULE_RETRIEVAL)."""
-    why = ev.absent("text2json", "shadowkv", "full") or ev.absent("needle", "shadowkv", "full")
+    return retrieval_gap(ev, "needle", "NeedleBench")
+
+
+def retrieval_gap(ev, task, name) -> Finding:
+    """RULE_RETRIEVAL with the retrieval task `task` (its display name `name`): ShadowKV's loss on it
+    against its loss on Text2JSON, each bootstrapped over its own task's samples."""
+    why = ev.absent("text2json", "shadowkv", "full") or ev.absent(task, "shadowkv", "full")
     if why:
         return Finding(INCONCLUSIVE, {}, why)
-    loss = {t: ev.resampled(t, "full", "shadowkv") for t in ("text2json", "needle")}  # [R] each
+    loss = {t: ev.resampled(t, "full", "shadowkv") for t in ("text2json", task)}  # [R] each
     point = {t: ev.estimate(t, "full", "shadowkv")[0] for t in loss}
-    gap = loss["text2json"] - 2 * loss["needle"]  # independent resamples, taken together
+    gap = loss["text2json"] - 2 * loss[task]  # independent resamples, taken together
     figures = {
         "loss on Text2JSON": ev.estimate("text2json", "full", "shadowkv"),
-        "loss on NeedleBench": ev.estimate("needle", "full", "shadowkv"),
-        "L(Text2JSON) - 2 L(NeedleBench)": [
-            point["text2json"] - 2 * point["needle"],
+        f"loss on {name}": ev.estimate(task, "full", "shadowkv"),
+        f"L(Text2JSON) - 2 L({name})": [
+            point["text2json"] - 2 * point[task],
             *(interval(gap, min(ev.paired(t, "full", "shadowkv") for t in loss)) or [math.nan] * 2),
         ],
     }
-    t2j, g = figures["loss on Text2JSON"], figures["L(Text2JSON) - 2 L(NeedleBench)"]
+    t2j, g = figures["loss on Text2JSON"], figures[f"L(Text2JSON) - 2 L({name})"]
     verdict = REPRODUCED if t2j[1] > 0 and g[1] > 0 else NOT_REPRODUCED if g[2] < 0 else INCONCLUSIVE
     return Finding(
-        verdict, figures, decided=("loss on Text2JSON", "L(Text2JSON) - 2 L(NeedleBench)"), rule="above"
+        verdict, figures, decided=("loss on Text2JSON", f"L(Text2JSON) - 2 L({name})"), rule="above"
     )
 
 
@@ -316,6 +343,33 @@ def claim_baselines_fall_below(ev):
     figures = {k: v for p in parts for k, v in p.figures.items()}
     decided = tuple(d for p in parts for d in p.decided)
     return Finding(all_of([p.verdict for p in parts]), figures, why, decided)
+
+
+RULE_RULER = (
+    "with L = the loss of fact accuracy of shadowkv against full (full - shadowkv) on each task, "
+    "bootstrapped over each task's own samples (RULER: the samples of its three single-needle tasks, "
+    "niah_single_1, 2 and 3, together): reproduced if L(Text2JSON) has a 95% interval above 0 and "
+    "L(Text2JSON) - 2 L(RULER single-needle) has one above 0 (the RULER loss under half the Text2JSON "
+    "loss); not reproduced if L(Text2JSON) - 2 L(RULER single-needle) has one below 0; inconclusive otherwise"
+)
+
+
+def claim_ruler_hides_the_loss(ev):
+    """9. The contrast the paper starts from, where it was made: ShadowKV loses much less on RULER's
+    single-needle retrieval (gold-forced on the needle's value) than on Text2JSON (RULE_RULER)."""
+    return retrieval_gap(ev, "ruler single-needle", "RULER single-needle")
+
+
+def ruler_groups(ev) -> dict:
+    """{group: {method: [mean, lo, hi] loss of fact accuracy against full attention}} on each RULER
+    task group of the claims' RULER run, or {group: why not} (no verdict: where the loss begins)."""
+    out = {}
+    for part in RULER_PARTS:
+        if part == "ruler single-needle":
+            continue
+        why = ev.absent(part, "full", *GROUP_METHODS)
+        out[part.removeprefix("ruler ")] = why or {m: ev.estimate(part, "full", m) for m in GROUP_METHODS}
+    return out
 
 
 @dataclass(frozen=True)
@@ -346,6 +400,8 @@ CLAIMS = (
     Claim(8, "Each other baseline (ArkVale, LRQK, InfiniGen) falls below the paper's method",
           "The paper's other baselines", "arkvale, lrqk, infinigen vs paper", RULE_LOSS,
           claim_baselines_fall_below),
+    Claim(9, "ShadowKV loses much less on RULER's single-needle retrieval than on Text2JSON", "The problem",
+          "full vs shadowkv on RULER niah_single_1/2/3 and on Text2JSON", RULE_RULER, claim_ruler_hides_the_loss),
 )  # fmt: skip
 
 
@@ -364,7 +420,7 @@ def _fmt(label, triple) -> str:
 
 def plot(claim, finding, path) -> bool:
     """The claim's figure: what its rule decides on (`Finding.decided`: paired differences, claim 4's slope,
-    claim 7's losses), each with its 95% interval, against the lines of the rule: 0 and the margin. A
+    claims 7 and 9's losses), each with its 95% interval, against the lines of the rule: 0 and the margin. A
     "close" rule shades the band within +-MARGIN (within noise); a "loss" rule the band from -MARGIN to 0
     (a loss smaller than the margin: not a real loss, not ruled out). False: nothing to draw."""
     points = [(label, finding.figures[label]) for label in finding.decided if label in finding.figures]
@@ -436,9 +492,38 @@ def write(out, ev, settings: dict) -> str:
             dict(number=c.number, statement=c.statement, section=c.section, compared=c.compared, rule=c.rule,
                  verdict=f.verdict, reason=f.reason, figures=f.figures, figure=figure)
         )  # fmt: skip
+    groups = ruler_groups(ev)
+    lines += group_lines(groups)
     text = "\n".join(lines) + "\n"
     write_atomic(out / "claims.md", text)
     write_atomic(
-        out / "claims.json", json.dumps(dict(settings, margin=MARGIN, claims=records), indent=1) + "\n"
+        out / "claims.json",
+        json.dumps(dict(settings, margin=MARGIN, claims=records, ruler_groups=groups), indent=1) + "\n",
     )
     return text
+
+
+def group_lines(groups) -> list:
+    """claims.md's section on the RULER task groups (ruler_groups): a table, no verdict."""
+    lines = [
+        "",
+        "## RULER by task group (no verdict)",
+        "",
+        "Where the loss begins: the loss of gold-forced fact accuracy against full attention (full - method), "
+        "with its 95% interval over the group's samples, on each RULER task group of the claims' RULER run. "
+        "Retrieval is its single-needle tasks; aggregation (common and frequent words) is the "
+        "context-intensive end of RULER.",
+        "",
+        "| group | tasks | " + " | ".join(f"{m} loss" for m in GROUP_METHODS) + " |",
+        "|---|---|" + "---|" * len(GROUP_METHODS),
+    ]
+    for group, losses in groups.items():
+        names = ", ".join(RULER_PARTS[f"ruler {group}"])
+        if isinstance(losses, str):
+            lines.append(
+                f"| {group} | {names} | " + " | ".join(["–"] * len(GROUP_METHODS)) + f" ({losses}) |"
+            )
+            continue
+        cells = [f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for v in (losses[m] for m in GROUP_METHODS)]
+        lines.append(f"| {group} | {names} | " + " | ".join(cells) + " |")
+    return lines

@@ -4,6 +4,7 @@
     python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
     python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
     python evaluate.py --task needle --tokens 4096      # or --task longproc (real data: files.data_dir())
+    python evaluate.py --task ruler --tokens 4096       # RULER's 11 synthetic tasks; ruler:niah_single_2 for one
     python evaluate.py --model DIR --data text2json.jsonl --device cuda --dtype bfloat16 --n 500
 
 What it measures (PAPER.md "The paper's method", "Benchmarks"), per policy and
@@ -94,6 +95,7 @@ from tqdm import tqdm
 import claims
 import kvcache
 import results
+import ruler
 import skew
 import tasks
 import text2json
@@ -144,7 +146,7 @@ ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded)
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
 N_NEEDLES = 11  # PAPER.md "Benchmarks": NeedleBench v2 parallel retrieval, 11 needles
 MAX_NEW_CAP = 1024  # PAPER.md "Benchmarks": Text2JSON decodes up to 1024 new tokens
-TASKS = ("text2json", "needle", "longproc")
+TASKS = ("text2json", "needle", "longproc", "ruler")  # and ruler:NAME[,NAME...] (ruler.task_names)
 
 
 # ============================================================================ command line
@@ -167,11 +169,17 @@ def build_parser():
         "--model",
         help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: SmolLM2-135M-Instruct",
     )
-    p.add_argument("--task", default="text2json", choices=TASKS)
+    p.add_argument(
+        "--task",
+        default="text2json",
+        help=f"{', '.join(TASKS)} (all eleven RULER tasks), or ruler:NAME[,NAME...] for some: "
+        f"{', '.join(ruler.TASKS)}",
+    )
     p.add_argument(
         "--data",
         help="text2json: the released JSONL (default: generated samples); "
-        "needle / longproc: the data folder (default: files.data_dir(): $KVOFFLOAD_DATA, else shared/data beside the repository)",
+        "needle / longproc: the data folder (default: files.data_dir(): $KVOFFLOAD_DATA, else shared/data beside the repository); "
+        "ruler: the folder of PaulGrahamEssays.jsonl (default: files.data_dir()/needlebench)",
     )
     p.add_argument("--n", type=int, default=DEFAULT_N, help="number of samples (the first n of --data)")
     p.add_argument(
@@ -179,7 +187,8 @@ def build_parser():
         type=int,
         default=2048,
         help="prompt length in the model's tokens: text2json (generated samples) and needle: the "
-        "length of the user turn built; longproc: a cap: the end of each HTML page is cut so "
+        "length of the user turn built; ruler: RULER's sequence length (the chat-formatted prompt, "
+        "the answer prefix and the task's tokens to generate); longproc: a cap: the end of each HTML page is cut so "
         "the user turn fits (8k prompts are 11K-107K tokens of the default model; the rows "
         "listed in the cut part are missing from the prompt but stay in the gold table); "
         "text2json --data: unused",
@@ -398,13 +407,20 @@ def shadowkv_outliers(args):
             f"bad --outliers {args.outliers!r}: an int count of chunks, a share of the prompt "
             "below 1, or 'budget'"
         )
-    if args.task == "text2json" and args.data is None and args.tokens < 20100:
+    generated = args.task == "text2json" and args.data is None or ruler.is_spec(args.task)
+    if generated and args.tokens < 20100:
         return kvcache.OUTLIER_SHARE
     return None
 
 
 def check_inputs(args):
     """Every check that needs no model: runs before any loading or work (bad input -> ValueError)."""
+    if args.task not in TASKS[:3] and not ruler.is_spec(args.task):
+        raise ValueError(
+            f"unknown --task {args.task!r}: choose from {', '.join(TASKS)} or ruler:NAME[,NAME...]"
+        )
+    if ruler.is_spec(args.task):
+        ruler.task_names(args.task)  # an unknown RULER task: one line that names them
     if args.n < 1:
         raise ValueError(f"--n {args.n} must be >= 1")
     if args.workers < 1:
@@ -466,6 +482,11 @@ def check_data(task, data):
         if data is not None and not Path(data).is_file():
             raise NoData(f"Text2JSON file not found: {data} (pass the path to the released JSONL)")
         return
+    if ruler.is_spec(task):  # generated; the essay haystack reads the essays
+        essays = Path(data or ruler.ESSAY_DIR) / "PaulGrahamEssays.jsonl"
+        if ruler.needs_essays(task) and not essays.is_file():
+            raise NoData(f"{essays} not found: RULER's essay haystack needs it (point --data at its folder)")
+        return
     folder = Path(data) if data else (tasks.NEEDLE_DIR if task == "needle" else tasks.LONGPROC_DIR)
     needed = ("needles.jsonl", "PaulGrahamEssays.jsonl") if task == "needle" else ("prompts.yaml",)
     for name in needed:
@@ -518,6 +539,9 @@ def load_samples(args, tok):
             )
             for i, r in enumerate(rows)
         ]
+    elif ruler.is_spec(args.task):  # RULER counts the chat format's tokens in its sequence length
+        template = len(tok.chat([{"role": "user", "content": ""}]))
+        samples = ruler.generate_all(args.task, args.n, args.tokens, tok, args.seed, template, args.data)
     else:
         rows = tasks.load_longproc(args.data, args.group)
         known = {str(r["task_id"]) for r in rows}
@@ -543,6 +567,8 @@ def auto_max_new_tokens(samples, tok):
     default generated samples (~2K tokens, 10 records) the longest gold is 274 tokens: 311 new tokens."""
     if not samples:
         raise ValueError("no samples to run: check --data and --n")
+    if all(s.get("task") in ruler.TASKS for s in samples):
+        return max(s["new_cap"] for s in samples)  # RULER's own tokens to generate (PAPER.md "RULER")
     longest = max(len(tok.encode(s["gold"])) for s in samples)
     cap = max(s.get("new_cap", MAX_NEW_CAP) for s in samples)
     return min(cap, math.ceil(longest * MAX_NEW_CAP / 905))
@@ -562,6 +588,8 @@ def score_sample(task, prediction, sample):
         )
     if task == "needle":
         return dict(score=tasks.score_needles(prediction, sample)["score"], field_recall=None)
+    if ruler.is_spec(task):
+        return dict(score=ruler.score(prediction, sample), field_recall=None)
     m = tasks.score_tsv(prediction, sample["gold"])
     return dict(
         score=m["f1"],
@@ -896,12 +924,13 @@ def row_check(args=None, known=None):
 
     def check(row, run):
         sample = row["sample"]
-        if args is not None and not (INDEX.fullmatch(sample) if known is None else sample in known):
-            where = (
-                f"the {args.task} samples of these settings are numbered 0, 1, ..."
-                if known is None
-                else f"no sample of {args.data or f'the {args.group} tasks'} has that id"
-            )
+        if args is not None and not generated_sample(args.task, sample, known):
+            if known is not None:
+                where = f"no sample of {args.data or f'the {args.group} tasks'} has that id"
+            elif ruler.is_spec(args.task):
+                where = f"the samples of {args.task} are named TASK/0, TASK/1, ... for each of its tasks"
+            else:
+                where = f"the {args.task} samples of these settings are numbered 0, 1, ..."
             return f"sample {sample!r} is not a sample of this run ({where})"
         config = json.dumps([row[f] for f in config_row], sort_keys=True)
         if config not in checked:
@@ -909,6 +938,14 @@ def row_check(args=None, known=None):
         return checked[config]
 
     return check
+
+
+def generated_sample(task, sample, known):
+    """Whether `sample` is a sample id of the run: one of the data file's (`known`), else a generated
+    one: an index, or for RULER TASK/index with TASK one of the run's (ruler.is_sample_id)."""
+    if known is not None:
+        return sample in known
+    return ruler.is_sample_id(sample, task) if ruler.is_spec(task) else INDEX.fullmatch(sample) is not None
 
 
 def config_complaint(row, run):
@@ -1010,6 +1047,9 @@ def gold_tokens(task, sample, tok):
     if task == "needle":
         ids, fields = tasks.needle_fact_tokens(sample["needles"], tok)
         return ids, fields, [nd["depth"] for nd in sample["needles"]]
+    if ruler.is_spec(task):
+        ids, fields = ruler.fact_tokens(sample, tok)
+        return ids, fields, sample["depths"]
     if task == "longproc":
         ids, fields = tasks.tsv_fact_tokens(sample["gold"], tok)
         return ids, fields, [None] * (max((f["record"] for f in fields), default=-1) + 1)
@@ -1026,7 +1066,7 @@ def evaluate_sample(
     """Decode one sample under every configuration still to do; returns its samples.jsonl rows.
     free_run=False skips the free rows: no prediction, no task score. forced=False decodes the gold rows
     step by step too (decode_sample)."""
-    ids = tok.chat([{"role": "user", "content": sample["problem"]}])
+    ids = prompt_ids(tok, sample)
     if len(ids) >= model.config.max_positions:
         print(
             f"warning: sample {sample['id']}: prompt of {len(ids)} tokens does not fit the model's "
@@ -1036,8 +1076,9 @@ def evaluate_sample(
         return []
     gold_ids, fields, depths = gold_tokens(task, sample, tok)
     sparse = [p for p in policies if p.sparse]
+    limit = min(max_new, sample.get("new_cap", max_new))  # RULER: each task's own tokens to generate
     gold, free = decode_sample(
-        model, ids, sparse, gold_ids, max_new, tok.stop_ids, free_run, calibration, forced
+        model, ids, sparse, gold_ids, limit, tok.stop_ids, free_run, calibration, forced
     )
     if verbose:
         for p in sparse:
@@ -1063,6 +1104,13 @@ def evaluate_sample(
             )
         )
     return rows
+
+
+def prompt_ids(tok, sample):
+    """A sample's prompt ids: its user turn, chat-formatted, then its answer prefix if it has one (RULER
+    puts its answer prefix after the chat template: the model's first token is the answer's first)."""
+    ids = tok.chat([{"role": "user", "content": sample["problem"]}])
+    return ids + tok.encode(sample["answer_prefix"]) if sample.get("answer_prefix") else ids
 
 
 def free_running(args):
@@ -1214,7 +1262,7 @@ def results_folder(args, shard, n_shards):
     processes on one folder: the second is refused, see results.locked)."""
     suffix = f"-shard{shard}of{n_shards}" if n_shards > 1 else ""
     if args.out is None:
-        return Path(f"results/{args.task}{suffix}")
+        return Path(f"results/{args.task.replace(':', '-')}{suffix}")
     return Path(args.out + suffix if args.shard is None else args.out)
 
 
@@ -1237,7 +1285,8 @@ def check_fit(args, policies, config):
                 f"--ranks {rank:g} keeps none of the model's {channels} key channels: "
                 f"give a share of at least {1 / channels:.3g}"
             )
-    if uses_tokens(args) and args.tokens >= config.max_positions:
+    room = ruler.is_spec(args.task)  # RULER's length already counts its answer: it may fill every position
+    if uses_tokens(args) and args.tokens >= config.max_positions + room:
         raise ValueError(
             f"--tokens {args.tokens} does not fit the model's {config.max_positions} positions: "
             "use a smaller --tokens (the chat template and the answer need room too)"
@@ -1278,13 +1327,15 @@ def unfit(p, config, tok):
 
 def uses_tokens(args):
     """Whether --tokens sets the prompt length (generated samples) or is ignored (files of fixed prompts)."""
-    return args.task == "needle" or (args.task == "text2json" and args.data is None)
+    return (
+        args.task == "needle" or ruler.is_spec(args.task) or (args.task == "text2json" and args.data is None)
+    )
 
 
 def too_long(samples, tok, max_positions):
     """{sample id: prompt tokens} of the samples whose prompt (chat template included) does not fit
     the model's positions: they get no result, and the summary says so."""
-    sizes = {s["id"]: len(tok.chat([{"role": "user", "content": s["problem"]}])) for s in samples}
+    sizes = {s["id"]: len(prompt_ids(tok, s)) for s in samples}
     return {i: n for i, n in sizes.items() if n >= max_positions}
 
 
@@ -1528,13 +1579,14 @@ CLAIM_OPTIONS = dict(  # a run's options that choose configurations: claims choo
 
 def run_claims(args):
     """`python evaluate.py claims`: every configuration the paper's claims need (claims.configurations),
-    once each, as two runs in one results folder, OUT/text2json and OUT/needle (each resumable, shardable
-    and mergeable like any run), then claims.md, claims.json and one figure per claim in OUT (claims.py
-    decides each claim by its rule). The NeedleBench run needs its data (files.data_dir()); without it,
-    or when its prompts cannot be made or do not fit the model, the retrieval claim is inconclusive and
-    the rest stand; a configuration the model cannot run (`unfit`) is left out, its claims inconclusive.
-    OUT is locked for the whole command, and both runs are prepared (checked, their folders locked and
-    read) before either decodes: a second claims, or a damaged or busy run folder, stops it at its start.
+    once each, as three runs in one results folder, OUT/text2json, OUT/needle and OUT/ruler (RULER's tasks
+    claims.RULER_TASKS; each resumable, shardable and mergeable like any run), then claims.md, claims.json
+    and one figure per claim in OUT (claims.py decides each claim by its rule). The NeedleBench run needs
+    its data and RULER's essay haystack the essays (files.data_dir()); without them, or when their prompts
+    cannot be made or do not fit the model, that retrieval claim is inconclusive and the rest stand; a
+    configuration the model cannot run (`unfit`) is left out, its claims inconclusive. OUT is locked for
+    the whole command, and every run is prepared (checked, its folder locked and read) before any
+    decodes: a second claims, or a damaged or busy run folder, stops it at its start.
     Only the gold-forced rows are decoded (the claims rest on fact accuracy) unless --free-run."""
     for name, default in CLAIM_OPTIONS.items():
         if getattr(args, name) != default:
@@ -1558,7 +1610,7 @@ def run_claims(args):
         stack.enter_context(locked(out))
         for task, policies in configs.items():
             sub = argparse.Namespace(**vars(args))
-            sub.task, sub.out, sub.shard = task, str(out / task), args.shard
+            sub.task, sub.out, sub.shard = claims.TASK_SPECS.get(task, task), str(out / task), args.shard
             sub.data = args.data if task == "text2json" else None  # --data: the Text2JSON file
             sub.free_run = False if args.free_run is None else args.free_run
             sub.outliers = None if outliers is None else str(outliers)
@@ -1570,7 +1622,7 @@ def run_claims(args):
                 missing[task] = (
                     f"no NeedleBench data in {tasks.NEEDLE_DIR}: set KVOFFLOAD_DATA to the folder holding "
                     "needlebench/"
-                    if isinstance(err, NoData)
+                    if isinstance(err, NoData) and task == "needle"
                     else " ".join(str(err).split())
                 )
                 print(f"claims: no {task} results: {missing[task]}", file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+import ruler
 from files import read_jsonl
 
 BITS = ("0.5", "1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of the paper's ablation
@@ -269,6 +270,16 @@ def _is_num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_task(x):
+    """A task of run.json: text2json, needle, longproc, or RULER's (ruler, ruler:NAME[,NAME...])."""
+    if x in ("text2json", "needle", "longproc"):
+        return True
+    try:
+        return bool(ruler.is_spec(x) and ruler.task_names(x))
+    except ValueError:
+        return False
+
+
 def _is_record(r):
     return (
         isinstance(r, dict)
@@ -288,7 +299,7 @@ KINDS = {  # the kinds of ROW_FIELDS and RUN_KINDS: (in words, for the one-line 
     "strs": ("a list of strings", lambda x: isinstance(x, list) and all(isinstance(v, str) for v in x)),
     "nums": ("a list of numbers", lambda x: isinstance(x, list) and all(map(_is_num, x))),
     "records": ("a list of {depth, tokens, hits}", lambda x: isinstance(x, list) and all(map(_is_record, x))),
-    "task": ("text2json, needle or longproc", lambda x: x in ("text2json", "needle", "longproc")),
+    "task": ("text2json, needle, longproc or ruler[:NAME,...]", _is_task),
     "scalar": ("a number or a string", lambda x: _is_num(x) or isinstance(x, str)),
     "path": ("pass or loop", lambda x: x in ("pass", "loop")),
     "counts": ("an object of integers", lambda x: isinstance(x, dict) and all(map(_is_int, x.values()))),
@@ -645,7 +656,8 @@ def markdown_table(summary, task):
     free-running task score (when it was decoded), fidelity, selection quality and memory of each
     configuration. Fact accuracy, its differences to full and to the oracle, field accuracy,
     agreement and KL carry their 95% interval."""
-    score_name = {"text2json": "Text2JSON score", "needle": "needle score", "longproc": "F1"}[task]
+    names = {"text2json": "Text2JSON score", "needle": "needle score", "longproc": "F1"}
+    score_name = "RULER score" if ruler.is_spec(task) else names[task]
     t2j, tsv = task == "text2json", task == "longproc"
     facts = any(r["fact_accuracy"] is not None for r in summary)
     scored = any(r["score"] is not None for r in summary)
@@ -889,14 +901,66 @@ def table_notes(summary, run):
     return lines
 
 
+def ruler_tables(summary, rows):
+    """RULER's own view of a RULER run: per configuration, the mean over each task's samples and the
+    RULER average (the mean of the task means, as RULER averages its tasks), of the gold-forced fact
+    accuracy and, when the answers were decoded, of RULER's score (x 100). Adds `per_task`
+    ({task: {fact_accuracy, score, n}}) and `ruler_average` ({fact_accuracy, score}) to each summary
+    row (summary.json); returns the tables in markdown, tasks in RULER's order."""
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["key"], {}).setdefault(ruler.subtask(r["sample"]), []).append(r)
+    names = [t for t in ruler.TASKS if any(t in tasks for tasks in by_task.values())]
+    for s in summary:
+        mine = by_task.get(s["key"], {})
+        s["per_task"] = {
+            t: dict(
+                fact_accuracy=_mean(r["fact_accuracy"] for r in mine[t]),
+                score=_scaled_mean(r["score"] for r in mine[t]),
+                n=len(mine[t]),
+            )
+            for t in names
+            if t in mine
+        }
+        s["ruler_average"] = {  # only over every task of the run: a missing task would bias it
+            m: None
+            if len(s["per_task"]) < len(names) or any(v[m] is None for v in s["per_task"].values())
+            else sum(v[m] for v in s["per_task"].values()) / len(names)
+            for m in ("fact_accuracy", "score")
+        }
+    out = []
+    for m, title, spec in (
+        ("fact_accuracy", "fact accuracy (gold-forced)", ".3f"),
+        ("score", "RULER score", ".1f"),
+    ):
+        if not any(v[m] is not None for s in summary for v in s["per_task"].values()):
+            continue  # e.g. no answers decoded: no RULER score
+        head = ["policy", "budget", *names, "average"]
+        lines = [f"RULER by task: {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in summary:
+            cells = [s["label"], "–" if s["budget"] is None else f"{100 * s['budget']:.3g}%"]
+            cells += [_fmt(s["per_task"].get(t, {}).get(m), spec) for t in names]
+            cells.append(_fmt(s["ruler_average"][m], spec))
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _scaled_mean(values):
+    """100 x the mean of the values that are not None (a score in percent), or None."""
+    mean = _mean(values)
+    return None if mean is None else 100 * mean
+
+
 def write_summary(out, rows, run):
     """Rebuild summary.json, summary.md and the plots from samples.jsonl (so a merge is a concatenation).
     The returned table includes the lines under it (table_notes)."""
     summary = summarize(rows)
     sample_notes = annotate(summary, rows, run)
+    tables = [ruler_tables(summary, rows)] if ruler.is_spec(run["task"]) else []
     write_atomic(out / "summary.json", json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
     notes = sample_notes + make_plots(out, summary)
-    table = "\n\n".join([markdown_table(summary, run["task"])] + table_notes(summary, run))
+    table = "\n\n".join([markdown_table(summary, run["task"])] + table_notes(summary, run) + tables)
     dtype_note = (
         "device KV: bytes kept on the device over a full bf16 cache of the prompt; exact tensors count "
         "as bf16 whatever the run's dtype, quantized ones as their packed codes and scales"

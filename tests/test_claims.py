@@ -6,13 +6,13 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import claims
 import evaluate
 from claims import INCONCLUSIVE, MARGIN, NOT_REPRODUCED, REPRODUCED, Evidence
 from conftest import make_tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 CONFIGS = claims.configurations()
 
 
@@ -33,10 +33,22 @@ def shifted(base, delta, noise=0.0):
 BASE = [0.55, 0.62, 0.70, 0.48, 0.66, 0.59, 0.73, 0.51]  # full attention's fact accuracy on 8 samples
 
 
-def evidence(t2j, needle=None, missing=None):
+def ruler_rows(values):
+    """RULER rows: values {configuration name: {RULER task: per-sample fact accuracies}}."""
+    return [
+        dict(key=CONFIGS["ruler"][name].key(), sample=f"{task}/{i}", fact_accuracy=v)
+        for name, by_task in values.items()
+        for task, vs in by_task.items()
+        for i, v in enumerate(vs)
+    ]
+
+
+def evidence(t2j, needle=None, missing=None, ruler=None):
     rows = {"text2json": rows_of("text2json", t2j)}
     if needle is not None:
         rows["needle"] = rows_of("needle", needle)
+    if ruler is not None:
+        rows["ruler"] = ruler_rows(ruler)
     return Evidence(rows, CONFIGS, missing)
 
 
@@ -111,6 +123,54 @@ def test_missing_data_is_inconclusive_with_its_reason():
     assert claims.claim_shadowkv_loses(ev).verdict == REPRODUCED  # the rest still stand
 
 
+def per_task(values_by_group):
+    """{RULER task of the claims' run: values} from {group or 'single': values} (each task its group's)."""
+    out = {}
+    for task in claims.RULER_TASKS:
+        group = "single" if task in claims.ruler.SINGLE_NEEDLE else task
+        out[task] = values_by_group[group]
+    return out
+
+
+def test_ruler_rule_reads_only_the_single_needle_tasks():
+    t2j = {"full": BASE, "shadowkv": shifted(BASE, -0.30)}
+    small, large = shifted(BASE[:4], -0.02), shifted(BASE[:4], -0.28)
+    base = {"single": BASE[:4], "vt": BASE[:4], "cwe": BASE[:4], "fwe": BASE[:4]}
+    # ShadowKV loses little on the single-needle tasks and much on aggregation: reproduced
+    ruler = {"full": per_task(base), "shadowkv": per_task(dict(base, single=small, cwe=large, fwe=large))}
+    found = claims.claim_ruler_hides_the_loss(evidence(t2j, ruler=ruler))
+    assert found.verdict == REPRODUCED
+    assert found.figures["loss on RULER single-needle"][0] == pytest.approx(0.02)
+    # as much on the single-needle tasks as on Text2JSON: not reproduced, whatever the other groups do
+    ruler["shadowkv"] = per_task(dict(base, single=large, cwe=small, fwe=small))
+    assert claims.claim_ruler_hides_the_loss(evidence(t2j, ruler=ruler)).verdict == NOT_REPRODUCED
+    # no RULER results: inconclusive with its reason, claim 7 unaffected
+    ev = evidence(t2j, {"full": BASE[:6], "shadowkv": shifted(BASE[:6], -0.02)}, {"ruler": "no essays"})
+    found = claims.claim_ruler_hides_the_loss(ev)
+    assert found.verdict == INCONCLUSIVE and found.reason == "no essays"
+    assert claims.claim_retrieval_hides_the_loss(ev).verdict == REPRODUCED
+
+
+def test_ruler_groups_report_each_methods_loss_per_group():
+    base = {"single": BASE[:4], "vt": BASE[:4], "cwe": BASE[:4], "fwe": BASE[:4]}
+    ruler = {
+        "full": per_task(base),
+        "shadowkv": per_task(dict(base, single=shifted(BASE[:4], -0.01), vt=shifted(BASE[:4], -0.1),
+                                  cwe=shifted(BASE[:4], -0.3), fwe=shifted(BASE[:4], -0.2))),
+        "paper": per_task(dict(base, cwe=shifted(BASE[:4], -0.04))),
+    }  # fmt: skip
+    groups = claims.ruler_groups(evidence({"full": BASE}, ruler=ruler))
+    assert list(groups) == ["retrieval", "multi-hop tracing", "aggregation"]
+    assert groups["retrieval"]["shadowkv"][0] == pytest.approx(0.01)
+    assert groups["multi-hop tracing"]["shadowkv"][0] == pytest.approx(0.1)
+    assert groups["aggregation"]["shadowkv"][0] == pytest.approx(0.25)  # cwe and fwe samples together
+    assert groups["aggregation"]["paper"][0] == pytest.approx(0.02)
+    lines = "\n".join(claims.group_lines(groups))
+    assert "| aggregation | cwe, fwe | +0.250 [" in lines and "no verdict" in lines
+    missing = claims.ruler_groups(evidence({"full": BASE}, missing={"ruler": "no essays"}))
+    assert missing == {g: "no essays" for g in ("retrieval", "multi-hop tracing", "aggregation")}
+
+
 def test_baselines_all_needed():
     below = {"paper": BASE, **{b: shifted(BASE, -0.2) for b in claims.BASELINES}}
     assert claims.claim_baselines_fall_below(evidence(below)).verdict == REPRODUCED
@@ -120,9 +180,14 @@ def test_baselines_all_needed():
 
 def test_write_gives_a_verdict_a_rule_and_a_figure_per_claim(tmp_path):
     values = {name: shifted(BASE, -0.1 * (name != "full")) for name in CONFIGS["text2json"]}
-    text = claims.write(tmp_path, evidence(values, {"full": BASE, "shadowkv": BASE}), dict(command="x"))
+    ruler = {name: {t: shifted(BASE[:3], -0.05 * (name != "full")) for t in claims.RULER_TASKS}
+             for name in CONFIGS["ruler"]}  # fmt: skip
+    ev = evidence(values, {"full": BASE, "shadowkv": BASE}, ruler=ruler)
+    text = claims.write(tmp_path, ev, dict(command="x"))
     record = json.loads((tmp_path / "claims.json").read_text())
-    assert [c["number"] for c in record["claims"]] == list(range(1, 9)) and record["margin"] == MARGIN
+    assert [c["number"] for c in record["claims"]] == list(range(1, 10)) and record["margin"] == MARGIN
+    assert record["ruler_groups"]["aggregation"]["paper"][0] == pytest.approx(0.05)
+    assert "## RULER by task group (no verdict)" in text
     for c in record["claims"]:
         assert c["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) and c["rule"] in text
         assert (tmp_path / c["figure"]).is_file()
@@ -132,7 +197,9 @@ def test_each_figure_draws_what_its_rule_decides_on(tmp_path, monkeypatch):
     """A claim's figure shows the quantities its rule decides on (paired differences, the slope, the
     losses), each with its interval, against 0 and the margin; not the configurations' own accuracies."""
     values = {name: shifted(BASE, -0.1 * (name != "full")) for name in CONFIGS["text2json"]}
-    ev = evidence(values, {"full": BASE, "shadowkv": shifted(BASE, -0.02)})
+    ruler = {name: {t: shifted(BASE[:4], -0.01 * (name != "full"), 0.01) for t in claims.RULER_TASKS}
+             for name in CONFIGS["ruler"]}  # fmt: skip
+    ev = evidence(values, {"full": BASE, "shadowkv": shifted(BASE, -0.02)}, ruler=ruler)
     drawn = {}
     real = claims.Figure
 
@@ -147,6 +214,7 @@ def test_each_figure_draws_what_its_rule_decides_on(tmp_path, monkeypatch):
         5: ["quantized 2b - oracle", "quantized 4b - oracle"],
         4: ["mean c8 - oracle", "slope per doubling"],
         7: ["loss on Text2JSON", "L(Text2JSON) - 2 L(NeedleBench)"],
+        9: ["loss on Text2JSON", "L(Text2JSON) - 2 L(RULER single-needle)"],
         8: [f"{b} - paper" for b in claims.BASELINES],
     }
     for claim, finding in claims.decide(ev):
@@ -179,14 +247,6 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_claims_resume_and_do_not_depend_on_the_workers(ckpt, tmp_path, monkeypatch):
     one = tmp_path / "one"
@@ -201,7 +261,8 @@ def test_claims_resume_and_do_not_depend_on_the_workers(ckpt, tmp_path, monkeypa
     )
     body = lambda d: (d / "claims.md").read_text().split("\n", 3)[3]  # the command line differs
     assert body(one) == body(two)
-    for task in ("text2json", "needle"):
+    assert (one / "ruler" / "samples.jsonl").is_file()  # the RULER run: generated, always there
+    for task in ("text2json", "needle", "ruler"):
         if (one / task / "samples.jsonl").is_file():
             assert (one / task / "samples.jsonl").read_bytes() == (two / task / "samples.jsonl").read_bytes()
     # the same command again: nothing is decoded, the same claims are written

@@ -57,6 +57,7 @@ def test_import_graph_has_no_cycle():
         visit(m, [])
     assert graph["files"] == set(), "files.py must import nothing of the project"
     assert {"kvcache"} <= graph["model"] and {"landmarks", "quantize", "offload"} <= graph["kvcache"]
+    assert graph["ruler"] == {"files", "tasks", "text2json"} and "ruler" in graph["results"]
 
 
 def test_core_modules_import_in_a_fresh_interpreter():

@@ -53,6 +53,15 @@ RULER_PARTS = {
     **{f"ruler {g}": tuple(t for t in RULER_TASKS if t in tasks) for g, tasks in ruler.GROUPS.items()},
 }
 GROUP_METHODS = ("shadowkv", "paper")  # whose loss on each RULER group is reported (no verdict)
+
+
+def ruler_n(n: int) -> int:
+    """Samples of each RULER task in a claims run of n samples a task: claim 9 pools the three
+    single-needle tasks, so a third of n each gives it as many samples as the other tasks have (at
+    least MIN_SAMPLES each, which the per-group report needs)."""
+    return max(MIN_SAMPLES, -(-n // len(ruler.SINGLE_NEEDLE)))
+
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
 

@@ -24,7 +24,7 @@ The decoding plan (PAPER.md "Benchmarks": the task needs many facts from all ove
      policy selects exactly as its decode step would when writing that answer. By default each
      configuration's whole answer goes through the model at once, in blocks of positions (the
      teacher-forced pass, `forced_logits`, PAPER.md "Gold-forced rows": every position selects on its
-     own; LRQK's rows, whose selection depends on the last step, take the decode loop); --decode-loop
+     own; LRQK's, whose selection depends on the last step, one after the other inside it); --decode-loop
      feeds every row one token per decode step (the reference the pass is tested against; run.json
      records which, `gold_path`). At each position a
      row records its top-1 token and the gold token's log-probability: `fact_accuracy` (the share of
@@ -138,9 +138,11 @@ DEFAULT_METHODS = ",".join(
     ("full", "oracle", "shadowkv", "mean", "quantized", "paper")
 )  # the default run's policies
 DEFAULT_N = (
-    6  # samples of the default run: 3 rounds of 2 workers, within 10 minutes from a fresh clone (README)
+    12  # samples of the default run: 6 rounds of 2 workers, within 7 minutes from a fresh clone (README)
 )
-DEFAULT_CLAIMS_N = 4  # samples per task of `python evaluate.py claims`: within 20 minutes on 2 cores (README)
+# samples per task of `python evaluate.py claims` (RULER: a third of it per task, claims.ruler_n): within 15
+# minutes on 2 cores after the default run (README)
+DEFAULT_CLAIMS_N = 12
 DECODE_THREADS = 1  # torch threads per sample, whatever the worker count: the same numbers either way
 ROWS_PER_FORWARD = 8  # every decode forward has exactly this many rows (padded): the same shapes in every run
 DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
@@ -731,10 +733,9 @@ def decode_sample(
     token before it, so a sparse policy selects at every position as it would when writing the answer
     itself (the first max_new gold tokens); each gold row's position is compared with the reference's.
     forced (the default): each gold row goes through the teacher-forced pass (`forced_logits`: one
-    forward per configuration, every position selecting on its own), but for the policies whose
-    selection depends on the last step's state (kvcache.Select.steps_only: LRQK), which step through
-    the decode loop with the free rows; forced=False: every gold row steps through the decode loop, one
-    token per step (the reference the pass is tested against). Free rows (free=True): each
+    forward per configuration, every position selecting on its own; LRQK's positions one after the
+    other inside it, kvcache.Select.steps_only); forced=False: every gold row steps through the decode
+    loop, one token per step (the reference the pass is tested against). Free rows (free=True): each
     configuration's own greedy answer, up to max_new tokens or a stop token, always in the loop.
 
     calibration: {channels: skew.calibration} for the policies that need one (InfiniGen).
@@ -783,28 +784,22 @@ def decode_sample(
         if ref_logp:
             ref_logp, ref_top = torch.cat(ref_logp), torch.cat(ref_top)
         for r in gold.values():
-            if r is ref or r.done:
-                continue
-            if isinstance(r.cache, SparseCache) and r.policy.select.steps_only:
-                stepping.append(r)
-                continue
-            for a, logits in forced_logits(model, r, device):
-                r.observe(logits, ref_logp[a : a + len(logits)], ref_top[a : a + len(logits)])
+            if r is not ref and not r.done:
+                for a, logits in forced_logits(model, r, device):
+                    r.observe(logits, ref_logp[a : a + len(logits)], ref_top[a : a + len(logits)])
     else:
         stepping = [*gold.values(), *stepping]
     active = [r for r in stepping if not r.done]
     while active:
         logits = forward_rows(model, active, device)  # [len(active), vocab]
-        if ref in active:  # the decode loop's gold rows step together: the reference steps when they do
+        if ref in active:  # the gold rows step together, so the reference steps whenever they do
             ref_logits = logits[active.index(ref)][None]  # [1, vocab]
             step_ref = torch.log_softmax(ref_logits, dim=-1), ref_logits.argmax(dim=-1)  # [1, vocab], [1]
         for r, row_logits in zip(active, logits):
-            if isinstance(r, FreeRow):
-                r.observe(row_logits)
-            elif forced:  # compared with the teacher-forced reference at the row's position
-                r.observe(row_logits[None], ref_logp[r.steps : r.steps + 1], ref_top[r.steps : r.steps + 1])
-            else:
+            if isinstance(r, GoldRow):
                 r.observe(row_logits[None], *step_ref)
+            else:
+                r.observe(row_logits)
         active = [r for r in active if not r.done]
     return gold, rows
 
@@ -1611,6 +1606,8 @@ def run_claims(args):
         for task, policies in configs.items():
             sub = argparse.Namespace(**vars(args))
             sub.task, sub.out, sub.shard = claims.TASK_SPECS.get(task, task), str(out / task), args.shard
+            if task == "ruler":  # --n samples of each of its tasks: claim 9 pools three (claims.ruler_n)
+                sub.n = claims.ruler_n(args.n)
             sub.data = args.data if task == "text2json" else None  # --data: the Text2JSON file
             sub.free_run = False if args.free_run is None else args.free_run
             sub.outliers = None if outliers is None else str(outliers)

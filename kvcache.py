@@ -152,11 +152,11 @@ class Select:
     def steps_only(self) -> bool:
         """Whether selection depends on the state the last decode step left: LRQK fits each new query to
         the rows resident from the last step, and updates its factors (LowRankQK.step). Such a policy
-        cannot select every position of a known answer in one pass (SparseCache.attend_forced): it
-        decodes step by step. (Stepping its positions one after the other inside one forward would be
-        the same arithmetic, but LRQK's updates amplify last-bit differences: tried on a default
-        sample, 13% of its selections stayed the decode loop's and its logits drifted up to 16 apart,
-        where every other policy keeps 100% and 1e-4. So its rows are the decode loop's, bit for bit.)"""
+        cannot select every position of a known answer at once: a teacher-forced block
+        (SparseCache.attend_forced) selects its positions one after the other, as the decode loop does.
+        Its updates amplify last-bit differences (the loop's and the pass's products round apart), so
+        its rows through the two paths agree at the start of an answer and drift apart later (README,
+        "The teacher-forced pass")."""
         return self.landmarks == "lowrank_qk"
 
     @property
@@ -753,8 +753,15 @@ class LowRankKeys:
         return sum(t.numel() * (exact_bytes or t.element_size()) for t in (self.u, self.sv))
 
     def selected(self, got: dict, idx, split: BudgetSplit, rope, dtype) -> torch.Tensor:
+        """The selected keys [H, S, d], post-RoPE. A teacher-forced block asks for every position's rows,
+        more than the middle holds: then every middle row is rebuilt once and each position reads its
+        own (the same keys for fewer flops)."""
         H, S = idx.shape
         d = self.sv.shape[1] // H
+        M = split.n_chunks * split.chunk
+        if S > M:
+            every = self.selected(got, torch.arange(M, device=idx.device).expand(H, -1), split, rope, dtype)
+            return every.gather(1, idx[..., None].expand(-1, -1, d))  # [H, S, d]
         pos = idx + split.sink  # [H, S] prompt positions of the selected middle rows
         pre = rebuild_keys(self.u, self.sv, pos, H, d).to(dtype)  # [H, S, d] pre-RoPE
         return rope.apply(pre.reshape(1, -1, d), pos.flatten()).view(H, S, d)  # post-RoPE
@@ -770,6 +777,8 @@ class LayerState:
     exact: ExactTokens
     resident: "Resident | None" = None  # Keys.resident: the rows selected at the last step, on the device
     exact_k: torch.Tensor | None = None  # [H, M, d] Policy.track: the exact middle keys the statistics read
+    key_err: torch.Tensor | None = None  # [2, H, M] Policy.track, low-rank keys: per middle row its rebuilt
+    # key's squared error and its exact key's squared norm (a row's rebuild is the same at every step)
 
 
 @dataclass
@@ -922,6 +931,12 @@ class SparseCache:
         self._offload(layer, "v", v_mid)
         # the exact middle keys, for the recall / mass statistics only (a view, not counted)
         state = LayerState(marks, keys, exact, exact_k=k_mid if p.track else None)
+        if p.track and p.keys.source == "low_rank":  # and how far each rebuilt key is from its exact one
+            every = torch.arange(k_mid.shape[1], device=k.device).expand(k.shape[0], -1)  # [H, M]
+            rebuilt = keys.selected({}, every, split, self.rope, k.dtype).float()  # [H, M, d]
+            state.key_err = torch.stack(
+                [(rebuilt - k_mid.float()).pow(2).sum(-1), k_mid.float().pow(2).sum(-1)]
+            )
         if isinstance(marks, landmarks.LowRankQK):  # LRQK's prefill selects with its last query's A_Q
             state.resident = self._first_selection(marks, k_mid, v_mid)
         return state
@@ -1023,7 +1038,7 @@ class SparseCache:
         if self.policy.track:  # one selection for the step; its attention mass at its last position
             probs, lse, oracle = exact  # [H, G, Tq, M], [H, G, Tq, 1], [H, S]
             last = (probs[:, :, -1:], lse[:, :, -1:], oracle[:, None])  # ..., [H, 1, S]
-            self._track(layer, qg[:, :, -1:], idx[:, None], sel_k[:, None], st, last)
+            self._track(layer, qg[:, :, -1:], idx[:, None], st, last)
         return out.view(1, n_heads, Tq, d).to(q.dtype)
 
     def attend_forced(self, layer, q, k, v, pos, next_query=None):
@@ -1032,17 +1047,13 @@ class SparseCache:
         and attends as its own decode step would (`attend` with one token): scores [P, Tq, N], the top-k
         of every position, its own rows, and the answer tokens up to itself. So one call does the work
         of Tq decode steps in a few large ops; only the shapes of the products change, so only the last
-        bits may. Not for a policy whose selection depends on the last step's state (Select.steps_only:
-        LRQK), which decodes step by step.
+        bits may. A policy whose selection depends on the state the last step left (Select.steps_only:
+        LRQK) selects its positions one after the other inside the block (`_step_selections`); its
+        attention is batched like every other's.
 
         Unlike `attend` with Tq > 1 (one multi-token query step: the positions select once, together,
         their scores summed: PAPER.md "ShadowKV, precisely"), no position here sees a later one.
         """
-        if self.policy.select.steps_only:
-            raise ValueError(
-                f"the {self.policy.name} policy fits each new query to the rows the last decode step left: "
-                "it cannot be teacher-forced in one pass; decode it one token per step (attend)"
-            )
         st = self.layers[layer]
         B, n_heads, Tq, d = q.shape
         H = k.shape[1]
@@ -1052,8 +1063,12 @@ class SparseCache:
             self.speculated[layer + 1] = next_query[0]  # [n_heads, Tq, d]
         qg = q[0].view(H, G, Tq, d)  # [H, G, Tq, d]
         qf = qg.reshape(H, G * Tq, d)  # [H, G*Tq, d]
-        q_select = self._selection_query(layer, st, qg, k) if st.marks is not None else None
-        st.exact.append(k[0], v[0])  # the block's tokens: position i sees the prompt and the answer up to i
+        stepping = st.marks is not None and self.policy.select.steps_only
+        if stepping:  # LRQK: steps 1 and 2 position by position, each token joining after its selection
+            idx, got = self._step_selections(layer, st, qg, k, v)  # [P, Tq, S], per name [P, Tq*S, d]
+        else:
+            q_select = self._selection_query(layer, st, qg, k) if st.marks is not None else None
+            st.exact.append(k[0], v[0])  # the block's tokens: position i sees the prompt and the answer to i
         L = st.exact.k.shape[1]
         mask = torch.ones(Tq, L, dtype=torch.bool, device=q.device).tril(L - Tq).repeat(G, 1)  # [G*Tq, L]
         if st.marks is None:  # a dense layer: every token is exact
@@ -1063,21 +1078,20 @@ class SparseCache:
                 self.stats.add(layer, every, every)
             return out.view(1, n_heads, Tq, d).to(q.dtype)
 
-        # 1. Each position scores the landmarks and keeps its own top-k chunks.
+        # 1. Each position scores the landmarks and keeps its own top-k chunks; 2. fetch every position's
+        # rows (resident ones: only what the position before did not hold). (LRQK: done above.)
         exact = self._exact_pass(layer, qg, each_position=True) if self.policy.track else None
-        if exact is not None and self.policy.select.is_exact_top_k and not split.outlier_chunks:
-            idx = exact[2]  # [H, Tq, S] the oracle's selections (see `attend`)
-        else:
-            idx = self.select(layer, q_select, each_position=True)  # [P, Tq, S] middle rows
+        if not stepping:
+            if exact is not None and self.policy.select.is_exact_top_k and not split.outlier_chunks:
+                idx = exact[2]  # [H, Tq, S] the oracle's selections (see `attend`)
+            else:
+                idx = self.select(layer, q_select, each_position=True)  # [P, Tq, S] middle rows
+            rows = idx.flatten(1)  # [P, Tq*S]
+            if self.policy.keys.resident:
+                got = self._fetch_resident_forced(layer, st, idx)  # per name [P, Tq*S, d]
+            else:
+                got = self._finish_fetch(st, rows, self._start_fetch(layer, st, rows), d)
         P, _, S = idx.shape
-
-        # 2. Fetch every position's rows (resident ones: only what the position before did not hold).
-        if self.policy.keys.resident:
-            got = self._fetch_resident_forced(layer, st, idx)  # per name [P, Tq*S, d]
-        else:
-            got = self._finish_fetch(
-                st, idx.view(P, Tq * S), self._start_fetch(layer, st, idx.view(P, -1)), d
-            )
 
         # 3. Attention over the exact tokens, causal over the answer ...
         out_a, lse_a = attention_lse(qf, st.exact.k, st.exact.v, mask)  # [H, G*Tq, d], [H, G*Tq]
@@ -1096,8 +1110,26 @@ class SparseCache:
 
         self.last_selected[layer] = idx + split.sink  # [P, Tq, S] absolute positions
         if self.policy.track:
-            self._track(layer, qg, idx, sel_k.view(P, Tq, S, d), st, exact)
+            self._track(layer, qg, idx, st, exact)
         return out.view(1, n_heads, Tq, d).to(q.dtype)
+
+    def _step_selections(self, layer, st, qg, k, v):
+        """Steps 1 and 2 of a teacher-forced block for a policy whose selection depends on the state the
+        last step left (Select.steps_only, LRQK: each new query is fitted to the rows resident from the
+        last step, and its factors move with every step): one position after the other, as its decode
+        steps would (`_selection_query`, `select`, the resident fetch), each position's token joining
+        the exact tokens after its own selection. Returns idx [P, Tq, S] and per name the rows
+        [P, Tq*S, d]; the attention over them is batched by the caller."""
+        H, G, Tq, d = qg.shape
+        idx, rows = [], {}
+        for i in range(Tq):
+            q_now = self._selection_query(layer, st, qg[:, :, i : i + 1], k[:, :, i : i + 1])  # [H, G, 1, r]
+            st.exact.append(k[0, :, i : i + 1], v[0, :, i : i + 1])
+            idx.append(self.select(layer, q_now))  # [P, S]
+            got = self._finish_fetch(st, idx[-1], self._start_fetch(layer, st, idx[-1]), d)  # [P, S, d] each
+            for name, t in got.items():
+                rows.setdefault(name, []).append(t)
+        return torch.stack(idx, dim=1), {n: torch.stack(t, dim=1).flatten(1, 2) for n, t in rows.items()}
 
     def _fetch_resident_forced(self, layer, st, idx) -> dict:
         """The rows of a teacher-forced block for a policy that keeps them resident (Keys.resident:
@@ -1221,12 +1253,13 @@ class SparseCache:
         oracle = landmarks.select_topk(scores.flatten(0, -2), self.split.selected)  # [H (* Tq), S]
         return probs, lse, oracle.view(*scores.shape[:-1], -1)  # ..., [H, (Tq,) S]
 
-    def _track(self, layer, qg, idx, sel_k, st, exact):
+    def _track(self, layer, qg, idx, st, exact):
         """Selection recall against the oracle, attention mass captured, key rebuild error, at Ts query
-        positions: qg [H, G, Ts, d] their queries, idx [P, Ts, S] the middle rows each attends, sel_k
-        [P, Ts, S, d] their keys, exact = (logits [H, G, Ts, M], oracle [H, Ts, S]) from _exact_pass. A
-        decode step tracks its one selection at its last position (Ts = 1); a teacher-forced block
-        (`attend_forced`) each position's own (Ts = Tq), each position seeing the answer up to itself.
+        positions: qg [H, G, Ts, d] their queries, idx [P, Ts, S] the middle rows each attends, exact =
+        (probs [H, G, Ts, M], lse [H, G, Ts, 1], oracle [H, Ts, S]) from _exact_pass. A decode step
+        tracks its one selection at its last position (Ts = 1); a teacher-forced block (`attend_forced`)
+        each position's own (Ts = Tq), each position seeing the answer up to itself. The key error reads
+        each selected row's from LayerState.key_err (low-rank keys: a row is rebuilt alike at every step).
 
         One exact pass: the softmax of the query over the exact middle keys gives both the oracle's
         selection (same rule, same budget) and, with the exact tokens, the exact attention weights whose
@@ -1270,10 +1303,11 @@ class SparseCache:
         middle = probs.gather(3, attended).sum(-1) * (lse_mid - lse)[..., 0].exp()  # [H, G, Ts]
         mass = middle + (logits_rest - lse).exp().sum(-1)  # [H, G, Ts]
         key_err = None
-        if self.policy.keys.source == "low_rank":
-            true_k = k_mid[:, None].expand(-1, Ts, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, d))
-            err = (sel_k.float() - true_k.float()).pow(2).sum((0, 2, 3))  # [Ts]
-            key_err = err / true_k.float().pow(2).sum((0, 2, 3))  # [Ts]
+        if st.key_err is not None:  # low-rank keys: the selected rows' squared error over their norm
+            err, norm = st.key_err.gather(2, idx.flatten(1).expand(2, -1, -1)).view(
+                2, *idx.shape
+            )  # [2, H, Ts, S]
+            key_err = err.sum((0, 2)) / norm.sum((0, 2))  # [Ts]
         self.stats.add(layer, recall, mass.mean(1), key_err)
 
     # ---------------------------------------------------------------- memory accounting

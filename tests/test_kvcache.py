@@ -688,14 +688,26 @@ def loop_and_pass(model, policy, prompt, steps, monkeypatch):
                 out.append(model(steps[:, i : i + 1], cache)[0])  # [1, vocab]
                 picks.setdefault(path, {}).update({(i, j): cache.last_selected[j] for j in sparse})
             logits[path] = torch.cat(out)  # [n, vocab]
-            scores[path] = {key: s for key, (s, _) in zip(picks[path], recorded)}  # [P, N]
+            per_call = [s for s, _ in recorded]  # [P, N] a step and a layer, in that order
         else:
             logits[path] = model(steps, kvcache.TeacherForced(cache))[0]  # [n, vocab]
             picks[path] = {(i, j): cache.last_selected[j][:, i] for i in range(n) for j in sparse}
-            per_layer = [s.view(-1, n, s.shape[-1]) for s, _ in recorded]  # [P, n, N] per sparse layer
-            scores[path] = {(i, j): s[:, i] for j, s in zip(sparse, per_layer) for i in range(n)}
+            per_call = forced_scores(recorded, n, len(sparse)) if not policy.track else []
+        if not policy.track:  # (a tracked policy's top-k calls are the oracle's too)
+            scores[path] = dict(zip(picks[path], per_call, strict=True))  # [P, N] a step and a layer
         caches[path] = cache
     return logits, caches, picks, scores, recorded[0][1] if recorded else None
+
+
+def forced_scores(recorded, n, layers):
+    """The scores of a teacher-forced block's top-k calls, [P, N] per position and layer in the loop's
+    order (step after step, layer after layer): a layer's positions selecting at once ([P * n, N] a layer),
+    or one after the other (Select.steps_only: [P, N] a position, layer after layer)."""
+    if len(recorded) == layers:
+        per_layer = [s.view(-1, n, s.shape[-1]) for s, _ in recorded]  # [P, n, N]
+    else:
+        per_layer = [torch.stack([s for s, _ in recorded[j * n : (j + 1) * n]], 1) for j in range(layers)]
+    return [s[:, i] for i in range(n) for s in per_layer]
 
 
 def near_ties(scores, k):
@@ -707,7 +719,7 @@ def near_ties(scores, k):
     return gap <= NEAR_TIE * top[:, k - 1].abs().clamp(min=1e-30)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if not make_policy(n).select.steps_only])
+@pytest.mark.parametrize("name", CASES)
 def test_teacher_forced_pass_equals_the_decode_loop_every_policy(tiny, name, monkeypatch):
     """The teacher-forced pass (every answer position selecting on its own, in one forward) and the decode
     loop (one token per step) of the same policy on the same tokens: the same rows selected at every
@@ -768,18 +780,25 @@ def test_teacher_forced_pass_in_blocks_equals_one_block(tiny):
         assert s1["hit_rate"] == s2["hit_rate"]
 
 
-def test_lrqk_is_not_teacher_forced(tiny):
-    """LRQK fits each new query to the rows the last step left: its selection cannot come out of one pass,
-    and attend_forced says so in one line (evaluate.decode_sample steps it instead)."""
+def test_lrqk_selects_position_after_position_inside_the_pass(tiny, monkeypatch):
+    """LRQK fits each new query to the rows the last step left (Select.steps_only): inside a teacher-forced
+    block its positions select one after the other, each step of its factors in order (one LowRankQK.step
+    per position and layer, as the decode loop takes), and resident hits are counted per position."""
     model, prompt, steps = tiny
     policy = make_policy("lrqk", budget=0.1, **FIT)
     assert policy.select.steps_only and not make_policy("arkvale").select.steps_only
+    calls = []
+    real = landmarks.LowRankQK.step
+    monkeypatch.setattr(landmarks.LowRankQK, "step", lambda m, q, *a: calls.append(q.shape) or real(m, q, *a))
     full = FullCache(model.config.n_layers, keep_queries=True)
     with torch.inference_mode():
         model(prompt, full, last_only=True)
         cache = from_prefill(full, policy, model.rope)
-        with pytest.raises(ValueError, match="cannot be teacher-forced in one pass; decode it one token"):
-            model(steps, kvcache.TeacherForced(cache))
+        model(steps, kvcache.TeacherForced(cache))
+    n = steps.shape[1]
+    assert len(calls) == n * model.config.n_layers and all(c[1] == 1 for c in calls)  # [P, 1, d] each
+    assert cache.stats.selected == n * model.config.n_layers * cache.last_selected[0][:, 0].numel()
+    assert 0 < cache.stats.hits < cache.stats.selected
 
 
 def test_a_multi_token_step_selects_once_and_the_pass_per_position(tiny):

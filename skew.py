@@ -36,8 +36,12 @@ CALIBRATION_TOKENS = 2048  # the authors' length
 
 def fingerprint(model) -> str:
     """A short hash of the model: its config and the first row of every layer's q and k projection
-    (what the skews are fitted to), so a calibration is never used with another model."""
+    (what the skews are fitted to), so a calibration is never used with another model; and the engine
+    whose forward fits it when not model.py's (hf.Engine: transformers'), so that each engine's runs
+    reproduce their own numbers whichever engine calibrated the weights first."""
     h = hashlib.sha256(repr(model.config).encode())
+    if getattr(model, "engine", None):
+        h.update(model.engine.encode())
     for layer in model.layers:
         for w in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight):
             h.update(w[0].detach().float().cpu().numpy().tobytes())

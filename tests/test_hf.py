@@ -4,6 +4,7 @@ and layer, logits within 1e-4, the same tokens, bytes fetched and statistics); t
 rows x 1 token, one row x T tokens); InfiniGen's calibration through the transformers forward; the one-line refusals.
 """
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,7 @@ from test_kvcache import CASES, FIT
 import evaluate
 import hf
 import model
+import results
 import skew
 from conftest import ARCH_EXTRAS, TINY, make_tiny_checkpoint
 from kvcache import FullCache, SparseCache, StackedCache, from_prefill, make_policy
@@ -224,6 +226,36 @@ def test_infinigen_calibration_through_the_transformers_forward(pair, tmp_path, 
     got = run_generate(pair, policy, ids, calibration=theirs)
     assert got.tokens == want.tokens and (got.logits - want.logits).abs().max() < TOL
     assert all(same_snapshots(a, b) for a, b in zip(want.snapshots, got.snapshots))
+
+
+# ----------------------------------------------------------------------------- evaluate.py --engine transformers
+def test_evaluate_engine_transformers_gives_model_py_rows(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(results, "make_plots", lambda out, summary: [])
+    path, _ = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "llama", max_position_embeddings=4096)
+    argv = ["--model", path, "--n", 1, "--tokens", 2048, "--max-new-tokens", 6, "--workers", 1]
+    argv += ["--methods", "full,oracle,shadowkv,quantized,lrqk"]
+    rows = {}
+    for engine in ("model.py", "transformers"):
+        out = tmp_path / engine
+        assert evaluate.main([str(a) for a in argv + ["--engine", engine, "--out", out]]) == 0
+        rows[engine] = {r["key"]: r for r in results.read_rows(out)}
+    assert json.loads((tmp_path / "transformers" / "run.json").read_text())["model"].endswith(
+        "(transformers)"
+    )
+    a, b = rows.values()
+    assert a.keys() == b.keys() and len(a) == 5
+    for key, r in a.items():
+        for field, value in r.items():
+            numbers = (
+                isinstance(value, float) or isinstance(value, list) and value and isinstance(value[0], float)
+            )
+            want = pytest.approx(value, abs=1e-4) if numbers else value
+            assert b[key][field] == want, (key, field)
+    capsys.readouterr()
+    # a results folder holds one engine's results: resuming it with the other is refused in one line
+    rc = evaluate.main([str(a) for a in argv + ["--engine", "transformers", "--out", tmp_path / "model.py"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "(transformers)" in err and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------- refusals and the model's own path

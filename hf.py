@@ -29,8 +29,9 @@ It reaches inside transformers through the two extension points transformers has
 What each policy needs from the model comes through them, or the policy is refused with one line before any work
 (`check`):
   - RoPE, to rebuild low-rank keys at their positions (svd, shadowkv) and to rotate keys stored before RoPE (paper):
-    model.Rope built from the model's config by model.py's own reading of a config (model.config_from_dict). A model
-    whose RoPE model.Rope does not apply (rope_type yarn, dynamic, longrope...) runs every other policy.
+    a model.Rope (`ModelRope`) with the model's own cos / sin tables, for the RoPE kinds model.Rope applies, as
+    model.py's own reading of a config finds them (model.config_from_dict). A model whose RoPE it does not apply
+    (rope_type yarn, dynamic, longrope...) runs every other policy.
   - the prefill's queries (LRQK): the attention function hands them to the prefill's FullCache(keep_queries=True).
   - the next layer's query (InfiniGen, `SparseCache.asks`): computed from a layer's normalised input, which neither
     the cache nor the attention function is given; a forward pre-hook on each attention module (torch's own
@@ -252,6 +253,28 @@ def _bridge_class():
 
 
 # ----------------------------------------------------------------------------- the model
+class ModelRope(Rope):
+    """model.Rope with the model's own tables: cos, sin from its rotary-embedding module, so that `invert` undoes
+    exactly the rotation the model gave its keys, and `apply` rotates rebuilt keys as the model rotates its own.
+    (transformers computes the angles in float32, model.Rope in float64: on the default model their cos differ by
+    up to 1.1e-4 at 2K positions, enough to move a 4-bit code of a key un-rotated with the other's tables.) Only for
+    the RoPE kinds model.Rope applies (model.config_from_dict says which), whose rotation is orthogonal."""
+
+    def __init__(self, config, rotary):
+        super().__init__(config)
+        self.rotary = rotary  # the model's rotary embedding: (x, position_ids [1, P]) -> cos, sin [1, P, d]
+
+    def tables(self, device, dtype):
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            pos = torch.arange(self.max_positions, device=device)[None]  # [1, P]
+            cos, sin = self.rotary(torch.zeros(1, device=device, dtype=dtype), pos)  # [1, P, d] each
+            half = self.head_dim // 2
+            signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # [P, d], as model.Rope.tables
+            self._tables[key] = (cos[0], signed)
+        return self._tables[key]
+
+
 class _NoRope:
     """model.Rope's place for a model whose RoPE kvcache cannot apply: the policies that need it are refused
     (`check`); any other use is one line."""
@@ -288,7 +311,7 @@ class Engine:
         if config is None:
             config, reason = model_config(lm)
         self.config = config
-        self.rope = Rope(config) if reason is None else _NoRope(reason)
+        self.rope = ModelRope(config, lm.model.rotary_emb) if reason is None else _NoRope(reason)
         self.layers = lm.model.layers
         self.attentions = [layer.self_attn for layer in self.layers]
         self.embed_tokens = lm.get_input_embeddings()

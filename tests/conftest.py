@@ -178,3 +178,13 @@ def make_tiny_checkpoint(
 def tiny_checkpoint(tmp_path):
     """make_tiny_checkpoint with tmp_path as the parent folder: tiny_checkpoint(arch, **kw)."""
     return lambda arch, **kw: make_tiny_checkpoint(arch, tmp_path / arch, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models gain nothing from threads, and on a shared, busy machine
+    OpenMP threads that wait for each other make every small op slow (use: pytestmark = usefixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

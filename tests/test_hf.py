@@ -24,15 +24,7 @@ TOL = 1e-4  # max-abs logit difference allowed between the two engines, float32
 PROMPT, STEPS = 160, 16
 BUDGET = 0.1  # 16 of the 160 prompt tokens selected, as test_kvcache's invariants do
 POLICIES = ["full", *CASES]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared machine waiting threads make small ops slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for these tiny models
 
 
 @dataclass
@@ -206,6 +198,19 @@ def test_evaluate_decode_sample_through_the_engine(pair):
         assert a[key].out == b[key].out and fa[key].out == fb[key].out
         assert max(abs(x - y) for x, y in zip(a[key].gold_logp, b[key].gold_logp)) < TOL
         assert b[key].kl == pytest.approx(a[key].kl, abs=1e-5) and a[key].matches == b[key].matches
+
+
+def test_the_engine_rope_is_the_models_own(pair):
+    """The caches rotate and un-rotate keys with the model's own cos / sin (hf.ModelRope): `apply` is the model's
+    rotation and `invert` undoes it, at every position; model.Rope's float64 tables are another rounding of them."""
+    engine = hf.Engine(pair.lm)
+    pos = torch.arange(pair.ours.config.max_positions)  # [P]
+    x = torch.randn(1, 2, len(pos), engine.config.head_dim, generator=torch.Generator().manual_seed(7))
+    cos, sin = pair.lm.model.rotary_emb(x, pos[None])  # [1, P, d] each: what the model rotates its q, k with
+    theirs = hf._rotate(x, cos, sin)  # [1, 2, P, d]
+    assert (engine.rope.apply(x, pos) - theirs).abs().max() < 1e-6
+    assert (engine.rope.invert(theirs, pos) - x).abs().max() < 1e-5
+    assert 0 < (pair.ours.rope.apply(x, pos) - theirs).abs().max() < 1e-3
 
 
 # ----------------------------------------------------------------------------- InfiniGen's calibration

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers
-from test_kvcache import CASES, FIT
 
 import evaluate
 import hf
@@ -19,6 +18,7 @@ import results
 import skew
 from conftest import ARCH_EXTRAS, TINY, make_tiny_checkpoint
 from kvcache import FullCache, SparseCache, StackedCache, from_prefill, make_policy
+from test_kvcache import CASES, FIT
 
 TOL = 1e-4  # max-abs logit difference allowed between the two engines, float32
 PROMPT, STEPS = 160, 16

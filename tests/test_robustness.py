@@ -431,6 +431,7 @@ def test_resume_compares_meanings_not_spellings(base, ckpt, tmp_path, capsys, mo
         outliers=None,
         score_rule=None,
         no_chat=False,
+        engine="model.py",
     )
     assert evaluate.run_settings(args(None), 4) == evaluate.run_settings(args(str(default_model_path())), 4)
     assert evaluate.run_settings(args(None), 4)["dtype"] == "float32"

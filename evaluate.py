@@ -6,6 +6,7 @@
     python evaluate.py --task needle --tokens 4096      # or --task longproc (real data: files.data_dir())
     python evaluate.py --task ruler --tokens 4096       # RULER's 11 synthetic tasks; ruler:niah_single_2 for one
     python evaluate.py --model DIR --data text2json.jsonl --device cuda --dtype bfloat16 --n 500
+    python evaluate.py --engine transformers --n 2     # the same run inside the transformers model (hf.py)
 
 What it measures (PAPER.md "The paper's method", "Benchmarks"), per policy and
 configuration: the facts recovered (gold-forced `fact_accuracy`, `field_accuracy`, `fact_nll`,
@@ -93,6 +94,7 @@ import torch
 from tqdm import tqdm
 
 import claims
+import hf
 import kvcache
 import results
 import ruler
@@ -149,6 +151,7 @@ DEFAULT_BUDGET = 0.03125  # PAPER.md "The paper's method": 3.125% of the prompt
 N_NEEDLES = 11  # PAPER.md "Benchmarks": NeedleBench v2 parallel retrieval, 11 needles
 MAX_NEW_CAP = 1024  # PAPER.md "Benchmarks": Text2JSON decodes up to 1024 new tokens
 TASKS = ("text2json", "needle", "longproc", "ruler")  # and ruler:NAME[,NAME...] (ruler.task_names)
+ENGINES = ("model.py", "transformers")  # whose forward the policies run in: model.py, or hf.Engine's
 
 
 # ============================================================================ command line
@@ -241,6 +244,13 @@ def build_parser():
         "--max-new-tokens",
         type=int,
         help="default: 1024/905 x the longest gold answer (the paper's ratio), at most 1024",
+    )
+    p.add_argument(
+        "--engine",
+        default="model.py",
+        choices=ENGINES,
+        help="the forward the policies run inside: model.py (default), or the transformers model of the same "
+        "checkpoint folder (hf.py; needs the transformers package)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -442,6 +452,8 @@ def check_inputs(args):
         raise ValueError(f"--tokens {args.tokens} is too short for a Text2JSON prompt (use >= 256)")
     if args.model is not None:
         check_model_dir(Path(args.model))
+    if args.engine == "transformers" and not hf.available():
+        raise ValueError("--engine transformers needs the transformers package: pip install transformers")
     check_data(args.task, args.data)
     check_cache_dir()  # the converted default model and fitted grids are written there
     return configurations(args)
@@ -980,6 +992,8 @@ def run_settings(args, max_new):
     as --model is the default model. `checkpoint` (model.checkpoint_fingerprint) is what the folder
     holds, so that weights replaced in the same folder between a run and its resume are not mixed."""
     model = "default" if is_default_model(args.model) else str(Path(args.model).resolve())
+    if args.engine != "model.py":  # another forward, other last digits: a folder holds one engine's results
+        model += f" ({args.engine})"
     return dict(
         format=results.RESULTS_FORMAT,
         task=args.task,
@@ -1509,7 +1523,8 @@ def execute(plan: Plan) -> int:
                 f"on {device}",
                 file=sys.stderr,
             )
-            model, tok = load_model(
+            load = hf.load_model if args.engine == "transformers" else load_model
+            model, tok = load(
                 args.model, dtype=args.dtype, device=device, chat_format="plain" if args.no_chat else None
             )
             bar = progress(before, len(fits))

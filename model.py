@@ -173,37 +173,36 @@ def load_config(path):
     `rope_scaling`) and the one transformers 5 writes (`rope_parameters`).
     """
     path = _check_dir(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: the model folder needs its Hugging Face config.json")
+    gen_file = path / "generation_config.json"
+    more_eos = _ids(_read_json(gen_file), "eos_token_id", gen_file) if gen_file.is_file() else []
+    return config_from_dict(_read_json(file), file, more_eos)
+
+
+def config_from_dict(c, file, more_eos=()):
+    """ModelConfig from the dict of a config.json (`file` names it in the one-line errors); more_eos:
+    stop ids from elsewhere (generation_config.json). hf.py reads a transformers model's config with it."""
     try:
-        return _parse_config(path)
+        return _parse_config(c, file, list(more_eos))
     except KeyError as e:
-        raise ValueError(
-            f"{path / 'config.json'} lacks the field {e.args[0]!r}: is it a causal-LM config?"
-        ) from None
+        raise ValueError(f"{file} lacks the field {e.args[0]!r}: is it a causal-LM config?") from None
 
 
-def _parse_config(path):
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path / 'config.json'} not found: the model folder needs its Hugging Face config.json"
-        )
-    c = _read_json(path / "config.json")
+def _parse_config(c, file, more_eos):
     archs = c.get("architectures") or [None]
     arch = archs[0]
     if arch not in ARCHITECTURES:
         raise ValueError(
-            f"unsupported architecture {arch!r} in {path / 'config.json'}: "
-            f"supported are {', '.join(ARCHITECTURES)}"
+            f"unsupported architecture {arch!r} in {file}: supported are {', '.join(ARCHITECTURES)}"
         )
     if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(
-            f"unsupported hidden_act {c['hidden_act']!r} in {path / 'config.json'}: only silu is supported"
-        )
+        raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} in {file}: only silu is supported")
 
     rope = c.get("rope_parameters") or {}  # transformers 5 style
     if not isinstance(rope, dict) or not isinstance(c.get("rope_scaling") or {}, dict):
-        raise ValueError(
-            f"{path / 'config.json'}: rope_parameters and rope_scaling must be objects: fix the file"
-        )
+        raise ValueError(f"{file}: rope_parameters and rope_scaling must be objects: fix the file")
     theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or rope or None
     if scaling is not None:
@@ -216,11 +215,9 @@ def _parse_config(path):
             }
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(
-                f"unsupported rope scaling type {kind!r} in {path / 'config.json'}: "
-                "supported are llama3 and linear"
+                f"unsupported rope scaling type {kind!r} in {file}: supported are llama3 and linear"
             )
 
-    file = path / "config.json"
     n_heads = _int(c, file, "num_attention_heads")
     dim = _int(c, file, "hidden_size")
     max_positions = _int(c, file, "max_position_embeddings")
@@ -240,9 +237,7 @@ def _parse_config(path):
         max_positions = min(max_positions, _int(c, file, "sliding_window"))
 
     eos = _ids(c, "eos_token_id", file)
-    if (path / "generation_config.json").is_file():
-        gen_file = path / "generation_config.json"
-        eos += [i for i in _ids(_read_json(gen_file), "eos_token_id", gen_file) if i not in eos]
+    eos += [i for i in more_eos if i not in eos]
     attention_bias = bool(c.get("attention_bias", False))
     moe = arch == "Qwen3MoeForCausalLM"
     mlp_only = c.get("mlp_only_layers") or []

@@ -77,6 +77,8 @@ def cache_key(model, ids, channels: float) -> str:
     model: ~300 small gathers, no pass over the weights."""
     w = model.embed_tokens.weight
     h = hashlib.sha256(f"{model.config!r} {w.dtype} {w.device.type} {channels!r}".encode())
+    if getattr(model, "engine", None):  # another engine's forward (hf.Engine: transformers') fits its own
+        h.update(model.engine.encode())
     h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)

@@ -182,8 +182,8 @@ def tiny_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module's tiny-model runs: they gain nothing from threads on a shared machine
-    (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    """One torch thread for a module's tests: tiny models gain nothing from threads, and on a shared, busy machine
+    OpenMP threads that wait for each other make every small op slow (use: pytestmark = usefixtures)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

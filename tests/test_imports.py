@@ -31,11 +31,18 @@ def project_imports(path):
 
 
 GRAPH = {m: project_imports(REPO / f"{m}.py") for m in MODULES}
+# The one import below module level: transformers, a runtime dependency of hf.py alone (the adapter that runs the
+# policies inside a transformers model), imported on first use so that the project, evaluate.py included, imports
+# and runs without it (test_evaluate_imports_and_refuses_the_engine_without_transformers).
+OPTIONAL = {"hf": ["transformers"]}
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_every_import_is_at_the_top(module):
-    assert GRAPH[module][1] == [], f"{module}.py imports inside a function or block: {GRAPH[module][1]}"
+    nested = [names for _, names in GRAPH[module][1]]
+    assert nested == OPTIONAL.get(module, []), (
+        f"{module}.py imports inside a function or block: {GRAPH[module][1]}"
+    )
 
 
 def test_import_graph_has_no_cycle():
@@ -58,6 +65,7 @@ def test_import_graph_has_no_cycle():
     assert graph["files"] == set(), "files.py must import nothing of the project"
     assert {"kvcache"} <= graph["model"] and {"landmarks", "quantize", "offload"} <= graph["kvcache"]
     assert graph["ruler"] == {"files", "tasks", "text2json"} and "ruler" in graph["results"]
+    assert {"kvcache", "model", "skew"} <= graph["hf"] and "hf" in graph["evaluate"]
 
 
 def test_core_modules_import_in_a_fresh_interpreter():
@@ -68,3 +76,21 @@ def test_core_modules_import_in_a_fresh_interpreter():
         text=True,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_evaluate_imports_and_refuses_the_engine_without_transformers(tmp_path):
+    """transformers hidden (an import of it fails, as where it is not installed): evaluate.py and hf.py import, the
+    default engine needs nothing of it, and --engine transformers is one line before any work."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import evaluate, hf\n"
+        "assert not hf.available() and 'transformers' not in [m for m in sys.modules if sys.modules[m]]\n"
+        f"sys.exit(evaluate.main(['--engine', 'transformers', '--n', '1', '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert (
+        run.stderr
+        == "error: --engine transformers needs the transformers package: pip install transformers\n"
+    )
+    assert not (tmp_path / "out").exists()

@@ -436,6 +436,7 @@ def test_resume_compares_meanings_not_spellings(base, ckpt, tmp_path, capsys, mo
         score_rule=None,
         no_chat=False,
         decode_loop=False,
+        engine="model.py",
     )
     assert evaluate.run_settings(args(None), 4) == evaluate.run_settings(args(str(default_model_path())), 4)
     assert evaluate.run_settings(args(None), 4)["dtype"] == "float32"

@@ -11,7 +11,8 @@
 # This notebook looks at:
 # 1. what the cache holds, per layer, on the course's default model (SmolLM2-135M-Instruct);
 # 2. the memory arithmetic of Llama-3.1-8B at 128K tokens, the paper's setting;
-# 3. what each selection policy keeps on the device and moves per decode step.
+# 3. what each selection policy keeps on the device and moves per decode step;
+# 4. the same on the real model, and (section 5) inside the transformers model you may already have.
 #
 # Everything runs on a laptop CPU; the code lives in the project's modules (`model.py`,
 # `kvcache.py`, `offload.py`), the notebook only calls them.
@@ -223,3 +224,29 @@ for p, cache in zip(policies, caches):
 # device share is larger than at 128K; the per-token costs are the same as above. Notebook 2 looks at why
 # ShadowKV's low-rank keys lose information, notebook 3 at why chunk-mean landmarks pick the wrong
 # tokens, and notebook 4 at the quantized token-level landmarks that fix both.
+
+# %% [markdown]
+# ## 5. The same policy inside a transformers model
+#
+# If you hold your model as a transformers `AutoModelForCausalLM`, `hf.py` runs any policy inside it, with
+# `generate`: `hf.policy_cache` gives a transformers `Cache` that keeps nothing itself and hands every layer's new
+# q, k, v (through transformers' attention-function registry) to the policy's cache. The prompt's K/V sit in our
+# offload store, and every decode step selects, fetches and attends through `kvcache.py`, as above. The same SmolLM2
+# folder, read by transformers this time, the same prompt, 16 greedy tokens; then model.py's `generate` with the
+# same policy, which must write the same tokens.
+
+# %%
+from transformers import AutoModelForCausalLM
+import hf
+from model import default_model_dir, generate
+
+lm = AutoModelForCausalLM.from_pretrained(default_model_dir())  # transformers' own model of the same checkpoint
+cache = hf.policy_cache(lm, make_policy("quantized", track=True))
+ids = torch.tensor([prompt_ids])
+out = lm.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=16, do_sample=False)
+print(repr(tok.decode(out[0, T:].tolist())))
+print(f"{cache.budget_line()}; oracle recall {cache.stats.summary()['oracle_recall']:.3f}; "
+      f"{cache.bytes_fetched / 2**20:.1f} MiB fetched from the offload store")
+same = out[0, T:].tolist() == generate(model, prompt_ids, 16, policy=make_policy("quantized"))
+print("model.py writes the same tokens:", same)
+

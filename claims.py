@@ -44,7 +44,8 @@ CHUNKS = (1, 2, 4, 8, 16)  # claim 4's chunk sizes (chunk 1: the oracle, which s
 BASELINES = ("arkvale", "lrqk", "infinigen")
 METRIC = "fact_accuracy"
 # the RULER run of the claims: the single-needle tasks (claim 9) and one task of each other group, at
-# DEFAULT_CLAIMS_N samples each (evaluate.py); the retrieval group is represented by its single-needle tasks
+# ruler_n(--n) samples each (a third of the other runs' count, at least MIN_SAMPLES); the retrieval
+# group is represented by its single-needle tasks
 RULER_TASKS = ruler.SINGLE_NEEDLE + ("vt", "cwe", "fwe")
 TASK_SPECS = {"ruler": "ruler:" + ",".join(RULER_TASKS)}  # the --task of each run whose name differs
 # the parts of the RULER run the claims read, each bootstrapped over its own samples (Evidence)
@@ -360,6 +361,7 @@ RULE_RULER = (
     "niah_single_1, 2 and 3, together): reproduced if L(Text2JSON) has a 95% interval above 0 and "
     "L(Text2JSON) - 2 L(RULER single-needle) has one above 0 (the RULER loss under half the Text2JSON "
     "loss); not reproduced if L(Text2JSON) - 2 L(RULER single-needle) has one below 0; inconclusive otherwise"
+    + RULE_SAMPLES
 )
 
 

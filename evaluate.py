@@ -1,6 +1,6 @@
 """Reproduce the paper's comparisons: every KV selection policy against full attention, as tables and plots.
 
-    python evaluate.py                       # default model, 6 Text2JSON samples of ~2K tokens, 6 policies
+    python evaluate.py                       # default model, 12 Text2JSON samples of ~2K tokens, 6 policies
     python evaluate.py --budgets 0.01,0.03125,0.1 --methods full,oracle,mean --chunk-sizes 1,2,4,8
     python evaluate.py --methods full,oracle,quantized --bits 1,2,4,fp8,nvfp4
     python evaluate.py --task needle --tokens 4096      # or --task longproc (real data: files.data_dir())

@@ -8,7 +8,10 @@ process; the two paths alternate which goes first, so a slow phase of the machin
 per prompt length the medians, their ratio, the peak resident memory of each path's process (the model's
 weights included), and the largest difference between the two paths' rows (every figure of every row).
 
-    python benchmarks/eval_speed.py [--tokens 2048 [4096 7680]] [--sample 0] [--repeats 3] [--methods full]
+    python benchmarks/eval_speed.py [--tokens 2048 [4096 6912]] [--sample 0] [--repeats 3] [--methods full]
+
+6912 is about the longest prompt the default model's 8,192 positions hold with every sample's whole gold
+answer (at 7680 the answers are cut, and the two paths would time different work).
 
 --methods full times the floor: full attention's row alone (the model's forwards and nothing else).
 """

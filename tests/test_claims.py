@@ -151,6 +151,20 @@ def test_ruler_rule_reads_only_the_single_needle_tasks():
     assert claims.claim_retrieval_hides_the_loss(ev).verdict == REPRODUCED
 
 
+def test_every_rule_states_the_samples_it_needs():
+    """Every claim's rule is decided only from MIN_SAMPLES samples on (Evidence.absent), and its text in
+    claims.md says so (claim 9's said nothing of it)."""
+    for claim in claims.CLAIMS:
+        assert claim.rule.endswith(claims.RULE_SAMPLES), (
+            f"claim {claim.number}'s rule omits the sample minimum"
+        )
+    t2j = {"full": BASE, "shadowkv": shifted(BASE, -0.30)}
+    # one sample of each single-needle task: 3 pooled, below MIN_SAMPLES
+    few = per_task({"single": BASE[:1], "vt": BASE[:1], "cwe": BASE[:1], "fwe": BASE[:1]})
+    found = claims.claim_ruler_hides_the_loss(evidence(t2j, ruler={"full": few, "shadowkv": few}))
+    assert found.verdict == INCONCLUSIVE and "at least" in found.reason
+
+
 def test_ruler_groups_report_each_methods_loss_per_group():
     base = {"single": BASE[:4], "vt": BASE[:4], "cwe": BASE[:4], "fwe": BASE[:4]}
     ruler = {

@@ -236,7 +236,11 @@ for p, cache in zip(policies, caches):
 # same policy, which must write the same tokens.
 
 # %%
-from transformers import AutoModelForCausalLM
+import warnings
+
+# transformers imports tqdm's notebook bars, which warn (naming this machine's paths) without ipywidgets
+warnings.filterwarnings("ignore", message="IProgress not found")
+from transformers import AutoModelForCausalLM  # noqa: E402
 import hf
 from model import default_model_dir, generate
 

@@ -25,7 +25,7 @@ import torch
 from matplotlib.figure import Figure
 
 import ruler
-from kvcache import OUTLIER_SHARE, make_policy
+from policy import OUTLIER_SHARE, make_policy
 from results import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -68,7 +68,7 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 
 def configurations(outliers=OUTLIER_SHARE) -> dict:
     """{task: {name: policy}}: every configuration the claims compare, each once. outliers: ShadowKV's,
-    the same in both tasks (the run's --outliers; by default scaled to short prompts, kvcache.OUTLIER_SHARE),
+    the same in both tasks (the run's --outliers; by default scaled to short prompts, policy.OUTLIER_SHARE),
     so that its loss on the two tasks is measured at the same budget."""
     shadowkv = dict(outliers=outliers)
     text2json = {

@@ -1,8 +1,8 @@
-"""Every policy of kvcache.PRESETS inside a transformers causal LM: `generate` on a model the user already has.
+"""Every policy of policy.PRESETS inside a transformers causal LM: `generate` on a model the user already has.
 
     from transformers import AutoModelForCausalLM
     import hf
-    from kvcache import make_policy
+    from policy import make_policy
 
     model = AutoModelForCausalLM.from_pretrained(folder)  # Llama, Mistral, Qwen2, Qwen3 or Qwen3-MoE
     cache = hf.policy_cache(model, make_policy("quantized", track=True))
@@ -102,7 +102,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if bridge is None:
         sdpa = _transformers().AttentionInterface()["sdpa"]
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    return bridge.attend(module.layer_idx, query, key, value, attention_mask), None
+    return bridge.attention(module.layer_idx, query, key, value, attention_mask), None
 
 
 def _hand_layer_input(module, args, kwargs):
@@ -126,7 +126,7 @@ class Bridge:
     `_bridge_class`). It holds no K/V itself: `update` hands the new tokens on, and `attend` (called by `attention`)
     runs the cache behind it.
 
-    Behind it is either a given cache (`Engine.__call__`: any object with attend, seq_len, asks), or, for
+    Behind it is either a given cache (`Engine.__call__`: any kvcache.Cache), or, for
     `policy_cache`, a policy: the prompt goes into a FullCache (full attention, the prompt's queries kept for LRQK),
     and the first use after it builds the policy's cache from it (`cache`). One sequence per policy cache, greedy or
     sampled decoding; beam search and assisted decoding (reorder, crop) are refused.
@@ -138,7 +138,7 @@ class Bridge:
         self.policy, self.calibration = policy, calibration
         n_layers = engine.config.n_layers
         if cache is None:
-            needs_queries = policy is not None and policy.sparse and policy.select.needs_queries
+            needs_queries = policy is not None and policy.sparse and policy.select.kind.needs_queries
             cache = kvcache.FullCache(n_layers, keep_queries=needs_queries, arch=engine.config.arch)
         self.inner = cache
         self.built = policy is None or not policy.sparse  # the policy's cache is built (or none is to be)
@@ -222,10 +222,10 @@ class Bridge:
     def layer_input(self, layer, x, position_embeddings):
         """From the pre-hook: layer `layer`'s normalised input x [B, T, dim]. When the cache asks for the next layer's
         query (InfiniGen), compute it: the next layer's q_proj (and q_norm) of x, RoPE'd with the model's cos, sin."""
-        if layer + 1 < self.engine.config.n_layers and "next_query" in getattr(self.cache, "asks", ()):
+        if layer + 1 < self.engine.config.n_layers and "next_query" in self.cache.asks:
             self.asked[layer] = dict(next_query=self.engine.queries(layer + 1, x, *position_embeddings))
 
-    def attend(self, layer, q, k, v, mask=None):
+    def attention(self, layer, q, k, v, mask=None):
         """From `attention`: the cache attends the new tokens' q [B, n_heads, T, d], k, v; [B, T, n_heads, d]. The
         model's mask (sdpa's, [B, 1, T, S] bool, or None) is the causal one the cache applies itself unless it
         hides some token from the last new one: padding, which no policy cache reads (refused)."""
@@ -390,17 +390,20 @@ def check(engine, policy, calibration=None):
             f"the {policy.name} policy {what} and applies RoPE to them, and kvcache cannot apply this model's RoPE "
             f"({engine.rope.reason})"
         )
-    if policy.select.needs_calibration:
+    if policy.select.kind.needs_calibration:
         if calibration is None:
             raise ValueError(
                 f"the {policy.name} policy needs its calibration of the model: pass "
                 "calibration=hf.calibration(model, tokenizer)"
             )
-        kvcache._check_calibration(calibration, policy, engine.config.n_layers, engine.config.head_dim)
+        c = engine.config
+        policy.select.kind.check_calibration(
+            calibration, policy.name, policy.select.kind_params, c.n_layers, c.head_dim
+        )
 
 
 def policy_cache(model, policy, calibration=None):
-    """The transformers Cache that runs `policy` (a kvcache.Policy) inside `model` (a transformers causal LM of an
+    """The transformers Cache that runs `policy` (a policy.Policy) inside `model` (a transformers causal LM of an
     architecture model.py supports, or an Engine): pass it to model.generate(..., cache=) or model(..., cache=).
     The prompt's forward is the prefill (full attention); every later forward decodes through the policy's cache.
     calibration: InfiniGen's (`calibration`). A policy the model cannot run is one line here, before any work."""

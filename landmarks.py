@@ -20,6 +20,7 @@ for the kinds that select per query head, and `select_topk` keeps the best ones.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -124,17 +125,75 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a landmark kind: a field of a policy that only this kind reads, given by name
+    (policy.make_policy("lrqk", qk_rank=0.25), policy.Select's `kind_params`), part of the configuration's
+    key, and of its label where it differs from the preset's."""
+
+    name: str
+    default: object
+    types: tuple  # the types a value may take: (float, NoneType) for a float or None (policy.check_kinds)
+    ok: Callable = lambda value: True  # whether a value of the right type is in range
+    must: str = ""  # what `ok` asks, for the one-line error ("must be an int >= 1")
+    short: str = ""  # the label piece, short + value ("r0.25", "it3"); "" = the kind writes its own
+
+
 @dataclass
 class Landmarks:
-    """What every kind has: N landmarks per KV head, some of which may be taken out of selection
-    (`removed`: ShadowKV's outlier chunks, kept exact instead), the relative squared error of the
-    landmarks against what they stand for (`error`: quantized kinds), and their bytes on the device.
+    """What every kind has: N landmarks per KV head (or per query head: `per_query_head`), some of which
+    may be taken out of selection (`removed`: ShadowKV's outlier chunks, kept exact instead), the
+    relative squared error of the landmarks against what they stand for (`error`: quantized kinds), and
+    their bytes on the device.
 
-    A kind adds its tensors, `build` (from a layer's exact post-RoPE prompt keys and the kind's own
-    parameters), `logits` (q.L / sqrt(d) per query head, position and landmark) and `shape`."""
+    A kind adds its tensors, `from_prefill` (from a layer's middle keys, its chunk size, its own
+    parameters and what else of the prefill it reads), `logits` (the query's logit for every landmark,
+    per query head and position: for most kinds q.L / sqrt(d)) and `shape`, and declares, as class
+    attributes, its name, its parameters and what it needs: the policy (policy.Select) asks the kind and
+    never compares its name. Adding a kind is one class here and its line in KINDS (tests/test_policy.py
+    adds one)."""
 
     removed: Tensor | None = field(default=None, kw_only=True)  # [H, N] bool
     error: float | None = field(default=None, kw_only=True)
+
+    name = ""  # the kind's name in a policy (Select.landmarks) and in KINDS
+    params = ()  # its own parameters (Param), besides the chunk size every kind is given
+    per_token = False  # one landmark per token by nature: the chunk size must be 1
+    chunked = False  # one landmark per chunk by nature: a label names the chunk size even at 1
+    per_query_head = False  # kept per query head: each query head selects its own tokens (Select.per)
+    needs_queries = False  # built from the prefill's queries too: the prefill keeps them (FullCache)
+    needs_calibration = False  # built from a calibration of the model (skew.py)
+    asks = ()  # what scoring needs from the model at a step besides q, k, v: ("next_query",)
+    stateful = False  # selection reads the state the last step left, started at the prefill (`start`)
+    needs_resident = False  # that state includes the rows selected at the last step (Keys.resident)
+    outliers = False  # ranks its chunks by how badly their landmark stands for them (ShadowKV's outliers)
+    exact = False  # every exact key is its own landmark: with the softmax_max rule, the oracle's selection
+
+    @classmethod
+    def check_params(cls, values: dict):
+        """Raise a one-line ValueError for a parameter out of range (values: name -> value, every param)."""
+        for p in cls.params:
+            if not p.ok(values[p.name]):
+                raise ValueError(f"{p.name} {values[p.name]!r} {p.must}")
+
+    @classmethod
+    def canonical(cls, values: dict) -> dict:
+        """The parameters that change what is selected, in declaration order: the configuration's key."""
+        return {p.name: values[p.name] for p in cls.params}
+
+    @classmethod
+    def label(cls, values: dict, named: set) -> list:
+        """Label pieces for the parameters in `named` (those that differ from the preset, or are swept)."""
+        return [
+            f"{p.short}{values[p.name]:g}"
+            for p in cls.params
+            if p.name in named and values[p.name] is not None
+        ]
+
+    @classmethod
+    def from_prefill(cls, k: Tensor, chunk: int, values: dict, prefill: "LayerPrefill") -> "Landmarks":
+        """The landmarks of one layer's middle keys k [H, M, d] (post-RoPE)."""
+        raise NotImplementedError
 
     def tensors(self) -> list:
         """The tensors this kind keeps on the device."""
@@ -146,12 +205,26 @@ class Landmarks:
 
 
 @dataclass
+class LayerPrefill:
+    """What a layer's prefill hands the landmarks besides its middle keys: LRQK factorises the prompt's
+    queries with its keys, InfiniGen rotates the keys by its calibration (skew.py)."""
+
+    k: Tensor  # [H, T, d] the whole prompt's post-RoPE keys
+    middle: slice  # the prompt rows the landmarks stand for
+    q: Tensor | None = None  # [n_heads, T, d] the prompt's post-RoPE queries, when the prefill kept them
+    skew: Tensor | None = None  # [n_heads, d, d] InfiniGen's skewing matrices of this layer
+    mask: Tensor | None = None  # [n_heads, d] bool, its channel mask
+    arch: str | None = None  # the model's architecture (LRQK's rank follows it: LowRankQK.rank)
+
+
+@dataclass
 class TokenKeys(Landmarks):
     """Every exact prompt key is its own landmark: exact top-k selection, the oracle (PAPER.md "The
     paper's method", oracle). The keys stay on the device in full precision, which no deployable
     system would pay: it is the ceiling the other kinds are measured against."""
 
     keys: Tensor  # [H, N, d] exact post-RoPE keys, N = M tokens
+    name, per_token, exact = "keys", True, True
 
     @property
     def shape(self) -> tuple:
@@ -160,6 +233,10 @@ class TokenKeys(Landmarks):
     @classmethod
     def build(cls, k: Tensor) -> "TokenKeys":
         return cls(k)  # k: [H, M, d]
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "TokenKeys":
+        return cls.build(k)
 
     def tensors(self) -> list:
         return [self.keys]
@@ -176,6 +253,7 @@ class ChunkMeans(Landmarks):
 
     means: Tensor  # [H, N, d]
     min_cos: Tensor  # [H, N] float32
+    name, chunked, outliers = "mean", True, True
 
     @property
     def shape(self) -> tuple:
@@ -184,6 +262,10 @@ class ChunkMeans(Landmarks):
     @classmethod
     def build(cls, k: Tensor, chunk: int) -> "ChunkMeans":
         return cls(*chunk_landmarks(k, chunk))
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "ChunkMeans":
+        return cls.build(k, chunk)
 
     def tensors(self) -> list:
         return [self.means]
@@ -199,6 +281,40 @@ class QuantizedKeys(Landmarks):
     chunk c > 1 the chunk means are quantized; with `residual` = m, residual meta-chunks."""
 
     codes: object  # quantize.Quantized or ResidualQuantized of shape [H, N, d]
+    name = "quantized"
+    params = (
+        Param("landmark_bits", None, (str, type(None))),  # the quantize.parse_format spec: "2", "fp8", ...
+        Param("residual", 0, (int,), lambda m: m >= 0, "must be an int >= 0"),  # meta-chunk m, 0 = off
+        Param("residual_bits", quantize.DEFAULT_RESIDUAL_BITS, (str,)),  # the residuals' format: the paper's
+    )
+
+    @classmethod
+    def check_params(cls, values):
+        super().check_params(values)
+        if values["landmark_bits"] is None:
+            raise ValueError("quantized landmarks need landmark_bits (e.g. '2')")
+        quantize.parse_format(values["landmark_bits"])  # raises on an unknown format
+        if values["residual"]:
+            quantize.parse_format(values["residual_bits"])
+
+    @classmethod
+    def canonical(cls, values):
+        """The residuals' format only where there are residuals."""
+        p = super().canonical(values)
+        return p if values["residual"] else {k: v for k, v in p.items() if k != "residual_bits"}
+
+    @classmethod
+    def label(cls, values, named):
+        """'2b', 'fp8', 'res16x0.5'."""
+        bits, m = values["landmark_bits"], values["residual"]
+        pieces = [f"{bits}b" if bits.isdigit() else bits] if "landmark_bits" in named and bits else []
+        return pieces + (
+            [f"res{m}x{values['residual_bits']}"] if named & {"residual", "residual_bits"} and m else []
+        )
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "QuantizedKeys":
+        return cls.build(k, chunk, values["landmark_bits"], values["residual"], values["residual_bits"])
 
     @property
     def shape(self) -> tuple:
@@ -237,6 +353,11 @@ class QuestBounds(Landmarks):
 
     lo: Tensor  # [H, N, d] element-wise minimum of each chunk's keys
     hi: Tensor  # [H, N, d] element-wise maximum
+    name, chunked = "quest", True
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "QuestBounds":
+        return cls.build(k, chunk)
 
     @property
     def shape(self) -> tuple:
@@ -276,6 +397,11 @@ class PageCuboids(Landmarks):
 
     upper: Tensor  # [H, N, d] centre + half-width
     lower: Tensor  # [H, N, d] centre - half-width
+    name, chunked = "pages", True
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "PageCuboids":
+        return cls.build(k, chunk)
 
     @property
     def shape(self) -> tuple:
@@ -296,6 +422,24 @@ class PageCuboids(Landmarks):
         return box_logits(q, self.upper, self.lower)  # [H, G, Tq, N]
 
 
+# LRQK's rank, a share of head_dim, by architecture, as the authors set it (PAPER.md "LRQK": 32 of 128 for
+# the Qwen3 models, 16 of 128 for Llama-3.1-8B); other architectures, which the authors did not run, and
+# K/V given without a model (kvcache.from_kv) get Llama's share.
+QK_RANK = {"Qwen3ForCausalLM": 0.25, "Qwen3MoeForCausalLM": 0.25}
+QK_RANK_DEFAULT = 0.125
+
+
+@dataclass
+class QKState:
+    """LRQK's state from one decode step to the next: its factors B_Q, B_K, which every step moves by one
+    gradient step, and the coordinates k^ of the tokens generated so far (`LowRankQK.step`). It starts as
+    the prefill's factors (`LowRankQK.start`) and lives with the layer (kvcache.LayerState.step_state)."""
+
+    b_q: Tensor  # [P, r, d]
+    b_k: Tensor  # [P, r, d]
+    a_k_new: Tensor | None = None  # [P, Tg, r] coordinates of the generated tokens
+
+
 @dataclass
 class LowRankQK(Landmarks):
     """LRQK's proxy (PAPER.md "LRQK"): per query head, the prompt's queries Q and keys K [T, d] (each KV
@@ -303,16 +447,55 @@ class LowRankQK(Landmarks):
     K ~ A_K B_K with A_Q A_K^T ~ Q K^T (`lrqk_factorize`), and a token's landmark is its r coordinates
     A_K[j]. At each decode step the new query and key get coordinates q^, k^ (`lrqk_decode`, which also
     takes a gradient step on B_Q, B_K), a token's logit is q^ . A_K[j] (no scaling, no softmax) and each
-    query head keeps its own top tokens. Generated tokens get their k^ appended (`a_k_new`): they are
-    among the keys on the device that the next step's q^ is fitted to."""
+    query head keeps its own top tokens. Generated tokens get their k^ appended: they are among the keys
+    on the device that the next step's q^ is fitted to. What moves from step to step is a QKState; these
+    landmarks, the prefill's, do not change."""
 
     a_k: Tensor  # [P, T, r] coordinates of every prompt token, P = query heads
-    b_q: Tensor  # [P, r, d]
+    b_q: Tensor  # [P, r, d] the prefill's factors (a step's own: QKState)
     b_k: Tensor  # [P, r, d]
     middle: slice  # the prompt rows the landmarks are (selection reads a_k[:, middle])
     first: Tensor  # [P, 1, r] A_Q of the last prompt token: the prefill's own selection query
     iterations: int = 2
-    a_k_new: Tensor | None = None  # [P, Tg, r] coordinates of the generated tokens
+    name, per_token, per_query_head, needs_queries = "lowrank_qk", True, True, True
+    stateful, needs_resident = True, True
+    params = (
+        # the rank of the joint factorisation: a share of head_dim or an int; None = the authors' share for
+        # the model's architecture (QK_RANK)
+        Param(
+            "qk_rank",
+            None,
+            (float, type(None)),
+            lambda r: r is None or not (r <= 0 or (r > 1 and r != int(r))),
+            "must be an int >= 1 or a share of head_dim in (0, 1]",
+            "r",
+        ),
+        # the alternating solves of the factorisation and of each step (the authors: 2)
+        Param("iterations", 2, (int,), lambda n: n >= 1, "must be an int >= 1", "it"),
+    )
+
+    @staticmethod
+    def share(qk_rank, arch=None) -> float:
+        """The rank as given (a share of head_dim, or an int), or the authors' share for the model's
+        architecture `arch` (config.json's `architectures`; QK_RANK) when the policy leaves it to them."""
+        return qk_rank if qk_rank is not None else QK_RANK.get(arch, QK_RANK_DEFAULT)
+
+    @classmethod
+    def rank(cls, qk_rank, head_dim: int, arch=None) -> int:
+        """The rank on a model of this head_dim and architecture (it may round to 0, or pass head_dim)."""
+        share = cls.share(qk_rank, arch)
+        return round(share * head_dim) if share <= 1 else int(share)
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "LowRankQK":
+        d = k.shape[-1]
+        r = cls.rank(values["qk_rank"], d, prefill.arch)
+        if not 1 <= r <= d:
+            raise ValueError(
+                f"qk_rank {cls.share(values['qk_rank'], prefill.arch):g} gives rank {r}: it must be 1 to "
+                f"head_dim = {d}"
+            )
+        return cls.build(prefill.q, prefill.k, prefill.middle, r, values["iterations"])
 
     @property
     def shape(self) -> tuple:
@@ -336,19 +519,30 @@ class LowRankQK(Landmarks):
         marks = self.a_k[:, self.middle]  # [P, N, r]
         return (q_hat.reshape(H * G, Tq, r) @ marks.transpose(1, 2)).view(H, G, Tq, -1)
 
-    def coordinates(self, pos: Tensor) -> Tensor:
+    def start(self) -> QKState:
+        """The state the first decode step starts from: the prefill's factors, no generated token."""
+        return QKState(self.b_q, self.b_k)
+
+    def coordinates(self, state: QKState, pos: Tensor) -> Tensor:
         """A_K rows of absolute positions pos [P, R] (prompt tokens, then generated ones): [P, R, r]."""
-        rows = torch.cat([self.a_k, self.a_k_new], dim=1) if self.a_k_new is not None else self.a_k
+        rows = self.a_k if state.a_k_new is None else torch.cat([self.a_k, state.a_k_new], dim=1)
         return rows.gather(1, pos[..., None].expand(-1, -1, rows.shape[2]))
 
-    def step(self, q: Tensor, k: Tensor, keys: Tensor, pos: Tensor) -> Tensor:
-        """One decode step: q, k [P, 1, d] the new query and key per query head, keys [P, R, d] the keys on
-        the device and pos [P, R] their positions. Updates B_Q, B_K, appends k^; returns q^ [P, 1, r]."""
-        q_hat, k_hat, self.b_q, self.b_k = lrqk_decode(
-            self.b_q, self.b_k, self.coordinates(pos), keys.float(), q.float(), k.float(), self.iterations
+    def step(self, state: QKState, q: Tensor, k: Tensor, keys: Tensor, pos: Tensor) -> tuple:
+        """One decode step from `state`: q, k [P, 1, d] the new query and key per query head, keys [P, R, d]
+        the keys on the device and pos [P, R] their positions. Returns q^ [P, 1, r] and the next state
+        (B_Q, B_K moved, k^ appended)."""
+        q_hat, k_hat, b_q, b_k = lrqk_decode(
+            state.b_q,
+            state.b_k,
+            self.coordinates(state, pos),
+            keys.float(),
+            q.float(),
+            k.float(),
+            self.iterations,
         )
-        self.a_k_new = k_hat if self.a_k_new is None else torch.cat([self.a_k_new, k_hat], dim=1)
-        return q_hat
+        a_k_new = k_hat if state.a_k_new is None else torch.cat([state.a_k_new, k_hat], dim=1)
+        return q_hat, QKState(b_q, b_k, a_k_new)
 
 
 LRQK_TOL = 1e-2  # the authors' tolerance of both alternating solves (PAPER.md "LRQK")
@@ -427,13 +621,47 @@ class SkewedKeys(Landmarks):
     head's skewing matrix A (orthogonal, so (q A) . (k A) = q . k, and the rotation gathers a head's
     energy into a few channels) and cut to the channels of its mask (the rest zeroed, and not counted).
     A token's logit is (q A)_mask . (k A)_mask / sqrt(d); the query is layer L's, speculated from layer
-    L - 1's input (`query = "next"`: the model hands it over), and each query head keeps its own top
+    L - 1's input (`asks`: the model hands it over), and each query head keeps its own top
     tokens."""
 
     keys: Tensor  # [P, N, d] skewed keys, channels outside the mask zeroed
     skew: Tensor  # [P, d, d]
     mask: Tensor  # [P, d] bool
-    query = "next"  # scored with the query the model speculates one layer ahead
+    name, per_token, per_query_head, needs_calibration = "skewed", True, True, True
+    asks = ("next_query",)  # scored with the query the model speculates one layer ahead
+    # the share of head_dim its mask keeps by the queries' and by the keys' magnitude (the two united; the
+    # authors: 20% each); the calibration's mask is chosen with it (skew.calibration)
+    params = (
+        Param("channels", 0.2, (float,), lambda c: 0 < c <= 1, "must be a share of head_dim in (0, 1]", "ch"),
+    )
+
+    @classmethod
+    def from_prefill(cls, k, chunk, values, prefill) -> "SkewedKeys":
+        return cls.build(k, prefill.skew, prefill.mask)
+
+    @staticmethod
+    def check_calibration(calibration, policy: str, values, n_layers: int, head_dim: int):
+        """A calibration must be there, be of this model's shape ([n_layers, n_heads, d, d] skews), and be
+        fitted with the policy's `channels` (its mask decides the channels: the field would do nothing)."""
+        if calibration is None:
+            raise ValueError(
+                f"the {policy} policy needs its calibration of the model (skew.calibration(model, tokenizer)): "
+                "pass calibration="
+            )
+        L, _, d, _ = calibration["skew"].shape
+        if (L, d) != (n_layers, head_dim):
+            raise ValueError(
+                f"the calibration is of a model with {L} layers and head_dim {d}, not this one's {n_layers} and "
+                f"{head_dim}: calibrate this model (skew.calibration)"
+            )
+        fitted = calibration.get("channels")  # the mask it holds was chosen with this share, not the policy's
+        channels = dict(values)["channels"]
+        if fitted != channels:
+            raise ValueError(
+                f"the {policy} policy asks for channels={channels!r}, and the calibration passed was fitted "
+                f"with channels={fitted!r}, whose mask it would use instead: pass "
+                f"skew.calibration(model, tokenizer, channels={channels!r})"
+            )
 
     @property
     def shape(self) -> tuple:
@@ -457,6 +685,12 @@ class SkewedKeys(Landmarks):
         H, G, Tq, d = q.shape
         qs = (q.float().reshape(H * G, Tq, d) @ self.skew) * self.mask[:, None] / math.sqrt(d)  # [P, Tq, d]
         return (qs @ self.keys.transpose(1, 2)).view(H, G, Tq, -1)  # [H, G, Tq, N]
+
+
+KINDS = {
+    kind.name: kind
+    for kind in (TokenKeys, ChunkMeans, QuantizedKeys, QuestBounds, PageCuboids, LowRankQK, SkewedKeys)
+}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -534,9 +534,9 @@ class Transformer(nn.Module):
             )
         pos = torch.arange(start, start + T, device=input_ids.device)  # [T]
         x = self.embed_tokens(input_ids)  # [B, T, dim]
-        # a cache may ask for more than q, k, v (kvcache.SparseCache.asks): "next_query", the next layer's
+        # a cache may ask for more than q, k, v (its `asks`, kvcache.Cache): "next_query", the next layer's
         # query computed from this layer's input, for a policy that selects one layer ahead (InfiniGen)
-        ahead = "next_query" in getattr(cache, "asks", ())
+        ahead = cache is not None and "next_query" in cache.asks
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].self_attn if ahead and i + 1 < len(self.layers) else None
             x = layer(x, pos, self.rope, cache, i, nxt)
@@ -1043,7 +1043,7 @@ def load_tokenizer(path=None, config=None, chat_format=None):
 @torch.inference_mode()
 def prefill(model, input_ids, policy=None, keep_queries=False, calibration=None):
     """Run the prompt (a list of ints) through the model once, with full attention, and build the
-    cache of `policy` (a kvcache.Policy; None = full attention) from its K/V (kvcache.from_prefill).
+    cache of `policy` (a policy.Policy; None = full attention) from its K/V (kvcache.from_prefill).
     keep_queries: the full cache keeps the prompt's queries too (to build several policies from it, one
     of which needs them; a policy given here that needs them gets them anyway). calibration: what
     an InfiniGen policy needs (skew.calibration).
@@ -1066,7 +1066,7 @@ def prefill(model, input_ids, policy=None, keep_queries=False, calibration=None)
     sparse = policy is not None and policy.sparse
     full = kvcache.FullCache(
         model.config.n_layers,
-        keep_queries=keep_queries or sparse and policy.select.needs_queries,
+        keep_queries=keep_queries or sparse and policy.select.kind.needs_queries,
         arch=model.config.arch,
     )
     logits = model(torch.tensor([input_ids], device=device), full, last_only=True)[0, -1]  # [vocab]

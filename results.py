@@ -453,7 +453,7 @@ def _mean_lists(lists):
 
 
 def _order(row):
-    """Table order: policies as in kvcache.PRESETS (the row's `order`), then budget, chunk size, rank, bits."""
+    """Table order: policies as in policy.PRESETS (the row's `order`), then budget, chunk size, rank, bits."""
     bits = row["bits"]
     return (
         row["order"],
@@ -827,7 +827,7 @@ def plot_recall_heatmap(summary, path):
     return True
 
 
-SWEEP_PLOTS = (  # (sweep axis, the column that holds its value, file, x label); kvcache.SWEEP_AXES
+SWEEP_PLOTS = (  # (sweep axis, the column that holds its value, file, x label); policy.SWEEP_AXES
     ("budget", "budget", "vs_budget.png", "budget (share of the prompt)"),
     ("chunk_size", "chunk_size", "vs_chunk_size.png", "chunk size"),
     ("rank", "rank", "vs_rank.png", "SVD rank"),

@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import landmarks  # noqa: E402
-from kvcache import FullCache, from_kv, from_prefill, make_policy  # noqa: E402
+from kvcache import FullCache, from_kv, from_prefill  # noqa: E402
 from model import ModelConfig, Rope, load_model  # noqa: E402
+from policy import make_policy  # noqa: E402
 
 POLICIES = [
     ("full", {}),

@@ -86,7 +86,7 @@ def main():
     args = p.parse_args()
     run = evaluate.build_parser().parse_args(["--tokens", str(args.tokens), "--methods", args.methods])
     policies = evaluate.check_inputs(run)
-    if any(p.sparse and p.select.needs_calibration for p in policies):
+    if any(p.sparse and p.select.kind.needs_calibration for p in policies):
         raise SystemExit("error: InfiniGen needs its calibration: leave it out of --methods here")
     m, tok = model.load_model(None)
     samples, _ = evaluate.load_samples(run, tok)

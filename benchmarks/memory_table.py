@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import skew  # noqa: E402
-from kvcache import FullCache, SparseCache, from_prefill, make_policy, override  # noqa: E402
+from kvcache import FullCache, SparseCache, from_prefill  # noqa: E402
 from model import ModelConfig, Rope  # noqa: E402
+from policy import make_policy, override  # noqa: E402
 
 LLAMA_8B = ModelConfig(
     arch="LlamaForCausalLM",

@@ -17,7 +17,8 @@ import model
 import results
 import skew
 from conftest import ARCH_EXTRAS, TINY, make_tiny_checkpoint
-from kvcache import FullCache, SparseCache, StackedCache, from_prefill, make_policy
+from kvcache import FullCache, SparseCache, StackedCache, from_prefill
+from policy import make_policy
 from test_kvcache import CASES, FIT
 
 TOL = 1e-4  # max-abs logit difference allowed between the two engines, float32
@@ -79,7 +80,7 @@ class Run:
 
 @torch.inference_mode()
 def run_model_py(pair, policy, ids):
-    cal = pair.calibration if policy.sparse and policy.select.needs_calibration else None
+    cal = pair.calibration if policy.sparse and policy.select.kind.needs_calibration else None
     cache, logits = model.prefill(pair.ours, ids[0].tolist(), policy, calibration=cal)
     out, tokens, snaps = [logits], [int(logits.argmax())], [snapshot(cache)]
     for _ in range(STEPS):
@@ -101,7 +102,7 @@ class Snapshots(transformers.StoppingCriteria):
 
 def run_generate(pair, policy, ids, calibration=None):
     """The user's side: a policy cache, model.generate (greedy), the cache's accounting afterwards."""
-    if calibration is None and policy.sparse and policy.select.needs_calibration:
+    if calibration is None and policy.sparse and policy.select.kind.needs_calibration:
         calibration = pair.calibration
     cache = hf.policy_cache(pair.lm, policy, calibration=calibration)
     snaps = Snapshots(cache)

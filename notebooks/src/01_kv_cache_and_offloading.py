@@ -26,7 +26,8 @@ torch.set_num_threads(2)
 
 import lab
 from model import load_model, ModelConfig, Rope
-from kvcache import SparseCache, from_kv, from_prefill, make_policy, POLICIES, OUTLIER_SHARE
+from kvcache import SparseCache, from_kv, from_prefill
+from policy import make_policy, POLICIES, OUTLIER_SHARE
 import skew
 
 model, tok = load_model()  # SmolLM2-135M-Instruct, converted once into ~/.cache/kvoffload
@@ -150,7 +151,7 @@ base = random_cache(T_MID)
 rows = []
 for name in POLICIES:
     policy = make_policy(name)
-    if policy.sparse and (policy.select.needs_queries or policy.select.needs_calibration):
+    if policy.sparse and (policy.select.kind.needs_queries or policy.select.kind.needs_calibration):
         print(f"{name:10s} builds from the prefill's queries or a calibration: see benchmarks/memory_table.py")
         continue
     cache = from_prefill(base, policy, Rope(one_layer))
@@ -199,7 +200,7 @@ for name, summ, exact, dev, moved in rows:
 # float32, so every exact fetched value is 4 bytes here; `paper` and `paper_fast` fetch their packed 4-bit /
 # fp8 K/V instead (no exact count to check). ShadowKV's 48 outlier chunks (384 tokens) are sized for
 # long prompts and would be over a third of this one, so here, as `evaluate.py`'s default run does, its
-# outlier count is scaled to the prompt: `outliers=kvcache.OUTLIER_SHARE`, the 1.9% of the prompt that 48
+# outlier count is scaled to the prompt: `outliers=policy.OUTLIER_SHARE`, the 1.9% of the prompt that 48
 # chunks are of the mean 20.1K-token Text2JSON prompt.
 
 # %%

@@ -22,7 +22,8 @@ torch.set_num_threads(2)
 
 import lab
 from model import load_model
-from kvcache import make_policy, low_rank_keys, rebuild_keys
+from kvcache import low_rank_keys, rebuild_keys
+from policy import make_policy
 
 model, tok = load_model()
 cfg = model.config

@@ -21,7 +21,8 @@ torch.set_num_threads(2)
 
 import lab
 from model import load_model
-from kvcache import from_prefill, make_policy, OUTLIER_SHARE
+from kvcache import from_prefill
+from policy import make_policy, OUTLIER_SHARE
 
 model, tok = load_model()
 cfg = model.config
@@ -145,7 +146,7 @@ print("recall by chunk size:", {c: round(rec[c].mean().item(), 3) for c in chunk
 # landmarks) do not recover the loss: its recall is no better than chunk-8 means' (here a little below;
 # its local window is 32 tokens, not 64, so its selection also competes with tokens the oracle never picks). Its 48 chunks (384 tokens) are sized for long prompts, a third of
 # this one, so here, as in `evaluate.py`'s default run, the count is scaled to the prompt
-# (`outliers=kvcache.OUTLIER_SHARE`: 1.9% of it, what 48 chunks are of a mean 20.1K-token Text2JSON prompt).
+# (`outliers=policy.OUTLIER_SHARE`: 1.9% of it, what 48 chunks are of a mean 20.1K-token Text2JSON prompt).
 #
 # Is `lab.selected_positions` really what the cache does? Run one real decode step with the chunk-8 policy
 # and compare with the replay. Only layer 0 is comparable: from layer 1 on, the sparse cache's own queries

@@ -28,7 +28,8 @@ torch.set_num_threads(2)
 import lab
 import quantize
 from model import load_model
-from kvcache import from_prefill, make_policy, OUTLIER_SHARE
+from kvcache import from_prefill
+from policy import make_policy, OUTLIER_SHARE
 
 model, tok = load_model()
 cfg = model.config
@@ -141,7 +142,7 @@ plt.show()
 # counting exact tensors at 2 bytes and quantized ones as packed). On a 1K prompt the 64-token local window
 # every policy keeps exact is 6% of the prompt, so every sparse policy sits at 6% or more here (at 128K it
 # is 0.05%: see notebook 1). ShadowKV's 48 outlier chunks would be over a third of this prompt, so its
-# count is scaled to the prompt, as in `evaluate.py`'s default run (`outliers=kvcache.OUTLIER_SHARE`, 1.9%).
+# count is scaled to the prompt, as in `evaluate.py`'s default run (`outliers=policy.OUTLIER_SHARE`, 1.9%).
 # `paper` is the paper's configuration as evaluated (the 2-bit landmarks, with the offloaded K/V stored
 # 4-bit), `quest` the min/max page-selection baseline (chunks of 16). The `svd` policy selects with exact keys (recall 1 by
 # construction) while keeping them all: it is a measuring instrument, not a method.

@@ -53,6 +53,7 @@ from offload import OffloadStore
 from policy import PRESETS, BudgetSplit, Policy, split_budget
 
 
+@typing.runtime_checkable
 class Cache(typing.Protocol):
     """What model.Transformer.forward needs of a cache, and all it needs. Every cache here (FullCache,
     SparseCache, StackedCache, TeacherForced), the evaluation's padding rows and the transformers

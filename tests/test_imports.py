@@ -94,3 +94,13 @@ def test_evaluate_imports_and_refuses_the_engine_without_transformers(tmp_path):
         == "error: --engine transformers needs the transformers package: pip install transformers\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_what_a_policy_is_comes_before_what_it_does():
+    """policy.py (the parts, the presets, the budget split) needs only the landmark kinds and the formats;
+    kvcache.py (the caches, the decode step) builds on it and on tracking.py (the statistics against the
+    oracle), which needs only the landmarks' scoring."""
+    assert GRAPH["policy"][0] == {"landmarks", "quantize"}
+    assert GRAPH["tracking"][0] == {"landmarks"}
+    assert {"policy", "tracking", "landmarks", "offload"} <= GRAPH["kvcache"][0]
+    assert "kvcache" not in GRAPH["landmarks"][0] | GRAPH["policy"][0]

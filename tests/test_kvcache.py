@@ -1,5 +1,6 @@
 """Invariants of the selection policies (kvcache.py) and of offloading (offload.py)."""
 
+import inspect
 import warnings
 
 import pytest
@@ -784,3 +785,19 @@ def test_a_multi_token_step_selects_once_and_the_pass_per_position(tiny):
         not torch.equal(together.last_selected[j], each.last_selected[j][:, -1])
         for j in range(model.config.n_layers)
     )
+
+
+def test_every_cache_implements_the_cache_protocol_with_one_signature(tiny):
+    """kvcache.Cache states what the model needs of a cache; every cache here has it, with the one
+    signature attend(layer, q, k, v, pos, **asked)."""
+    model, prompt, _ = tiny
+    full = FullCache(model.config.n_layers, keep_queries=True)
+    model(prompt, full, last_only=True)
+    sparse = from_prefill(full, make_policy("oracle", **FIT), model.rope)
+    caches = [full, sparse, StackedCache([sparse]), kvcache.TeacherForced(sparse)]
+    want = ["self", "layer", "q", "k", "v", "pos", "asked"]
+    for cache in caches:
+        assert isinstance(cache, kvcache.Cache), type(cache).__name__
+        assert list(inspect.signature(type(cache).attend).parameters) == want, type(cache).__name__
+        assert isinstance(cache.asks, tuple) and cache.seq_len == 160
+    assert list(inspect.signature(SparseCache.attend_forced).parameters) == want

@@ -13,21 +13,14 @@ import pytest
 import torch
 
 import landmarks
-from model import Transformer
+import test_kvcache
 from policy import PRESETS, Exact, Keys, Policy, Select, make_policy, oracle_of, override
-from test_kvcache import full_logits, run, tiny_config
+from test_kvcache import full_logits, run
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """The tiny random model of test_kvcache, a 160-token prompt and 12 answer tokens."""
-    torch.manual_seed(0)
-    model = Transformer(tiny_config()).eval()
-    prompt = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(1))  # [1, 160]
-    steps = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))  # [1, 12]
-    return model, prompt, steps
+tiny = test_kvcache.tiny  # the tiny random model, a 160-token prompt and 12 answer tokens (a fixture)
 
 
 @pytest.mark.parametrize(
@@ -48,17 +41,7 @@ def tiny():
         (dict(name="oracle", kv_group="token"), "give kv_bits too"),
         (dict(name="oracle", score_rule="cosine"), "unknown score_rule"),
         (dict(name="oracle", colour=3), "unknown policy field"),
-    ],
-)
-def test_bad_policy_is_one_line_error(kw, match):
-    with pytest.raises(ValueError, match=match) as e:
-        make_policy(**kw)
-    assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize(
-    "kw,match",
-    [
+        # the baselines' own parameters
         (dict(name="lrqk", qk_rank=0), "qk_rank 0 must be an int >= 1 or a share"),
         (dict(name="lrqk", qk_rank=1.5), "qk_rank 1.5 must be an int >= 1 or a share"),
         (dict(name="arkvale", chunk_size=0), "chunk_size 0 must be an int >= 1"),
@@ -67,17 +50,8 @@ def test_bad_policy_is_one_line_error(kw, match):
         (dict(name="lrqk", per="kv_head"), "lowrank_qk landmarks are kept per query head"),
         (dict(name="lrqk", resident=False), "lowrank_qk landmarks fit each query to the keys on the device"),
         (dict(name="arkvale", kv_group="token", kv_bits="4"), "a resident set keeps rows per head"),
-    ],
-)
-def test_bad_baseline_parameters_are_one_line_errors(kw, match):
-    with pytest.raises(ValueError, match=match) as e:
-        make_policy(**kw)
-    assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize(
-    "kw,match",
-    [
+        # a kind's parameter where it would do nothing, or of the wrong type; a chunk size given to a kind
+        # of one landmark per token (it would have selected chunk indices as if they were tokens)
         (
             dict(name="mean", landmark_bits="4"),
             "landmark_bits is not a parameter of mean landmarks: it takes none",
@@ -92,10 +66,7 @@ def test_bad_baseline_parameters_are_one_line_errors(kw, match):
         (dict(name="lrqk", iterations=float("nan")), "iterations nan must be an int"),
     ],
 )
-def test_a_kind_parameter_where_it_does_nothing_is_refused(kw, match):
-    """A parameter belongs to its kind: given to a policy whose kind has none of it (it would do
-    nothing), or of the wrong type, it is one line naming it. A token-per-landmark kind given a chunk
-    size would have selected chunk indices as if they were tokens."""
+def test_bad_policy_is_one_line_error(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         make_policy(**kw)
     assert "\n" not in str(e.value)

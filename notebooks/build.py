@@ -14,9 +14,10 @@ environment this script runs in), with notebooks/ as the working directory.
 The labs (NN_lab_*) have exercises. A code cell may carry tags, as jupytext writes them:
 `# %% tags=["exercise"]` is a stub the student completes, and the cell right after it,
 `# %% tags=["solution"]`, is its solution (the project's own code); `# %% tags=["check"]` grades it
-(notebooks/checks.py). notebooks/NN_*.ipynb is the student's version: the stubs, and the checks' outputs
-saying they are not done. With --solutions the solution cells replace the stubs and the notebooks go to
-notebooks/solutions/ (not committed; tests/test_notebooks.py executes the solved labs in memory).
+(lab NN_lab_X's checks are in notebooks/checks_NN_X.py). notebooks/NN_*.ipynb is the student's version:
+the stubs, and the checks' outputs saying they are not done. With --solutions the solution cells replace
+the stubs and the notebooks go to notebooks/solutions/ (not committed; tests/test_notebooks.py executes
+the solved labs in memory).
 """
 
 import argparse

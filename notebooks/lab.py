@@ -185,18 +185,17 @@ def step_scores(q, marks):
     """The selection score of every landmark at every decode step, each step on its own.
 
     q: [n_heads, A, d] queries of A decode steps (one layer); marks: a landmark kind as a cache stores
-    it (a landmarks.Landmarks kind), or an exact key tensor [H, N, d]. The rule is kvcache's softmax / max
-    (landmarks.scores_from_logits), applied to one query position at a time so that A steps cost one
-    call; removed landmarks (ShadowKV's outliers) score -inf. Returns [A, H, N].
+    it (a landmarks.Landmarks kind), or an exact key tensor [H, N, d]. The rule is kvcache's,
+    landmarks.score (softmax over the landmarks, max over the GQA group), with each_position=True so that
+    the A steps cost one call and each is scored as a decode step of that one position would score it;
+    removed landmarks (ShadowKV's outliers) leave before the softmax and score -inf, as in that decode
+    step. Returns [A, H, N].
     """
     marks = landmarks.TokenKeys(marks) if isinstance(marks, torch.Tensor) else marks
     n_heads, A, d = q.shape
     H = marks.shape[0]  # KV heads
-    logits = marks.logits(q.view(H, n_heads // H, A, d))  # [H, G, A, N]
-    N = logits.shape[-1]
-    per_step = logits.permute(2, 0, 1, 3).reshape(A * H, n_heads // H, 1, N)  # [A*H, G, 1, N]
-    scores = landmarks.scores_from_logits(per_step).view(A, H, N)
-    return scores if marks.removed is None else scores.masked_fill(marks.removed, float("-inf"))
+    scores = landmarks.score(q.view(H, n_heads // H, A, d), marks, each_position=True)  # [H, A, N]
+    return scores.transpose(0, 1).contiguous()  # [A, H, N]
 
 
 def selected_positions(cache, layer, q):

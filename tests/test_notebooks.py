@@ -31,6 +31,13 @@ def test_every_source_has_a_notebook():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
+def test_every_lab_has_its_checks_module():
+    """Lab NN_lab_X grades its exercises with notebooks/checks_NN_X.py (which ones, in which order: the
+    tests of each checks module); what the four share is checks_common.py."""
+    modules = {p.stem for p in NOTEBOOKS.glob("checks_*.py")}
+    assert modules == {"checks_common"} | {f"checks_{name.replace('_lab_', '_', 1)}" for name in LABS}
+
+
 def check_outputs(nb):
     """The one line each check cell of a lab printed (its Verdict's repr)."""
     return [

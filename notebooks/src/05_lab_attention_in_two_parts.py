@@ -26,10 +26,11 @@ import math  # noqa: F401  (for your code: math.sqrt)
 import torch
 torch.set_num_threads(2)
 
-import checks  # the check cells: notebooks/checks.py
+import checks_05_attention_in_two_parts as checks  # this lab's check cells
+from checks_common import real_case, show_source  # what the four labs' checks share
 import kvcache
 
-case = checks.real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
+case = real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
 case
 
 # %% [markdown]
@@ -62,7 +63,7 @@ def attention_lse(q, k, v):
 # %% tags=["solution"]
 # Solution: the project's own code, kvcache.attention_lse (its source is printed below).
 attention_lse = kvcache.attention_lse
-checks.show_source(kvcache.attention_lse)
+show_source(kvcache.attention_lse)
 
 # %% tags=["check"]
 checks.check_attention_lse(attention_lse)
@@ -92,7 +93,7 @@ def merge(out_a, lse_a, out_b, lse_b):
 # %% tags=["solution"]
 # Solution: the project's own code, kvcache.merge_attention (its source is printed below).
 merge = kvcache.merge_attention
-checks.show_source(kvcache.merge_attention)
+show_source(kvcache.merge_attention)
 
 # %% tags=["check"]
 checks.check_merge(merge)

@@ -27,10 +27,11 @@ sys.path.insert(0, "..")  # the repo root: model.py, kvcache.py, landmarks.py, .
 import torch
 torch.set_num_threads(2)
 
-import checks  # the check cells: notebooks/checks.py
+import checks_06_low_rank_keys as checks  # this lab's check cells
+from checks_common import real_case, show_source  # what the four labs' checks share
 import kvcache
 
-case = checks.real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
+case = real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
 rope = case.rope  # the model's RoPE
 case
 
@@ -70,7 +71,7 @@ def factorise(k, rope, rank):
     return low.u, low.sv
 
 
-checks.show_source(kvcache.LowRankKeys.build, kvcache.low_rank_keys)
+show_source(kvcache.LowRankKeys.build, kvcache.low_rank_keys)
 
 # %% tags=["check"]
 checks.check_factorise(factorise)
@@ -105,7 +106,7 @@ def rebuild(u, sv, rows, rope):
     return kvcache.LowRankKeys(u, sv).selected({}, rows, split, rope, u.dtype)
 
 
-checks.show_source(kvcache.LowRankKeys.selected, kvcache.rebuild_keys)
+show_source(kvcache.LowRankKeys.selected, kvcache.rebuild_keys)
 
 # %% tags=["check"]
 checks.check_rebuild(rebuild)

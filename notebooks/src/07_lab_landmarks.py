@@ -27,11 +27,12 @@ import math  # noqa: F401  (for your code: math.sqrt)
 import torch
 torch.set_num_threads(2)
 
-import checks  # the check cells: notebooks/checks.py
+import checks_07_landmarks as checks  # this lab's check cells
+from checks_common import real_case, show_source  # what the four labs' checks share
 import kvcache
 import landmarks
 
-case = checks.real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
+case = real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
 case
 
 # %% [markdown]
@@ -63,7 +64,7 @@ def chunk_means(k, chunk):
     return means
 
 
-checks.show_source(landmarks.chunk_landmarks)
+show_source(landmarks.chunk_landmarks)
 
 # %% tags=["check"]
 checks.check_chunk_means(chunk_means)
@@ -144,7 +145,7 @@ def selection_scores(q, marks):
 
 
 select = landmarks.select_topk
-checks.show_source(landmarks.score, landmarks.scores_from_logits, landmarks.select_topk)
+show_source(landmarks.score, landmarks.scores_from_logits, landmarks.select_topk)
 
 # %% tags=["check"]
 checks.check_selection_scores(selection_scores)
@@ -215,7 +216,7 @@ def scores_without_outliers(q, means, removed):
     return landmarks.score(q, marks)
 
 
-checks.show_source(kvcache.outlier_chunks)
+show_source(kvcache.outlier_chunks)
 
 # %% tags=["check"]
 checks.check_min_cosine(min_cosine)

@@ -30,10 +30,11 @@ import math  # noqa: F401  (for your code: math.sqrt)
 import torch
 torch.set_num_threads(2)
 
-import checks  # the check cells: notebooks/checks.py
+import checks_08_quantized_landmarks as checks  # this lab's check cells
+from checks_common import real_case, show_source  # what the four labs' checks share
 import quantize
 
-case = checks.real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
+case = real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
 grid = checks.higgs_grid()  # [256, 4]: the 2-bit format's grid (quantize.fit_grid, cached on disk)
 case
 
@@ -70,7 +71,7 @@ def higgs_quantize(x, grid):
     return codes, qx.scales[:, 0].float()  # the float16 norm
 
 
-checks.show_source(quantize.quantize, quantize._quantize_higgs)
+show_source(quantize.quantize, quantize._quantize_higgs)
 
 # %% tags=["check"]
 checks.check_higgs_quantize(higgs_quantize)
@@ -105,7 +106,7 @@ def higgs_dequantize(codes, scales, grid):
     return quantize.dequantize(qx)
 
 
-checks.show_source(quantize.dequantize)
+show_source(quantize.dequantize)
 
 # %% tags=["check"]
 checks.check_higgs_dequantize(higgs_dequantize)

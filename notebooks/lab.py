@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import evaluate  # noqa: E402
+import experiment  # noqa: E402
 import landmarks  # noqa: E402
 import text2json  # noqa: E402
 from kvcache import FullCache, StackedCache, from_kv, from_prefill, make_policy, override  # noqa: E402
@@ -86,16 +86,16 @@ def fact_spans(tok, sample, gold):
 
 
 def gold_forced(model, tok, sample, policies):
-    """evaluate.py's gold-forced decoding of one sample (evaluate.decode_sample, not a copy of it).
+    """evaluate.py's gold-forced decoding of one sample (experiment.decode_sample, not a copy of it).
 
     Full attention and every policy are fed the gold answer one token per step. Returns (gold_ids,
     fields, rows): fields as text2json.fact_tokens (each gold value and its token indices), rows
-    {policy label: evaluate.GoldRow} whose `out` is the top-1 prediction at every answer position.
+    {policy label: experiment.GoldRow} whose `out` is the top-1 prediction at every answer position.
     """
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     gold_ids, fields = text2json.fact_tokens(sample["answer"], tok)
     sparse = [p for p in policies if p.sparse]
-    gold, _ = evaluate.decode_sample(model, ids, sparse, gold_ids, len(gold_ids), free=False)
+    gold, _ = experiment.decode_sample(model, ids, sparse, gold_ids, len(gold_ids), free=False)
     labels = {p.key(): p.label() for p in [make_policy("full"), *policies]}
     return gold_ids, fields, {labels[key]: row for key, row in gold.items()}
 

@@ -755,7 +755,7 @@ def test_teacher_forced_pass_equals_the_decode_loop_every_policy(tiny, name, mon
 
 
 def test_teacher_forced_pass_in_blocks_equals_one_block(tiny):
-    """Feeding the answer in blocks of positions (evaluate.forced_block bounds memory) changes nothing
+    """Feeding the answer in blocks of positions (experiment.forced_block bounds memory) changes nothing
     but the last bits: a block sees the answer tokens of the blocks before it, and resident rows carry
     over from one block to the next."""
     model, prompt, steps = tiny

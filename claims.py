@@ -94,7 +94,7 @@ class Evidence:
 
     def __init__(self, rows: dict, configs: dict, missing: dict | None = None, dropped: dict | None = None):
         """rows: {task: samples.jsonl rows}; configs: configurations(); missing: {task: why it has no rows};
-        dropped: {task: {name: why that configuration cannot run on the model}} (evaluate.unfit). The RULER
+        dropped: {task: {name: why that configuration cannot run on the model}} (experiment.unfit). The RULER
         run is also read as its parts (RULER_PARTS: its rows of those tasks), after the tasks."""
         self.missing = dict(missing or {})
         self.dropped = dict(dropped or {})

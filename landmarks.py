@@ -195,6 +195,12 @@ class Landmarks:
         """The landmarks of one layer's middle keys k [H, M, d] (post-RoPE)."""
         raise NotImplementedError
 
+    @classmethod
+    def cannot_run(cls, values: dict, head_dim: int, arch=None) -> str | None:
+        """Why these parameters cannot run on a model of this head_dim and architecture (the end of a
+        sentence that begins "the <policy> policy's "), or None: checked before any work."""
+        return None
+
     def tensors(self) -> list:
         """The tensors this kind keeps on the device."""
         raise NotImplementedError
@@ -485,6 +491,17 @@ class LowRankQK(Landmarks):
         """The rank on a model of this head_dim and architecture (it may round to 0, or pass head_dim)."""
         share = cls.share(qk_rank, arch)
         return round(share * head_dim) if share <= 1 else int(share)
+
+    @classmethod
+    def cannot_run(cls, values, head_dim, arch=None):
+        """The rank must be 1 to head_dim on this model (a share may round to 0 on a small head)."""
+        share, r = cls.share(values["qk_rank"], arch), cls.rank(values["qk_rank"], head_dim, arch)
+        if r > head_dim:
+            return f"qk_rank {share:g} is above the model's head_dim {head_dim}: give at most {head_dim} or a share up to 1"
+        if r < 1:
+            least = next(n for n in range(1, 4096) if cls.rank(values["qk_rank"], n, arch))
+            return f"rank, {share:g} of the model's head_dim {head_dim}, rounds to 0: LRQK needs a head_dim of at least {least}"
+        return None
 
     @classmethod
     def from_prefill(cls, k, chunk, values, prefill) -> "LowRankQK":

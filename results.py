@@ -34,7 +34,7 @@ BITS = ("0.5", "1", "2", "3", "4", "8", "fp8", "nvfp4")  # landmark formats of t
 CONFIG_FIELDS = ("method", "label", "budget", "chunk_size", "rank", "bits", "residual", "kv_bits")
 # what a row carries about its configuration besides the columns, so that this module needs no policy:
 # its identity (`config`, every parameter, written out in `key`), its sweep axes with a legend for each,
-# its place in the tables and the key of the oracle it is compared with (evaluate.config_fields)
+# its place in the tables and the key of the oracle it is compared with (experiment.config_fields)
 ROW_CONFIG = ("config", "axes", "legends", "order", "oracle_key")
 RESULTS_FORMAT = 3  # run.json "format"; what each older one lacks, said when a folder of it is refused:
 OLD_FORMATS = {
@@ -110,24 +110,24 @@ CHANGED = {
     "checkpoint": " (another model's files: its weights, config.json or tokenizer.json changed in place, "
     "or the folder holds another checkpoint)"
 }
-# A samples.jsonl row has exactly these fields, in the order evaluate.evaluate_sample writes them, each
+# A samples.jsonl row has exactly these fields, in the order experiment.evaluate_sample writes them, each
 # holding (checked wherever a results folder is read, `check_rows`): str, int, num (a finite number),
 # bool, dict, strs (a list of strings), nums (a list of finite numbers), records (per gold record its
 # depth, tokens and hits); "?" = or null. A task's own scores add TASK_ROW_FIELDS.
 # fmt: off
 ROW_FIELDS = {
-    # the configuration (evaluate.config_fields)
+    # the configuration (experiment.config_fields)
     "key": "str", "config": "dict", "method": "str", "label": "str", "budget": "num?", "chunk_size": "int?",
     "rank": "num?", "bits": "str?", "residual": "int?", "kv_bits": "str?", "axes": "strs", "legends": "dict",
     "order": "int", "oracle_key": "str?",
     # the sample
     "sample": "str", "task": "str", "prompt_tokens": "int", "max_new_tokens": "int", "gold_tokens": "int",
-    # the gold-forced facts (evaluate.fact_record)
+    # the gold-forced facts (experiment.fact_record)
     "fact_accuracy": "num?", "field_accuracy": "num?", "fact_nll": "num?", "fact_tokens": "int?",
     "fact_tokens_cut": "int?", "per_record": "records?",
-    # the task score (evaluate.score_sample)
+    # the task score (experiment.score_sample)
     "score": "num?", "field_recall": "num?",
-    # fidelity, selection and memory (evaluate.policy_record), then the free-running answer
+    # fidelity, selection and memory (experiment.policy_record), then the free-running answer
     "new_tokens": "int?", "steps": "int", "sparse": "bool", "agreement": "num?", "kl": "num?",
     "oracle_recall": "num?", "attention_mass": "num?", "landmark_error": "num?", "key_error": "num?",
     "recall_per_layer": "nums?", "mass_per_layer": "nums?", "hit_rate": "num?", "device_kv_fraction": "num",

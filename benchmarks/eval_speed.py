@@ -1,6 +1,6 @@
 """How long one sample of the default run takes through the teacher-forced pass and through the decode loop.
 
-Times `evaluate.evaluate_sample` on one generated Text2JSON sample: the gold-forced rows of the default
+Times `experiment.evaluate_sample` on one generated Text2JSON sample: the gold-forced rows of the default
 configurations, on one torch thread, as a worker of `python evaluate.py` runs it (the model's loading is
 not timed), once with the gold rows through the teacher-forced pass (the default, PAPER.md "Gold-forced
 rows") and once step by step through the decode loop (`--decode-loop`). Each measurement is a fresh
@@ -36,20 +36,21 @@ def child(path, tokens, sample, methods):
     import torch
 
     import evaluate
+    import experiment
     import model
 
     argv = ["--tokens", str(tokens)] + (["--methods", methods] if methods else []) + PATHS[path]
     args = evaluate.build_parser().parse_args(argv)  # the default run otherwise
     policies = evaluate.check_inputs(args)
     m, tok = model.load_model(None)
-    samples, _ = evaluate.load_samples(args, tok)
+    samples, _ = experiment.load_samples(args, tok)
     if sample >= len(samples):
         raise SystemExit(f"error: --sample {sample}: the default run has {len(samples)} samples")
-    max_new = evaluate.auto_max_new_tokens(samples, tok)  # over the run's samples, as the run does
-    calibration = evaluate.calibrations(m, tok, policies)
-    torch.set_num_threads(evaluate.DECODE_THREADS)
+    max_new = experiment.auto_max_new_tokens(samples, tok)  # over the run's samples, as the run does
+    calibration = experiment.calibrations(m, tok, policies)
+    torch.set_num_threads(experiment.DECODE_THREADS)
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = evaluate.evaluate_sample(
+    rows = experiment.evaluate_sample(
         m,
         tok,
         samples[sample],

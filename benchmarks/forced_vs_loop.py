@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evaluate  # noqa: E402
+import experiment  # noqa: E402
 import kvcache  # noqa: E402
 import model  # noqa: E402
 
@@ -43,7 +44,7 @@ def watched(path, m, tok, sample, policies, max_new, args):
     {key: [n, vocab] logits} and {key: {layer: [n, P, S] selected positions}}; and the seconds it took."""
     logits, picks = defaultdict(list), defaultdict(lambda: defaultdict(list))
     observe, attend, forced = (
-        evaluate.GoldRow.observe,
+        experiment.GoldRow.observe,
         kvcache.SparseCache.attend,
         kvcache.SparseCache.attend_forced,
     )
@@ -62,16 +63,16 @@ def watched(path, m, tok, sample, policies, max_new, args):
 
         return call
 
-    evaluate.GoldRow.observe = spy_observe
+    experiment.GoldRow.observe = spy_observe
     kvcache.SparseCache.attend, kvcache.SparseCache.attend_forced = spy(attend, False), spy(forced, True)
     try:
         t0 = time.perf_counter()
-        rows = evaluate.evaluate_sample(
+        rows = experiment.evaluate_sample(
             m, tok, sample, policies, max_new, "text2json", False, False, path == "pass", {}
         )
         seconds = time.perf_counter() - t0
     finally:
-        evaluate.GoldRow.observe = observe
+        experiment.GoldRow.observe = observe
         kvcache.SparseCache.attend, kvcache.SparseCache.attend_forced = attend, forced
     logits = {k: torch.cat(v) for k, v in logits.items()}  # [n, vocab]
     picks = {k: {layer: torch.cat(s) for layer, s in by.items()} for k, by in picks.items()}  # [n, P, S]
@@ -89,13 +90,13 @@ def main():
     if any(p.sparse and p.select.kind.needs_calibration for p in policies):
         raise SystemExit("error: InfiniGen needs its calibration: leave it out of --methods here")
     m, tok = model.load_model(None)
-    samples, _ = evaluate.load_samples(run, tok)
+    samples, _ = experiment.load_samples(run, tok)
     sample = samples[args.sample]
-    max_new = evaluate.auto_max_new_tokens(samples, tok)
-    torch.set_num_threads(evaluate.DECODE_THREADS)
+    max_new = experiment.auto_max_new_tokens(samples, tok)
+    torch.set_num_threads(experiment.DECODE_THREADS)
     loop = watched("loop", m, tok, sample, policies, max_new, args)
     forced = watched("pass", m, tok, sample, policies, max_new, args)
-    gold_ids, _, _ = evaluate.gold_tokens("text2json", sample, tok)
+    gold_ids, _, _ = experiment.gold_tokens("text2json", sample, tok)
     print(
         f"sample {sample['id']}: {loop[0][policies[0].key()]['prompt_tokens']} prompt tokens, "
         f"{loop[0][policies[0].key()]['gold_tokens']} answer positions; decode loop {loop[3]:.1f} s, "

@@ -20,7 +20,7 @@ speed-up at byte-identical numbers, from the levers found so far:
       sharing one pass between the rows would need one product of all rows' queries to give each
       row's logits bit for bit, which the last line checks on the sample's keys);
     - and the floor halved: two samples' rows share each forward, so the weights are read once per
-      two samples (forwards of 2 to 15 rows round a row alike: evaluate.forward_rows) and everything
+      two samples (forwards of 2 to 15 rows round a row alike: experiment.forward_rows) and everything
       else beside the policies is halved as well (more than pairing could save).
 
     python benchmarks/step_cost.py [--tokens 2048] [--sample 0] [--steps 40] [--rounds 3]
@@ -37,8 +37,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
+import experiment  # noqa: E402
 import model  # noqa: E402
-from kvcache import PRESETS, from_prefill, override  # noqa: E402
+from kvcache import from_prefill  # noqa: E402
+from policy import PRESETS, override  # noqa: E402
 
 
 class Timed:
@@ -61,11 +63,11 @@ class Timed:
 
 def decode(m, prefilled, policies, gold, steps, tracked):
     """Decode `steps` gold-forced steps of full attention and `policies` from one prefill, through the
-    run's own forwards (evaluate.forward_rows, padded to ROWS_PER_FORWARD rows; evaluate.GoldRow).
+    run's own forwards (experiment.forward_rows, padded to ROWS_PER_FORWARD rows; experiment.GoldRow).
     Returns (per step the forward's seconds, per policy name per step its attend's seconds)."""
     configs = [PRESETS["full"], *policies]
     rows = [
-        evaluate.GoldRow(
+        experiment.GoldRow(
             p, Timed(from_prefill(prefilled, override(p, track=tracked and p.sparse), m.rope)), gold
         )
         for p in configs
@@ -74,7 +76,7 @@ def decode(m, prefilled, policies, gold, steps, tracked):
     for _ in range(steps):
         before = [r.cache.seconds for r in rows]
         t0 = time.perf_counter()
-        logits = evaluate.forward_rows(m, rows, m.embed_tokens.weight.device)  # [len(rows), vocab]
+        logits = experiment.forward_rows(m, rows, m.embed_tokens.weight.device)  # [len(rows), vocab]
         forward.append(time.perf_counter() - t0)
         # as the run does: each row against full attention's (row 0); the next step feeds the next gold token
         ref = logits[:1]  # [1, vocab]
@@ -99,10 +101,10 @@ def op_counts(m, prefilled, policies, gold, steps=3):
     counts once, not with the kernels it calls), under torch.profiler over `steps` steps."""
     counts = {}
     for p in policies:
-        row = evaluate.GoldRow(p, Labelled(from_prefill(prefilled, override(p, track=True), m.rope)), gold)
+        row = experiment.GoldRow(p, Labelled(from_prefill(prefilled, override(p, track=True), m.rope)), gold)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                logits = evaluate.forward_rows(m, [row], m.embed_tokens.weight.device)  # [1, vocab]
+                logits = experiment.forward_rows(m, [row], m.embed_tokens.weight.device)  # [1, vocab]
                 # no reference row here: the row is its own; the next step feeds the next gold token
                 row.observe(logits, torch.log_softmax(logits, dim=-1), logits.argmax(dim=-1))
         direct = [
@@ -140,16 +142,16 @@ def main():
     run = evaluate.build_parser().parse_args(["--tokens", str(args.tokens)])  # the default run otherwise
     policies = [q for q in evaluate.check_inputs(run) if q.sparse]
     m, tok = model.load_model(None)
-    samples, _ = evaluate.load_samples(run, tok)
+    samples, _ = experiment.load_samples(run, tok)
     if args.sample >= len(samples):
         raise SystemExit(f"error: --sample {args.sample}: the default run has {len(samples)} samples")
     sample = samples[args.sample]
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
-    gold, _, _ = evaluate.gold_tokens(run.task, sample, tok)
-    n_gold = min(len(gold), evaluate.auto_max_new_tokens(samples, tok))
+    gold, _, _ = experiment.gold_tokens(run.task, sample, tok)
+    n_gold = min(len(gold), experiment.auto_max_new_tokens(samples, tok))
     if args.steps > len(gold) or len(ids) + args.steps > m.config.max_positions:
         raise SystemExit(f"error: --steps {args.steps}: the sample has {len(gold)} gold tokens; give fewer")
-    torch.set_num_threads(evaluate.DECODE_THREADS)
+    torch.set_num_threads(experiment.DECODE_THREADS)
     with torch.inference_mode():
         prefilled, _ = model.prefill(m, ids)
         runs = {

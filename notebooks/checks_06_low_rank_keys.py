@@ -32,6 +32,7 @@ from checks_common import (  # noqa: E402
 )
 
 import kvcache  # noqa: E402
+from policy import BudgetSplit  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # The project's code, as each exercise's signature asks for it (the solutions, and the checks' reference)
@@ -45,7 +46,7 @@ def ref_factorise(k, rope, rank):
 
 def ref_rebuild(u, sv, rows, rope):
     T, S = u.shape[0], rows.shape[1]
-    split = kvcache.BudgetSplit(prompt_len=T, sink=0, local=0, chunk=1, n_chunks=T, selected=S)
+    split = BudgetSplit(prompt_len=T, sink=0, local=0, chunk=1, n_chunks=T, selected=S)
     return kvcache.LowRankKeys(u, sv).selected({}, rows, split, rope, u.dtype)
 
 

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import evaluate  # noqa: E402
+import experiment  # noqa: E402
 import landmarks  # noqa: E402
 import text2json  # noqa: E402
-from kvcache import FullCache, StackedCache, from_kv, from_prefill, make_policy, override  # noqa: E402
+from kvcache import FullCache, StackedCache, from_kv, from_prefill  # noqa: E402
+from policy import make_policy, override  # noqa: E402
 
 SEED = 0  # text2json.generate seed shared by all notebooks
 SAMPLE = 4  # a "people" sample on which the tiny model writes several records correctly
@@ -86,16 +87,16 @@ def fact_spans(tok, sample, gold):
 
 
 def gold_forced(model, tok, sample, policies):
-    """evaluate.py's gold-forced decoding of one sample (evaluate.decode_sample, not a copy of it).
+    """evaluate.py's gold-forced decoding of one sample (experiment.decode_sample, not a copy of it).
 
     Full attention and every policy are fed the gold answer one token per step. Returns (gold_ids,
     fields, rows): fields as text2json.fact_tokens (each gold value and its token indices), rows
-    {policy label: evaluate.GoldRow} whose `out` is the top-1 prediction at every answer position.
+    {policy label: experiment.GoldRow} whose `out` is the top-1 prediction at every answer position.
     """
     ids = tok.chat([{"role": "user", "content": sample["problem"]}])
     gold_ids, fields = text2json.fact_tokens(sample["answer"], tok)
     sparse = [p for p in policies if p.sparse]
-    gold, _ = evaluate.decode_sample(model, ids, sparse, gold_ids, len(gold_ids), free=False)
+    gold, _ = experiment.decode_sample(model, ids, sparse, gold_ids, len(gold_ids), free=False)
     labels = {p.key(): p.label() for p in [make_policy("full"), *policies]}
     return gold_ids, fields, {labels[key]: row for key, row in gold.items()}
 
@@ -104,20 +105,22 @@ class QueryRecorder:
     """A cache wrapper that keeps every layer's post-RoPE queries, then lets the real cache attend.
 
     The model hands each layer's q, k, v to `cache.attend` (kvcache.py); recording q there lets a
-    notebook score the prompt's keys offline exactly as the policies do at decode time.
+    notebook score the prompt's keys offline exactly as the policies do at decode time. It is a cache
+    like any other (kvcache.Cache): it asks for what the cache it wraps asks for.
     """
 
     def __init__(self, cache):
         self.cache = cache
+        self.asks = cache.asks
         self.q = [None] * len(cache.k)  # per layer [n_heads, T, head_dim] of the last call
 
     @property
     def seq_len(self):
         return self.cache.seq_len
 
-    def attend(self, layer, q, k, v, pos):
+    def attend(self, layer, q, k, v, pos, **asked):
         self.q[layer] = q[0].detach().clone()  # [n_heads, T, head_dim]
-        return self.cache.attend(layer, q, k, v, pos)
+        return self.cache.attend(layer, q, k, v, pos, **asked)
 
 
 @torch.inference_mode()

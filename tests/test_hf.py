@@ -17,6 +17,7 @@ import model
 import results
 import skew
 from conftest import ARCH_EXTRAS, TINY, make_tiny_checkpoint
+from experiment import IdleRow, decode_sample
 from kvcache import FullCache, SparseCache, StackedCache, from_prefill
 from policy import make_policy
 from test_kvcache import CASES, FIT
@@ -159,7 +160,7 @@ def test_generate_with_every_policy_matches_model_py(pair, name):
 
 def test_engine_decodes_stacked_rows_and_several_tokens_as_model_py(pair):
     """The engine behind evaluate.py: any object with the cache protocol behind the transformers model, for a
-    decode step of 8 rows (StackedCache, one of them idle, as evaluate.forward_rows pads) and for one row fed 4
+    decode step of 8 rows (StackedCache, one of them idle, as experiment.forward_rows pads) and for one row fed 4
     tokens at once (a teacher-forced pass): the same logits and selections as model.py's."""
     engine = hf.Engine(pair.lm)
     ids = prompt()
@@ -172,7 +173,7 @@ def test_engine_decodes_stacked_rows_and_several_tokens_as_model_py(pair):
             full, _ = model.prefill(m, ids[0].tolist(), keep_queries=True)
             caches = [from_prefill(full, p, m.rope) for p in policies]
             rows = [
-                m(steps[i][:, None], StackedCache(caches + [evaluate.IdleRow(PROMPT + i)]))[: len(names), -1]
+                m(steps[i][:, None], StackedCache(caches + [IdleRow(PROMPT + i)]))[: len(names), -1]
                 for i in range(3)
             ]  # [7, vocab] each
             several = from_prefill(full, policy_of("quantized"), m.rope)
@@ -185,7 +186,7 @@ def test_engine_decodes_stacked_rows_and_several_tokens_as_model_py(pair):
 
 
 def test_evaluate_decode_sample_through_the_engine(pair):
-    """evaluate.decode_sample (gold and free rows in lockstep forwards of 8) through the engine: every row's
+    """experiment.decode_sample (gold and free rows in lockstep forwards of 8) through the engine: every row's
     tokens and gold log-probabilities as through model.py."""
     engine = hf.Engine(pair.lm)
     ids = prompt()[0].tolist()
@@ -193,8 +194,8 @@ def test_evaluate_decode_sample_through_the_engine(pair):
         0, TINY["vocab_size"], (10,), generator=torch.Generator().manual_seed(6)
     ).tolist()
     policies = [policy_of(n) for n in ("oracle", "mean", "quantized", "lrqk")]
-    a, fa = evaluate.decode_sample(pair.ours, ids, policies, gold_ids, 10)
-    b, fb = evaluate.decode_sample(engine, ids, policies, gold_ids, 10)
+    a, fa = decode_sample(pair.ours, ids, policies, gold_ids, 10)
+    b, fb = decode_sample(engine, ids, policies, gold_ids, 10)
     for key in a:
         assert a[key].out == b[key].out and fa[key].out == fb[key].out
         assert max(abs(x - y) for x, y in zip(a[key].gold_logp, b[key].gold_logp)) < TOL

@@ -66,6 +66,10 @@ def test_import_graph_has_no_cycle():
     assert {"kvcache"} <= graph["model"] and {"landmarks", "quantize", "offload"} <= graph["kvcache"]
     assert graph["ruler"] == {"files", "tasks", "text2json"} and "ruler" in graph["results"]
     assert {"kvcache", "model", "skew"} <= graph["hf"] and "hf" in graph["evaluate"]
+    # the experiment reads without the process machinery, the results folder or the plots; the workers run it
+    assert graph["experiment"] & {"evaluate", "workers", "sweep", "claims", "results", "hf"} == set()
+    assert "experiment" in graph["workers"] and "evaluate" not in graph["workers"]
+    assert {"experiment", "workers", "sweep"} <= graph["evaluate"] and "evaluate" not in graph["sweep"]
 
 
 def test_core_modules_import_in_a_fresh_interpreter():
@@ -76,6 +80,16 @@ def test_core_modules_import_in_a_fresh_interpreter():
         text=True,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_the_experiment_imports_without_the_process_machinery():
+    """`import experiment` in a fresh interpreter (a notebook, a benchmark) loads none of the modules that run
+    processes, write results or draw: not workers, evaluate, claims, results, hf, nor matplotlib."""
+    apart = ("workers", "evaluate", "sweep", "claims", "results", "hf", "transformers", "matplotlib")
+    code = f"import sys, experiment; print(*[m for m in {apart!r} if m in sys.modules])"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [], f"import experiment loads {run.stdout.strip()}"
 
 
 def test_evaluate_imports_and_refuses_the_engine_without_transformers(tmp_path):

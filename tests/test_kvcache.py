@@ -1,17 +1,23 @@
 """Invariants of the selection policies (kvcache.py) and of offloading (offload.py)."""
 
 import inspect
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+import experiment
 import kvcache
 import landmarks
 import skew
 from kvcache import FullCache, SparseCache, StackedCache, from_kv, from_prefill
 from model import ModelConfig, Rope, Transformer
 from policy import OUTLIER_SHARE, POLICIES, make_policy, override
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "notebooks"))
+import lab  # noqa: E402  notebooks/lab.py: the labs' recording cache
 
 
 def tiny_config(**kw):
@@ -663,7 +669,7 @@ def loop_and_pass(model, policy, prompt, steps, monkeypatch):
 def forced_scores(recorded, n, layers):
     """The scores of a teacher-forced block's top-k calls, [P, N] per position and layer in the loop's
     order (step after step, layer after layer): a layer's positions selecting at once ([P * n, N] a layer),
-    or one after the other (Select.steps_only: [P, N] a position, layer after layer)."""
+    or one after the other (a stateful kind: [P, N] a position, layer after layer)."""
     if len(recorded) == layers:
         per_layer = [s.view(-1, n, s.shape[-1]) for s, _ in recorded]  # [P, n, N]
     else:
@@ -716,7 +722,7 @@ def test_teacher_forced_pass_equals_the_decode_loop_every_policy(tiny, name, mon
 
 
 def test_teacher_forced_pass_in_blocks_equals_one_block(tiny):
-    """Feeding the answer in blocks of positions (evaluate.forced_block bounds memory) changes nothing
+    """Feeding the answer in blocks of positions (experiment.forced_block bounds memory) changes nothing
     but the last bits: a block sees the answer tokens of the blocks before it, and resident rows carry
     over from one block to the next."""
     model, prompt, steps = tiny
@@ -742,7 +748,7 @@ def test_teacher_forced_pass_in_blocks_equals_one_block(tiny):
 
 
 def test_lrqk_selects_position_after_position_inside_the_pass(tiny, monkeypatch):
-    """LRQK fits each new query to the rows the last step left (Select.steps_only): inside a teacher-forced
+    """LRQK fits each new query to the rows the last step left (a stateful kind): inside a teacher-forced
     block its positions select one after the other, each step of its factors in order (one LowRankQK.step
     per position and layer, as the decode loop takes), and resident hits are counted per position."""
     model, prompt, steps = tiny
@@ -788,13 +794,15 @@ def test_a_multi_token_step_selects_once_and_the_pass_per_position(tiny):
 
 
 def test_every_cache_implements_the_cache_protocol_with_one_signature(tiny):
-    """kvcache.Cache states what the model needs of a cache; every cache here has it, with the one
-    signature attend(layer, q, k, v, pos, **asked)."""
+    """kvcache.Cache states what the model needs of a cache; every cache of the project (the two, the
+    stacked and teacher-forced wrappers, the evaluation's padding row, the labs' recorder) has it, with
+    the one signature attend(layer, q, k, v, pos, **asked)."""
     model, prompt, _ = tiny
     full = FullCache(model.config.n_layers, keep_queries=True)
     model(prompt, full, last_only=True)
     sparse = from_prefill(full, make_policy("oracle", **FIT), model.rope)
-    caches = [full, sparse, StackedCache([sparse]), kvcache.TeacherForced(sparse)]
+    caches = [full, sparse, StackedCache([sparse]), kvcache.TeacherForced(sparse), experiment.IdleRow(160)]
+    caches.append(lab.QueryRecorder(full))  # the labs' recording cache (notebooks/lab.py)
     want = ["self", "layer", "q", "k", "v", "pos", "asked"]
     for cache in caches:
         assert isinstance(cache, kvcache.Cache), type(cache).__name__

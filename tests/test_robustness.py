@@ -26,15 +26,16 @@ import torch
 import claims
 import convert_gguf
 import evaluate
-import kvcache
+import experiment
 import model
 import results
 import skew
 import tasks
 import text2json
+import workers
 from conftest import make_tiny_checkpoint
-from kvcache import make_policy
 from model import default_model_path, load_tokenizer
+from policy import make_policy, split_budget
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -462,8 +463,8 @@ def test_a_row_has_exactly_the_fields_evaluate_sample_writes(base):
     rows have exactly those, in that order, and a LongProc row adds exactly TASK_ROW_FIELDS["longproc"]."""
     for row in results.read_rows(base):
         assert list(row) == list(results.ROW_FIELDS)
-    longproc = evaluate.score_sample("longproc", "x", {"gold": "a\tb\n1\t2\n"})
-    text2json = evaluate.score_sample("text2json", "x", {"gold": '[{"name": "a"}]'})
+    longproc = experiment.score_sample("longproc", "x", {"gold": "a\tb\n1\t2\n"})
+    text2json = experiment.score_sample("text2json", "x", {"gold": '[{"name": "a"}]'})
     assert set(longproc) - set(text2json) == set(results.TASK_ROW_FIELDS["longproc"])
     assert set(text2json) <= set(results.ROW_FIELDS)
 
@@ -1017,15 +1018,15 @@ def worker_jobs(n):
 
 IDLE_WORKERS = """
 import multiprocessing, os, signal, time
-import evaluate
+import workers
 
 def sample(model, tok, job, calibration=None):
     time.sleep(1.0 if job["id"] == "0" else 0.0)  # meanwhile the other worker ends samples 1 and 2
     return [job["id"]]
 
-evaluate.evaluate_sample = sample
-signal.signal(signal.{name}, evaluate._stop)  # as evaluate.main does
-done = evaluate.run_jobs(None, None, [({{"id": str(i)}},) for i in range(3)], 2)
+workers.evaluate_sample = sample
+signal.signal(signal.{name}, workers._stop)  # as evaluate.main does (workers.stop_signals)
+done = workers.run_jobs(None, None, [({{"id": str(i)}},) for i in range(3)], 2)
 try:
     for rows in done:
         os.killpg(0, signal.{name})  # both workers wait for a job, and no job is left
@@ -1055,7 +1056,7 @@ def test_a_stop_sent_to_the_group_while_the_workers_wait_for_a_job_ends_the_run(
 
 
 @pytest.mark.parametrize(
-    "sig, raised", [(signal.SIGKILL, evaluate.WorkerLost), (signal.SIGTERM, evaluate.Stop)]
+    "sig, raised", [(signal.SIGKILL, workers.WorkerLost), (signal.SIGTERM, workers.Stop)]
 )
 def test_a_worker_ended_mid_sample_is_said_not_waited_on(sig, raised, monkeypatch, deadline):
     """A worker killed mid-sample (the OOM killer's SIGKILL; a SIGTERM sent to it alone) ends run_jobs
@@ -1066,12 +1067,12 @@ def test_a_worker_ended_mid_sample_is_said_not_waited_on(sig, raised, monkeypatc
             os.kill(os.getpid(), sig)
         return [job["id"]]
 
-    monkeypatch.setattr(evaluate, "evaluate_sample", sample)
+    monkeypatch.setattr(workers, "evaluate_sample", sample)
     got = []
     with pytest.raises(raised) as err:
-        for rows in evaluate.run_jobs(None, None, worker_jobs(3), 2):
+        for rows in workers.run_jobs(None, None, worker_jobs(3), 2):
             got += rows
-    if raised is evaluate.Stop:  # at once, as the parent's own handler stops the run
+    if raised is workers.Stop:  # at once, as the parent's own handler stops the run
         assert got in ([], ["0"]) and err.value.code == 143
     else:  # in its turn: sample 0, before it, is yielded (and saved)
         assert got == ["0"]
@@ -1093,11 +1094,11 @@ def test_workers_yield_in_job_order_and_raise_a_sample_s_exception(monkeypatch, 
             raise ValueError("sample 4 is malformed")
         return [job["id"]]
 
-    monkeypatch.setattr(evaluate, "evaluate_sample", sample)
-    assert list(evaluate.run_jobs(None, None, worker_jobs(4), 2)) == [["0"], ["1"], ["2"], ["3"]]
+    monkeypatch.setattr(workers, "evaluate_sample", sample)
+    assert list(workers.run_jobs(None, None, worker_jobs(4), 2)) == [["0"], ["1"], ["2"], ["3"]]
     got = []
     with pytest.raises(ValueError, match="^sample 4 is malformed$"):
-        for rows in evaluate.run_jobs(None, None, worker_jobs(5), 2):
+        for rows in workers.run_jobs(None, None, worker_jobs(5), 2):
             got += rows
     assert got == ["0", "1", "2", "3"] and multiprocessing.active_children() == []
 
@@ -1108,7 +1109,7 @@ def test_a_worker_killed_by_the_oom_killer_is_one_line_and_the_run_resumes(
     """Sample 1's worker is killed (SIGKILL, as by the OOM killer) once sample 0 is saved: one line that
     names the sample, what is saved and what to do; the same command then finishes the run."""
     out = tmp_path / "oom"
-    real = evaluate.evaluate_sample
+    real = workers.evaluate_sample
 
     def sample(model, tok, job, *rest, **kw):
         if job["id"] == "1":
@@ -1117,7 +1118,7 @@ def test_a_worker_killed_by_the_oom_killer_is_one_line_and_the_run_resumes(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(model, tok, job, *rest, **kw)
 
-    monkeypatch.setattr(evaluate, "evaluate_sample", sample)
+    monkeypatch.setattr(workers, "evaluate_sample", sample)
     argv = ["--model", ckpt, *QUICK, "--workers", "2", "--out", out]
     rc, err = run_main(argv, capsys)
     assert rc == 2 and "Traceback" not in err, err
@@ -1126,7 +1127,7 @@ def test_a_worker_killed_by_the_oom_killer_is_one_line_and_the_run_resumes(
         f"samples are saved in {out}; if the machine ran out of memory, give fewer --workers, then run the "
         "same command again"
     ), err
-    monkeypatch.setattr(evaluate, "evaluate_sample", real)
+    monkeypatch.setattr(workers, "evaluate_sample", real)
     rc, err = run_main(argv, capsys)
     assert rc == 0 and "skipped 1 of 2 samples: finished" in err, err
     assert {r["sample"] for r in results.read_rows(out)} == {"0", "1"}
@@ -1637,9 +1638,9 @@ def test_model_py_says_when_the_answer_stops_at_the_models_positions(models30, c
 def test_arkvale_counts_its_pages_up():
     """ArkVale's fork selects P = max(1, ceil(budget * T / 16)) pages (PAPER.md "ArkVale"): at the default
     run's 2117-token prompts 3.125% is 66.2 tokens, 5 pages, where rounding down gave 4."""
-    split = kvcache.split_budget(make_policy("arkvale"), 2117)
+    split = split_budget(make_policy("arkvale"), 2117)
     assert (split.selected, split.k_chunks) == (80, 5)
-    assert kvcache.split_budget(make_policy("mean"), 2117).selected == 64  # the others keep int(budget * T)
+    assert split_budget(make_policy("mean"), 2117).selected == 64  # the others keep int(budget * T)
 
 
 def test_lrqk_rank_follows_the_architecture(tmp_path):

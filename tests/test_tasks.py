@@ -370,8 +370,8 @@ def test_extract_tsv_fences():
 
 
 def test_longproc_metrics_reach_the_summary_table():
-    """evaluate.score_sample -> samples.jsonl fields -> results.summarize -> the table's columns."""
-    import evaluate
+    """experiment.score_sample -> samples.jsonl fields -> results.summarize -> the table's columns."""
+    import experiment
     import results
 
     config = dict(
@@ -399,7 +399,7 @@ def test_longproc_metrics_reach_the_summary_table():
     )
     preds = [GOLD, "Name\tCity\nRed Cafe\tLyon\nGreen Pub\tRome", "no table"]
     rows = [
-        dict(config, sample=str(i), **evaluate.score_sample("longproc", p, {"gold": GOLD}))
+        dict(config, sample=str(i), **experiment.score_sample("longproc", p, {"gold": GOLD}))
         for i, p in enumerate(preds)
     ]
     (summary,) = results.summarize(rows)
@@ -412,14 +412,14 @@ def test_longproc_metrics_reach_the_summary_table():
 
 
 def test_auto_max_new_tokens_uses_the_task_limit():
-    import evaluate
+    from experiment import auto_max_new_tokens
 
     tok = CharTokenizer()
     with pytest.raises(ValueError, match="no samples"):
-        evaluate.auto_max_new_tokens([], tok)
-    assert evaluate.auto_max_new_tokens([{"gold": "x" * 905, "new_cap": 9216}], tok) == 1024  # 1024/905 x
-    assert evaluate.auto_max_new_tokens([{"gold": "x" * 20000, "new_cap": 9216}], tok) == 9216  # LongProc 8k
-    assert evaluate.auto_max_new_tokens([{"gold": "x" * 20000, "new_cap": 1024}], tok) == 1024
+        auto_max_new_tokens([], tok)
+    assert auto_max_new_tokens([{"gold": "x" * 905, "new_cap": 9216}], tok) == 1024  # 1024/905 x
+    assert auto_max_new_tokens([{"gold": "x" * 20000, "new_cap": 9216}], tok) == 9216  # LongProc 8k
+    assert auto_max_new_tokens([{"gold": "x" * 20000, "new_cap": 1024}], tok) == 1024
     assert tasks.LONGPROC_MAX_NEW == {"0.5k": 1024, "2k": 3072, "8k": 9216}
 
 

@@ -182,7 +182,7 @@ plt.show()
 # (it starts with prose or invents records), but it can still *look up* each fact when it is shown the answer
 # so far. So, as `evaluate.py` does, we feed every policy the gold answer one token per step (each policy
 # selects at every step, as when writing it) and record its top-1 prediction at every position
-# (`lab.gold_forced` calls `evaluate.decode_sample`). A fact token is a token of a field value (names
+# (`lab.gold_forced` calls `experiment.decode_sample`). A fact token is a token of a field value (names
 # included; keys, quotes and commas are not facts: `text2json.fact_tokens`). Below, each policy's copy of the
 # answer: **red** = a fact token it predicted wrong that full attention predicted right (the policy lost it),
 # orange = wrong for full attention too (the model's own limit), plain = right.

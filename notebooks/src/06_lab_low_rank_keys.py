@@ -30,6 +30,7 @@ torch.set_num_threads(2)
 import checks_06_low_rank_keys as checks  # this lab's check cells
 from checks_common import real_case, show_source  # what the four labs' checks share
 import kvcache
+import policy
 
 case = real_case()  # the default model's K/V and queries on a Text2JSON prompt (one prefill: ~15 s)
 rope = case.rope  # the model's RoPE
@@ -102,7 +103,7 @@ def rebuild(u, sv, rows, rope):
 # prompt: 0 here, the rows are prompt positions.
 def rebuild(u, sv, rows, rope):
     T, S = u.shape[0], rows.shape[1]
-    split = kvcache.BudgetSplit(prompt_len=T, sink=0, local=0, chunk=1, n_chunks=T, selected=S)
+    split = policy.BudgetSplit(prompt_len=T, sink=0, local=0, chunk=1, n_chunks=T, selected=S)
     return kvcache.LowRankKeys(u, sv).selected({}, rows, split, rope, u.dtype)
 
 

@@ -199,7 +199,8 @@ def scores_without_outliers(q, means, removed):
 
 # %% tags=["solution"]
 # Solution: the project's own code. landmarks.chunk_landmarks returns the minimum cosines beside the
-# means; kvcache.outlier_chunks picks the outliers (and marks them removed in the landmarks);
+# means; kvcache.outlier_chunks picks the outliers (SparseCache.build_layer then marks them removed in
+# the landmarks);
 # landmarks.score leaves the removed ones out before the softmax (printed in exercise 2).
 def min_cosine(k, chunk):
     _means, min_cos = landmarks.chunk_landmarks(k, chunk)
@@ -207,8 +208,7 @@ def min_cosine(k, chunk):
 
 
 def outlier_chunks(min_cos, n_out):
-    marks = landmarks.ChunkMeans(min_cos.new_empty(*min_cos.shape, 0), min_cos)  # only min_cos is read
-    return kvcache.outlier_chunks(marks, n_out)
+    return kvcache.outlier_chunks(min_cos, n_out)
 
 
 def scores_without_outliers(q, means, removed):

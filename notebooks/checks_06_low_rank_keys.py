@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import kvcache  # noqa: E402
 from checks_common import (  # noqa: E402
     Case,
     NotYet,
@@ -30,8 +31,6 @@ from checks_common import (  # noqa: E402
     real_case,
     seeded,
 )
-
-import kvcache  # noqa: E402
 from policy import BudgetSplit  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------

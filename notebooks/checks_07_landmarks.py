@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import kvcache  # noqa: E402
+import landmarks  # noqa: E402
 from checks_common import (  # noqa: E402
     NotYet,
     budget,
@@ -30,9 +32,6 @@ from checks_common import (  # noqa: E402
     real_case,
     seeded,
 )
-
-import kvcache  # noqa: E402
-import landmarks  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # The project's code, as each exercise's signature asks for it (the solutions, and the checks' reference)

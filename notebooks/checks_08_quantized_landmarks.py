@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import quantize  # noqa: E402
 from checks_common import (  # noqa: E402
     NotYet,
     check,
@@ -26,8 +27,6 @@ from checks_common import (  # noqa: E402
     real_case,
     seeded,
 )
-
-import quantize  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # The project's code, as each exercise's signature asks for it (the solutions, and the checks' reference)

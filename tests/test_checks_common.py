@@ -22,6 +22,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
 import checks_05_attention_in_two_parts as checks_05  # noqa: E402
 import checks_07_landmarks as checks_07  # noqa: E402
+
 import checks_common  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the default model's prefill (~15 s on two busy cores), once per session

@@ -57,7 +57,7 @@ from model import (
     load_model,
     load_tokenizer,
 )
-from policy import PRESETS, make_policy, override
+from policy import PRESETS, from_params, make_policy
 from results import check_resume, locked, skip_record, token_span, write_atomic, write_rows, write_summary
 from sweep import DEFAULT_BUDGET, DEFAULT_METHODS, add_policy_options, configurations, shadowkv_outliers
 from workers import (
@@ -311,10 +311,10 @@ def generated_sample(task, sample, known):
 def config_complaint(row, run):
     """What is wrong with a row's configuration in a run of the settings `run`, or None (row_check)."""
     config = row["config"]
-    if config.get("name") not in PRESETS:
+    if config.get("name") not in PRESETS and "landmarks" not in config:  # nor a policy built by hand
         return f"its config names no method of evaluate.py ({config.get('name')!r})"
     try:
-        p = override(PRESETS[config["name"]], **{k: v for k, v in config.items() if k != "name"})
+        p = from_params(config)
         want = config_fields(p)
     except Exception as err:  # an unknown field, a value out of range or of another kind: no policy
         return f"its config is no configuration of evaluate.py ({' '.join(str(err).split())})"
@@ -322,7 +322,7 @@ def config_complaint(row, run):
         if row[f] != want[f]:
             shown = "" if f in ("key", "config") else f" ({row[f]!r}, its config gives {want[f]!r})"
             return f"its {f} does not match its config{shown}"
-    if p.sparse:
+    if p.sparse and p.name in PRESETS:  # a run's --score-rule and --outliers apply to the presets
         keeps_outliers = PRESETS[p.name].exact.outliers
         try:
             ref = make_policy(

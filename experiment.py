@@ -503,7 +503,7 @@ def config_fields(p):
     `key` (the identity: policy.Policy.key, every parameter), `config` (the same as a dict),
     the columns of the tables (None where an axis does not apply), the sweep axes the policy takes
     part in with the legend of each plot line (`legends`: the label without that axis), its place in
-    the tables (`order`: its preset's line in policy.PRESETS) and the key of the oracle it is
+    the tables (`order`: its preset's line in policy.PRESETS; a policy built by hand comes after them) and the key of the oracle it is
     compared with (the oracle of the same budget and K/V format)."""
     select = p.select
     return dict(
@@ -519,7 +519,7 @@ def config_fields(p):
         kv_bits=p.keys.kv_bits,
         axes=list(p.axes),
         legends={axis: p.label(without=axis) for axis in p.axes},
-        order=POLICIES.index(p.name),
+        order=POLICIES.index(p.name) if p.name in POLICIES else len(POLICIES),  # built by hand: after them
         oracle_key=oracle_of(p).key() if p.sparse else None,
     )
 

@@ -456,6 +456,18 @@ def override(policy: Policy, **changes) -> Policy:
     return p
 
 
+def from_params(params: dict) -> Policy:
+    """The policy that canonical parameters describe (Policy.params, a results row's `config`): its preset
+    with them, or, for a name that is no preset (a policy built by hand), one built from them alone.
+    Raises a one-line ValueError when they name no preset and no landmarks, or for a bad field."""
+    name, rest = params.get("name"), {k: v for k, v in params.items() if k != "name"}
+    if name in PRESETS:
+        return override(PRESETS[name], **rest)
+    if not isinstance(name, str) or "landmarks" not in rest:
+        raise ValueError(f"{name!r} is no preset, and its parameters name no landmarks to build it from")
+    return override(Policy(name, Select(rest["landmarks"]), Keys(), Exact()), **rest)
+
+
 def oracle_of(p: Policy) -> Policy:
     """The oracle a sparse policy is measured against (PAPER.md "The oracle"): exact top-k of the same
     budget, over the same offloaded K/V format, with the oracle's own scoring rule unless the policy's

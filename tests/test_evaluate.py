@@ -15,7 +15,7 @@ import workers
 from conftest import make_tiny_checkpoint
 from kvcache import FullCache, from_prefill
 from model import generate, load_model
-from policy import OUTLIER_SHARE, make_policy
+from policy import OUTLIER_SHARE, POLICIES, Exact, Keys, Policy, Select, from_params, make_policy
 
 ISSUE_METRICS = (
     "text2json_score",
@@ -565,3 +565,28 @@ def test_a_results_folder_records_its_path_and_never_mixes_them(ckpt, tmp_path, 
     assert rc == 2 and "run.json: not a whole run.json: no gold_path" in err
     (loop / "run.json").write_text(json.dumps(dict(damaged, gold_path="loop")))
     assert run_main([*tiny, "--n", "2", "--decode-loop", "--out", loop], capsys)[0] == 0
+
+
+def test_a_policy_built_by_hand_runs_resumes_and_merges(ckpt, tmp_path, no_plots):
+    """evaluate.run takes policies built in Python from their three parts (no PRESETS entry): their rows
+    are written with their label and identity, a rerun resumes them (each row rebuilt from its config,
+    policy.from_params) and merge accepts them."""
+    mine = Policy(
+        "mine",
+        Select("quantized", chunk_size=2, kind_params=dict(landmark_bits="4"), sweep=("chunk_size",)),
+        Keys(kv_bits="8"),
+        Exact(local=16),
+    )
+    out = tmp_path / "mine"
+    argv = ["--model", str(ckpt), *GOLD_RUN[:6], "--out", str(out)]
+    policies = [make_policy("full"), make_policy("oracle", kv_bits="8"), mine]
+    assert evaluate.run(evaluate.parse_args(argv), policies) == 0
+    rows = results.read_rows(out)
+    assert {r["label"] for r in rows} == {"full", "oracle kv8", "mine c2"}
+    assert {r["key"] for r in rows if r["method"] == "mine"} == {mine.key()}
+    assert {r["order"] for r in rows if r["method"] == "mine"} == {len(POLICIES)}  # after the presets
+    before = (out / "samples.jsonl").read_text()
+    assert evaluate.run(evaluate.parse_args(argv), policies) == 0  # resumed: nothing to do, nothing changed
+    assert (out / "samples.jsonl").read_text() == before
+    assert evaluate.main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    assert from_params(mine.params()) == mine  # the parts, rebuilt from the row's config

@@ -14,7 +14,18 @@ import torch
 
 import landmarks
 import test_kvcache
-from policy import PRESETS, Exact, Keys, Policy, Select, make_policy, oracle_of, override
+from policy import (
+    POLICIES,
+    PRESETS,
+    Exact,
+    Keys,
+    Policy,
+    Select,
+    from_params,
+    make_policy,
+    oracle_of,
+    override,
+)
 from test_kvcache import full_logits, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,3 +211,13 @@ def test_no_kind_name_is_compared_outside_landmarks():
                 if names(node.args[1]) & kinds:
                     found.append(f"{path.name}:{node.lineno}")
     assert found == []
+
+
+def test_a_configuration_is_rebuilt_from_its_parameters():
+    """A results row keeps a configuration's canonical parameters (Policy.params); from_params rebuilds
+    the same policy from them, for every preset (swept too) and for a policy built by hand; parameters
+    that name no preset and no landmarks are refused in one line."""
+    for p in [make_policy(n) for n in POLICIES] + [make_policy("quantized", residual=16, chunk_size=4), MINE]:
+        assert from_params(p.params()) == p and from_params(p.params()).key() == p.key()
+    with pytest.raises(ValueError, match="'magic' is no preset, and its parameters name no landmarks"):
+        from_params({"name": "magic"})

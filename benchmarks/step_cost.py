@@ -48,7 +48,7 @@ class Timed:
 
     def __init__(self, cache):
         self.cache, self.seconds = cache, 0.0
-        self.asks = getattr(cache, "asks", ())
+        self.asks = cache.asks  # a kvcache.Cache like the one it wraps
 
     @property
     def seq_len(self):

@@ -180,10 +180,7 @@ class Select:
         never the field `without` (a plot's legend names a line without the axis it sweeps). A kind
         parameter the preset's kind lacks is compared with its default."""
         mine = dict(self.kind_params)
-        theirs = {
-            p.name: preset.param(p.name) if p.name in dict(preset.kind_params) else p.default
-            for p in self.kind.params
-        }
+        theirs = {p.name: dict(preset.kind_params).get(p.name, p.default) for p in self.kind.params}
         value = lambda s, f, kp: kp[f] if f in kp else getattr(s, f)
         named = set(self.sweep) | {
             f for f in self.params() if value(self, f, mine) != value(preset, f, theirs)
@@ -419,12 +416,12 @@ def make_policy(name: str, **overrides) -> Policy:
 
 
 def _part_of(name: str) -> str | None:
-    """Which part a field belongs to ("select", "keys", "exact"); a landmark kind's own parameter is a
-    field of Select (its kind_params). None for a name no part has."""
+    """Which part a field belongs to ("select", "keys", "exact"), or "kind" for a landmark kind's own
+    parameter (held in Select's kind_params). None for a name no part has."""
     for part, cls in (("select", Select), ("keys", Keys), ("exact", Exact)):
         if name in {f.name for f in fields(cls)} - {"sweep", "kind_params"}:
             return part
-    return "select" if any(name in {p.name for p in k.params} for k in landmarks.KINDS.values()) else None
+    return "kind" if any(name in {p.name for p in k.params} for k in landmarks.KINDS.values()) else None
 
 
 def override(policy: Policy, **changes) -> Policy:
@@ -441,14 +438,13 @@ def override(policy: Policy, **changes) -> Policy:
             "every token exact and offloads nothing)"
         )
     parts = {}
+    given = {k: v for k, v in changes.items() if _part_of(k) == "kind"}  # the landmark kind's own
     for part in ("select", "keys", "exact"):
         mine = {k: v for k, v in changes.items() if _part_of(k) == part}
-        if part == "select" and mine:
-            select = policy.select
-            kind = landmarks.KINDS.get(mine.get("landmarks", select.landmarks))
-            keep = {k: v for k, v in select.kind_params if kind and k in {p.name for p in kind.params}}
-            given = {k: mine.pop(k) for k in list(mine) if k not in {f.name for f in fields(Select)}}
-            mine["kind_params"] = keep | given
+        if part == "select" and (mine or given):
+            kind = landmarks.KINDS.get(mine.get("landmarks", policy.select.landmarks))
+            declared = {p.name for p in kind.params} if kind else set()
+            mine["kind_params"] = {k: v for k, v in policy.select.kind_params if k in declared} | given
         if mine:
             parts[part] = replace(getattr(policy, part), **mine)
     p = replace(policy, **parts, **own)
